@@ -32,10 +32,11 @@ class Control:
 Segment = str | Control
 
 
-def _message_text(message: Message, index: int) -> str:
+def _message_text(message: Message, index: int, trim: bool) -> str:
+    """A message's text; with ``trim``, each text part is stripped (as the reference template does)."""
     content = message.get("content")
     if isinstance(content, str):
-        return content
+        return content.strip() if trim else content
     if isinstance(content, Sequence):
         texts = []
         for part in content:
@@ -47,7 +48,7 @@ def _message_text(message: Message, index: int) -> str:
                 )
             if not isinstance(part.get("text"), str):
                 raise ChatTemplateError(f"message {index}: a text part needs a string 'text'")
-            texts.append(part["text"])
+            texts.append(part["text"].strip() if trim else part["text"])
         return "".join(texts)
     raise ChatTemplateError(f"message {index}: content must be a string or a list of text parts")
 
@@ -73,7 +74,7 @@ class Gemma3ChatFormat:
         prefix = ""
         turns = list(messages)
         if turns[0]["role"] == "system":
-            prefix = _message_text(turns[0], 0) + "\n\n"
+            prefix = _message_text(turns[0], 0, trim=False) + "\n\n"
             turns = turns[1:]
         segments: list[Segment] = [Control("<bos>")]
         offset = len(messages) - len(turns)
@@ -91,7 +92,7 @@ class Gemma3ChatFormat:
                     f"message {index}: role {role!r} is out of order ({where}); after an optional system "
                     "message, roles must alternate user/assistant starting with user"
                 )
-            text = _message_text(message, index).strip()
+            text = _message_text(message, index, trim=True)
             if k == 0:
                 text = prefix + text
             speaker = "model" if role == "assistant" else "user"

@@ -26,6 +26,7 @@ GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_NAME_BYTES = 65535
+MAX_COUNT = 1 << 20  # tensors or metadata entries: real models have a few thousand at most
 
 # Fixed-size scalar value types: struct format and numpy dtype (little endian).
 _SCALARS: dict[GGUFValueType, tuple[str, str]] = {
@@ -203,11 +204,16 @@ class GGUFFile:
             raise UnsupportedModelError(f"{self.path}: GGUF version {self.version} is not supported (2 or 3)")
         n_tensors = cur.u64("tensor count")
         n_kv = cur.u64("metadata count")
-        # A key-value pair takes at least 12 bytes, a tensor entry at least 28: counts beyond that are lies.
-        if n_kv * 12 > self.file_size or n_tensors * 28 > self.file_size:
+        if n_kv > MAX_COUNT or n_tensors > MAX_COUNT:
             raise CorruptFileError(
                 f"{self.path}: header claims {n_tensors} tensors and {n_kv} metadata entries, "
-                f"more than a {self.file_size}-byte file can hold"
+                f"more than any model has (limit {MAX_COUNT})"
+            )
+        # A key-value pair takes at least 12 bytes, a tensor entry at least 28.
+        if n_kv * 12 + n_tensors * 28 > self.file_size - cur.pos:
+            raise TruncatedFileError(
+                f"{self.path}: header lists {n_tensors} tensors and {n_kv} metadata entries, more than the "
+                f"{self.file_size}-byte file can hold (truncated download?)"
             )
         for _ in range(n_kv):
             key = cur.string("metadata key", MAX_NAME_BYTES)

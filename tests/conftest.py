@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import gemmakit  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def model_path() -> Path:
+    return gemmakit.default_model_path()
+
+
+@pytest.fixture(scope="session")
+def llm(model_path: Path) -> gemmakit.LLM:
+    return gemmakit.load(model_path)
+
+
+@pytest.fixture(scope="session")
+def hf_model(model_path: Path):
+    """transformers' Gemma3ForCausalLM from the same GGUF (dequantized to fp32, eager attention): the reference.
+
+    Loading takes about a minute on 2 cores, so it happens once per session.
+    """
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(model_path.parent), gguf_file=model_path.name, dtype=torch.float32, attn_implementation="eager"
+    )
+    model.eval()
+    return model

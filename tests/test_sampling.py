@@ -1,0 +1,110 @@
+"""Sampling: exact filter values, penalties, seeds, logprobs, parameter validation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from gemmakit.errors import InvalidParameterError
+from gemmakit.sampling import SamplingParams, apply_penalties, filter_logits, token_logprob
+
+
+def probs_after(logits, **kw) -> list[float]:
+    p = torch.softmax(filter_logits(torch.tensor(logits), SamplingParams(**kw)), dim=-1)
+    return [round(float(x), 4) for x in p]
+
+
+LOGITS = [math.log(x) for x in (0.1, 0.2, 0.3, 0.4)]
+
+
+def test_temperature_only() -> None:
+    assert probs_after(LOGITS) == [0.1, 0.2, 0.3, 0.4]
+    # T = 0.5 squares the odds: p_i^2 / sum p_j^2
+    assert probs_after(LOGITS, temperature=0.5) == [0.0333, 0.1333, 0.3, 0.5333]
+
+
+def test_top_k() -> None:
+    assert probs_after(LOGITS, top_k=2) == [0.0, 0.0, 0.4286, 0.5714]
+
+
+def test_top_p() -> None:
+    # 0.4 alone < 0.6, 0.4 + 0.3 >= 0.6: keep the two largest.
+    assert probs_after(LOGITS, top_p=0.6) == [0.0, 0.0, 0.4286, 0.5714]
+    assert probs_after(LOGITS, top_p=0.4) == [0.0, 0.0, 0.0, 1.0]
+    assert probs_after(LOGITS, top_p=0.95) == [0.1, 0.2, 0.3, 0.4]
+
+
+def test_min_p() -> None:
+    # min_p 0.6 of the top probability 0.4 = 0.24: drops 0.1 and 0.2.
+    assert probs_after(LOGITS, min_p=0.6) == [0.0, 0.0, 0.4286, 0.5714]
+
+
+def test_penalties() -> None:
+    logits = torch.tensor([2.0, -2.0, 1.0, 0.5])
+    seen = torch.tensor([True, True, False, True])
+    counts = torch.tensor([0.0, 0.0, 0.0, 3.0])
+    out = apply_penalties(logits, SamplingParams(repetition_penalty=2.0), seen, counts)
+    assert out.tolist() == [1.0, -4.0, 1.0, 0.25]
+    out = apply_penalties(logits, SamplingParams(presence_penalty=0.5, frequency_penalty=0.25), seen, counts)
+    assert out.tolist() == [2.0, -2.0, 1.0, 0.5 - 0.5 - 0.75]
+
+
+def test_token_logprob_and_top() -> None:
+    logits = torch.tensor(LOGITS)
+    lp = token_logprob(logits, 1, 2)
+    assert lp.logprob == pytest.approx(math.log(0.2), abs=1e-6)
+    assert [i for i, _ in lp.top] == [3, 2]
+    assert lp.top[0][1] == pytest.approx(math.log(0.4), abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs,fragment",
+    [
+        ({"temperature": -1}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": -3}, "top_k"),
+        ({"min_p": 2}, "min_p"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": "10"}, "max_tokens"),
+        ({"repetition_penalty": 0}, "repetition_penalty"),
+        ({"presence_penalty": 3}, "presence_penalty"),
+        ({"frequency_penalty": float("nan")}, "frequency_penalty"),
+        ({"seed": 1.5}, "seed"),
+        ({"stop": [""]}, "stop"),
+        ({"logprobs": 21}, "logprobs"),
+        ({"temprature": 0.5}, "unknown sampling parameter"),
+    ],
+)
+def test_bad_parameters(kwargs, fragment) -> None:
+    with pytest.raises(InvalidParameterError, match=fragment):
+        SamplingParams.from_kwargs(**kwargs)
+
+
+def test_same_seed_same_text(llm) -> None:
+    kw = dict(max_tokens=24, temperature=1.0, top_k=64, top_p=0.95, seed=1234)
+    a = llm.generate("Once upon a time", **kw)
+    b = llm.generate("Once upon a time", **kw)
+    c = llm.generate("Once upon a time", **{**kw, "seed": 99})
+    assert a.token_ids == b.token_ids and a.text == b.text
+    assert a.token_ids != c.token_ids
+
+
+def test_logprobs_are_the_models(llm) -> None:
+    prompt = llm.tokenizer.encode("The capital of France is", add_bos=True)
+    out = llm.generate(prompt, max_tokens=3, temperature=0, logprobs=5)
+    logits = llm.logits(prompt + out.token_ids)
+    for k, lp in enumerate(out.logprobs):
+        ref = torch.log_softmax(logits[len(prompt) - 1 + k], dim=-1)
+        assert lp.token_id == out.token_ids[k] == int(ref.argmax())
+        assert lp.logprob == pytest.approx(float(ref[lp.token_id]), abs=1e-4)
+        assert len(lp.top) == 5 and lp.top[0][0] == lp.token_id
+        assert [v for _, v in lp.top] == sorted((v for _, v in lp.top), reverse=True)
+
+
+def test_repetition_penalty_changes_greedy_output(llm) -> None:
+    plain = llm.generate("1, 2, 3, 4,", max_tokens=16, temperature=0)
+    penalized = llm.generate("1, 2, 3, 4,", max_tokens=16, temperature=0, repetition_penalty=1.5)
+    assert plain.token_ids != penalized.token_ids
