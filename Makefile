@@ -27,7 +27,7 @@ $(VENV)/.dev-installed: pyproject.toml $(VENV)/.installed
 	touch $@
 
 run: $(VENV)/.installed
-	$(VENV)/bin/gemmakit run "$(PROMPT)"
+	$(VENV)/bin/gemmakit run "$(PROMPT)" --temperature 0.7 --repetition-penalty 1.1 --max-tokens 200
 
 test: $(VENV)/.dev-installed
 	$(PY) -m pytest -q
