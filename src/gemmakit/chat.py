@@ -117,8 +117,12 @@ def segments_to_ids(segments: Sequence[Segment], tokenizer: Tokenizer) -> list[i
     return ids
 
 
-def chat_format_for(architecture: str) -> Gemma3ChatFormat:
+def chat_format_for(architecture: str):
     """The chat format of a model family, chosen from the model, never from a user's guess."""
     if architecture in ("gemma", "gemma2", "gemma3"):
         return Gemma3ChatFormat()
+    if architecture == "gemma4":
+        from .chat_gemma4 import Gemma4ChatFormat
+
+        return Gemma4ChatFormat()
     raise ChatTemplateError(f"no chat format for architecture {architecture!r}")

@@ -79,7 +79,8 @@ class LayerCache:
 
 
 class KVCache:
-    """One :class:`LayerCache` per decoder layer, for ``batch_size`` rows of up to ``max_len`` tokens."""
+    """One :class:`LayerCache` per decoder layer that owns keys and values, for ``batch_size`` rows of up to
+    ``max_len`` tokens. Layers that read another layer's keys (Gemma 4 KV sharing) get None and no memory."""
 
     def __init__(
         self,
@@ -91,11 +92,14 @@ class KVCache:
     ) -> None:
         self.batch_size = batch_size
         self.max_len = max_len
-        self.layers: list[LayerCache] = []
-        for i in range(config.num_hidden_layers):
-            ring = config.is_sliding(i) and config.sliding_window < max_len
+        self.layers: list[LayerCache | None] = []
+        for spec in config.layers:
+            if spec.kv_source is not None:
+                self.layers.append(None)
+                continue
+            ring = spec.sliding and config.sliding_window < max_len
             slots = config.sliding_window if ring else max_len
-            shape = (batch_size, slots + 1, config.num_key_value_heads, config.head_dim)
+            shape = (batch_size, slots + 1, spec.num_key_value_heads, spec.head_dim)
             self.layers.append(
                 LayerCache(
                     k=torch.zeros(shape, dtype=dtype, device=device),
@@ -107,8 +111,9 @@ class KVCache:
 
     def reset(self, rows: torch.Tensor | None = None) -> None:
         for layer in self.layers:
-            layer.reset(rows)
+            if layer is not None:
+                layer.reset(rows)
 
     @property
     def nbytes(self) -> int:
-        return sum(c.k.nbytes + c.v.nbytes + c.pos.nbytes for c in self.layers)
+        return sum(c.k.nbytes + c.v.nbytes + c.pos.nbytes for c in self.layers if c is not None)

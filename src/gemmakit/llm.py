@@ -15,8 +15,8 @@ from .errors import ContextLengthError, InvalidParameterError, ModelNotFoundErro
 from .generate import Completion, StreamEvent, collect, generate_events
 from .model import Gemma
 from .sampling import SamplingParams
-from .tokenizer import Tokenizer
-from .weights import load_gguf_model
+from .tokenizer import HFTokenizer, Tokenizer
+from .weights import load_gguf_model, load_hf_model
 from .weights.gguf import GGUFFile
 
 logger = logging.getLogger(__name__)
@@ -50,20 +50,30 @@ def default_model_path() -> Path:
 class LLM:
     """A loaded Gemma model with its tokenizer and chat format. Create it with :func:`gemmakit.load`."""
 
-    def __init__(self, model: Gemma, tokenizer: Tokenizer, config: GemmaConfig, path: Path, context_length: int) -> None:
+    def __init__(
+        self, model: Gemma, tokenizer: Tokenizer | HFTokenizer | None, config: GemmaConfig, path: Path, context_length: int
+    ) -> None:
         self.model = model
-        self.tokenizer = tokenizer
+        self._tokenizer = tokenizer
         self.config = config
         self.path = path
         self.context_length = context_length
         self.chat_format = chat_format_for(config.architecture)
-        self.stop_token_ids = [tokenizer.token_id(p) for p in self.chat_format.stop_pieces if p in tokenizer._id_of]
+        self.stop_token_ids = [config.eos_token_id]
+        if tokenizer is not None:
+            self.stop_token_ids = [tokenizer.token_id(p) for p in self.chat_format.stop_pieces if tokenizer.has_piece(p)]
+
+    @property
+    def tokenizer(self) -> Tokenizer | HFTokenizer:
+        if self._tokenizer is None:
+            raise InvalidParameterError(f"{self.path}: this model folder has no tokenizer.json; pass token ids")
+        return self._tokenizer
 
     # -- prompts -----------------------------------------------------------------------------------------
 
     def _prompt_ids(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt, add_bos=self.tokenizer.add_bos)
+            return self.tokenizer.encode(prompt, add_bos=True)
         ids = list(prompt)
         vocab = self.config.vocab_size
         if not ids:
@@ -135,11 +145,19 @@ class LLM:
         return f"LLM({str(self.path)!r}, arch={self.config.architecture}, layers={self.config.num_hidden_layers})"
 
 
-def load(path: str | os.PathLike[str] | None = None, *, context_length: int | None = None, threads: int | None = None) -> LLM:
+def load(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    dtype: str | None = None,
+    context_length: int | None = None,
+    threads: int | None = None,
+) -> LLM:
     """Load a Gemma model.
 
     Args:
-        path: a GGUF file; None loads the bundled Gemma 3 270M (base model, Q4_K_M).
+        path: a GGUF file or a Hugging Face model folder (config.json + safetensors); None loads the bundled
+            Gemma 3 270M (base model, Q4_K_M).
+        dtype: for HF folders, None (the checkpoint's dtype), "float32", "bfloat16" or "float16".
         context_length: most tokens (prompt + generated) per sequence; defaults to the model's maximum.
         threads: CPU threads for PyTorch (default: PyTorch's choice, usually all cores).
 
@@ -153,11 +171,15 @@ def load(path: str | os.PathLike[str] | None = None, *, context_length: int | No
         torch.set_num_threads(threads)
     file = Path(path) if path is not None else default_model_path()
     if file.is_dir():
-        raise ModelNotFoundError(f"{file}: is a directory; give the path of a .gguf file")
-    gguf = GGUFFile(file)
-    model, config = load_gguf_model(gguf)
-    tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata, str(file))
-    if tokenizer.vocab_size != config.vocab_size:
+        model, config = load_hf_model(file, dtype)
+        tokenizer = HFTokenizer.from_folder(file)
+    else:
+        if dtype not in (None, "float32"):
+            raise InvalidParameterError(f"dtype={dtype!r}: GGUF models load as float32 for now")
+        gguf = GGUFFile(file)
+        model, config = load_gguf_model(gguf)
+        tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata, str(file))
+    if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
         raise InvalidParameterError(f"{file}: tokenizer has {tokenizer.vocab_size} pieces, model {config.vocab_size}")
     ctx = config.max_position_embeddings
     if context_length is not None:

@@ -1,9 +1,9 @@
-"""The Gemma text decoder as pure tensor math.
+"""The Gemma text decoder (Gemma 1, 2, 3 and 4) as pure tensor math.
 
 No tokenizer, sampling or file I/O here. Shapes: B batch rows, T new tokens, K attended keys, H query heads,
-Hkv key/value heads, D head_dim, E hidden size.
+Hkv key/value heads, D head_dim, E hidden size, L layers, P per-layer-embedding width.
 
-References: transformers ``models/gemma3/modeling_gemma3.py``, llama.cpp ``src/models/gemma3.cpp`` and
+References: transformers ``models/gemma{,2,3,4}/modeling_*.py``, llama.cpp ``src/models/gemma*.cpp`` and
 ../shared/docs/gemma-architectures.md. Norm weights are the final multipliers (see config.py).
 """
 
@@ -13,27 +13,36 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import GemmaConfig
+from .config import GemmaConfig, LayerSpec
 from .kv_cache import KVCache
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
+    def __init__(self, dim: int, eps: float, with_weight: bool = True) -> None:
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.ones(dim)) if with_weight else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Gemma normalizes and scales in float32, then casts back ((x * w).to(dtype), not x.to(dtype) * w).
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * self.weight.float()).type_as(x)
+        if self.weight is not None:
+            xf = xf * self.weight.float()
+        return xf.type_as(x)
 
 
-def rope_inv_freq(head_dim: int, theta: float, scaling_factor: float = 1.0) -> torch.Tensor:
-    """(D/2,) inverse frequencies; linear scaling divides them by the factor."""
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
-    return 1.0 / (theta**exponents) / scaling_factor
+def rope_inv_freq(head_dim: int, theta: float, scaling_factor: float = 1.0, rotary_fraction: float = 1.0) -> torch.Tensor:
+    """(D/2,) inverse frequencies.
+
+    Linear scaling divides them by the factor. A rotary fraction below 1 is Gemma 4's "proportional" RoPE: only
+    the first fraction * D / 2 frequencies rotate, still with exponents over the full head_dim; the rest are 0
+    (cos 1, sin 0: those dimensions pass through).
+    """
+    n_rot = int(rotary_fraction * head_dim // 2)
+    exponents = torch.arange(0, 2 * n_rot, 2, dtype=torch.int64).float() / head_dim
+    rotated = 1.0 / (theta**exponents) / scaling_factor
+    return torch.cat([rotated, torch.zeros(head_dim // 2 - n_rot)])
 
 
 def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,43 +74,63 @@ def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None)
     return visible.unsqueeze(1)
 
 
+KV = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # keys, values (B, K, Hkv, D) and their positions (B, K)
+
+
 class Attention(nn.Module):
-    def __init__(self, config: GemmaConfig, layer: int) -> None:
+    def __init__(self, config: GemmaConfig, spec: LayerSpec) -> None:
         super().__init__()
-        E, D = config.hidden_size, config.head_dim
-        self.n_heads, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, D
+        E, D, eps = config.hidden_size, spec.head_dim, config.rms_norm_eps
+        self.n_heads, self.n_kv, self.head_dim = config.num_attention_heads, spec.num_key_value_heads, D
+        self.layer = spec.index
+        self.shared = spec.kv_source is not None
         self.q_proj = nn.Linear(E, self.n_heads * D, bias=False)
-        self.k_proj = nn.Linear(E, self.n_kv * D, bias=False)
-        self.v_proj = nn.Linear(E, self.n_kv * D, bias=False)
         self.o_proj = nn.Linear(self.n_heads * D, E, bias=False)
-        self.q_norm = RMSNorm(D, config.rms_norm_eps) if config.use_qk_norm else None
-        self.k_norm = RMSNorm(D, config.rms_norm_eps) if config.use_qk_norm else None
+        self.q_norm = RMSNorm(D, eps) if config.use_qk_norm else None
+        if not self.shared:
+            self.k_proj = nn.Linear(E, self.n_kv * D, bias=False)
+            self.v_proj = None if spec.k_eq_v else nn.Linear(E, self.n_kv * D, bias=False)
+            self.k_norm = RMSNorm(D, eps) if config.use_qk_norm else None
+            self.v_norm = RMSNorm(D, eps, with_weight=False) if config.use_v_norm else None
         self.scale = config.attention_scale
         self.softcap = config.attn_logit_softcapping
-        self.window = config.sliding_window if config.is_sliding(layer) else None
+        self.window = config.sliding_window if spec.sliding else None
 
     def forward(
         self,
         x: torch.Tensor,  # (B, T, E)
         positions: torch.Tensor,  # (B, T)
         rope: tuple[torch.Tensor, torch.Tensor],
-        cache: "KVCache | None",
-        layer: int,
-    ) -> torch.Tensor:
+        cache: KVCache | None,
+        shared_kv: KV | None,
+    ) -> tuple[torch.Tensor, KV]:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if cache is not None:
-            k, v, k_pos = cache.layers[layer].update(k, v, positions)  # (B, K, Hkv, D), (B, K)
+            q = self.q_norm(q)
+        q = apply_rope(q, *rope)
+        if self.shared:
+            kv = shared_kv  # another layer's keys and values, already cached and positioned
         else:
-            k_pos = positions
+            kv = self._own_kv(x, positions, rope, cache)
+        k, v, k_pos = kv
         mask = attention_mask(positions, k_pos, self.window)
         out = self._attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)  # (B, H, T, D)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)), kv
+
+    def _own_kv(self, x: torch.Tensor, positions: torch.Tensor, rope, cache: KVCache | None) -> KV:
+        B, T, _ = x.shape
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
+        # K = V layers use the raw key projection as values (normalized separately, without RoPE).
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim) if self.v_proj is not None else k
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        if self.v_norm is not None:
+            v = self.v_norm(v)
+        k = apply_rope(k, *rope)
+        if cache is not None:
+            return cache.layers[self.layer].update(k, v, positions)
+        return k, v, positions
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         groups = self.n_heads // self.n_kv
@@ -127,28 +156,104 @@ class MLP(nn.Module):
         return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
 
 
+class Router(nn.Module):
+    """Gemma 4 MoE router: weightless RMSNorm, learned per-channel scale, softmax over experts, top-k."""
+
+    def __init__(self, config: GemmaConfig) -> None:
+        super().__init__()
+        E = config.hidden_size
+        self.top_k = config.top_k_experts
+        self.norm = RMSNorm(E, config.rms_norm_eps, with_weight=False)
+        self.proj = nn.Linear(E, config.num_experts, bias=False)
+        self.scale = nn.Parameter(torch.ones(E))
+        self.per_expert_scale = nn.Parameter(torch.ones(config.num_experts))
+        self.root = E**-0.5
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # (N, E) -> (N, k) weights, ids
+        probs = torch.softmax(self.proj(self.norm(x) * self.scale * self.root), dim=-1, dtype=torch.float32)
+        weights, ids = torch.topk(probs, self.top_k, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights * self.per_expert_scale[ids], ids
+
+
+class Experts(nn.Module):
+    def __init__(self, config: GemmaConfig) -> None:
+        super().__init__()
+        n, E, F_ = config.num_experts, config.hidden_size, config.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(n, 2 * F_, E))  # gate rows, then up rows
+        self.down_proj = nn.Parameter(torch.empty(n, E, F_))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(x)  # (N, E)
+        for expert in torch.unique(ids).tolist():
+            token, slot = torch.where(ids == expert)
+            gate, up = F.linear(x[token], self.gate_up_proj[expert]).chunk(2, dim=-1)
+            y = F.linear(F.gelu(gate, approximate="tanh") * up, self.down_proj[expert])
+            out.index_add_(0, token, (y * weights[token, slot, None]).to(out.dtype))
+        return out
+
+
 class DecoderLayer(nn.Module):
-    def __init__(self, config: GemmaConfig, layer: int) -> None:
+    def __init__(self, config: GemmaConfig, spec: LayerSpec) -> None:
         super().__init__()
         E, eps = config.hidden_size, config.rms_norm_eps
-        self.layer = layer
-        self.sliding = config.is_sliding(layer)
+        self.spec = spec
         self.input_layernorm = RMSNorm(E, eps)
-        self.self_attn = Attention(config, layer)
+        self.self_attn = Attention(config, spec)
         self.pre_feedforward_layernorm = RMSNorm(E, eps)
-        self.mlp = MLP(E, config.intermediate_size)
+        self.mlp = MLP(E, spec.intermediate_size)
         self.post_attention_layernorm = RMSNorm(E, eps) if config.use_post_norms else None
         self.post_feedforward_layernorm = RMSNorm(E, eps) if config.use_post_norms else None
+        self.moe = config.enable_moe_block
+        if self.moe:
+            self.router = Router(config)
+            self.experts = Experts(config)
+            self.pre_feedforward_layernorm_2 = RMSNorm(E, eps)
+            self.post_feedforward_layernorm_1 = RMSNorm(E, eps)
+            self.post_feedforward_layernorm_2 = RMSNorm(E, eps)
+        self.ple = config.hidden_size_per_layer_input > 0
+        if self.ple:
+            P = config.hidden_size_per_layer_input
+            self.per_layer_input_gate = nn.Linear(E, P, bias=False)
+            self.per_layer_projection = nn.Linear(P, E, bias=False)
+            self.post_per_layer_input_norm = RMSNorm(E, eps)
+        if config.use_layer_scalar:
+            self.layer_scalar = nn.Parameter(torch.ones(1))
+        else:
+            self.layer_scalar = None
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope, cache: "KVCache | None") -> torch.Tensor:
-        h = self.self_attn(self.input_layernorm(x), positions, rope, cache, self.layer)
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        rope,
+        cache: KVCache | None,
+        shared_kv: KV | None,
+        per_layer_input: torch.Tensor | None,  # (B, T, P)
+    ) -> tuple[torch.Tensor, KV]:
+        h, kv = self.self_attn(self.input_layernorm(x), positions, rope, cache, shared_kv)
         if self.post_attention_layernorm is not None:
             h = self.post_attention_layernorm(h)
         x = x + h
         h = self.mlp(self.pre_feedforward_layernorm(x))
+        if self.moe:
+            h = self.post_feedforward_layernorm_1(h) + self._experts(x)
         if self.post_feedforward_layernorm is not None:
             h = self.post_feedforward_layernorm(h)
-        return x + h
+        x = x + h
+        if self.ple:
+            g = F.gelu(self.per_layer_input_gate(x), approximate="tanh") * per_layer_input
+            x = x + self.post_per_layer_input_norm(self.per_layer_projection(g))
+        if self.layer_scalar is not None:
+            x = x * self.layer_scalar  # scales the whole residual stream
+        return x, kv
+
+    def _experts(self, residual: torch.Tensor) -> torch.Tensor:
+        # The router reads the un-normalized residual; the experts read their own pre-norm of it.
+        flat = residual.reshape(-1, residual.shape[-1])
+        weights, ids = self.router(flat)
+        out = self.experts(self.pre_feedforward_layernorm_2(flat), weights, ids)
+        return self.post_feedforward_layernorm_2(out.reshape(residual.shape))
 
 
 class Gemma(nn.Module):
@@ -162,18 +267,41 @@ class Gemma(nn.Module):
     def __init__(self, config: GemmaConfig) -> None:
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        E = config.hidden_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, E)
+        self.layers = nn.ModuleList(DecoderLayer(config, spec) for spec in config.layers)
+        self.norm = RMSNorm(E, config.rms_norm_eps)
+        if config.hidden_size_per_layer_input:
+            L, P = config.num_hidden_layers, config.hidden_size_per_layer_input
+            self.embed_tokens_per_layer = nn.Embedding(config.vocab_size_per_layer_input, L * P)
+            self.per_layer_model_projection = nn.Linear(E, L * P, bias=False)
+            self.per_layer_projection_norm = RMSNorm(P, config.rms_norm_eps)
         self.init_buffers()
 
     def init_buffers(self) -> None:
         """(Re)build the RoPE frequency tables; a model built on the meta device calls this after loading."""
         c = self.config
         local = rope_inv_freq(c.head_dim, c.rope_local_base_freq)
-        full = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling_factor)
+        full = rope_inv_freq(c.global_head_dim or c.head_dim, c.rope_theta, c.rope_scaling_factor,
+                             c.global_partial_rotary_factor)
         self.register_buffer("inv_freq_local", local, persistent=False)
         self.register_buffer("inv_freq_global", full, persistent=False)
+
+    def _scaled(self, embedding: nn.Embedding, tokens: torch.Tensor, scale: float) -> torch.Tensor:
+        x = embedding(tokens)
+        # The scale is rounded to the weight dtype first, as the reference does (sqrt(3072) -> 55.5 in bf16).
+        return x * torch.tensor(scale, dtype=embedding.weight.dtype).to(x.dtype)
+
+    def per_layer_inputs(self, tokens: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Gemma 4 PLE: (token part + context part) / sqrt(2), shape (B, T, L, P)."""
+        c = self.config
+        L, P = c.num_hidden_layers, c.hidden_size_per_layer_input
+        # Ids outside the PLE table (multimodal placeholders) read the pad row.
+        ple_ids = torch.where(tokens < c.vocab_size_per_layer_input, tokens, torch.zeros_like(tokens))
+        token_part = self._scaled(self.embed_tokens_per_layer, ple_ids, P**0.5).view(*tokens.shape, L, P)
+        context = self.per_layer_model_projection(x) * c.hidden_size**-0.5
+        context = self.per_layer_projection_norm(context.view(*tokens.shape, L, P))
+        return (context + token_part) * 2**-0.5
 
     def forward(
         self,
@@ -181,13 +309,18 @@ class Gemma(nn.Module):
         positions: torch.Tensor,  # (B, T) int64 absolute positions, -1 for padding
         cache: KVCache | None = None,
     ) -> torch.Tensor:  # (B, T, E)
-        x = self.embed_tokens(tokens)
-        # The sqrt(E) scale is rounded to the activation dtype first, as the reference does.
-        x = x * torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype)
+        x = self._scaled(self.embed_tokens, tokens, self.config.hidden_size**0.5)
+        ple = self.per_layer_inputs(tokens, x) if self.config.hidden_size_per_layer_input else None
         rope_local = rope_cos_sin(positions, self.inv_freq_local)
         rope_global = rope_cos_sin(positions, self.inv_freq_global)
-        for layer in self.layers:
-            x = layer(x, positions, rope_local if layer.sliding else rope_global, cache)
+        stored: dict[int, KV] = {}  # layer index -> keys/values that later shared layers read
+        for i, layer in enumerate(self.layers):
+            spec = layer.spec
+            shared = stored[spec.kv_source] if spec.kv_source is not None else None
+            x, kv = layer(x, positions, rope_local if spec.sliding else rope_global, cache, shared,
+                          ple[:, :, i] if ple is not None else None)
+            if spec.kv_store:
+                stored[i] = kv
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -74,6 +74,9 @@ class Tokenizer:
         """Id of a piece by its text (e.g. ``"<end_of_turn>"``); KeyError if absent."""
         return self._id_of[piece]
 
+    def has_piece(self, piece: str) -> bool:
+        return piece in self._id_of
+
     def encode(self, text: str, add_bos: bool = False, parse_special: bool = False) -> list[int]:
         """Token ids for ``text``.
 
@@ -194,3 +197,70 @@ class StreamDecoder:
 
     def flush(self) -> str:
         return self._dec.decode(b"", final=True)
+
+
+class HFTokenizer:
+    """A Hugging Face ``tokenizer.json`` (Gemma: BPE with byte fallback) behind the same interface as
+    :class:`Tokenizer`. Encoding runs in the `tokenizers` library; control tokens in text stay text unless
+    ``parse_special`` is set."""
+
+    def __init__(self, tok, bos_id: int, eos_id: int, pad_id: int, unk_id: int) -> None:
+        self._tok = tok
+        self.bos_id, self.eos_id, self.pad_id, self.unk_id = bos_id, eos_id, pad_id, unk_id
+        self.add_bos = True
+        vocab = tok.get_vocab(with_added_tokens=True)
+        size = max(vocab.values()) + 1
+        self.pieces = [""] * size
+        for piece, i in vocab.items():
+            self.pieces[i] = piece
+        special = {t.content for t in tok.get_added_tokens_decoder().values() if t.special}
+        self.types = [CONTROL if p in special else (BYTE if _BYTE_PIECE.match(p) else NORMAL) for p in self.pieces]
+        self._id_of = vocab
+        self._bytes = [_piece_bytes(p, t) for p, t in zip(self.pieces, self.types)]
+
+    @classmethod
+    def from_folder(cls, folder) -> "HFTokenizer | None":
+        """The folder's tokenizer.json, or None if it has none."""
+        from pathlib import Path
+
+        from tokenizers import Tokenizer as _Tok
+
+        path = Path(folder) / "tokenizer.json"
+        if not path.is_file():
+            return None
+        try:
+            tok = _Tok.from_file(str(path))
+        except Exception as exc:
+            raise CorruptFileError(f"{path}: not a readable tokenizer.json ({exc})") from None
+        vocab = tok.get_vocab(with_added_tokens=True)
+
+        def id_of(piece: str, default: int) -> int:
+            return vocab.get(piece, default)
+
+        return cls(tok, id_of("<bos>", 2), id_of("<eos>", 1), id_of("<pad>", 0), id_of("<unk>", 3))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.pieces)
+
+    def token_id(self, piece: str) -> int:
+        return self._id_of[piece]
+
+    def has_piece(self, piece: str) -> bool:
+        return piece in self._id_of
+
+    def is_control(self, token_id: int) -> bool:
+        return self.types[token_id] == CONTROL
+
+    def encode(self, text: str, add_bos: bool = False, parse_special: bool = False) -> list[int]:
+        self._tok.encode_special_tokens = not parse_special
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        return ([self.bos_id] if add_bos else []) + list(ids)
+
+    def token_bytes(self, token_id: int, skip_special: bool = False) -> bytes:
+        if skip_special and self.types[token_id] == CONTROL:
+            return b""
+        return self._bytes[token_id]
+
+    def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
+        return b"".join(self.token_bytes(int(i), skip_special) for i in ids).decode("utf-8", errors="replace")

@@ -8,12 +8,13 @@ from pathlib import Path
 
 import torch
 
-from ..config import GemmaConfig, config_from_gguf
-from ..errors import UnsupportedModelError, WeightError
+from ..config import GemmaConfig, config_from_gguf, config_from_hf
+from ..errors import InvalidParameterError, UnsupportedModelError, WeightError
 from ..model import Gemma
 from ..quant.ggml import SUPPORTED_TYPES, dequantize
 from .gguf import GGUFFile
-from .names import gguf_to_gemmakit
+from .hf import iter_tensors, read_config, safetensor_files
+from .names import gguf_to_gemmakit, hf_to_gemmakit, is_shifted_norm
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,62 @@ def load_gguf_model(gguf: GGUFFile, dtype: torch.dtype = torch.float32) -> tuple
         raise WeightError(f"{gguf.path}: missing tensors for {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
     model.load_state_dict(state, assign=True, strict=True)
     model.init_buffers()  # RoPE tables were created on the meta device
+    model.eval()
+    return model, config
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _shared_kv_leftover(config: GemmaConfig, ours: str) -> bool:
+    """KV-shared Gemma 4 layers have no k/v projections; some checkpoints still carry them (unused)."""
+    parts = ours.split(".")
+    if len(parts) >= 4 and parts[0] == "layers" and parts[1].isdigit() and parts[2] == "self_attn":
+        layer = int(parts[1])
+        return layer < config.num_hidden_layers and config.layer(layer).kv_source is not None and parts[3] in (
+            "k_proj", "v_proj", "k_norm", "v_norm")
+    return False
+
+
+def load_hf_model(folder: Path, dtype: str | None = None) -> tuple[Gemma, GemmaConfig]:
+    """Build a model from a Hugging Face folder (config.json + safetensors), in the asked dtype.
+
+    ``dtype`` None keeps the checkpoint's own dtype. Norm weights stay float32 (they are tiny and the
+    reference applies them in float32).
+
+    Raises:
+        ModelNotFoundError, CorruptFileError, UnsupportedModelError, WeightError, InvalidParameterError.
+    """
+    if dtype is not None and dtype not in DTYPES:
+        raise InvalidParameterError(f"dtype={dtype!r}: use None, {', '.join(DTYPES)}")
+    config = config_from_hf(read_config(folder), str(folder / "config.json"))
+    with torch.device("meta"):
+        model = Gemma(config)
+    expected = {name: p for name, p in model.named_parameters()}
+    shift = config.architecture in ("gemma", "gemma2", "gemma3")
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor, file in iter_tensors(safetensor_files(folder)):
+        ours = hf_to_gemmakit(name, config.architecture)
+        if ours == "" or (ours is not None and _shared_kv_leftover(config, ours)):
+            continue
+        if ours is None or ours not in expected:
+            raise WeightError(f"{file}: unexpected tensor {name!r} (not part of a {config.architecture} text model)")
+        if tuple(tensor.shape) != tuple(expected[ours].shape):
+            raise WeightError(
+                f"{file}: tensor {name!r} has shape {list(tensor.shape)}, expected {list(expected[ours].shape)}"
+            )
+        if is_shifted_norm(ours):
+            state[ours] = tensor.float() + 1.0 if shift else tensor.float()
+        else:
+            state[ours] = tensor.to(DTYPES[dtype]) if dtype else tensor
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise WeightError(f"{folder}: missing tensors for {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
+    if len({t.dtype for n, t in state.items() if not is_shifted_norm(n)}) > 1:
+        target = DTYPES[dtype] if dtype else torch.float32
+        state = {n: (t if is_shifted_norm(n) else t.to(target)) for n, t in state.items()}
+    model.load_state_dict(state, assign=True, strict=True)
+    model.init_buffers()
     model.eval()
     return model, config
 

@@ -46,3 +46,43 @@ def gguf_to_gemmakit(name: str) -> str | None:
         if m:
             return dst.format(i=m.group("i")) if "i" in m.groupdict() else dst
     return None
+
+
+# Hugging Face checkpoints: our module tree mirrors transformers', so a text weight's name is ours behind one of
+# these prefixes (text-only *ForCausalLM, then the multimodal *ForConditionalGeneration layouts).
+HF_TEXT_PREFIXES = ("model.language_model.", "language_model.model.", "model.")
+# Parts of multimodal checkpoints that a text-only decoder knowingly leaves out.
+HF_SKIPPED_PREFIXES = (
+    "model.vision_tower.",
+    "model.audio_tower.",
+    "model.multi_modal_projector.",
+    "model.embed_vision.",
+    "model.embed_audio.",
+    "vision_tower.",
+    "audio_tower.",
+    "multi_modal_projector.",
+)
+# The output head is tied to the embedding in every Gemma; a stored copy is redundant.
+HF_TIED_HEADS = ("lm_head.weight", "language_model.lm_head.weight")
+
+
+# Gemma 1 has no post-norms; transformers names its pre-MLP norm the Llama way.
+HF_ARCH_RENAMES = {"gemma": {".post_attention_layernorm.": ".pre_feedforward_layernorm."}}
+
+
+def hf_to_gemmakit(name: str, architecture: str = "") -> str | None:
+    """Our parameter name for a HF checkpoint tensor, "" for a tensor skipped on purpose, None if unknown."""
+    if name in HF_TIED_HEADS or name.startswith(HF_SKIPPED_PREFIXES):
+        return ""
+    for prefix in HF_TEXT_PREFIXES:
+        if name.startswith(prefix):
+            ours = name[len(prefix) :]
+            for old, new in HF_ARCH_RENAMES.get(architecture, {}).items():
+                ours = ours.replace(old, new)
+            return ours
+    return None
+
+
+def is_shifted_norm(name: str) -> bool:
+    """Gemma 1-3 HF norms store w for a (1 + w) multiplier; ours hold the multiplier."""
+    return name.endswith("norm.weight")
