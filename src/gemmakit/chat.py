@@ -60,12 +60,20 @@ class Gemma3ChatFormat:
     end_turn = "<end_of_turn>"
     stop_pieces = ("<eos>", "<end_of_turn>")
 
-    def render(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[Segment]:
-        """Segments of the prompt for ``messages``.
+    def render(
+        self,
+        messages: Sequence[Message],
+        add_generation_prompt: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        enable_thinking: bool = False,
+    ) -> list[Segment]:
+        """Segments of the prompt for ``messages``. Gemma 1-3 have no tool or thinking tokens.
 
         Raises:
             ChatTemplateError: empty conversation, unknown role, roles out of order, bad content.
         """
+        if tools:
+            raise ChatTemplateError("this model's chat format (Gemma 1-3) has no tool-calling tokens")
         if not messages:
             raise ChatTemplateError("messages must not be empty")
         for i, m in enumerate(messages):
@@ -109,11 +117,16 @@ def segments_to_text(segments: Sequence[Segment]) -> str:
 def segments_to_ids(segments: Sequence[Segment], tokenizer: Tokenizer) -> list[int]:
     """Token ids: control segments by id, text segments encoded as text (never parsed for control tokens)."""
     ids: list[int] = []
-    for s in segments:
+    text = ""  # adjacent text segments are one run of text between control tokens: encode them together
+    for s in list(segments) + [None]:
+        if isinstance(s, str):
+            text += s
+            continue
+        if text:
+            ids.extend(tokenizer.encode(text))
+            text = ""
         if isinstance(s, Control):
             ids.append(tokenizer.token_id(s.piece))
-        elif s:
-            ids.extend(tokenizer.encode(s))
     return ids
 
 

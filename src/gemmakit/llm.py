@@ -93,10 +93,18 @@ class LLM:
             )
 
     def apply_chat_template(
-        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, tokenize: bool = False
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        tokenize: bool = False,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        enable_thinking: bool = False,
     ) -> str | list[int]:
-        """Render ``messages`` with the model's chat format, as text or (``tokenize=True``) token ids."""
-        segments: list[Segment] = self.chat_format.render(messages, add_generation_prompt)
+        """Render ``messages`` with the model's chat format, as text or (``tokenize=True``) token ids.
+
+        ``tools`` (OpenAI-style function schemas) and ``enable_thinking`` apply to Gemma 4.
+        """
+        segments: list[Segment] = self.chat_format.render(messages, add_generation_prompt, tools, enable_thinking)
         return segments_to_ids(segments, self.tokenizer) if tokenize else segments_to_text(segments)
 
     # -- generation --------------------------------------------------------------------------------------
