@@ -92,20 +92,23 @@ FAMILIES = {
 }
 
 
-@pytest.fixture(scope="module", params=list(FAMILIES))
-def family(request, tmp_path_factory):
+def build(name: str, folder):
+    """transformers reference model with random weights, saved to `folder` and loaded by gemmakit."""
     from transformers import AutoModelForCausalLM
 
-    config = FAMILIES[request.param]()
-    config._attn_implementation = "eager"
+    config = FAMILIES[name]()
     torch.manual_seed(0)
     ref = AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
-    randomize(ref, gemma4=request.param.startswith("gemma4"))
-    folder = tmp_path_factory.mktemp(request.param)
+    randomize(ref, gemma4=name.startswith("gemma4"))
     ref.save_pretrained(folder)
     llm = gemmakit.load(folder, dtype="float32")
     ids = torch.randint(0, VOCAB, (SEQ,), generator=torch.Generator().manual_seed(1)).tolist()
-    return request.param, ref, llm, ids
+    return name, ref, llm, ids
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request, tmp_path_factory):
+    return build(request.param, tmp_path_factory.mktemp(request.param))
 
 
 @torch.inference_mode()
@@ -164,3 +167,110 @@ def test_only_cache_owning_layers_allocate(family) -> None:
     assert [c is not None for c in cache.layers] == owners
     if name == "gemma4_e2b":
         assert owners.count(False) == 4
+
+
+# llama.cpp's Gemma 4 tensor names, written out here independently of gemmakit's own table.
+LLAMACPP_GEMMA4 = {
+    "embed_tokens.weight": "token_embd.weight",
+    "norm.weight": "output_norm.weight",
+    "embed_tokens_per_layer.weight": "per_layer_token_embd.weight",
+    "per_layer_model_projection.weight": "per_layer_model_proj.weight",
+    "per_layer_projection_norm.weight": "per_layer_proj_norm.weight",
+}
+LLAMACPP_GEMMA4_LAYER = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
+    "post_attention_layernorm.weight": "post_attention_norm.weight",
+    "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+    "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
+    "layer_scalar": "layer_output_scale.weight",
+    "per_layer_input_gate.weight": "inp_gate.weight",
+    "per_layer_projection.weight": "proj.weight",
+    "post_per_layer_input_norm.weight": "post_norm.weight",
+    "router.proj.weight": "ffn_gate_inp.weight",
+    "router.scale": "ffn_gate_inp.scale",
+    "router.per_expert_scale": "ffn_down_exps.scale",
+    "experts.gate_up_proj": "ffn_gate_up_exps.weight",
+    "experts.down_proj": "ffn_down_exps.weight",
+    "pre_feedforward_layernorm_2.weight": "pre_ffw_norm_2.weight",
+    "post_feedforward_layernorm_1.weight": "post_ffw_norm_1.weight",
+    "post_feedforward_layernorm_2.weight": "post_ffw_norm_2.weight",
+}
+
+
+def write_gemma4_gguf(ref, gguf_specs, path) -> None:
+    """The transformers model's weights as a llama.cpp-layout Gemma 4 GGUF (F32)."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    c = ref.config
+    w = GGUFWriter(str(path), "gemma4")
+    a = "gemma4."
+    w.add_uint32(a + "context_length", c.max_position_embeddings)
+    w.add_uint32(a + "embedding_length", c.hidden_size)
+    w.add_uint32(a + "block_count", c.num_hidden_layers)
+    widths = [layer.mlp.gate_proj.out_features for layer in ref.model.layers]
+    w.add_array(a + "feed_forward_length", widths)
+    w.add_uint32(a + "attention.head_count", c.num_attention_heads)
+    kv = [llm_layer.num_key_value_heads for llm_layer in gguf_specs]
+    w.add_array(a + "attention.head_count_kv", kv)
+    w.add_uint32(a + "attention.key_length", 32)
+    w.add_uint32(a + "attention.key_length_swa", 16)
+    w.add_uint32(a + "attention.value_length", 32)
+    w.add_uint32(a + "attention.value_length_swa", 16)
+    w.add_float32(a + "attention.layer_norm_rms_epsilon", c.rms_norm_eps)
+    w.add_float32(a + "rope.freq_base", 1_000_000.0)
+    w.add_float32(a + "rope.freq_base_swa", 10_000.0)
+    w.add_uint32(a + "attention.sliding_window", c.sliding_window)
+    w.add_array(a + "attention.sliding_window_pattern", [t == "sliding_attention" for t in c.layer_types])
+    w.add_uint32(a + "attention.shared_kv_layers", c.num_kv_shared_layers)
+    w.add_uint32(a + "embedding_length_per_layer_input", c.hidden_size_per_layer_input or 0)
+    w.add_float32(a + "final_logit_softcapping", c.final_logit_softcapping)
+    if c.enable_moe_block:
+        w.add_uint32(a + "expert_count", c.num_experts)
+        w.add_uint32(a + "expert_used_count", c.top_k_experts)
+        w.add_uint32(a + "expert_feed_forward_length", c.moe_intermediate_size)
+    pieces = ["<pad>", "<eos>", "<bos>", "<unk>"] + [f"<0x{b:02X}>" for b in range(256)]
+    pieces += [f"w{i}" for i in range(VOCAB - len(pieces))]
+    w.add_tokenizer_model("llama")
+    w.add_token_list(pieces)
+    w.add_token_scores([0.0] * len(pieces))
+    w.add_token_types([3, 3, 3, 2] + [6] * 256 + [1] * (VOCAB - 260))
+    # Proportional RoPE as llama.cpp encodes it: divisor 1 for rotated pairs, 1e30 for frozen ones.
+    rotated = int(0.25 * 32 // 2)
+    w.add_tensor("rope_freqs.weight", np.array([1.0] * rotated + [1e30] * (16 - rotated), dtype=np.float32))
+    for name, tensor in ref.model.state_dict().items():
+        if name.startswith("layers."):
+            _, i, rest = name.split(".", 2)
+            if rest not in LLAMACPP_GEMMA4_LAYER:
+                continue  # e.g. k/v of KV-shared layers, absent in llama.cpp files
+            target = f"blk.{i}.{LLAMACPP_GEMMA4_LAYER[rest]}"
+        elif name in LLAMACPP_GEMMA4:
+            target = LLAMACPP_GEMMA4[name]
+        else:
+            continue
+        w.add_tensor(target, tensor.detach().float().numpy().copy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("name", ["gemma4_e2b", "gemma4_31b", "gemma4_26b_a4b"])
+@torch.inference_mode()
+def test_gemma4_gguf_matches_safetensors(name, tmp_path) -> None:
+    name, ref, llm, ids = build(name, tmp_path / "hf")
+    path = tmp_path / f"{name}.gguf"
+    write_gemma4_gguf(ref, llm.config.layers, path)
+    from_gguf = gemmakit.load(path)
+    diff = (from_gguf.logits(ids) - llm.logits(ids)).abs().max().item()
+    print(f"{name}: GGUF vs safetensors max |logits diff| = {diff:.2e}")
+    assert diff <= 1e-4

@@ -318,7 +318,8 @@ def _meta_int(meta: dict[str, Any], key: str, path: str, allow_array: bool = Fal
     return value
 
 
-def config_from_gguf(meta: dict[str, Any], path: str) -> GemmaConfig:
+def config_from_gguf(meta: dict[str, Any], path: str, tensors: dict[str, Any] | None = None,
+                     rope_freqs: Any = None) -> GemmaConfig:
     """Build the configuration from GGUF metadata (llama.cpp keys).
 
     Raises:
@@ -381,10 +382,11 @@ def config_from_gguf(meta: dict[str, Any], path: str) -> GemmaConfig:
                            rope_theta=float(meta.get(p + "rope.freq_base", 1_000_000.0)),
                            rope_local_base_freq=float(meta.get(p + "rope.freq_base_swa", 10_000.0)),
                            rope_scaling_factor=factor, query_pre_attn_scalar=float(q_scalar))
-    return _gemma4_from_gguf(meta, path, common, n_kv_raw, ffn)
+    return _gemma4_from_gguf(meta, path, common, n_kv_raw, ffn, tensors or {}, rope_freqs)
 
 
-def _gemma4_from_gguf(meta: dict[str, Any], path: str, common: dict[str, Any], n_kv_raw: Any, ffn: Any) -> GemmaConfig:
+def _gemma4_from_gguf(meta: dict[str, Any], path: str, common: dict[str, Any], n_kv_raw: Any, ffn: Any,
+                      tensors: dict[str, Any], rope_freqs: Any) -> GemmaConfig:
     p = "gemma4."
     n_layers = common["num_hidden_layers"]
     pattern = meta.get(p + "attention.sliding_window_pattern")
@@ -397,9 +399,16 @@ def _gemma4_from_gguf(meta: dict[str, Any], path: str, common: dict[str, Any], n
     global_head_dim = _meta_int(meta, p + "attention.key_length", path)
     swa_head_dim = _meta_int(meta, p + "attention.key_length_swa", path) if p + "attention.key_length_swa" in meta else global_head_dim
     widths = ffn if isinstance(ffn, list) else [ffn] * n_layers
-    # "K = V" global attention shows as global layers without attn_v; the caller checks the tensors.
-    k_eq_v = bool(meta.get("gemmakit.attention_k_eq_v", False))
-    rope_dims = int(meta.get(p + "rope.dimension_count", global_head_dim))
+    # "K = V" global attention shows as global layers that have attn_k but no attn_v.
+    k_eq_v = any(
+        layer_types[i] == FULL and f"blk.{i}.attn_k.weight" in tensors and f"blk.{i}.attn_v.weight" not in tensors
+        for i in range(n_layers)
+    )
+    # Proportional RoPE: llama.cpp stores per-frequency divisors; 1.0 rotates, a huge value freezes a pair.
+    fraction = 1.0
+    if rope_freqs is not None:
+        factors = [float(f) for f in rope_freqs]
+        fraction = sum(1 for f in factors if f == 1.0) / max(len(factors), 1)
     expert_count = int(meta.get(p + "expert_count", 0) or 0)
     return GemmaConfig(
         **common,
@@ -411,7 +420,7 @@ def _gemma4_from_gguf(meta: dict[str, Any], path: str, common: dict[str, Any], n
         sliding_window=int(meta[p + "attention.sliding_window"]) if p + "attention.sliding_window" in meta else None,
         rope_theta=float(meta.get(p + "rope.freq_base", 1_000_000.0)),
         rope_local_base_freq=float(meta.get(p + "rope.freq_base_swa", 10_000.0)),
-        global_partial_rotary_factor=float(meta.get("gemmakit.rope.partial_rotary_factor", 0.25)) if rope_dims else 1.0,
+        global_partial_rotary_factor=fraction,
         attention_scale_one=True,
         use_v_norm=True,
         use_layer_scalar=True,

@@ -56,6 +56,9 @@ class Completion:
     usage: Usage
     logprobs: list[TokenLogprob] | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    # Gemma 4 chat: the thought channel, kept apart from `text`, and parsed tool calls (OpenAI shape).
+    reasoning: str | None = None
+    tool_calls: list[dict] | None = None
 
 
 class StopStringMatcher:

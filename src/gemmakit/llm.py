@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -128,15 +129,48 @@ class LLM:
         ids = self._prompt_ids(prompt)
         return collect(self._stream_ids(ids, params), len(ids), params.logprobs is not None)
 
-    def chat(self, messages: Sequence[Mapping[str, Any]], **sampling: Any) -> Completion:
-        """Answer the last user message of a conversation."""
-        params = SamplingParams.from_kwargs(**sampling)
-        ids = self.apply_chat_template(messages, tokenize=True)
-        return collect(self._stream_ids(ids, params), len(ids), params.logprobs is not None)
+    def chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        enable_thinking: bool = False,
+        **sampling: Any,
+    ) -> Completion:
+        """Answer the last user message of a conversation.
 
-    def chat_stream(self, messages: Sequence[Mapping[str, Any]], **sampling: Any) -> Iterator[StreamEvent]:
+        On Gemma 4, the thought channel comes back in ``reasoning`` (never in ``text``) and tool calls in
+        ``tool_calls`` as OpenAI-style objects (``{"id", "type": "function", "function": {"name", "arguments"}}``
+        with JSON-encoded arguments).
+        """
         params = SamplingParams.from_kwargs(**sampling)
-        ids = self.apply_chat_template(messages, tokenize=True)
+        ids = self.apply_chat_template(messages, tokenize=True, tools=tools, enable_thinking=enable_thinking)
+        completion = collect(self._stream_ids(ids, params), len(ids), params.logprobs is not None)
+        if self.config.architecture == "gemma4":
+            from .chat_gemma4 import ToolCallSyntaxError, parse_output
+
+            try:
+                parsed = parse_output(completion.text)
+            except ToolCallSyntaxError:
+                return completion  # leave malformed output as plain text rather than lose it
+            completion.text, completion.reasoning = parsed.content, parsed.reasoning
+            completion.tool_calls = [
+                {"id": f"call_{k}", "type": "function",
+                 "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
+                for k, c in enumerate(parsed.tool_calls)
+            ] or None
+        return completion
+
+    def chat_stream(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        enable_thinking: bool = False,
+        **sampling: Any,
+    ) -> Iterator[StreamEvent]:
+        """Stream the answer token by token (raw model text; Gemma 4 output can be split with
+        :class:`gemmakit.chat_gemma4.Gemma4OutputParser`)."""
+        params = SamplingParams.from_kwargs(**sampling)
+        ids = self.apply_chat_template(messages, tokenize=True, tools=tools, enable_thinking=enable_thinking)
         return self._stream_ids(ids, params)
 
     @torch.inference_mode()

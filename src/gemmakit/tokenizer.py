@@ -114,7 +114,11 @@ class Tokenizer:
         """Build from llama.cpp ``tokenizer.ggml.*`` keys (model ``llama`` = SentencePiece)."""
         model = meta.get("tokenizer.ggml.model")
         if model != "llama":
-            raise CorruptFileError(f"{path}: tokenizer model {model!r} is not a SentencePiece ('llama') vocabulary")
+            from .errors import UnsupportedModelError
+
+            raise UnsupportedModelError(
+                f"{path}: tokenizer model {model!r} is not supported yet (only SentencePiece 'llama' vocabularies)"
+            )
         pieces = meta.get("tokenizer.ggml.tokens")
         scores = meta.get("tokenizer.ggml.scores")
         types = meta.get("tokenizer.ggml.token_type")

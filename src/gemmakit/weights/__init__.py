@@ -14,7 +14,7 @@ from ..model import Gemma
 from ..quant.ggml import SUPPORTED_TYPES, dequantize
 from .gguf import GGUFFile
 from .hf import iter_tensors, read_config, safetensor_files
-from .names import gguf_to_gemmakit, hf_to_gemmakit, is_shifted_norm
+from .names import GGUF_CONFIG_TENSORS, gguf_to_gemmakit, hf_to_gemmakit, is_shifted_norm
 
 logger = logging.getLogger(__name__)
 
@@ -33,12 +33,18 @@ def load_gguf_model(gguf: GGUFFile, dtype: torch.dtype = torch.float32) -> tuple
         UnsupportedModelError: unknown architecture or tensor type.
         WeightError: a tensor the model needs is missing, misshaped, or one the model does not know is present.
     """
-    config = config_from_gguf(gguf.metadata, str(gguf.path))
+    rope_freqs = None
+    if "rope_freqs.weight" in gguf.tensors:
+        info = gguf.tensors["rope_freqs.weight"]
+        rope_freqs = dequantize(_raw_tensor(gguf, "rope_freqs.weight"), info.ggml_type, info.shape).tolist()
+    config = config_from_gguf(gguf.metadata, str(gguf.path), gguf.tensors, rope_freqs)
     with torch.device("meta"):
         model = Gemma(config)
     expected = {name: p.shape for name, p in model.named_parameters()}
     state: dict[str, torch.Tensor] = {}
     for name, info in gguf.tensors.items():
+        if name in GGUF_CONFIG_TENSORS:
+            continue
         ours = gguf_to_gemmakit(name)
         if ours is None or ours not in expected:
             raise WeightError(f"{gguf.path}: unexpected tensor {name!r} (not part of a {config.architecture} model)")

@@ -25,7 +25,25 @@ GGUF_TO_GEMMAKIT: dict[str, str] = {
     "blk.{i}.ffn_up.weight": "layers.{i}.mlp.up_proj.weight",
     "blk.{i}.ffn_down.weight": "layers.{i}.mlp.down_proj.weight",
     "blk.{i}.post_ffw_norm.weight": "layers.{i}.post_feedforward_layernorm.weight",
+    # Gemma 4 (llama.cpp layout; norms stored as-is)
+    "per_layer_token_embd.weight": "embed_tokens_per_layer.weight",
+    "per_layer_model_proj.weight": "per_layer_model_projection.weight",
+    "per_layer_proj_norm.weight": "per_layer_projection_norm.weight",
+    "blk.{i}.layer_output_scale.weight": "layers.{i}.layer_scalar",
+    "blk.{i}.inp_gate.weight": "layers.{i}.per_layer_input_gate.weight",
+    "blk.{i}.proj.weight": "layers.{i}.per_layer_projection.weight",
+    "blk.{i}.post_norm.weight": "layers.{i}.post_per_layer_input_norm.weight",
+    "blk.{i}.ffn_gate_inp.weight": "layers.{i}.router.proj.weight",
+    "blk.{i}.ffn_gate_inp.scale": "layers.{i}.router.scale",
+    "blk.{i}.ffn_down_exps.scale": "layers.{i}.router.per_expert_scale",
+    "blk.{i}.ffn_gate_up_exps.weight": "layers.{i}.experts.gate_up_proj",
+    "blk.{i}.ffn_down_exps.weight": "layers.{i}.experts.down_proj",
+    "blk.{i}.pre_ffw_norm_2.weight": "layers.{i}.pre_feedforward_layernorm_2.weight",
+    "blk.{i}.post_ffw_norm_1.weight": "layers.{i}.post_feedforward_layernorm_1.weight",
+    "blk.{i}.post_ffw_norm_2.weight": "layers.{i}.post_feedforward_layernorm_2.weight",
 }
+# Tensors that configure the model rather than fill a parameter.
+GGUF_CONFIG_TENSORS = ("rope_freqs.weight",)
 
 
 def _compile(table: dict[str, str]) -> list[tuple[re.Pattern[str], str]]:
