@@ -92,11 +92,11 @@ FAMILIES = {
 }
 
 
-def build(name: str, folder):
+def build(name: str, folder, factory=None):
     """transformers reference model with random weights, saved to `folder` and loaded by gemmakit."""
     from transformers import AutoModelForCausalLM
 
-    config = FAMILIES[name]()
+    config = (factory or FAMILIES[name])()
     torch.manual_seed(0)
     ref = AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
     randomize(ref, gemma4=name.startswith("gemma4"))
@@ -274,3 +274,79 @@ def test_gemma4_gguf_matches_safetensors(name, tmp_path) -> None:
     diff = (from_gguf.logits(ids) - llm.logits(ids)).abs().max().item()
     print(f"{name}: GGUF vs safetensors max |logits diff| = {diff:.2e}")
     assert diff <= 1e-4
+
+
+LLAMACPP_GEMMA123_LAYER = {k: v for k, v in LLAMACPP_GEMMA4_LAYER.items() if not k.startswith(
+    ("layer_scalar", "per_layer", "post_per_layer", "router", "experts", "pre_feedforward_layernorm_2",
+     "post_feedforward_layernorm_"))}
+
+
+def write_gemma123_gguf(ref, arch: str, path) -> None:
+    """A Gemma 1/2/3 transformers model as a llama.cpp GGUF: norms shifted to 1 + w, as the converter does."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    c = ref.config
+    w = GGUFWriter(str(path), arch)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_key_length(c.head_dim)
+    w.add_value_length(c.head_dim)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    if arch != "gemma":
+        w.add_sliding_window(c.sliding_window)
+    if arch == "gemma2":
+        w.add_float32("gemma2.attn_logit_softcapping", c.attn_logit_softcapping)
+        w.add_float32("gemma2.final_logit_softcapping", c.final_logit_softcapping)
+        w.add_rope_freq_base(10_000.0)
+    elif arch == "gemma3":
+        w.add_rope_freq_base(1_000_000.0)
+    else:
+        w.add_rope_freq_base(10_000.0)
+    pieces = ["<pad>", "<eos>", "<bos>", "<unk>"] + [f"<0x{b:02X}>" for b in range(256)]
+    pieces += [f"w{i}" for i in range(VOCAB - len(pieces))]
+    w.add_tokenizer_model("llama")
+    w.add_token_list(pieces)
+    w.add_token_scores([0.0] * len(pieces))
+    w.add_token_types([3, 3, 3, 2] + [6] * 256 + [1] * (VOCAB - 260))
+    renames = dict(LLAMACPP_GEMMA123_LAYER)
+    if arch == "gemma":  # transformers' Gemma 1 calls its pre-MLP norm post_attention_layernorm
+        renames["post_attention_layernorm.weight"] = "ffn_norm.weight"
+    for name, tensor in ref.model.state_dict().items():
+        array = tensor.detach().float().numpy().copy()
+        if name.endswith("norm.weight"):
+            array = array + 1.0
+        if name.startswith("layers."):
+            _, i, rest = name.split(".", 2)
+            target = f"blk.{i}.{renames[rest]}"
+        else:
+            target = LLAMACPP_GEMMA4[name]
+        w.add_tensor(target, array)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def gemma2_head_dim_scaled():
+    # llama.cpp derives Gemma 2's query scale from head_dim, so the GGUF case uses query_pre_attn_scalar = head_dim.
+    config = gemma2()
+    config.query_pre_attn_scalar = config.head_dim
+    return config
+
+
+@pytest.mark.parametrize("name,arch,factory", [("gemma1", "gemma", gemma1), ("gemma2", "gemma2", gemma2_head_dim_scaled),
+                                               ("gemma3", "gemma3", lambda: gemma3(False))])
+@torch.inference_mode()
+def test_gemma123_gguf_matches_safetensors(name, arch, factory, tmp_path) -> None:
+    name, ref, llm, ids = build(name, tmp_path / "hf", factory)
+    path = tmp_path / f"{name}.gguf"
+    write_gemma123_gguf(ref, arch, path)
+    from_gguf = gemmakit.load(path)
+    assert from_gguf.config.architecture == arch
+    diff = (from_gguf.logits(ids) - llm.logits(ids)).abs().max().item()
+    assert diff <= 1e-4, f"{arch}: GGUF vs safetensors differ by {diff:.2e}"

@@ -164,7 +164,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
 
     result = run_bench(args.model, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,
-                       threads=args.threads)
+                       threads=args.threads, random_weights=args.random_weights)
     if args.json:
         print(json.dumps(result))
     else:
@@ -196,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--prompt-tokens", type=int, default=512)
     bench.add_argument("--decode-tokens", type=int, default=64)
     bench.add_argument("--json", action="store_true")
+    bench.add_argument("--random-weights", metavar="CONFIG",
+                       help="benchmark a published shape with random weights instead of a file (e2b)")
     bench.set_defaults(func=cmd_bench)
     return parser
 

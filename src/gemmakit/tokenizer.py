@@ -218,6 +218,7 @@ class HFTokenizer:
         for piece, i in vocab.items():
             self.pieces[i] = piece
         special = {t.content for t in tok.get_added_tokens_decoder().values() if t.special}
+        special |= {self.pieces[i] for i in (bos_id, eos_id, pad_id) if 0 <= i < size}
         self.types = [CONTROL if p in special else (BYTE if _BYTE_PIECE.match(p) else NORMAL) for p in self.pieces]
         self._id_of = vocab
         self._bytes = [_piece_bytes(p, t) for p, t in zip(self.pieces, self.types)]
