@@ -18,6 +18,7 @@ from typing import Any, Mapping, Sequence
 
 from .chat import Control, Message, Segment
 from .errors import ChatTemplateError
+from .generate import partial_suffix_len
 
 Q = Control('<|"|>')  # the string delimiter token
 STANDARD_KEYS = ("description", "type", "properties", "required", "nullable")
@@ -403,7 +404,7 @@ class Gemma4OutputParser:
             marker_at = [(self._buf.find(m), m) for m in self.MARKERS]
             hits = [(i, m) for i, m in marker_at if i >= 0]
             if not hits:
-                keep = self._partial_marker_suffix()
+                keep = partial_suffix_len(self._buf, self.MARKERS)
                 ready, self._buf = self._buf[: len(self._buf) - keep], self._buf[len(self._buf) - keep :]
                 c, r = self._emit(ready)
                 content, reasoning = content + c, reasoning + r
@@ -414,15 +415,6 @@ class Gemma4OutputParser:
             self._buf = self._buf[at + len(marker) :]
             self._on_marker(marker)
         return content, reasoning
-
-    def _partial_marker_suffix(self) -> int:
-        best = 0
-        for m in self.MARKERS:
-            for k in range(min(len(m) - 1, len(self._buf)), 0, -1):
-                if self._buf.endswith(m[:k]):
-                    best = max(best, k)
-                    break
-        return best
 
     def _emit(self, text: str) -> tuple[str, str]:
         if not text or self._mode == "done":

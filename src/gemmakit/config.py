@@ -102,31 +102,31 @@ class GemmaConfig:
             raise ValueError(f"unknown layer type in {sorted(set(self.layer_types))}")
         if SLIDING in self.layer_types and not self.sliding_window:
             raise ValueError("sliding layers need a sliding_window")
-        self._layers = [self._build_layer(i) for i in range(self.num_hidden_layers)]
+        sources = [self._kv_source(i) for i in range(self.num_hidden_layers)]
+        self._layers = [self._build_layer(i, sources[i], i in sources) for i in range(self.num_hidden_layers)]
         for spec in self._layers:
             if self.num_attention_heads % spec.num_key_value_heads:
                 raise ValueError("num_attention_heads must be a multiple of every layer's KV-head count")
 
     # -- per-layer resolution ----------------------------------------------------------------------------
 
-    def _build_layer(self, i: int) -> LayerSpec:
+    def _kv_source(self, i: int) -> int | None:
+        """For a KV-shared layer, the last non-shared layer of the same attention type; else None."""
+        first_shared = self.num_hidden_layers - self.num_kv_shared_layers
+        if not self.num_kv_shared_layers or i < first_shared:
+            return None
+        same = [j for j in range(first_shared) if self.layer_types[j] == self.layer_types[i]]
+        if not same:
+            raise ValueError(f"shared layer {i} has no earlier {self.layer_types[i]} layer to read")
+        return same[-1]
+
+    def _build_layer(self, i: int, kv_source: int | None, kv_store: bool) -> LayerSpec:
         sliding = self.layer_types[i] == SLIDING
         head_dim = self.head_dim if sliding or not self.global_head_dim else self.global_head_dim
         k_eq_v = self.attention_k_eq_v and not sliding
         n_kv = self.num_key_value_heads
         if k_eq_v and self.num_global_key_value_heads:
             n_kv = self.num_global_key_value_heads
-        first_shared = self.num_hidden_layers - self.num_kv_shared_layers
-        kv_source = None
-        if self.num_kv_shared_layers and i >= first_shared:
-            # The last non-shared layer of the same attention type.
-            same = [j for j in range(first_shared) if self.layer_types[j] == self.layer_types[i]]
-            if not same:
-                raise ValueError(f"shared layer {i} has no earlier {self.layer_types[i]} layer to read")
-            kv_source = same[-1]
-        kv_store = bool(self.num_kv_shared_layers) and i < first_shared and any(
-            j >= first_shared and self.layer_types[j] == self.layer_types[i] for j in range(self.num_hidden_layers)
-        ) and i == max(j for j in range(first_shared) if self.layer_types[j] == self.layer_types[i])
         if self.intermediate_sizes is not None:
             width = self.intermediate_sizes[i]
         else:
@@ -152,8 +152,6 @@ def alternating_layer_types(n_layers: int, pattern: int) -> list[str]:
     """Layer i is full attention when (i + 1) % pattern == 0 (Gemma 2: pattern 2, Gemma 3: 6)."""
     return [FULL if (i + 1) % pattern == 0 else SLIDING for i in range(n_layers)]
 
-
-gemma3_layer_types = alternating_layer_types
 
 # ------------------------------------------------------------------------------------------------------
 # Hugging Face config.json

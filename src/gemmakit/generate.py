@@ -61,6 +61,18 @@ class Completion:
     tool_calls: list[dict] | None = None
 
 
+def partial_suffix_len(text: str, needles: Sequence[str]) -> int:
+    """Length of the longest end of ``text`` that is a proper prefix of one of ``needles``: text that must be
+    held back because the next piece may complete a needle."""
+    best = 0
+    for needle in needles:
+        for k in range(min(len(needle) - 1, len(text)), 0, -1):
+            if text.endswith(needle[:k]):
+                best = max(best, k)
+                break
+    return best
+
+
 class StopStringMatcher:
     """Holds back text that could be the start of a stop string and cuts the output at the first match."""
 
@@ -79,12 +91,7 @@ class StopStringMatcher:
             cut = min(i for i, _ in hits)
             out, self.pending = self.pending[:cut], ""
             return out, True
-        hold = 0
-        for s in self.stops:
-            for k in range(min(len(s) - 1, len(self.pending)), 0, -1):
-                if self.pending.endswith(s[:k]):
-                    hold = max(hold, k)
-                    break
+        hold = partial_suffix_len(self.pending, self.stops)
         out = self.pending[: len(self.pending) - hold]
         self.pending = self.pending[len(self.pending) - hold :]
         return out, False

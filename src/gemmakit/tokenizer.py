@@ -26,7 +26,45 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>$")
 
 
-class Tokenizer:
+class _Vocabulary:
+    """Id <-> piece tables and decoding, shared by the GGUF and tokenizer.json tokenizers."""
+
+    pieces: list[str]
+    types: list[int]
+    _id_of: dict[str, int]
+    _bytes: list[bytes]
+    bos_id: int
+    eos_id: int
+
+    def _index(self) -> None:
+        self._bytes = [_piece_bytes(p, t) for p, t in zip(self.pieces, self.types)]
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.pieces)
+
+    def token_id(self, piece: str) -> int:
+        """Id of a piece by its text (e.g. ``"<end_of_turn>"``); KeyError if absent."""
+        return self._id_of[piece]
+
+    def has_piece(self, piece: str) -> bool:
+        return piece in self._id_of
+
+    def is_control(self, token_id: int) -> bool:
+        return self.types[token_id] == CONTROL
+
+    def token_bytes(self, token_id: int, skip_special: bool = False) -> bytes:
+        """The bytes a token stands for (control tokens: their text, or nothing with ``skip_special``)."""
+        if skip_special and self.types[token_id] == CONTROL:
+            return b""
+        return self._bytes[token_id]
+
+    def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
+        """Text for ``ids``: the exact inverse of ``encode`` (invalid UTF-8 becomes U+FFFD)."""
+        return b"".join(self.token_bytes(int(i), skip_special) for i in ids).decode("utf-8", errors="replace")
+
+
+class Tokenizer(_Vocabulary):
     """Text <-> token ids for a Gemma vocabulary.
 
     Args:
@@ -56,7 +94,7 @@ class Tokenizer:
         self.add_bos = add_bos
         self._sp = spm.SentencePieceProcessor(model_proto=_model_proto(self.pieces, scores, self.types, unk_id))
         self._id_of = {p: i for i, p in enumerate(self.pieces)}
-        self._bytes = [_piece_bytes(p, t) for p, t in zip(self.pieces, self.types)]
+        self._index()
         # Pieces matched in raw text before the BPE runs, longest first (llama.cpp's special-token partition):
         # user-defined ones always, control and unknown ones only when parsing special tokens.
         def longest_first(kinds: tuple[int, ...]) -> list[tuple[str, int]]:
@@ -65,17 +103,6 @@ class Tokenizer:
 
         self._user_defined = longest_first((USER_DEFINED,))
         self._with_special = longest_first((USER_DEFINED, CONTROL, UNKNOWN))
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.pieces)
-
-    def token_id(self, piece: str) -> int:
-        """Id of a piece by its text (e.g. ``"<end_of_turn>"``); KeyError if absent."""
-        return self._id_of[piece]
-
-    def has_piece(self, piece: str) -> bool:
-        return piece in self._id_of
 
     def encode(self, text: str, add_bos: bool = False, parse_special: bool = False) -> list[int]:
         """Token ids for ``text``.
@@ -95,19 +122,6 @@ class Tokenizer:
             else:
                 ids.append(fragment)
         return ids
-
-    def token_bytes(self, token_id: int, skip_special: bool = False) -> bytes:
-        """The bytes a token stands for (control tokens: their text, or nothing with ``skip_special``)."""
-        if skip_special and self.types[token_id] == CONTROL:
-            return b""
-        return self._bytes[token_id]
-
-    def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
-        """Text for ``ids``: the exact inverse of :meth:`encode` (invalid UTF-8 becomes U+FFFD)."""
-        return b"".join(self.token_bytes(int(i), skip_special) for i in ids).decode("utf-8", errors="replace")
-
-    def is_control(self, token_id: int) -> bool:
-        return self.types[token_id] == CONTROL
 
     @classmethod
     def from_gguf_metadata(cls, meta: dict, path: str = "model") -> "Tokenizer":
@@ -203,7 +217,7 @@ class StreamDecoder:
         return self._dec.decode(b"", final=True)
 
 
-class HFTokenizer:
+class HFTokenizer(_Vocabulary):
     """A Hugging Face ``tokenizer.json`` (Gemma: BPE with byte fallback) behind the same interface as
     :class:`Tokenizer`. Encoding runs in the `tokenizers` library; control tokens in text stay text unless
     ``parse_special`` is set."""
@@ -221,7 +235,7 @@ class HFTokenizer:
         special |= {self.pieces[i] for i in (bos_id, eos_id, pad_id) if 0 <= i < size}
         self.types = [CONTROL if p in special else (BYTE if _BYTE_PIECE.match(p) else NORMAL) for p in self.pieces]
         self._id_of = vocab
-        self._bytes = [_piece_bytes(p, t) for p, t in zip(self.pieces, self.types)]
+        self._index()
 
     @classmethod
     def from_folder(cls, folder) -> "HFTokenizer | None":
@@ -244,28 +258,7 @@ class HFTokenizer:
 
         return cls(tok, id_of("<bos>", 2), id_of("<eos>", 1), id_of("<pad>", 0), id_of("<unk>", 3))
 
-    @property
-    def vocab_size(self) -> int:
-        return len(self.pieces)
-
-    def token_id(self, piece: str) -> int:
-        return self._id_of[piece]
-
-    def has_piece(self, piece: str) -> bool:
-        return piece in self._id_of
-
-    def is_control(self, token_id: int) -> bool:
-        return self.types[token_id] == CONTROL
-
     def encode(self, text: str, add_bos: bool = False, parse_special: bool = False) -> list[int]:
         self._tok.encode_special_tokens = not parse_special
         ids = self._tok.encode(text, add_special_tokens=False).ids
         return ([self.bos_id] if add_bos else []) + list(ids)
-
-    def token_bytes(self, token_id: int, skip_special: bool = False) -> bytes:
-        if skip_special and self.types[token_id] == CONTROL:
-            return b""
-        return self._bytes[token_id]
-
-    def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
-        return b"".join(self.token_bytes(int(i), skip_special) for i in ids).decode("utf-8", errors="replace")

@@ -119,6 +119,3 @@ def load_hf_model(folder: Path, dtype: str | None = None) -> tuple[Gemma, GemmaC
     model.eval()
     return model, config
 
-
-def open_gguf(path: str | Path) -> GGUFFile:
-    return GGUFFile(path)
