@@ -63,6 +63,7 @@ def write_tiny_gguf(
     reshape: dict[str, tuple[int, ...]] | None = None,
     raw_types: dict[str, GGMLQuantizationType] | None = None,
     seed: int = 0,
+    chat_template: str | None = None,
 ) -> Path:
     """Write a tiny random Gemma 3 GGUF (F32 weights), optionally with tensors dropped, added or misshaped."""
     cfg = TINY
@@ -95,6 +96,8 @@ def write_tiny_gguf(
     w.add_pad_token_id(0)
     w.add_unk_token_id(3)
     w.add_add_bos_token(True)
+    if chat_template is not None:
+        w.add_chat_template(chat_template)
     for name, arr in tensors.items():
         raw_type = (raw_types or {}).get(name)
         if raw_type is not None:

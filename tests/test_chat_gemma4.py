@@ -24,13 +24,17 @@ G4_PIECES = {105: ("<|turn>", CONTROL), 106: ("<turn|>", CONTROL), 6: ("<|think|
              15: ('<|"|>', USER_DEFINED)}
 
 
-@pytest.fixture(scope="module")
-def tok(model_path) -> Tokenizer:
+def gemma4_test_tokenizer(model_path) -> Tokenizer:
     meta = GGUFFile(model_path).metadata
     pieces, types = list(meta["tokenizer.ggml.tokens"]), [int(t) for t in meta["tokenizer.ggml.token_type"]]
     for i, (piece, kind) in G4_PIECES.items():
         pieces[i], types[i] = piece, kind
     return Tokenizer(pieces, [float(s) for s in meta["tokenizer.ggml.scores"]], types)
+
+
+@pytest.fixture(scope="module")
+def tok(model_path) -> Tokenizer:
+    return gemma4_test_tokenizer(model_path)
 
 
 @pytest.fixture(scope="module")

@@ -217,6 +217,10 @@ class Gemma4ChatFormat:
 
     stop_pieces = ("<eos>", "<turn|>")
 
+    def prepare_messages(self, messages: Sequence[Message]) -> list[dict[str, Any]]:
+        """OpenAI-style input in the reference template's shape (tool results on the calling turn)."""
+        return _merge_tool_results(messages)
+
     def render(
         self,
         messages: Sequence[Message],

@@ -11,6 +11,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 
 from .chat import Segment, chat_format_for, segments_to_ids, segments_to_text
+from .chat_template import CheckpointChatFormat, find_checkpoint_template
 from .config import GemmaConfig
 from .errors import ContextLengthError, InvalidParameterError, ModelNotFoundError
 from .generate import Completion, StreamEvent, collect, generate_events
@@ -52,7 +53,13 @@ class LLM:
     """A loaded Gemma model with its tokenizer and chat format. Create it with :func:`gemmakit.load`."""
 
     def __init__(
-        self, model: Gemma, tokenizer: Tokenizer | HFTokenizer | None, config: GemmaConfig, path: Path, context_length: int
+        self,
+        model: Gemma,
+        tokenizer: Tokenizer | HFTokenizer | None,
+        config: GemmaConfig,
+        path: Path,
+        context_length: int,
+        chat_template: str | None = None,
     ) -> None:
         self.model = model
         self._tokenizer = tokenizer
@@ -60,6 +67,11 @@ class LLM:
         self.path = path
         self.context_length = context_length
         self.chat_format = chat_format_for(config.architecture)
+        if chat_template and tokenizer is not None:
+            # The checkpoint's own template renders; stop tokens and output parsing stay the family's.
+            controls = [p for i, p in enumerate(tokenizer.pieces) if tokenizer.is_control(i)]
+            self.chat_format = CheckpointChatFormat(chat_template, self.chat_format, controls,
+                                                    tokenizer.pieces[tokenizer.bos_id], tokenizer.pieces[tokenizer.eos_id])
         self.stop_token_ids = [config.eos_token_id]
         if tokenizer is not None:
             self.stop_token_ids = [tokenizer.token_id(p) for p in self.chat_format.stop_pieces if tokenizer.has_piece(p)]
@@ -215,12 +227,14 @@ def load(
     if file.is_dir():
         model, config = load_hf_model(file, dtype)
         tokenizer = HFTokenizer.from_folder(file)
+        template = find_checkpoint_template(folder=file)
     else:
         if dtype not in (None, "float32"):
             raise InvalidParameterError(f"dtype={dtype!r}: GGUF models load as float32 for now")
         gguf = GGUFFile(file)
         model, config = load_gguf_model(gguf)
         tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata, str(file))
+        template = find_checkpoint_template(gguf_metadata=gguf.metadata)
     if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
         raise InvalidParameterError(f"{file}: tokenizer has {tokenizer.vocab_size} pieces, model {config.vocab_size}")
     ctx = config.max_position_embeddings
@@ -229,4 +243,4 @@ def load(
             raise InvalidParameterError(f"context_length={context_length}: must be in [1, {ctx}] for this model")
         ctx = context_length
     logger.info("loaded %s (%s, %d layers)", file, config.architecture, config.num_hidden_layers)
-    return LLM(model, tokenizer, config, file, ctx)
+    return LLM(model, tokenizer, config, file, ctx, template)
