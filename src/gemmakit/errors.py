@@ -49,3 +49,7 @@ class InvalidParameterError(GemmakitError, ValueError):
 
 class ContextLengthError(GemmakitError, ValueError):
     """A prompt (plus the tokens asked for) does not fit in the model's context."""
+
+
+class ModelTooLargeError(GemmakitError):
+    """Loading the model would exceed the memory budget; raised before anything large is allocated."""

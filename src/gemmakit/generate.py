@@ -132,7 +132,7 @@ def generate_events(
     budget = max_len - len(prompt_ids)
     if params.max_tokens is not None:
         budget = min(budget, params.max_tokens)
-    cache = KVCache(model.config, 1, len(prompt_ids) + budget, dtype=model.embed_tokens.weight.dtype)
+    cache = KVCache(model.config, 1, len(prompt_ids) + budget, dtype=model.activation_dtype)
     generator = make_generator(params.seed)
     vocab = model.config.vocab_size
     seen = torch.zeros(vocab, dtype=torch.bool)

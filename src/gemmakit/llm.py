@@ -203,6 +203,8 @@ def load(
     path: str | os.PathLike[str] | None = None,
     *,
     dtype: str | None = None,
+    quant: str = "auto",
+    memory_budget: int | None = None,
     context_length: int | None = None,
     threads: int | None = None,
 ) -> LLM:
@@ -212,6 +214,10 @@ def load(
         path: a GGUF file or a Hugging Face model folder (config.json + safetensors); None loads the bundled
             Gemma 3 270M (base model, Q4_K_M).
         dtype: for HF folders, None (the checkpoint's dtype), "float32", "bfloat16" or "float16".
+        quant: for GGUF files, "auto" (default: quantized matrices stay int8 with per-group scales, read by a
+            compiled CPU kernel), "int8" (the same), "fp32" or "bf16" (dequantize everything at load).
+        memory_budget: bytes the weights may take; a larger model fails with ModelTooLargeError before any
+            weight is allocated.
         context_length: most tokens (prompt + generated) per sequence; defaults to the model's maximum.
         threads: CPU threads for PyTorch (default: PyTorch's choice, usually all cores).
 
@@ -229,10 +235,10 @@ def load(
         tokenizer = HFTokenizer.from_folder(file)
         template = find_checkpoint_template(folder=file)
     else:
-        if dtype not in (None, "float32"):
-            raise InvalidParameterError(f"dtype={dtype!r}: GGUF models load as float32 for now")
+        if dtype is not None:
+            raise InvalidParameterError(f"dtype={dtype!r}: for GGUF files choose the precision with quant=")
         gguf = GGUFFile(file)
-        model, config = load_gguf_model(gguf)
+        model, config = load_gguf_model(gguf, quant, memory_budget)
         tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata, str(file))
         template = find_checkpoint_template(gguf_metadata=gguf.metadata)
     if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:

@@ -287,10 +287,17 @@ class Gemma(nn.Module):
         self.register_buffer("inv_freq_local", local, persistent=False)
         self.register_buffer("inv_freq_global", full, persistent=False)
 
-    def _scaled(self, embedding: nn.Embedding, tokens: torch.Tensor, scale: float) -> torch.Tensor:
+    @property
+    def activation_dtype(self) -> torch.dtype:
+        """dtype of the hidden states (and so of the KV cache)."""
+        emb = self.embed_tokens
+        return getattr(emb, "compute_dtype", None) or emb.weight.dtype
+
+    def _scaled(self, embedding: nn.Module, tokens: torch.Tensor, scale: float) -> torch.Tensor:
         x = embedding(tokens)
         # The scale is rounded to the weight dtype first, as the reference does (sqrt(3072) -> 55.5 in bf16).
-        return x * torch.tensor(scale, dtype=embedding.weight.dtype).to(x.dtype)
+        dtype = getattr(embedding, "compute_dtype", None) or embedding.weight.dtype
+        return x * torch.tensor(scale, dtype=dtype).to(x.dtype)
 
     def per_layer_inputs(self, tokens: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Gemma 4 PLE: (token part + context part) / sqrt(2), shape (B, T, L, P)."""
@@ -325,7 +332,9 @@ class Gemma(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., E) hidden states -> (..., vocab) float32 logits, soft-capped when the model says so."""
-        logits = F.linear(hidden, self.embed_tokens.weight).float()
+        emb = self.embed_tokens
+        # A quantized table multiplies from its compact form (QuantEmbedding.project).
+        logits = (emb.project(hidden) if hasattr(emb, "project") else F.linear(hidden, emb.weight)).float()
         cap = self.config.final_logit_softcapping
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap

@@ -10,6 +10,7 @@ element j + half in the high nibble; K-quants use 256-element super-blocks with 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -62,23 +63,54 @@ def _deq_bf16(blocks: torch.Tensor) -> torch.Tensor:
     return blocks.contiguous().view(torch.bfloat16).float()
 
 
-@_register(T.Q8_0)
-def _deq_q8_0(blocks: torch.Tensor) -> torch.Tensor:
-    d = _f16(blocks[:, :2])
-    return blocks[:, 2:].contiguous().view(torch.int8).float() * d
+# Every quantized type splits into int8 values, one float32 scale per group and, for the affine formats, one
+# float32 "min" per group: value = scale * q - min. The scales are computed exactly as ggml's reference computes
+# them (e.g. d * sc for K-quants), so scale * q - min reproduces the reference dequantization bit for bit.
 
 
-@_register(T.Q4_0)
-def _deq_q4_0(blocks: torch.Tensor) -> torch.Tensor:
-    d = _f16(blocks[:, :2])
-    q = _nibbles(blocks[:, 2:]).to(torch.int8) - 8
-    return d * q.float()
+@dataclass
+class Split:
+    q: torch.Tensor  # (n_blocks, block_size) int8
+    scale: torch.Tensor  # (n_blocks, groups_per_block) float32
+    mins: torch.Tensor | None  # (n_blocks, groups_per_block) float32, or None for symmetric formats
+    group: int
 
 
-@_register(T.Q4_1)
-def _deq_q4_1(blocks: torch.Tensor) -> torch.Tensor:
-    d, m = _f16(blocks[:, :2]), _f16(blocks[:, 2:4])
-    return d * _nibbles(blocks[:, 4:]).float() + m
+_SPLITTERS: dict[T, Callable[[torch.Tensor], Split]] = {}
+
+
+def _register_split(qtype: T) -> Callable[[Callable[[torch.Tensor], Split]], Callable[[torch.Tensor], Split]]:
+    def wrap(fn: Callable[[torch.Tensor], Split]) -> Callable[[torch.Tensor], Split]:
+        _SPLITTERS[qtype] = fn
+        _DEQUANTIZERS[qtype] = lambda blocks: _combine(fn(blocks))
+        return fn
+
+    return wrap
+
+
+def _combine(sp: Split) -> torch.Tensor:
+    n, block = sp.q.shape
+    groups = block // sp.group
+    values = sp.scale.reshape(n, groups, 1) * sp.q.reshape(n, groups, sp.group).float()
+    if sp.mins is not None:
+        values = values - sp.mins.reshape(n, groups, 1)
+    return values.reshape(n, block)
+
+
+@_register_split(T.Q8_0)
+def _split_q8_0(blocks: torch.Tensor) -> Split:
+    return Split(blocks[:, 2:].contiguous().view(torch.int8), _f16(blocks[:, :2]), None, 32)
+
+
+@_register_split(T.Q4_0)
+def _split_q4_0(blocks: torch.Tensor) -> Split:
+    return Split(_nibbles(blocks[:, 2:]).to(torch.int8) - 8, _f16(blocks[:, :2]), None, 32)
+
+
+@_register_split(T.Q4_1)
+def _split_q4_1(blocks: torch.Tensor) -> Split:
+    # value = d * q + m, written as d * q - (-m) (exact in floating point)
+    return Split(_nibbles(blocks[:, 4:]).to(torch.int8), _f16(blocks[:, :2]), -_f16(blocks[:, 2:4]), 32)
 
 
 def _q5_values(qh: torch.Tensor, qs: torch.Tensor) -> torch.Tensor:
@@ -86,34 +118,30 @@ def _q5_values(qh: torch.Tensor, qs: torch.Tensor) -> torch.Tensor:
     return _nibbles(qs) | (_bits(qh) << 4)
 
 
-@_register(T.Q5_0)
-def _deq_q5_0(blocks: torch.Tensor) -> torch.Tensor:
-    d = _f16(blocks[:, :2])
-    q = _q5_values(blocks[:, 2:6], blocks[:, 6:]).to(torch.int8) - 16
-    return d * q.float()
+@_register_split(T.Q5_0)
+def _split_q5_0(blocks: torch.Tensor) -> Split:
+    return Split(_q5_values(blocks[:, 2:6], blocks[:, 6:]).to(torch.int8) - 16, _f16(blocks[:, :2]), None, 32)
 
 
-@_register(T.Q5_1)
-def _deq_q5_1(blocks: torch.Tensor) -> torch.Tensor:
-    d, m = _f16(blocks[:, :2]), _f16(blocks[:, 2:4])
-    return d * _q5_values(blocks[:, 4:8], blocks[:, 8:]).float() + m
+@_register_split(T.Q5_1)
+def _split_q5_1(blocks: torch.Tensor) -> Split:
+    q = _q5_values(blocks[:, 4:8], blocks[:, 8:]).to(torch.int8)
+    return Split(q, _f16(blocks[:, :2]), -_f16(blocks[:, 2:4]), 32)
 
 
-@_register(T.Q2_K)
-def _deq_q2_k(blocks: torch.Tensor) -> torch.Tensor:
+@_register_split(T.Q2_K)
+def _split_q2_k(blocks: torch.Tensor) -> Split:
     n = blocks.shape[0]
     scales, qs = blocks[:, :16], blocks[:, 16:80]
     d, dmin = _f16(blocks[:, 80:82]), _f16(blocks[:, 82:84])
-    dl = (d * (scales & 0xF).float()).reshape(n, 16, 1)
-    ml = (dmin * (scales >> 4).float()).reshape(n, 16, 1)
     # Two 128-element halves; in each, 32 bytes carry four 2-bit planes (shift 0, 2, 4, 6).
     shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8).reshape(1, 1, 4, 1)
-    q = ((qs.reshape(n, 2, 1, 32) >> shifts) & 3).reshape(n, 16, 16).float()
-    return (dl * q - ml).reshape(n, QK_K)
+    q = ((qs.reshape(n, 2, 1, 32) >> shifts) & 3).reshape(n, QK_K).to(torch.int8)
+    return Split(q, d * (scales & 0xF).float(), dmin * (scales >> 4).float(), 16)
 
 
-@_register(T.Q3_K)
-def _deq_q3_k(blocks: torch.Tensor) -> torch.Tensor:
+@_register_split(T.Q3_K)
+def _split_q3_k(blocks: torch.Tensor) -> Split:
     n = blocks.shape[0]
     hmask, qs, scales = blocks[:, :32], blocks[:, 32:96], blocks[:, 96:108]
     d = _f16(blocks[:, 108:110])
@@ -121,12 +149,11 @@ def _deq_q3_k(blocks: torch.Tensor) -> torch.Tensor:
     low = torch.cat([scales[:, :8] & 0x0F, scales[:, :8] >> 4], dim=-1)
     hs = scales[:, 8:12].reshape(n, 1, 4) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).reshape(1, 4, 1)
     sc = (low | ((hs.reshape(n, 16) & 3) << 4)).to(torch.int8) - 32
-    dl = (d * sc.float()).reshape(n, 16, 1)
     ql = (qs.reshape(n, 2, 1, 32) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).reshape(1, 1, 4, 1)) & 3
     qh = (hmask.reshape(n, 1, 32) >> torch.arange(8, dtype=torch.uint8).reshape(1, 8, 1)) & 1
     # A set hmask bit means "no -4 offset".
     q = ql.reshape(n, 16, 16).to(torch.int8) - ((qh.reshape(n, 16, 16) ^ 1) << 2).to(torch.int8)
-    return (dl * q.float()).reshape(n, QK_K)
+    return Split(q.reshape(n, QK_K), d * sc.float(), None, 16)
 
 
 def _k_scale_min(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,46 +166,52 @@ def _k_scale_min(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sc, mn
 
 
-@_register(T.Q4_K)
-def _deq_q4_k(blocks: torch.Tensor) -> torch.Tensor:
+@_register_split(T.Q4_K)
+def _split_q4_k(blocks: torch.Tensor) -> Split:
     n = blocks.shape[0]
     d, dmin = _f16(blocks[:, :2]), _f16(blocks[:, 2:4])
     sc, mn = _k_scale_min(blocks[:, 4:16])
-    dl = (d * sc.float()).reshape(n, 8, 1)
-    ml = (dmin * mn.float()).reshape(n, 8, 1)
     # Four 64-element chunks, each 32 bytes: low nibbles are elements 0..31, high nibbles 32..63.
     qs = blocks[:, 16:].reshape(n, 4, 1, 32) >> torch.tensor([0, 4], dtype=torch.uint8).reshape(1, 1, 2, 1)
-    q = (qs & 0x0F).reshape(n, 8, 32).float()
-    return (dl * q - ml).reshape(n, QK_K)
+    q = (qs & 0x0F).reshape(n, QK_K).to(torch.int8)
+    return Split(q, d * sc.float(), dmin * mn.float(), 32)
 
 
-@_register(T.Q5_K)
-def _deq_q5_k(blocks: torch.Tensor) -> torch.Tensor:
+@_register_split(T.Q5_K)
+def _split_q5_k(blocks: torch.Tensor) -> Split:
     n = blocks.shape[0]
     d, dmin = _f16(blocks[:, :2]), _f16(blocks[:, 2:4])
     sc, mn = _k_scale_min(blocks[:, 4:16])
-    dl = (d * sc.float()).reshape(n, 8, 1)
-    ml = (dmin * mn.float()).reshape(n, 8, 1)
     qh, qs = blocks[:, 16:48], blocks[:, 48:]
     ql = (qs.reshape(n, 4, 1, 32) >> torch.tensor([0, 4], dtype=torch.uint8).reshape(1, 1, 2, 1)) & 0x0F
     hb = (qh.reshape(n, 1, 32) >> torch.arange(8, dtype=torch.uint8).reshape(1, 8, 1)) & 1
-    q = (ql.reshape(n, 8, 32) | (hb.reshape(n, 8, 32) << 4)).float()
-    return (dl * q - ml).reshape(n, QK_K)
+    q = (ql.reshape(n, 8, 32) | (hb.reshape(n, 8, 32) << 4)).reshape(n, QK_K).to(torch.int8)
+    return Split(q, d * sc.float(), dmin * mn.float(), 32)
 
 
-@_register(T.Q6_K)
-def _deq_q6_k(blocks: torch.Tensor) -> torch.Tensor:
+@_register_split(T.Q6_K)
+def _split_q6_k(blocks: torch.Tensor) -> Split:
     n = blocks.shape[0]
     ql, qh, scales = blocks[:, :128], blocks[:, 128:192], blocks[:, 192:208]
     d = _f16(blocks[:, 208:210])
-    dl = (d * scales.contiguous().view(torch.int8).float()).reshape(n, 16, 1)
     lo = (ql.reshape(n, 2, 1, 64) >> torch.tensor([0, 4], dtype=torch.uint8).reshape(1, 1, 2, 1)) & 0x0F
     hi = (qh.reshape(n, 2, 1, 32) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).reshape(1, 1, 4, 1)) & 3
     q = (lo.reshape(n, 8, 32) | (hi.reshape(n, 8, 32) << 4)).to(torch.int8) - 32
-    return (dl * q.reshape(n, 16, 16).float()).reshape(n, QK_K)
+    return Split(q.reshape(n, QK_K), d * scales.contiguous().view(torch.int8).float(), None, 16)
 
 
 SUPPORTED_TYPES: frozenset[T] = frozenset(_DEQUANTIZERS)
+QUANTIZED_TYPES: frozenset[T] = frozenset(_SPLITTERS)
+
+
+def split(raw: torch.Tensor, qtype: T, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
+    """A quantized matrix's raw bytes -> (q (rows, K) int8, scale (rows, K/group), mins or None, group)."""
+    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    rows, K = shape
+    sp = _SPLITTERS[qtype](raw.reshape(-1, type_size))
+    groups = K // sp.group
+    mins = sp.mins.reshape(rows, groups).contiguous() if sp.mins is not None else None
+    return sp.q.reshape(rows, K).contiguous(), sp.scale.reshape(rows, groups).contiguous(), mins, sp.group
 
 
 def dequantize(raw: torch.Tensor, qtype: T, shape: tuple[int, ...], name: str = "tensor") -> torch.Tensor:

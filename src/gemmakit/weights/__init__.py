@@ -9,9 +9,10 @@ from pathlib import Path
 import torch
 
 from ..config import GemmaConfig, config_from_gguf, config_from_hf
-from ..errors import InvalidParameterError, UnsupportedModelError, WeightError
+from ..errors import InvalidParameterError, ModelTooLargeError, UnsupportedModelError, WeightError
 from ..model import Gemma
-from ..quant.ggml import SUPPORTED_TYPES, dequantize
+from ..quant.ggml import QUANTIZED_TYPES, SUPPORTED_TYPES, dequantize, split
+from ..quant.linear import QuantEmbedding, QuantLinear, QuantWeight
 from .gguf import GGUFFile
 from .hf import iter_tensors, read_config, safetensor_files
 from .names import GGUF_CONFIG_TENSORS, gguf_to_gemmakit, hf_to_gemmakit, is_shifted_norm
@@ -26,13 +27,60 @@ def _raw_tensor(gguf: GGUFFile, name: str) -> torch.Tensor:
         return torch.from_numpy(gguf.tensor_bytes(name))
 
 
-def load_gguf_model(gguf: GGUFFile, dtype: torch.dtype = torch.float32) -> tuple[Gemma, GemmaConfig]:
-    """Build the model described by a GGUF file and fill it with its (dequantized) weights.
+QUANT_MODES = ("auto", "int8", "fp32", "bf16")
+
+
+def _module_and_attr(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
+    path, _, leaf = name.rpartition(".")  # "layers.0.self_attn.q_proj.weight" -> module q_proj, leaf "weight"
+    owner_path, _, attr = path.rpartition(".")
+    return (model.get_submodule(owner_path) if owner_path else model), attr
+
+
+def _keeps_quantized(quant: str, info, ours: str, model: torch.nn.Module) -> bool:
+    """Quantized 2-D linear and embedding weights stay int8 in 'auto'/'int8' mode."""
+    if quant not in ("auto", "int8") or info.ggml_type not in QUANTIZED_TYPES or len(info.shape) != 2:
+        return False
+    if not ours.endswith(".weight"):
+        return False
+    owner, attr = _module_and_attr(model, ours)
+    return isinstance(getattr(owner, attr), (torch.nn.Linear, torch.nn.Embedding))
+
+
+def estimate_bytes(gguf: GGUFFile, quant: str) -> int:
+    """Memory the loaded weights will take, computed from the header alone."""
+    total = 0
+    for info in gguf.tensors.values():
+        n = info.n_elements
+        if quant in ("auto", "int8") and info.ggml_type in QUANTIZED_TYPES and len(info.shape) == 2:
+            total += n + n // 16 * 4  # int8 values, float scales (and mins) per group
+        else:
+            total += n * (2 if quant == "bf16" else 4)
+    return total
+
+
+def load_gguf_model(
+    gguf: GGUFFile, quant: str = "auto", memory_budget: int | None = None
+) -> tuple[Gemma, GemmaConfig]:
+    """Build the model described by a GGUF file and fill it with its weights.
+
+    ``quant``: "auto" / "int8" keep quantized GGUF matrices as int8 + per-group scales (float tensors stay
+    float32); "fp32" and "bf16" dequantize everything.
 
     Raises:
         UnsupportedModelError: unknown architecture or tensor type.
         WeightError: a tensor the model needs is missing, misshaped, or one the model does not know is present.
+        ModelTooLargeError: the weights would not fit ``memory_budget`` bytes (checked before allocating).
     """
+    if quant not in QUANT_MODES:
+        raise InvalidParameterError(f"quant={quant!r}: supported modes are {', '.join(QUANT_MODES)}")
+    if memory_budget is not None:
+        need = estimate_bytes(gguf, quant)
+        if need > memory_budget:
+            raise ModelTooLargeError(
+                f"{gguf.path}: the weights need about {need / 2**20:.0f} MiB with quant={quant!r}, more than the "
+                f"memory budget of {memory_budget / 2**20:.0f} MiB"
+            )
+    dtype = torch.bfloat16 if quant == "bf16" else torch.float32
     rope_freqs = None
     if "rope_freqs.weight" in gguf.tensors:
         info = gguf.tensors["rope_freqs.weight"]
@@ -42,6 +90,7 @@ def load_gguf_model(gguf: GGUFFile, dtype: torch.dtype = torch.float32) -> tuple
         model = Gemma(config)
     expected = {name: p.shape for name, p in model.named_parameters()}
     state: dict[str, torch.Tensor] = {}
+    quantized: dict[str, QuantWeight] = {}
     for name, info in gguf.tensors.items():
         if name in GGUF_CONFIG_TENSORS:
             continue
@@ -54,10 +103,17 @@ def load_gguf_model(gguf: GGUFFile, dtype: torch.dtype = torch.float32) -> tuple
             )
         if info.ggml_type not in SUPPORTED_TYPES:
             raise UnsupportedModelError(f"{gguf.path}: tensor {name!r} has unsupported type {info.ggml_type.name}")
+        if _keeps_quantized(quant, info, ours, model):
+            quantized[ours] = QuantWeight(*split(_raw_tensor(gguf, name), info.ggml_type, info.shape))
+            continue
         state[ours] = dequantize(_raw_tensor(gguf, name), info.ggml_type, info.shape, name).to(dtype)
-    missing = sorted(set(expected) - set(state))
+    missing = sorted(set(expected) - set(state) - set(quantized))
     if missing:
         raise WeightError(f"{gguf.path}: missing tensors for {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
+    for ours, weight in quantized.items():
+        owner, attr = _module_and_attr(model, ours)
+        wrapper = QuantEmbedding if isinstance(getattr(owner, attr), torch.nn.Embedding) else QuantLinear
+        setattr(owner, attr, wrapper(weight))
     model.load_state_dict(state, assign=True, strict=True)
     model.init_buffers()  # RoPE tables were created on the meta device
     model.eval()

@@ -1,0 +1,80 @@
+"""Quantized weights in memory: the C kernel, the PyTorch fallback and the dequantized fp32 path agree."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+from gguf import quants
+
+import gemmakit
+from gemmakit.errors import ModelTooLargeError
+from gemmakit.quant import kernels as kernels_module
+from gemmakit.quant.ggml import QUANTIZED_TYPES, dequantize, split
+from gemmakit.quant.linear import QuantWeight
+from test_quant_ggml import random_blocks
+
+
+def test_kernel_is_built_here() -> None:
+    # CI and developer machines have a C compiler: the fast path must be active, not silently skipped.
+    assert kernels_module.kernels() is not None
+
+
+@pytest.mark.parametrize("qtype", sorted(QUANTIZED_TYPES, key=int), ids=lambda t: t.name)
+@pytest.mark.parametrize("rows", [1, 3, 16, 40])
+def test_matmul_matches_dequantized(qtype: T, rows: int, monkeypatch) -> None:
+    rng = np.random.default_rng(int(qtype))
+    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    N, K = 96, 2 * max(block_size, 256)
+    raw = random_blocks(qtype, N * K // block_size, rng).reshape(N, K // block_size * type_size)
+    raw_t = torch.from_numpy(raw)
+    weight = QuantWeight(*split(raw_t, qtype, (N, K)))
+    dense = torch.from_numpy(quants.dequantize(raw, qtype))
+    assert torch.equal(weight.dequantize(), dense)  # the C dequantizer is exact too
+    assert torch.equal(weight.dequantize(torch.tensor([5, 0, 95])), dense[[5, 0, 95]])
+    x = torch.randn(rows, K, generator=torch.Generator().manual_seed(0))
+    ref = x.double() @ dense.double().t()
+    fast = weight.matmul(x)
+    tol = 1e-5 * float(ref.abs().max()) + 1e-5
+    assert (fast.double() - ref).abs().max().item() <= tol
+    monkeypatch.setenv("GEMMAKIT_NO_KERNELS", "1")
+    kernels_module.kernels.cache_clear()
+    try:
+        slow = weight.matmul(x)
+        assert torch.equal(weight.dequantize(), dense)
+    finally:
+        monkeypatch.delenv("GEMMAKIT_NO_KERNELS")
+        kernels_module.kernels.cache_clear()
+    assert (slow.double() - ref).abs().max().item() <= tol
+
+
+def test_quantized_model_tracks_fp32(model_path, llm) -> None:
+    """quant='auto' keeps the GGUF's int8/4/5/6-bit values; only the summation order differs from fp32."""
+    fp32 = gemmakit.load(model_path, quant="fp32")
+    ids = llm.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 6, add_bos=True)
+    full = fp32.logits(ids)
+    # Long inputs dequantize per layer (prefill path): identical to fp32.
+    assert torch.equal(llm.logits(ids), full)
+    # One token at a time goes through the int8 kernel.
+    from gemmakit.generate import decode_step, prefill
+    from gemmakit.kv_cache import KVCache
+
+    cache = KVCache(llm.config, 1, len(ids))
+    prefill(llm.model, ids[:20], cache)
+    worst = max(
+        (decode_step(llm.model, ids[t], t, cache) - full[t]).abs().max().item() for t in range(20, len(ids))
+    )
+    print(f"max |int8-kernel decode logits - fp32| = {worst:.2e}")
+    assert worst <= 1e-3
+    for prompt in ("Explain quantum computing in simple terms:", "The three primary colors are"):
+        a = llm.generate(prompt, max_tokens=32, temperature=0).token_ids
+        b = fp32.generate(prompt, max_tokens=32, temperature=0).token_ids
+        assert a == b
+    weights = [m for m in llm.model.modules() if hasattr(m, "qweight")]
+    assert len(weights) == 1 + 18 * 7  # embedding/head and every projection stay quantized
+
+
+def test_memory_budget_fails_before_allocating(model_path) -> None:
+    with pytest.raises(ModelTooLargeError, match="more than the memory budget of 100 MiB"):
+        gemmakit.load(model_path, memory_budget=100 * 2**20)
