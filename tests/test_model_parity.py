@@ -102,8 +102,8 @@ def test_kv_cache_decoding_matches_full_forward(llm) -> None:
     full = model(tokens, torch.arange(len(ids)).unsqueeze(0))[0]  # (T, E)
 
     cache = KVCache(model.config, 1, len(ids))
-    assert cache.layers[0].ring and cache.layers[0].slots == model.config.sliding_window
-    assert not cache.layers[5].ring and cache.layers[5].slots == len(ids)
+    assert cache.layers[0].ring and cache.layers[0].slots.slots == model.config.sliding_window
+    assert not cache.layers[5].ring and cache.layers[5].slots.slots == len(ids)
     steps = [model(tokens[:, :16], torch.arange(16).unsqueeze(0), cache)[0]]
     for t in range(16, len(ids)):
         steps.append(model(tokens[:, t : t + 1], torch.tensor([[t]]), cache)[0])

@@ -6,7 +6,8 @@ memory only on the full-attention layers (1 in 6 on Gemma 3).
 
 Every cache row also records the absolute position held in each slot (-1 when empty); attention masks are
 built from those positions, which keeps one code path for prefill, chunked prefill and decode, and lets every
-row of a batch sit at its own position.
+row of a batch sit at its own position. All caches of one size hold the same positions, so they share one
+position table (:class:`Slots`), written once per forward by :meth:`KVCache.begin`; layers then share masks.
 """
 
 from __future__ import annotations
@@ -19,15 +20,42 @@ from .config import GemmaConfig
 
 
 @dataclass
-class LayerCache:
-    k: torch.Tensor  # (B, S + 1, n_kv, head_dim); the extra last slot swallows writes from padding tokens
-    v: torch.Tensor  # (B, S + 1, n_kv, head_dim)
-    pos: torch.Tensor  # (B, S + 1) int64: absolute position stored in each slot, -1 if none
+class Slots:
+    """Where each position goes in caches of one size, shared by all layers with that size."""
+
+    pos: torch.Tensor  # (B, S + 1) int64: absolute position stored in each slot, -1 if none; last slot = trash
     ring: bool  # True for a sliding-window ring buffer
+    index: torch.Tensor | None = None  # (B, T) slot of each new token in the current forward (S for padding)
+    before: torch.Tensor | None = None  # (B, S) positions before the current forward (ring chunks only)
 
     @property
     def slots(self) -> int:
-        return self.k.shape[1] - 1
+        return self.pos.shape[1] - 1
+
+    def begin(self, positions: torch.Tensor) -> None:
+        S = self.slots
+        T = positions.shape[1]
+        valid = positions >= 0
+        index = torch.where(valid, positions % S if self.ring else positions, torch.full_like(positions, S))
+        if self.ring and T > S:
+            # Only the last S tokens of a long chunk survive in the ring; the others go to the trash slot.
+            index[:, : T - S] = S
+        self.before = self.pos[:, :-1].clone() if self.ring and T > 1 else None
+        rows = torch.arange(positions.shape[0], device=positions.device).unsqueeze(1).expand_as(positions)
+        self.pos[rows, index] = torch.where(valid, positions, torch.full_like(positions, -1))
+        self.pos[:, S] = -1
+        self.index = index
+
+
+@dataclass
+class LayerCache:
+    k: torch.Tensor  # (B, S + 1, n_kv, head_dim); the extra last slot swallows writes from padding tokens
+    v: torch.Tensor  # (B, S + 1, n_kv, head_dim)
+    slots: Slots
+
+    @property
+    def ring(self) -> bool:
+        return self.slots.ring
 
     def update(
         self, k_new: torch.Tensor, v_new: torch.Tensor, positions: torch.Tensor
@@ -36,46 +64,37 @@ class LayerCache:
 
         Args:
             k_new, v_new: (B, T, n_kv, head_dim) for the new tokens.
-            positions: (B, T) absolute positions, -1 for padding.
+            positions: (B, T) absolute positions, -1 for padding (already placed by :meth:`KVCache.begin`).
 
         Returns:
             keys, values (B, K, n_kv, head_dim) and their positions (B, K).
         """
-        T = positions.shape[1]
-        if self.ring and T > 1:
+        s = self.slots
+        if s.before is not None:
             # A chunk may overwrite ring slots its own earlier queries still need: attend over the old cache
-            # plus the chunk, then keep only the newest `slots` tokens.
+            # plus the chunk, then keep only the newest tokens.
             keys = torch.cat([self.k[:, :-1], k_new], dim=1)
             values = torch.cat([self.v[:, :-1], v_new], dim=1)
-            key_pos = torch.cat([self.pos[:, :-1], positions], dim=1)
-            self._write(k_new, v_new, positions)
+            key_pos = torch.cat([s.before, positions], dim=1)
+            self._write(k_new, v_new)
             return keys, values, key_pos
-        self._write(k_new, v_new, positions)
-        if self.ring:
-            return self.k, self.v, self.pos
+        self._write(k_new, v_new)
+        if s.ring:
+            return self.k, self.v, s.pos
         # Linear cache: slot == position, so only the prefix up to the furthest position can be visible.
         end = int(positions.max()) + 1 if positions.numel() else 0
-        return self.k[:, :end], self.v[:, :end], self.pos[:, :end]
+        return self.k[:, :end], self.v[:, :end], s.pos[:, :end]
 
-    def _write(self, k_new: torch.Tensor, v_new: torch.Tensor, positions: torch.Tensor) -> None:
-        S = self.slots
-        if self.ring and positions.shape[1] > S:
-            # Only the last S tokens of a long chunk survive in the ring.
-            k_new, v_new, positions = k_new[:, -S:], v_new[:, -S:], positions[:, -S:]
-        valid = positions >= 0
-        slot = torch.where(valid, positions % S if self.ring else positions, torch.full_like(positions, S))
-        rows = torch.arange(positions.shape[0], device=positions.device).unsqueeze(1).expand_as(positions)
-        self.k[rows, slot] = k_new.to(self.k.dtype)
-        self.v[rows, slot] = v_new.to(self.v.dtype)
-        self.pos[rows, slot] = torch.where(valid, positions, torch.full_like(positions, -1))
-        self.pos[:, S] = -1
-
-    def reset(self, rows: torch.Tensor | None = None) -> None:
-        """Forget the cached tokens of some rows (all rows if None); the memory stays allocated."""
-        if rows is None:
-            self.pos.fill_(-1)
-        else:
-            self.pos[rows] = -1
+    def _write(self, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
+        index = self.slots.index
+        if index.shape[0] == 1 and index.shape[1] == 1:  # decode, one row: plain slicing is cheapest
+            slot = int(index[0, 0])
+            self.k[:, slot] = k_new[:, 0].to(self.k.dtype)
+            self.v[:, slot] = v_new[:, 0].to(self.v.dtype)
+            return
+        rows = torch.arange(index.shape[0], device=index.device).unsqueeze(1).expand_as(index)
+        self.k[rows, index] = k_new.to(self.k.dtype)
+        self.v[rows, index] = v_new.to(self.v.dtype)
 
 
 class KVCache:
@@ -93,27 +112,36 @@ class KVCache:
         self.batch_size = batch_size
         self.max_len = max_len
         self.layers: list[LayerCache | None] = []
+        self._slots: dict[int, Slots] = {}
         for spec in config.layers:
             if spec.kv_source is not None:
                 self.layers.append(None)
                 continue
             ring = spec.sliding and config.sliding_window < max_len
-            slots = config.sliding_window if ring else max_len
-            shape = (batch_size, slots + 1, spec.num_key_value_heads, spec.head_dim)
+            n = config.sliding_window if ring else max_len
+            slots = self._slots.setdefault(
+                n, Slots(torch.full((batch_size, n + 1), -1, dtype=torch.long, device=device), ring)
+            )
+            shape = (batch_size, n + 1, spec.num_key_value_heads, spec.head_dim)
             self.layers.append(
-                LayerCache(
-                    k=torch.zeros(shape, dtype=dtype, device=device),
-                    v=torch.zeros(shape, dtype=dtype, device=device),
-                    pos=torch.full((batch_size, slots + 1), -1, dtype=torch.long, device=device),
-                    ring=ring,
-                )
+                LayerCache(torch.zeros(shape, dtype=dtype, device=device),
+                           torch.zeros(shape, dtype=dtype, device=device), slots)
             )
 
+    def begin(self, positions: torch.Tensor) -> None:
+        """Place the positions of the tokens about to be run; called once per forward, before the layers."""
+        for slots in self._slots.values():
+            slots.begin(positions)
+
     def reset(self, rows: torch.Tensor | None = None) -> None:
-        for layer in self.layers:
-            if layer is not None:
-                layer.reset(rows)
+        """Forget the cached tokens of some rows (all rows if None); the memory stays allocated."""
+        for slots in self._slots.values():
+            if rows is None:
+                slots.pos.fill_(-1)
+            else:
+                slots.pos[rows] = -1
 
     @property
     def nbytes(self) -> int:
-        return sum(c.k.nbytes + c.v.nbytes + c.pos.nbytes for c in self.layers if c is not None)
+        kv = sum(c.k.nbytes + c.v.nbytes for c in self.layers if c is not None)
+        return kv + sum(s.pos.nbytes for s in self._slots.values())

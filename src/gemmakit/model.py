@@ -15,6 +15,7 @@ from torch import nn
 
 from .config import GemmaConfig, LayerSpec
 from .kv_cache import KVCache
+from .quant.linear import SMALL_NORM, fast_rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -25,11 +26,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Gemma normalizes and scales in float32, then casts back ((x * w).to(dtype), not x.to(dtype) * w).
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.weight is not None:
-            xf = xf * self.weight.float()
-        return xf.type_as(x)
+        if x.dtype == torch.float32 and x.numel() <= SMALL_NORM and x.device.type == "cpu":
+            return fast_rms_norm(x, self.weight, self.eps)
+        weight = self.weight.float() if self.weight is not None else None
+        return F.rms_norm(x.float(), (x.shape[-1],), weight, self.eps).type_as(x)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling_factor: float = 1.0, rotary_fraction: float = 1.0) -> torch.Tensor:
@@ -84,8 +84,11 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv, self.head_dim = config.num_attention_heads, spec.num_key_value_heads, D
         self.layer = spec.index
         self.shared = spec.kv_source is not None
+        self.k_eq_v = spec.k_eq_v
         self.q_proj = nn.Linear(E, self.n_heads * D, bias=False)
         self.o_proj = nn.Linear(self.n_heads * D, E, bias=False)
+        # Set by the loader when q, k and v can run as one matmul (quantized weights); None otherwise.
+        self.qkv_proj: nn.Module | None = None
         self.q_norm = RMSNorm(D, eps) if config.use_qk_norm else None
         if not self.shared:
             self.k_proj = nn.Linear(E, self.n_kv * D, bias=False)
@@ -103,26 +106,40 @@ class Attention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         cache: KVCache | None,
         shared_kv: KV | None,
+        masks: dict,
     ) -> tuple[torch.Tensor, KV]:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k_new = v_new = None
+        if self.qkv_proj is not None:
+            q_flat, k_new, v_new = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+        else:
+            q_flat = self.q_proj(x)
+        q = q_flat.view(B, T, self.n_heads, self.head_dim)
         if self.q_norm is not None:
             q = self.q_norm(q)
         q = apply_rope(q, *rope)
         if self.shared:
             kv = shared_kv  # another layer's keys and values, already cached and positioned
         else:
-            kv = self._own_kv(x, positions, rope, cache)
+            kv = self._own_kv(x, positions, rope, cache, k_new, v_new)
         k, v, k_pos = kv
-        mask = attention_mask(positions, k_pos, self.window)
+        # Layers of one kind see the same key positions: build each mask once per forward.
+        key = (self.window, k_pos.data_ptr(), tuple(k_pos.shape), k_pos.stride())
+        mask = masks.get(key)
+        if mask is None:
+            mask = masks[key] = attention_mask(positions, k_pos, self.window)
         out = self._attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)  # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)), kv
 
-    def _own_kv(self, x: torch.Tensor, positions: torch.Tensor, rope, cache: KVCache | None) -> KV:
+    def _own_kv(self, x: torch.Tensor, positions: torch.Tensor, rope, cache: KVCache | None,
+                k_new: torch.Tensor | None, v_new: torch.Tensor | None) -> KV:
         B, T, _ = x.shape
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
+        k = (k_new if k_new is not None else self.k_proj(x)).view(B, T, self.n_kv, self.head_dim)
         # K = V layers use the raw key projection as values (normalized separately, without RoPE).
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim) if self.v_proj is not None else k
+        if self.k_eq_v:
+            v = k
+        else:
+            v = (v_new if v_new is not None else self.v_proj(x)).view(B, T, self.n_kv, self.head_dim)
         if self.k_norm is not None:
             k = self.k_norm(k)
         if self.v_norm is not None:
@@ -150,10 +167,16 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
         self.up_proj = nn.Linear(hidden, intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        # Set by the loader when gate and up can run as one matmul (quantized weights); None otherwise.
+        self.gate_up_proj: nn.Module | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
         # GeGLU with the tanh approximation of GELU (HF "gelu_pytorch_tanh").
-        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
 
 
 class Router(nn.Module):
@@ -230,8 +253,9 @@ class DecoderLayer(nn.Module):
         cache: KVCache | None,
         shared_kv: KV | None,
         per_layer_input: torch.Tensor | None,  # (B, T, P)
+        masks: dict,
     ) -> tuple[torch.Tensor, KV]:
-        h, kv = self.self_attn(self.input_layernorm(x), positions, rope, cache, shared_kv)
+        h, kv = self.self_attn(self.input_layernorm(x), positions, rope, cache, shared_kv, masks)
         if self.post_attention_layernorm is not None:
             h = self.post_attention_layernorm(h)
         x = x + h
@@ -320,12 +344,15 @@ class Gemma(nn.Module):
         ple = self.per_layer_inputs(tokens, x) if self.config.hidden_size_per_layer_input else None
         rope_local = rope_cos_sin(positions, self.inv_freq_local)
         rope_global = rope_cos_sin(positions, self.inv_freq_global)
+        if cache is not None:
+            cache.begin(positions)
         stored: dict[int, KV] = {}  # layer index -> keys/values that later shared layers read
+        masks: dict = {}
         for i, layer in enumerate(self.layers):
             spec = layer.spec
             shared = stored[spec.kv_source] if spec.kv_source is not None else None
             x, kv = layer(x, positions, rope_local if spec.sliding else rope_global, cache, shared,
-                          ple[:, :, i] if ple is not None else None)
+                          ple[:, :, i] if ple is not None else None, masks)
             if spec.kv_store:
                 stored[i] = kv
         return self.norm(x)

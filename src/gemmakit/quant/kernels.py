@@ -22,7 +22,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "qgemv.c"
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-lm"]
 
 
 def _cpu_signature() -> str:
@@ -75,4 +75,6 @@ def kernels() -> ctypes.CDLL | None:
     lib.qgemv.restype = ctypes.c_int
     lib.dequant_rows.argtypes = [p, p, p, p, i64, i64, p, i64, ctypes.c_int]
     lib.dequant_rows.restype = None
+    lib.rms_norm.argtypes = [p, p, p, i64, i64, ctypes.c_float]
+    lib.rms_norm.restype = None
     return lib

@@ -16,6 +16,19 @@ from torch import nn
 from .kernels import kernels
 
 MAX_KERNEL_ROWS = 16  # MAXB in csrc/qgemv.c
+SMALL_NORM = 1 << 16  # decode-sized norms go to the C kernel; larger ones stay in PyTorch
+
+
+def fast_rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """RMSNorm of a small float32 CPU tensor in one C call (PyTorch's eager norm costs ~40 us of overhead)."""
+    lib = kernels()
+    if lib is None or (weight is not None and weight.dtype != torch.float32):
+        w = weight.float() if weight is not None else None
+        return F.rms_norm(x, (x.shape[-1],), w, eps)
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    lib.rms_norm(_ptr(x), _ptr(weight), _ptr(out), x.numel() // x.shape[-1], x.shape[-1], eps)
+    return out
 
 
 def _ptr(t: torch.Tensor | None) -> ctypes.c_void_p | None:
@@ -32,6 +45,7 @@ class QuantWeight(nn.Module):
         self.register_buffer("scale", scale, persistent=False)
         self.register_buffer("mins", mins, persistent=False)
         self.group = group
+        self._ptrs: tuple | None = None  # ctypes pointers of q, scale, mins (the tensors never move on CPU)
 
     @property
     def shape(self) -> torch.Size:
@@ -69,10 +83,12 @@ class QuantWeight(nn.Module):
         if lib is not None and flat.shape[0] <= MAX_KERNEL_ROWS and flat.device.type == "cpu":
             B, K = flat.shape
             N = self.q.shape[0]
+            if self._ptrs is None:
+                self._ptrs = (_ptr(self.q), _ptr(self.scale), _ptr(self.mins))
             y = torch.empty(B, N, dtype=torch.float32)
             xs = torch.empty(B, K // self.group, dtype=torch.float32) if self.mins is not None else None
-            status = lib.qgemv(_ptr(self.q), _ptr(self.scale), _ptr(self.mins), _ptr(flat), _ptr(xs), _ptr(y),
-                               B, N, K, self.group, torch.get_num_threads())
+            status = lib.qgemv(*self._ptrs, _ptr(flat), _ptr(xs), _ptr(y), B, N, K, self.group,
+                               torch.get_num_threads())
             if status == 0:
                 return y.view(*lead, N)
         return F.linear(flat, self.dequantize()).view(*lead, -1)
@@ -104,3 +120,37 @@ class QuantEmbedding(nn.Module):
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.qweight.matmul(hidden)
+
+
+def concat_weights(weights: list[QuantWeight]) -> QuantWeight | None:
+    """Stack matrices with the same input width and group layout into one (one kernel call instead of several)."""
+    first = weights[0]
+    if any(w.group != first.group or (w.mins is None) != (first.mins is None) or w.shape[1] != first.shape[1]
+           for w in weights):
+        return None
+    mins = torch.cat([w.mins for w in weights]) if first.mins is not None else None
+    return QuantWeight(torch.cat([w.q for w in weights]), torch.cat([w.scale for w in weights]), mins, first.group)
+
+
+def fuse_projections(model: nn.Module) -> None:
+    """Run q/k/v and gate/up as single matmuls where their quantized layouts allow it."""
+    for module in model.modules():
+        names = None
+        if hasattr(module, "qkv_proj") and not getattr(module, "shared", True):
+            names = ["q_proj", "k_proj"] + (["v_proj"] if module.v_proj is not None else [])
+            target = "qkv_proj"
+        elif hasattr(module, "gate_up_proj"):
+            names, target = ["gate_proj", "up_proj"], "gate_up_proj"
+        if not names:
+            continue
+        parts = [getattr(module, n) for n in names]
+        if not all(isinstance(p, QuantLinear) for p in parts):
+            continue
+        fused = concat_weights([p.qweight for p in parts])
+        if fused is None:
+            continue
+        setattr(module, target, QuantLinear(fused))
+        if target == "qkv_proj":
+            module.qkv_sizes = [p.out_features for p in parts] + ([] if len(parts) == 3 else [0])
+        for n in names:  # the fused copy replaces them; drop the originals' memory
+            setattr(module, n, None)

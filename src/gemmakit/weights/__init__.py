@@ -12,7 +12,7 @@ from ..config import GemmaConfig, config_from_gguf, config_from_hf
 from ..errors import InvalidParameterError, ModelTooLargeError, UnsupportedModelError, WeightError
 from ..model import Gemma
 from ..quant.ggml import QUANTIZED_TYPES, SUPPORTED_TYPES, dequantize, split
-from ..quant.linear import QuantEmbedding, QuantLinear, QuantWeight
+from ..quant.linear import QuantEmbedding, QuantLinear, QuantWeight, fuse_projections
 from .gguf import GGUFFile
 from .hf import iter_tensors, read_config, safetensor_files
 from .names import GGUF_CONFIG_TENSORS, gguf_to_gemmakit, hf_to_gemmakit, is_shifted_norm
@@ -115,6 +115,7 @@ def load_gguf_model(
         wrapper = QuantEmbedding if isinstance(getattr(owner, attr), torch.nn.Embedding) else QuantLinear
         setattr(owner, attr, wrapper(weight))
     model.load_state_dict(state, assign=True, strict=True)
+    fuse_projections(model)
     model.init_buffers()  # RoPE tables were created on the meta device
     model.eval()
     return model, config

@@ -5,6 +5,7 @@
 // For B input rows x (B, K) we compute y (B, N) = x @ W^T in float32, reading W once for all B rows.
 #include <stdint.h>
 #include <stddef.h>
+#include <math.h>
 #ifdef __AVX2__
 #include <immintrin.h>
 #endif
@@ -152,5 +153,21 @@ void dequant_rows(const int8_t *q, const float *scale, const float *mins, float 
             for (int64_t k = 0; k < group; k++)
                 out[i * K + g * group + k] = s * (float)q[r * K + g * group + k] - m;
         }
+    }
+}
+
+// RMSNorm over the last dimension of x (rows, dim), float32, out = x / sqrt(mean(x^2) + eps) * w (w may be
+// NULL for a weightless norm). The per-op overhead of PyTorch's eager norm dominates at decode sizes.
+void rms_norm(const float *x, const float *w, float *out, int64_t rows, int64_t dim, float eps) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * dim;
+        float *o = out + r * dim;
+        float ss = 0.f;
+        for (int64_t i = 0; i < dim; i++) ss += xr[i] * xr[i];
+        float inv = 1.0f / sqrtf(ss / (float)dim + eps);
+        if (w)
+            for (int64_t i = 0; i < dim; i++) o[i] = xr[i] * inv * w[i];
+        else
+            for (int64_t i = 0; i < dim; i++) o[i] = xr[i] * inv;
     }
 }
