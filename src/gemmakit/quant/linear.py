@@ -141,8 +141,8 @@ def fuse_projections(model: nn.Module) -> None:
             target = "qkv_proj"
         elif hasattr(module, "gate_up_proj"):
             names, target = ["gate_proj", "up_proj"], "gate_up_proj"
-        if not names:
-            continue
+        if not names or not all(hasattr(module, n) for n in names):
+            continue  # e.g. MoE experts, whose gate_up_proj is a stored tensor, not a slot to fill
         parts = [getattr(module, n) for n in names]
         if not all(isinstance(p, QuantLinear) for p in parts):
             continue
