@@ -79,3 +79,22 @@ def test_quantized_model_tracks_fp32(model_path, llm) -> None:
 def test_memory_budget_fails_before_allocating(model_path) -> None:
     with pytest.raises(ModelTooLargeError, match="more than the memory budget of 100 MiB"):
         gemmakit.load(model_path, memory_budget=100 * 2**20)
+
+
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0, T.Q5_0, T.Q4_K, T.Q6_K], ids=lambda t: t.name)
+def test_kernel_split_equals_reference_split(qtype: T, monkeypatch) -> None:
+    """The C converter (used at load) gives exactly the PyTorch splitter's values, scales and mins."""
+    rng = np.random.default_rng(100 + int(qtype))
+    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    N, K = 40, 2 * max(block_size, 256)
+    raw = torch.from_numpy(random_blocks(qtype, N * K // block_size, rng).reshape(N, -1))
+    fast = split(raw, qtype, (N, K))
+    monkeypatch.setenv("GEMMAKIT_NO_KERNELS", "1")
+    kernels_module.kernels.cache_clear()
+    try:
+        ref = split(raw, qtype, (N, K))
+    finally:
+        monkeypatch.delenv("GEMMAKIT_NO_KERNELS")
+        kernels_module.kernels.cache_clear()
+    assert torch.equal(fast[0], ref[0]) and torch.equal(fast[1], ref[1]) and fast[3] == ref[3]
+    assert (fast[2] is None) == (ref[2] is None) and (fast[2] is None or torch.equal(fast[2], ref[2]))

@@ -79,3 +79,20 @@ def test_stream_decoder_never_splits_a_character(tok) -> None:
     deltas = [dec.add(i) for i in ids] + [dec.flush()]
     assert "".join(deltas) == text
     assert all("\ufffd" not in d for d in deltas)
+
+
+@pytest.mark.parametrize("long_piece", [False, True])
+def test_vocabulary_wire_format_equals_protobuf(long_piece) -> None:
+    """The hand-assembled ModelProto pieces parse to exactly what the protobuf API would write."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    from gemmakit.tokenizer import _pieces_wire
+
+    pieces = ["<pad>", "<eos>", "\u2581hello", "wörld", "  ", "<0x41>"] + (["x" * 130] if long_piece else [])
+    scores = [0.0, 0.0, -1.5, -2.25, 0.0, 0.0] + ([-3.0] if long_piece else [])
+    types = [3, 3, 1, 1, 4, 6] + ([1] if long_piece else [])
+    parsed = pb.ModelProto()
+    parsed.ParseFromString(_pieces_wire(pieces, scores, types))
+    assert [p.piece for p in parsed.pieces] == pieces
+    assert [p.score for p in parsed.pieces] == scores
+    assert [p.type for p in parsed.pieces] == [3, 3, 1, 1, 1, 6] + ([1] if long_piece else [])

@@ -40,9 +40,10 @@ def rope_inv_freq(head_dim: int, theta: float, scaling_factor: float = 1.0, rota
     (cos 1, sin 0: those dimensions pass through).
     """
     n_rot = int(rotary_fraction * head_dim // 2)
-    exponents = torch.arange(0, 2 * n_rot, 2, dtype=torch.int64).float() / head_dim
+    # Always real CPU tensors (also while the model is built on the meta device).
+    exponents = torch.arange(0, 2 * n_rot, 2, dtype=torch.int64, device="cpu").float() / head_dim
     rotated = 1.0 / (theta**exponents) / scaling_factor
-    return torch.cat([rotated, torch.zeros(head_dim // 2 - n_rot)])
+    return torch.cat([rotated, torch.zeros(head_dim // 2 - n_rot, device="cpu")])
 
 
 def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -292,12 +293,15 @@ class Gemma(nn.Module):
         super().__init__()
         self.config = config
         E = config.hidden_size
-        self.embed_tokens = nn.Embedding(config.vocab_size, E)
+        # _weight skips the random init (on the meta device, init would import torch._dynamo: ~1.5 s).
+        self.embed_tokens = nn.Embedding(config.vocab_size, E, _weight=torch.empty(config.vocab_size, E))
         self.layers = nn.ModuleList(DecoderLayer(config, spec) for spec in config.layers)
         self.norm = RMSNorm(E, config.rms_norm_eps)
         if config.hidden_size_per_layer_input:
             L, P = config.num_hidden_layers, config.hidden_size_per_layer_input
-            self.embed_tokens_per_layer = nn.Embedding(config.vocab_size_per_layer_input, L * P)
+            self.embed_tokens_per_layer = nn.Embedding(
+                config.vocab_size_per_layer_input, L * P, _weight=torch.empty(config.vocab_size_per_layer_input, L * P)
+            )
             self.per_layer_model_projection = nn.Linear(E, L * P, bias=False)
             self.per_layer_projection_norm = RMSNorm(P, config.rms_norm_eps)
         self.init_buffers()

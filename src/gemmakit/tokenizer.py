@@ -37,7 +37,11 @@ class _Vocabulary:
     eos_id: int
 
     def _index(self) -> None:
-        self._bytes = [_piece_bytes(p, t) for p, t in zip(self.pieces, self.types)]
+        # Only byte pieces need the regex; everything else is its text with the SentencePiece space restored.
+        self._bytes = [
+            _piece_bytes(p, t) if t == BYTE else p.replace("\u2581", " ").encode("utf-8")
+            for p, t in zip(self.pieces, self.types)
+        ]
 
     @property
     def vocab_size(self) -> int:
@@ -89,7 +93,7 @@ class Tokenizer(_Vocabulary):
         if not (len(pieces) == len(scores) == len(types)):
             raise CorruptFileError("tokenizer pieces, scores and types differ in length")
         self.pieces = list(pieces)
-        self.types = [int(t) for t in types]
+        self.types = types.tolist() if hasattr(types, "tolist") else [int(t) for t in types]
         self.bos_id, self.eos_id, self.pad_id, self.unk_id = bos_id, eos_id, pad_id, unk_id
         self.add_bos = add_bos
         self._sp = spm.SentencePieceProcessor(model_proto=_model_proto(self.pieces, scores, self.types, unk_id))
@@ -97,8 +101,11 @@ class Tokenizer(_Vocabulary):
         self._index()
         # Pieces matched in raw text before the BPE runs, longest first (llama.cpp's special-token partition):
         # user-defined ones always, control and unknown ones only when parsing special tokens.
+        special = [(p, i, t) for i, (p, t) in enumerate(zip(self.pieces, self.types))
+                   if t in (USER_DEFINED, CONTROL, UNKNOWN) and p]
+
         def longest_first(kinds: tuple[int, ...]) -> list[tuple[str, int]]:
-            found = [(p, i) for i, (p, t) in enumerate(zip(self.pieces, self.types)) if t in kinds and p]
+            found = [(p, i) for p, i, t in special if t in kinds]
             return sorted(found, key=lambda pi: len(pi[0].encode("utf-8")), reverse=True)
 
         self._user_defined = longest_first((USER_DEFINED,))
@@ -140,8 +147,8 @@ class Tokenizer(_Vocabulary):
             raise CorruptFileError(f"{path}: tokenizer.ggml.tokens, scores and token_type are all required")
         return cls(
             pieces,
-            [float(s) for s in scores],
-            [int(t) for t in types],
+            scores,
+            types,
             bos_id=int(meta.get("tokenizer.ggml.bos_token_id", 2)),
             eos_id=int(meta.get("tokenizer.ggml.eos_token_id", 1)),
             pad_id=int(meta.get("tokenizer.ggml.padding_token_id", 0)),
@@ -180,6 +187,69 @@ def _piece_bytes(piece: str, ptype: int) -> bytes:
     return piece.replace("\u2581", " ").encode("utf-8")
 
 
+_ONE_BYTE = [bytes([i]) for i in range(128)]
+
+
+def _varint(n: int) -> bytes:
+    if n < 128:
+        return _ONE_BYTE[n]
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _pieces_wire(pieces: Sequence[str], scores: Sequence[float], types: Sequence[int]) -> bytes:
+    """ModelProto.pieces (field 1, repeated SentencePiece{piece=1, score=2, type=3}) in protobuf wire format,
+    assembled with numpy: the protobuf Python API takes ~0.3 s for a 262k vocabulary, a Python loop ~0.4 s."""
+    import numpy as np
+
+    texts = [p.encode("utf-8") for p in pieces]
+    lengths = np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts))
+    if lengths.max(initial=0) >= 120:  # records then need multi-byte varints: take the simple path
+        return _pieces_wire_slow(texts, scores, types)
+    # User-defined pieces were cut out of the text already; inside fragments they take part in merges like any
+    # piece (llama.cpp's merge looks up every piece by text).
+    kinds = np.asarray(types, dtype=np.int64)
+    kinds = np.where(kinds == USER_DEFINED, NORMAL, kinds).astype(np.uint8)
+    record = lengths + 11  # 0x0a, body length, then the body: 0x0a n text, 0x15 float32, 0x18 type
+    starts = np.concatenate([[0], np.cumsum(record)[:-1]])
+    out = np.zeros(int(record.sum()), dtype=np.uint8)
+    out[starts] = 0x0A
+    out[starts + 1] = (lengths + 9).astype(np.uint8)
+    out[starts + 2] = 0x0A
+    out[starts + 3] = lengths.astype(np.uint8)
+    text_bytes = np.frombuffer(b"".join(texts), dtype=np.uint8)
+    text_pos = np.repeat(starts + 4 - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths) + np.arange(
+        len(text_bytes))
+    out[text_pos] = text_bytes
+    tail = starts + 4 + lengths
+    out[tail] = 0x15
+    score_bytes = np.asarray(scores, dtype="<f4").view(np.uint8).reshape(-1, 4)
+    for k in range(4):
+        out[tail + 1 + k] = score_bytes[:, k]
+    out[tail + 5] = 0x18
+    out[tail + 6] = kinds
+    return out.tobytes()
+
+
+def _pieces_wire_slow(texts: Sequence[bytes], scores: Sequence[float], types: Sequence[int]) -> bytes:
+    import struct
+
+    pack = struct.Struct("<f").pack
+    parts = []
+    for text, score, ptype in zip(texts, scores, types):
+        kind = NORMAL if ptype == USER_DEFINED else ptype
+        body = b"\x0a" + _varint(len(text)) + text + b"\x15" + pack(float(score)) + b"\x18" + _varint(kind)
+        parts.append(b"\x0a" + _varint(len(body)) + body)
+    return b"".join(parts)
+
+
 def _model_proto(pieces: Sequence[str], scores: Sequence[float], types: Sequence[int], unk_id: int) -> bytes:
     proto = sp_pb2.ModelProto()
     ts = proto.trainer_spec
@@ -192,14 +262,8 @@ def _model_proto(pieces: Sequence[str], scores: Sequence[float], types: Sequence
     ns.add_dummy_prefix = False
     ns.remove_extra_whitespaces = False
     ns.escape_whitespaces = True
-    for piece, score, ptype in zip(pieces, scores, types):
-        sp = proto.pieces.add()
-        sp.piece = piece
-        sp.score = score
-        # User-defined pieces were cut out of the text already; inside fragments they take part in merges like
-        # any piece (llama.cpp's merge looks up every piece by text).
-        sp.type = NORMAL if ptype == USER_DEFINED else ptype
-    return proto.SerializeToString()
+    # Concatenated serializations merge: the specs from the API, the 262k pieces written directly.
+    return _pieces_wire(pieces, scores, types) + proto.SerializeToString()
 
 
 class StreamDecoder:

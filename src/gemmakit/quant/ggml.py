@@ -204,14 +204,57 @@ SUPPORTED_TYPES: frozenset[T] = frozenset(_DEQUANTIZERS)
 QUANTIZED_TYPES: frozenset[T] = frozenset(_SPLITTERS)
 
 
+SPLIT_ROWS = 8192  # rows converted at a time: bounds the temporaries of the bit unpacking
+# The C kernel converts these formats in one pass (the PyTorch splitters above stay the reference).
+_KERNEL_SPLIT = {T.Q8_0: (32, False), T.Q4_0: (32, False), T.Q5_0: (32, False), T.Q4_K: (32, True),
+                 T.Q6_K: (16, False)}
+
+
+def _split_with_kernel(raw: torch.Tensor, qtype: T, rows: int, K: int):
+    from .kernels import kernels
+
+    lib = kernels()
+    if lib is None or qtype not in _KERNEL_SPLIT:
+        return None
+    import ctypes
+
+    group, affine = _KERNEL_SPLIT[qtype]
+    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    raw = raw.contiguous()
+    q = torch.empty(rows, K, dtype=torch.int8)
+    scale = torch.empty(rows, K // group, dtype=torch.float32)
+    mins = torch.empty(rows, K // group, dtype=torch.float32) if affine else None
+    ptr = lambda t: ctypes.c_void_p(t.data_ptr()) if t is not None else None  # noqa: E731
+    status = lib.split_blocks(int(qtype), ptr(raw), rows * K // block_size, ptr(q), ptr(scale), ptr(mins),
+                              torch.get_num_threads())
+    return (q, scale, mins, group) if status == 0 else None
+
+
 def split(raw: torch.Tensor, qtype: T, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
-    """A quantized matrix's raw bytes -> (q (rows, K) int8, scale (rows, K/group), mins or None, group)."""
+    """A quantized matrix's raw bytes (rows, row_bytes) -> (q (rows, K) int8, scale (rows, K/group), mins or
+    None, group). Converted in row chunks so a large table never needs several full-size temporaries."""
     block_size, type_size = GGML_QUANT_SIZES[qtype]
     rows, K = shape
-    sp = _SPLITTERS[qtype](raw.reshape(-1, type_size))
-    groups = K // sp.group
-    mins = sp.mins.reshape(rows, groups).contiguous() if sp.mins is not None else None
-    return sp.q.reshape(rows, K).contiguous(), sp.scale.reshape(rows, groups).contiguous(), mins, sp.group
+    fast = _split_with_kernel(raw, qtype, rows, K)
+    if fast is not None:
+        return fast
+    raw = raw.reshape(rows, -1)
+    q = scale = mins = None
+    group = 0
+    for start in range(0, rows, SPLIT_ROWS):
+        chunk = raw[start : start + SPLIT_ROWS]
+        n = chunk.shape[0]
+        sp = _SPLITTERS[qtype](chunk.reshape(-1, type_size))
+        if q is None:
+            group = sp.group
+            q = torch.empty(rows, K, dtype=torch.int8)
+            scale = torch.empty(rows, K // group, dtype=torch.float32)
+            mins = torch.empty(rows, K // group, dtype=torch.float32) if sp.mins is not None else None
+        q[start : start + n] = sp.q.reshape(n, K)
+        scale[start : start + n] = sp.scale.reshape(n, K // group)
+        if mins is not None:
+            mins[start : start + n] = sp.mins.reshape(n, K // group)
+    return q, scale, mins, group
 
 
 def dequantize(raw: torch.Tensor, qtype: T, shape: tuple[int, ...], name: str = "tensor") -> torch.Tensor:

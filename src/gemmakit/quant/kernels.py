@@ -77,4 +77,6 @@ def kernels() -> ctypes.CDLL | None:
     lib.dequant_rows.restype = None
     lib.rms_norm.argtypes = [p, p, p, i64, i64, ctypes.c_float]
     lib.rms_norm.restype = None
+    lib.split_blocks.argtypes = [ctypes.c_int, p, i64, p, p, p, ctypes.c_int]
+    lib.split_blocks.restype = ctypes.c_int
     return lib

@@ -105,8 +105,9 @@ def load_gguf_model(
             raise UnsupportedModelError(f"{gguf.path}: tensor {name!r} has unsupported type {info.ggml_type.name}")
         if _keeps_quantized(quant, info, ours, model):
             quantized[ours] = QuantWeight(*split(_raw_tensor(gguf, name), info.ggml_type, info.shape))
-            continue
-        state[ours] = dequantize(_raw_tensor(gguf, name), info.ggml_type, info.shape, name).to(dtype)
+        else:
+            state[ours] = dequantize(_raw_tensor(gguf, name), info.ggml_type, info.shape, name).to(dtype).clone()
+        gguf.release(name)
     missing = sorted(set(expected) - set(state) - set(quantized))
     if missing:
         raise WeightError(f"{gguf.path}: missing tensors for {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
@@ -116,9 +117,20 @@ def load_gguf_model(
         setattr(owner, attr, wrapper(weight))
     model.load_state_dict(state, assign=True, strict=True)
     fuse_projections(model)
+    release_freed_memory()
     model.init_buffers()  # RoPE tables were created on the meta device
     model.eval()
     return model, config
+
+
+def release_freed_memory() -> None:
+    """Return the conversion temporaries' heap pages to the OS (glibc keeps them otherwise)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

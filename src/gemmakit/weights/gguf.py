@@ -280,6 +280,19 @@ class GGUFFile:
         row_bytes = (info.shape[-1] // block_size) * type_size if info.shape else info.n_bytes
         return flat.reshape(*info.shape[:-1], row_bytes)
 
+    def release(self, name: str) -> None:
+        """Tell the kernel the tensor's pages are no longer needed (after conversion), keeping peak RSS near the
+        size of the converted weights rather than weights plus the whole file."""
+        info = self.tensors[name]
+        page = mmap.PAGESIZE
+        start = info.offset // page * page
+        end = min(-(-(info.offset + info.n_bytes) // page) * page, len(self._map))
+        if hasattr(mmap, "MADV_DONTNEED") and end > start:
+            try:
+                self._map.madvise(mmap.MADV_DONTNEED, start, end - start)
+            except (OSError, ValueError):
+                pass
+
     def get(self, key: str, default: Any = None) -> Any:
         return self.metadata.get(key, default)
 

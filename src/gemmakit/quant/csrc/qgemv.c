@@ -171,3 +171,82 @@ void rms_norm(const float *x, const float *w, float *out, int64_t rows, int64_t 
             for (int64_t i = 0; i < dim; i++) o[i] = xr[i] * inv;
     }
 }
+
+// ---- GGML blocks -> int8 values + float scales (+ mins), the same layout as quant/ggml.py's split() ----
+
+static inline float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, mant = h & 0x3FF, bits;
+    if (exp == 0) {
+        if (mant == 0) bits = sign;
+        else {  // subnormal: normalize
+            exp = 127 - 15 + 1;
+            while (!(mant & 0x400)) { mant <<= 1; exp--; }
+            bits = sign | (exp << 23) | ((mant & 0x3FF) << 13);
+        }
+    } else if (exp == 31) bits = sign | 0x7F800000 | (mant << 13);
+    else bits = sign | ((exp + 127 - 15) << 23) | (mant << 13);
+    float f;
+    __builtin_memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline uint16_t rd16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
+
+// qtype: ggml type id (8 Q8_0, 2 Q4_0, 6 Q5_0, 12 Q4_K, 14 Q6_K). Returns nonzero for other types.
+int split_blocks(int qtype, const uint8_t *raw, int64_t n_blocks, int8_t *q, float *scale, float *mins, int threads) {
+    if (qtype != 8 && qtype != 2 && qtype != 6 && qtype != 12 && qtype != 14) return 1;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t b = 0; b < n_blocks; b++) {
+        if (qtype == 8) {  // Q8_0: d, 32 x int8
+            const uint8_t *blk = raw + b * 34;
+            scale[b] = half_to_float(rd16(blk));
+            for (int j = 0; j < 32; j++) q[b * 32 + j] = (int8_t)blk[2 + j];
+        } else if (qtype == 2) {  // Q4_0: d, 16 bytes of nibbles
+            const uint8_t *blk = raw + b * 18;
+            scale[b] = half_to_float(rd16(blk));
+            for (int j = 0; j < 16; j++) {
+                q[b * 32 + j] = (int8_t)((blk[2 + j] & 0x0F) - 8);
+                q[b * 32 + j + 16] = (int8_t)((blk[2 + j] >> 4) - 8);
+            }
+        } else if (qtype == 6) {  // Q5_0: d, 32-bit high bits, 16 bytes of nibbles
+            const uint8_t *blk = raw + b * 22;
+            scale[b] = half_to_float(rd16(blk));
+            uint32_t qh = (uint32_t)blk[2] | ((uint32_t)blk[3] << 8) | ((uint32_t)blk[4] << 16) | ((uint32_t)blk[5] << 24);
+            for (int j = 0; j < 16; j++) {
+                q[b * 32 + j] = (int8_t)(((blk[6 + j] & 0x0F) | (((qh >> j) & 1) << 4)) - 16);
+                q[b * 32 + j + 16] = (int8_t)(((blk[6 + j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) - 16);
+            }
+        } else if (qtype == 12) {  // Q4_K: d, dmin, 12 bytes of 6-bit scales/mins, 128 bytes of nibbles
+            const uint8_t *blk = raw + b * 144, *sc = blk + 4, *qs = blk + 16;
+            float d = half_to_float(rd16(blk)), dmin = half_to_float(rd16(blk + 2));
+            for (int i = 0; i < 8; i++) {
+                int s, m;
+                if (i < 4) { s = sc[i] & 63; m = sc[i + 4] & 63; }
+                else { s = (sc[i + 4] & 0x0F) | ((sc[i - 4] >> 6) << 4); m = (sc[i + 4] >> 4) | ((sc[i] >> 6) << 4); }
+                scale[b * 8 + i] = d * (float)s;
+                mins[b * 8 + i] = dmin * (float)m;
+            }
+            for (int c = 0; c < 4; c++)
+                for (int l = 0; l < 32; l++) {
+                    q[b * 256 + 64 * c + l] = (int8_t)(qs[32 * c + l] & 0x0F);
+                    q[b * 256 + 64 * c + 32 + l] = (int8_t)(qs[32 * c + l] >> 4);
+                }
+        } else {  // Q6_K: 128 bytes low nibbles, 64 bytes high 2-bit pairs, 16 int8 scales, d
+            const uint8_t *blk = raw + b * 210, *ql = blk, *qh = blk + 128;
+            const int8_t *sc = (const int8_t *)(blk + 192);
+            float d = half_to_float(rd16(blk + 208));
+            for (int g = 0; g < 16; g++) scale[b * 16 + g] = d * (float)sc[g];
+            for (int h = 0; h < 2; h++) {
+                const uint8_t *l8 = ql + 64 * h, *h8 = qh + 32 * h;
+                int8_t *o = q + b * 256 + 128 * h;
+                for (int l = 0; l < 32; l++) {
+                    o[l] = (int8_t)(((l8[l] & 0x0F) | ((h8[l] & 3) << 4)) - 32);
+                    o[l + 32] = (int8_t)(((l8[l + 32] & 0x0F) | (((h8[l] >> 2) & 3) << 4)) - 32);
+                    o[l + 64] = (int8_t)(((l8[l] >> 4) | (((h8[l] >> 4) & 3) << 4)) - 32);
+                    o[l + 96] = (int8_t)(((l8[l + 32] >> 4) | (((h8[l] >> 6) & 3) << 4)) - 32);
+                }
+            }
+        }
+    }
+    return 0;
+}
