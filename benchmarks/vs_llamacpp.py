@@ -3,6 +3,8 @@
     python benchmarks/vs_llamacpp.py [--model PATH.gguf] [--threads 2] [--rounds 3] [--prompt-tokens 512]
 
 Each round starts one fresh process per engine (A then B), so load time and peak RSS are each engine's own.
+load_s is the load call plus the first token (after the libraries are imported); import_s is the import alone
+(PyTorch's import, about 2 s here, dominates gemmakit's).
 Prints the median of every figure and the ratio gemmakit / llama.cpp (for load time and RSS, lower is better;
 for tok/s, higher is better).
 
@@ -31,6 +33,8 @@ t0 = time.perf_counter()
 import torch, gemmakit
 from gemmakit.generate import decode_step, prefill
 from gemmakit.kv_cache import KVCache
+imports = time.perf_counter() - t0
+t0 = time.perf_counter()
 llm = gemmakit.load({model!r}, threads={threads})
 ids = llm.tokenizer.encode({text!r} * 64, add_bos=True)[:{n_prompt}]
 first = llm.generate(ids[:8], max_tokens=1, temperature=0)  # load + first token
@@ -42,7 +46,7 @@ t = time.perf_counter()
 for _ in range({n_decode}):
     logits = decode_step(llm.model, tok, pos, cache); tok, pos = int(logits.argmax()), pos + 1
 dec = time.perf_counter() - t
-print(json.dumps(dict(load_s=load, rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+print(json.dumps(dict(import_s=imports, load_s=load, rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                       prefill_tok_s=len(ids) / pre, decode_tok_s={n_decode} / dec)))
 """
 
@@ -50,6 +54,8 @@ LLAMACPP = r"""
 import json, resource, time
 t0 = time.perf_counter()
 from llama_cpp import Llama
+imports = time.perf_counter() - t0
+t0 = time.perf_counter()
 llm = Llama(model_path={model!r}, n_ctx={n_ctx}, n_threads={threads}, n_threads_batch={threads}, n_batch=512,
             verbose=False)
 ids = llm.tokenize(({text!r} * 64).encode(), add_bos=True)[:{n_prompt}]
@@ -62,7 +68,7 @@ t = time.perf_counter()
 for _ in range({n_decode}):
     llm.eval([tok]); tok = llm.sample(temp=0)
 dec = time.perf_counter() - t
-print(json.dumps(dict(load_s=load, rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+print(json.dumps(dict(import_s=imports, load_s=load, rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                       prefill_tok_s=len(ids) / pre, decode_tok_s={n_decode} / dec)))
 """
 
@@ -96,7 +102,7 @@ def main() -> None:
               file=sys.stderr)
     print(f"model {Path(model).name}, {args.threads} threads, {args.rounds} alternating rounds, medians:")
     print(f"{'figure':<16}{'gemmakit':>12}{'llama.cpp':>12}{'ratio':>9}")
-    for key in ("decode_tok_s", "prefill_tok_s", "load_s", "rss_mib"):
+    for key in ("decode_tok_s", "prefill_tok_s", "load_s", "import_s", "rss_mib"):
         a = statistics.median(x[key] for x in results["gemmakit"])
         b = statistics.median(x[key] for x in results["llama.cpp"])
         print(f"{key:<16}{a:>12.2f}{b:>12.2f}{a / b:>9.2f}")

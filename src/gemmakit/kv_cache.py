@@ -26,6 +26,7 @@ class Slots:
     pos: torch.Tensor  # (B, S + 1) int64: absolute position stored in each slot, -1 if none; last slot = trash
     ring: bool  # True for a sliding-window ring buffer
     index: torch.Tensor | None = None  # (B, T) slot of each new token in the current forward (S for padding)
+    empty: bool = False  # the caches held no token before the current (multi-token) forward
     before: torch.Tensor | None = None  # (B, S) positions before the current forward (ring chunks only)
 
     @property
@@ -40,7 +41,9 @@ class Slots:
         if self.ring and T > S:
             # Only the last S tokens of a long chunk survive in the ring; the others go to the trash slot.
             index[:, : T - S] = S
-        self.before = self.pos[:, :-1].clone() if self.ring and T > 1 else None
+        # Chunks attend over the old ring plus themselves, unless the ring is empty and the chunk fits in it.
+        self.empty = not bool((self.pos >= 0).any()) if T > 1 else False
+        self.before = self.pos[:, :-1].clone() if self.ring and T > 1 and not (self.empty and T <= S) else None
         rows = torch.arange(positions.shape[0], device=positions.device).unsqueeze(1).expand_as(positions)
         self.pos[rows, index] = torch.where(valid, positions, torch.full_like(positions, -1))
         self.pos[:, S] = -1
@@ -128,10 +131,12 @@ class KVCache:
                            torch.zeros(shape, dtype=dtype, device=device), slots)
             )
 
-    def begin(self, positions: torch.Tensor) -> None:
-        """Place the positions of the tokens about to be run; called once per forward, before the layers."""
+    def begin(self, positions: torch.Tensor) -> bool:
+        """Place the positions of the tokens about to be run; called once per forward, before the layers.
+        Returns True when every cache was empty before (a fresh prefill)."""
         for slots in self._slots.values():
             slots.begin(positions)
+        return all(slots.empty for slots in self._slots.values())
 
     def reset(self, rows: torch.Tensor | None = None) -> None:
         """Forget the cached tokens of some rows (all rows if None); the memory stays allocated."""

@@ -124,6 +124,14 @@ class Attention(nn.Module):
         else:
             kv = self._own_kv(x, positions, rope, cache, k_new, v_new)
         k, v, k_pos = kv
+        if masks.get("causal") and self.softcap is None:
+            # Fresh, unpadded prefill that fits every window: keys are exactly the chunk's, in order, and plain
+            # causal attention is the mask (SDPA's causal path is much faster than an explicit mask on CPU).
+            k, v = k[:, :T], v[:, :T]
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 is_causal=True, scale=self.scale,
+                                                 enable_gqa=self.n_heads != self.n_kv)
+            return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)), kv
         # Layers of one kind see the same key positions: build each mask once per forward.
         key = (self.window, k_pos.data_ptr(), tuple(k_pos.shape), k_pos.stride())
         mask = masks.get(key)
@@ -348,10 +356,16 @@ class Gemma(nn.Module):
         ple = self.per_layer_inputs(tokens, x) if self.config.hidden_size_per_layer_input else None
         rope_local = rope_cos_sin(positions, self.inv_freq_local)
         rope_global = rope_cos_sin(positions, self.inv_freq_global)
-        if cache is not None:
-            cache.begin(positions)
-        stored: dict[int, KV] = {}  # layer index -> keys/values that later shared layers read
         masks: dict = {}
+        if cache is not None:
+            fresh = cache.begin(positions)
+            T = positions.shape[1]
+            window = self.config.sliding_window
+            if fresh and T > 1 and (window is None or T <= window) and positions.shape[0] == 1 and bool(
+                (positions[0] == torch.arange(T)).all()
+            ):
+                masks["causal"] = True
+        stored: dict[int, KV] = {}  # layer index -> keys/values that later shared layers read
         for i, layer in enumerate(self.layers):
             spec = layer.spec
             shared = stored[spec.kv_source] if spec.kv_source is not None else None
