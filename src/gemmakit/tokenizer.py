@@ -49,10 +49,17 @@ class _Vocabulary:
 
     def token_id(self, piece: str) -> int:
         """Id of a piece by its text (e.g. ``"<end_of_turn>"``); KeyError if absent."""
-        return self._id_of[piece]
+        i = self._lookup(piece)
+        if i is None:
+            raise KeyError(piece)
+        return i
 
     def has_piece(self, piece: str) -> bool:
-        return piece in self._id_of
+        return self._lookup(piece) is not None
+
+    def _lookup(self, piece: str) -> int | None:
+        i = self._id_of.get(piece)
+        return i
 
     def is_control(self, token_id: int) -> bool:
         return self.types[token_id] == CONTROL
@@ -97,7 +104,7 @@ class Tokenizer(_Vocabulary):
         self.bos_id, self.eos_id, self.pad_id, self.unk_id = bos_id, eos_id, pad_id, unk_id
         self.add_bos = add_bos
         self._sp = spm.SentencePieceProcessor(model_proto=_model_proto(self.pieces, scores, self.types, unk_id))
-        self._id_of = {p: i for i, p in enumerate(self.pieces)}
+        self._id_of = {}  # SentencePiece answers piece lookups (saves a 262k-entry dict)
         self._index()
         # Pieces matched in raw text before the BPE runs, longest first (llama.cpp's special-token partition):
         # user-defined ones always, control and unknown ones only when parsing special tokens.
@@ -110,6 +117,11 @@ class Tokenizer(_Vocabulary):
 
         self._user_defined = longest_first((USER_DEFINED,))
         self._with_special = longest_first((USER_DEFINED, CONTROL, UNKNOWN))
+
+    def _lookup(self, piece: str) -> int | None:
+        i = self._sp.piece_to_id(piece)
+        # Unknown pieces map to the unk id; only "<unk>" itself legitimately does.
+        return i if (i != self.unk_id or piece == self.pieces[self.unk_id]) and self.pieces[i] == piece else None
 
     def encode(self, text: str, add_bos: bool = False, parse_special: bool = False) -> list[int]:
         """Token ids for ``text``.
