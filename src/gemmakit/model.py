@@ -47,17 +47,22 @@ def rope_inv_freq(head_dim: int, theta: float, scaling_factor: float = 1.0, rota
 
 
 def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of shape (B, T, 1, D) for rotate-half RoPE at the given absolute positions (B, T)."""
+    """cos and signed sin of shape (B, T, 1, D) for rotate-half RoPE at absolute positions (B, T).
+
+    The sin table carries the rotation's sign (-sin on the first half), so applying RoPE needs only a swap of
+    the two halves: x * cos + swap(x) * signed_sin.
+    """
     freqs = positions.float().unsqueeze(-1) * inv_freq  # (B, T, D/2)
     emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos().unsqueeze(2), emb.sin().unsqueeze(2)
+    sin = freqs.sin()
+    return emb.cos().unsqueeze(2), torch.cat([-sin, sin], dim=-1).unsqueeze(2)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """Rotate-half (NeoX) RoPE on x (B, T, heads, D): pairs are (i, i + D/2)."""
     half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+    swapped = x.unflatten(-1, (2, half)).flip(-2).flatten(-2)  # (x2, x1)
+    return x * cos.to(x.dtype) + swapped * signed_sin.to(x.dtype)
 
 
 def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -160,6 +165,8 @@ class Attention(nn.Module):
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         groups = self.n_heads // self.n_kv
+        if q.shape[2] == 1 and self.softcap is None:
+            return self._attend_one(q, k, v, mask, groups)
         if self.softcap is None:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=groups > 1)
         # Soft-capped scores (Gemma 2) cannot go through SDPA: write the attention out.
@@ -168,6 +175,16 @@ class Attention(nn.Module):
         scores = torch.tanh(scores / self.softcap) * self.softcap
         scores = scores.masked_fill(~mask, float("-inf"))
         return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
+
+
+    def _attend_one(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, groups: int):
+        """Decode (one query per row) written out: SDPA's CPU kernel costs ~100 us of setup per call here."""
+        B, H, _, D = q.shape
+        qg = q.reshape(B, self.n_kv, groups, D)  # query heads grouped by the KV head they read
+        scores = (qg @ k.transpose(-1, -2)).float() * self.scale  # (B, Hkv, G, K)
+        scores = scores.masked_fill(~mask.reshape(B, 1, 1, -1), float("-inf"))
+        out = torch.softmax(scores, dim=-1).to(v.dtype) @ v  # (B, Hkv, G, D)
+        return out.reshape(B, H, 1, D)
 
 
 class MLP(nn.Module):
