@@ -100,7 +100,8 @@ def run_random_bench(name: str, prompt_tokens: int, decode_tokens: int, threads:
 
 
 def run_bench(path: str | None = None, prompt_tokens: int = 512, decode_tokens: int = 64,
-              threads: int | None = None, random_weights: str | None = None) -> dict[str, float | int | str]:
+              threads: int | None = None, random_weights: str | None = None,
+              quant: str = "auto") -> dict[str, float | int | str]:
     """Measure one model; returns a flat dict of figures (seconds, tokens per second, MiB)."""
     from . import load
     from .generate import decode_step, prefill
@@ -109,11 +110,11 @@ def run_bench(path: str | None = None, prompt_tokens: int = 512, decode_tokens: 
     if random_weights:
         return run_random_bench(random_weights, prompt_tokens, decode_tokens, threads)
     t0 = time.perf_counter()
-    llm = load(path, threads=threads)
+    llm = load(path, threads=threads, quant=quant)
     load_s = time.perf_counter() - t0
     ids = bench_prompt_ids(llm, prompt_tokens)
 
-    cache = KVCache(llm.config, 1, len(ids) + decode_tokens + 1)
+    cache = KVCache(llm.config, 1, len(ids) + decode_tokens + 1, dtype=llm.model.activation_dtype)
     t0 = time.perf_counter()
     logits = prefill(llm.model, ids, cache)
     prefill_s = time.perf_counter() - t0
@@ -131,6 +132,7 @@ def run_bench(path: str | None = None, prompt_tokens: int = 512, decode_tokens: 
     ttft_s = time.perf_counter() - t0
     return {
         "model": str(llm.path),
+        "quant": quant,
         "threads": torch.get_num_threads(),
         "load_s": load_s,
         "peak_rss_mib": peak_rss_mib(),

@@ -18,6 +18,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", help="path of a GGUF file (default: bundled Gemma 3 270M base model)")
     p.add_argument("--threads", "-t", type=int, help="CPU threads (default: all cores)")
     p.add_argument("--context-length", type=int, help="most tokens per sequence (default: the model's maximum)")
+    p.add_argument("--quant", default="auto", choices=["auto", "int8", "fp32", "bf16"],
+                   help="GGUF weights in memory: auto/int8 keep them quantized (default), fp32/bf16 dequantize")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -85,7 +87,7 @@ def _load(args: argparse.Namespace):
     from . import load
 
     with _spinner("Loading model"):
-        return load(args.model, context_length=args.context_length, threads=args.threads)
+        return load(args.model, context_length=args.context_length, threads=args.threads, quant=args.quant)
 
 
 def _completion_json(c) -> dict[str, Any]:
@@ -164,7 +166,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
 
     result = run_bench(args.model, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,
-                       threads=args.threads, random_weights=args.random_weights)
+                       threads=args.threads, random_weights=args.random_weights, quant=args.quant)
     if args.json:
         print(json.dumps(result))
     else:
