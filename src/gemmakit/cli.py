@@ -175,6 +175,27 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    import uvicorn
+
+    from .errors import InvalidParameterError
+    from .server import create_app
+
+    keys = list(args.api_key or [])
+    if args.api_keys_file:
+        try:
+            keys += [line.strip() for line in open(args.api_keys_file) if line.strip()]
+        except OSError as exc:
+            raise InvalidParameterError(f"--api-keys-file {args.api_keys_file}: {exc.strerror}") from None
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    llm = _load(args)
+    app = create_app(llm, model_name=args.model_name, api_keys=keys)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gemmakit", description="Run Gemma models locally.")
     parser.add_argument("--verbose", "-v", action="store_true", help="log progress to stderr")
@@ -192,6 +213,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(chat)
     _add_sampling_args(chat)
     chat.set_defaults(func=cmd_chat)
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    _add_model_args(serve)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", action="append", help="require this bearer key (repeatable)")
+    serve.add_argument("--api-keys-file", help="file with one accepted key per line")
+    serve.add_argument("--model-name", help="model id clients use (default: the file name)")
+    serve.set_defaults(func=cmd_serve)
 
     bench = sub.add_parser("bench", help="measure load time, memory, prefill and decode speed")
     _add_model_args(bench)

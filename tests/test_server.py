@@ -1,0 +1,216 @@
+"""The HTTP API on a real uvicorn server on loopback, driven by the official openai client."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from gemmakit.server import create_app
+
+MODEL = "gemma3-270m"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, app) -> None:
+        self.port = _free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> "Server":
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            if time.time() > deadline:
+                raise RuntimeError("server did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@pytest.fixture(scope="module")
+def server(llm):
+    with Server(create_app(llm, model_name=MODEL)) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+CHAT = [{"role": "user", "content": "Name a color."}]
+
+
+def test_models_and_health(server, client) -> None:
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+
+
+def test_chat_completion_matches_api(llm, client) -> None:
+    out = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=8, temperature=0)
+    ref = llm.chat(CHAT, max_tokens=8, temperature=0)
+    assert out.choices[0].message.content == ref.text
+    assert out.choices[0].finish_reason == ref.finish_reason == "length"
+    assert out.usage.prompt_tokens == ref.usage.prompt_tokens and out.usage.completion_tokens == 8
+
+
+def test_streamed_chat_reassembles_to_non_streamed(client) -> None:
+    full = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=12, temperature=0)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=12, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 12
+
+
+def test_completion_and_echo(llm, client) -> None:
+    prompt = "The capital of France is"
+    out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0)
+    assert out.choices[0].text == llm.generate(prompt, max_tokens=6, temperature=0).text
+    echoed = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0, echo=True)
+    assert echoed.choices[0].text == prompt + out.choices[0].text
+    ids = llm.tokenizer.encode(prompt, add_bos=True)
+    by_ids = client.completions.create(model=MODEL, prompt=ids, max_tokens=6, temperature=0)
+    assert by_ids.choices[0].text == out.choices[0].text
+
+
+def test_n_seed_logprobs_and_stop(client) -> None:
+    two = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=6, n=2, seed=5, temperature=1.0)
+    assert [c.index for c in two.choices] == [0, 1]
+    again = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=6, n=2, seed=5, temperature=1.0)
+    assert [c.message.content for c in two.choices] == [c.message.content for c in again.choices]
+    lp = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=4, temperature=0, logprobs=True,
+                                        top_logprobs=3)
+    content = lp.choices[0].logprobs.content
+    assert len(content) == 4 and all(len(t.top_logprobs) == 3 for t in content)
+    assert content[0].top_logprobs[0].token == content[0].token  # greedy picks the top one
+    full = client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", max_tokens=12, temperature=0).choices[0]
+    stop = full.text.strip().split(" ")[1]
+    cut = client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", max_tokens=12, temperature=0, stop=[stop])
+    assert cut.choices[0].finish_reason == "stop" and cut.choices[0].text == full.text[: full.text.index(stop)]
+
+
+def test_tokenize_detokenize(llm, server) -> None:
+    r = httpx.post(server.url + "/tokenize", json={"prompt": "Hello world"}).json()
+    assert r["tokens"] == llm.tokenizer.encode("Hello world", add_bos=True)
+    back = httpx.post(server.url + "/detokenize", json={"tokens": r["tokens"][1:]}).json()
+    assert back["prompt"] == "Hello world"
+
+
+@pytest.mark.parametrize(
+    "body,status,fragment",
+    [
+        ({"model": MODEL, "messages": CHAT, "max_tokens": 10**9}, 400, "tokens"),
+        ({"model": MODEL, "messages": CHAT, "temperature": -1}, 400, "temperature"),
+        ({"model": MODEL, "messages": CHAT, "top_p": "high"}, 400, "top_p"),
+        ({"model": MODEL, "messages": []}, 400, "messages"),
+        ({"model": MODEL, "messages": [{"role": "assistant", "content": "x"}]}, 400, "out of order"),
+        ({"model": "gpt-9", "messages": CHAT}, 404, "gpt-9"),
+    ],
+)
+def test_errors_are_openai_shaped(server, body, status, fragment) -> None:
+    r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == status
+    error = r.json()["error"]
+    assert fragment in error["message"] and "Traceback" not in r.text
+
+
+def test_malformed_json(server) -> None:
+    r = httpx.post(server.url + "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "invalid request" in r.json()["error"]["message"]
+
+
+def test_context_overflow_says_what_fits(server) -> None:
+    r = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 10**7})
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert error["code"] == "context_length_exceeded" and "new tokens fit" in error["message"]
+
+
+def test_auth(llm) -> None:
+    with Server(create_app(llm, model_name=MODEL, api_keys=["s3cret"])) as s:
+        bad = openai.OpenAI(base_url=s.url + "/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            bad.models.list()
+        assert httpx.get(s.url + "/v1/models").status_code == 401
+        good = openai.OpenAI(base_url=s.url + "/v1", api_key="s3cret", max_retries=0)
+        assert good.models.list().data[0].id == MODEL
+        assert httpx.get(s.url + "/health").status_code == 200  # health stays open
+
+
+def test_cancelled_stream_frees_the_slot(server, client) -> None:
+    with httpx.stream("POST", server.url + "/v1/chat/completions",
+                      json={"model": MODEL, "messages": CHAT, "max_tokens": 200, "stream": True}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: ") and "content" in line:
+                break  # hang up mid-stream
+    # The next request is served (the abandoned generation released the slot).
+    start = time.time()
+    out = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=2, temperature=0)
+    assert out.choices[0].finish_reason == "length" and time.time() - start < 60
+
+
+def test_sixteen_concurrent_streams(llm, server) -> None:
+    """All complete, each with the text it would get alone (requests queue for the single generation slot)."""
+    import concurrent.futures
+
+    prompts = [f"Count from {i}:" for i in range(16)]
+
+    def run(prompt: str) -> str:
+        c = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=300)
+        stream = c.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0, stream=True)
+        return "".join(ch.choices[0].text for ch in stream if ch.choices)
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        texts = list(pool.map(run, prompts))
+    assert texts == [llm.generate(p, max_tokens=4, temperature=0).text for p in prompts]
+
+
+def test_serve_command(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    port = _free_port()
+    keys = tmp_path / "keys"
+    keys.write_text("k1\n")
+    proc = subprocess.Popen([sys.executable, "-m", "gemmakit.cli", "serve", "--port", str(port),
+                             "--api-keys-file", str(keys), "--model-name", MODEL],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.time() < deadline, "server did not come up"
+            time.sleep(0.3)
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k1", max_retries=0)
+        assert c.models.list().data[0].id == MODEL
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert "k1" not in err  # keys are never logged
