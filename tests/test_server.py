@@ -214,3 +214,38 @@ def test_serve_command(tmp_path) -> None:
         proc.terminate()
         _, err = proc.communicate(timeout=30)
     assert "k1" not in err  # keys are never logged
+
+
+def test_metrics(server, client) -> None:
+    client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=3, temperature=0)
+    list(client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=3, temperature=0, stream=True))
+    text = httpx.get(server.url + "/metrics").text
+    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+              if line and not line.startswith("#")}
+    assert values["gemmakit_generated_tokens_total"] >= 6
+    assert values["gemmakit_prompt_tokens_total"] > 0
+    assert values["gemmakit_time_to_first_token_seconds_count"] >= 2
+    assert values["gemmakit_inter_token_latency_seconds_count"] >= 2
+    assert values["gemmakit_queue_depth"] == 0 and values["gemmakit_running_sequences"] == 0
+    assert any(k.startswith('gemmakit_requests_total{path="/v1/chat/completions",status="200"}') for k in values)
+
+
+def test_openapi_describes_the_api(server) -> None:
+    paths = httpx.get(server.url + "/openapi.json").json()["paths"]
+    assert {"/v1/chat/completions", "/v1/completions", "/v1/models", "/tokenize", "/detokenize", "/health",
+            "/metrics"} <= set(paths)
+
+
+def test_full_queue_gets_429(llm) -> None:
+    import concurrent.futures
+
+    with Server(create_app(llm, model_name=MODEL, max_waiting=1)) as s:
+        def run(i: int) -> int:
+            return httpx.post(s.url + "/v1/completions", timeout=120,
+                              json={"model": MODEL, "prompt": f"{i}", "max_tokens": 24}).status_code
+
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            codes = list(pool.map(run, range(6)))
+        assert 429 in codes and 200 in codes
+        r = httpx.post(s.url + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 1})
+        assert r.status_code == 200

@@ -108,12 +108,50 @@ async def _guarded(events: Iterator[str], request: Request) -> AsyncIterator[str
         await anyio.to_thread.run_sync(events.close)
 
 
+class Metrics:
+    """Prometheus metrics of one server (its own registry, so several apps in a process do not collide)."""
+
+    def __init__(self, slot: Slot) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter("gemmakit_requests", "HTTP requests", ["path", "status"], registry=self.registry)
+        self.prompt_tokens = Counter("gemmakit_prompt_tokens", "prompt tokens processed", registry=self.registry)
+        self.generated_tokens = Counter("gemmakit_generated_tokens", "tokens generated", registry=self.registry)
+        buckets = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+        self.ttft = Histogram("gemmakit_time_to_first_token_seconds", "time to first token", buckets=buckets,
+                              registry=self.registry)
+        self.itl = Histogram("gemmakit_inter_token_latency_seconds", "time between tokens", buckets=buckets,
+                             registry=self.registry)
+        self.running = Gauge("gemmakit_running_sequences", "sequences generating now", registry=self.registry)
+        queue = Gauge("gemmakit_queue_depth", "requests waiting for a generation slot", registry=self.registry)
+        queue.set_function(lambda: slot.waiting)
+
+    def observe(self, events: Iterator[StreamEvent], prompt_tokens: int) -> Iterator[StreamEvent]:
+        """Pass events through, recording latencies and token counts."""
+        self.prompt_tokens.inc(prompt_tokens)
+        self.running.inc()
+        start = last = time.perf_counter()
+        first = True
+        try:
+            for ev in events:
+                now = time.perf_counter()
+                (self.ttft if first else self.itl).observe(now - (start if first else last))
+                first, last = False, now
+                if not ev.stop_token:
+                    self.generated_tokens.inc()
+                yield ev
+        finally:
+            self.running.dec()
+
+
 def create_app(llm, model_name: str | None = None, api_keys: list[str] | None = None,
                max_waiting: int = 64) -> FastAPI:
     """The FastAPI application serving ``llm`` under the model id ``model_name`` (default: the file's stem)."""
     model_id = model_name or llm.path.stem
     keys = [k.encode() for k in (api_keys or []) if k]
     slot = Slot(max_waiting)
+    metrics = Metrics(slot)
     app = FastAPI(title="gemmakit", description="OpenAI-compatible API for Gemma models", version="0.1.0")
 
     def authorize(request: Request) -> None:
@@ -158,6 +196,7 @@ def create_app(llm, model_name: str | None = None, api_keys: list[str] | None = 
         start = time.perf_counter()
         request_id = uuid.uuid4().hex[:12]
         response = await call_next(request)
+        metrics.requests.labels(request.url.path, str(response.status_code)).inc()
         logger.info(json.dumps({"id": request_id, "method": request.method, "path": request.url.path,
                                 "status": response.status_code,
                                 "ms": round((time.perf_counter() - start) * 1000, 1)}))
@@ -166,6 +205,13 @@ def create_app(llm, model_name: str | None = None, api_keys: list[str] | None = 
     @app.get("/health")
     def health() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get("/metrics")
+    def prometheus_metrics():
+        from fastapi.responses import Response
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models", dependencies=[Depends(authorize)])
     def models() -> dict[str, Any]:
@@ -217,12 +263,20 @@ def create_app(llm, model_name: str | None = None, api_keys: list[str] | None = 
             body.max_tokens = max(llm.context_length - prompt_len, 1)
         cid, created = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
         if body.stream:
-            streams = [llm.chat_stream(body.messages, **chat_kwargs(body), **chat_params(body, i))
+            n_prompt = len(llm.apply_chat_template(body.messages, tokenize=True, **chat_kwargs(body)))
+            streams = [metrics.observe(llm.chat_stream(body.messages, **chat_kwargs(body), **chat_params(body, i)),
+                                       n_prompt)
                        for i in range(body.n)]  # prompt and parameter errors surface here, before streaming
             return ClosingStreamingResponse(_guarded(chat_sse(body, streams, cid, created), request),
                                      media_type="text/event-stream")
         with slot.hold():
-            results = [llm.chat(body.messages, **chat_kwargs(body), **chat_params(body, i)) for i in range(body.n)]
+            metrics.running.inc()
+            try:
+                results = [llm.chat(body.messages, **chat_kwargs(body), **chat_params(body, i))
+                           for i in range(body.n)]
+            finally:
+                metrics.running.dec()
+        record(results)
         return {"id": cid, "object": "chat.completion", "created": created, "model": model_id,
                 "choices": [chat_choice(body, i, c) for i, c in enumerate(results)],
                 "usage": usage(results)}
@@ -239,6 +293,12 @@ def create_app(llm, model_name: str | None = None, api_keys: list[str] | None = 
         if body.logprobs and c.logprobs is not None:
             logprobs = {"content": [_logprob_entry(llm.tokenizer, lp, body.top_logprobs or 0) for lp in c.logprobs]}
         return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish}
+
+    def record(results: list[Completion]) -> None:
+        metrics.prompt_tokens.inc(results[0].usage.prompt_tokens)
+        for c in results:
+            metrics.generated_tokens.inc(c.usage.completion_tokens)
+            metrics.ttft.observe(c.timings.get("first_token_s", 0.0))
 
     def usage(results: list[Completion]) -> dict[str, int]:
         prompt = results[0].usage.prompt_tokens
@@ -292,12 +352,18 @@ def create_app(llm, model_name: str | None = None, api_keys: list[str] | None = 
             return p
 
         if body.stream:
-            streams = [llm.stream(body.prompt, **params(i)) for i in range(body.n)]
+            n_prompt = len(llm._prompt_ids(body.prompt))
+            streams = [metrics.observe(llm.stream(body.prompt, **params(i)), n_prompt) for i in range(body.n)]
             return ClosingStreamingResponse(_guarded(completion_sse(body, streams, cid, created, prompt_text),
                                                      request),
                                      media_type="text/event-stream")
         with slot.hold():
-            results = [llm.generate(body.prompt, **params(i)) for i in range(body.n)]
+            metrics.running.inc()
+            try:
+                results = [llm.generate(body.prompt, **params(i)) for i in range(body.n)]
+            finally:
+                metrics.running.dec()
+        record(results)
         choices = []
         for i, c in enumerate(results):
             text = (prompt_text if body.echo else "") + c.text
