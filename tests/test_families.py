@@ -283,7 +283,6 @@ LLAMACPP_GEMMA123_LAYER = {k: v for k, v in LLAMACPP_GEMMA4_LAYER.items() if not
 
 def write_gemma123_gguf(ref, arch: str, path) -> None:
     """A Gemma 1/2/3 transformers model as a llama.cpp GGUF: norms shifted to 1 + w, as the converter does."""
-    import numpy as np
     from gguf import GGUFWriter
 
     c = ref.config

@@ -11,7 +11,7 @@ from gguf import quants
 import gemmakit
 from gemmakit.errors import ModelTooLargeError
 from gemmakit.quant import kernels as kernels_module
-from gemmakit.quant.ggml import QUANTIZED_TYPES, dequantize, split
+from gemmakit.quant.ggml import QUANTIZED_TYPES, split
 from gemmakit.quant.linear import QuantWeight
 from test_quant_ggml import random_blocks
 

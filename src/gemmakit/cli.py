@@ -6,7 +6,6 @@ import argparse
 import json
 import sys
 import threading
-import time
 from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Any, Iterator

@@ -13,7 +13,7 @@ import torch
 from .chat import Segment, chat_format_for, segments_to_ids, segments_to_text
 from .chat_template import CheckpointChatFormat, find_checkpoint_template
 from .config import GemmaConfig
-from .errors import ContextLengthError, InvalidParameterError, ModelNotFoundError
+from .errors import ContextLengthError, InvalidParameterError
 from .generate import Completion, StreamEvent, collect, generate_events
 from .model import Gemma
 from .sampling import SamplingParams
