@@ -349,3 +349,13 @@ def test_gemma123_gguf_matches_safetensors(name, arch, factory, tmp_path) -> Non
     assert from_gguf.config.architecture == arch
     diff = (from_gguf.logits(ids) - llm.logits(ids)).abs().max().item()
     assert diff <= 1e-4, f"{arch}: GGUF vs safetensors differ by {diff:.2e}"
+
+
+def test_gguf_only_options_are_refused_for_hf_folders(tmp_path) -> None:
+    from gemmakit.errors import InvalidParameterError
+
+    build("gemma1", tmp_path)
+    with pytest.raises(InvalidParameterError, match="quant= and memory_budget= apply to GGUF files"):
+        gemmakit.load(tmp_path, quant="int8")
+    with pytest.raises(InvalidParameterError, match="apply to GGUF files"):
+        gemmakit.load(tmp_path, memory_budget=10**9)

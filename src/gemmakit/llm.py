@@ -231,6 +231,10 @@ def load(
         torch.set_num_threads(threads)
     file = Path(path) if path is not None else default_model_path()
     if file.is_dir():
+        if quant != "auto" or memory_budget is not None:
+            raise InvalidParameterError(
+                f"{file}: quant= and memory_budget= apply to GGUF files; for a Hugging Face folder choose dtype="
+            )
         model, config = load_hf_model(file, dtype)
         tokenizer = HFTokenizer.from_folder(file)
         template = find_checkpoint_template(folder=file)

@@ -95,6 +95,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * D, E, bias=False)
         # Set by the loader when q, k and v can run as one matmul (quantized weights); None otherwise.
         self.qkv_proj: nn.Module | None = None
+        self.qkv_sizes: list[int] = []  # output widths of q, k, v inside qkv_proj
         self.q_norm = RMSNorm(D, eps) if config.use_qk_norm else None
         if not self.shared:
             self.k_proj = nn.Linear(E, self.n_kv * D, bias=False)
@@ -129,20 +130,20 @@ class Attention(nn.Module):
         else:
             kv = self._own_kv(x, positions, rope, cache, k_new, v_new)
         k, v, k_pos = kv
+        qh = q.transpose(1, 2)  # (B, H, T, D)
         if masks.get("causal") and self.softcap is None:
-            # Fresh, unpadded prefill that fits every window: keys are exactly the chunk's, in order, and plain
+            # Fresh, unpadded chunk that fits every window: keys are exactly the chunk's, in order, and plain
             # causal attention is the mask (SDPA's causal path is much faster than an explicit mask on CPU).
-            k, v = k[:, :T], v[:, :T]
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            out = F.scaled_dot_product_attention(qh, k[:, :T].transpose(1, 2), v[:, :T].transpose(1, 2),
                                                  is_causal=True, scale=self.scale,
                                                  enable_gqa=self.n_heads != self.n_kv)
-            return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)), kv
-        # Layers of one kind see the same key positions: build each mask once per forward.
-        key = (self.window, k_pos.data_ptr(), tuple(k_pos.shape), k_pos.stride())
-        mask = masks.get(key)
-        if mask is None:
-            mask = masks[key] = attention_mask(positions, k_pos, self.window)
-        out = self._attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)  # (B, H, T, D)
+        else:
+            # Layers of one kind see the same key positions: build each mask once per forward.
+            key = (self.window, k_pos.data_ptr(), tuple(k_pos.shape), k_pos.stride())
+            mask = masks.get(key)
+            if mask is None:
+                mask = masks[key] = attention_mask(positions, k_pos, self.window)
+            out = self._attend(qh, k.transpose(1, 2), v.transpose(1, 2), mask)  # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)), kv
 
     def _own_kv(self, x: torch.Tensor, positions: torch.Tensor, rope, cache: KVCache | None,
@@ -306,6 +307,11 @@ class DecoderLayer(nn.Module):
         return self.post_feedforward_layernorm_2(out.reshape(residual.shape))
 
 
+def _embedding_dtype(embedding: nn.Module) -> torch.dtype:
+    """A quantized table computes in float32 (QuantEmbedding.compute_dtype); a plain one in its weight dtype."""
+    return getattr(embedding, "compute_dtype", None) or embedding.weight.dtype
+
+
 class Gemma(nn.Module):
     """Gemma text decoder with a tied output head.
 
@@ -343,14 +349,12 @@ class Gemma(nn.Module):
     @property
     def activation_dtype(self) -> torch.dtype:
         """dtype of the hidden states (and so of the KV cache)."""
-        emb = self.embed_tokens
-        return getattr(emb, "compute_dtype", None) or emb.weight.dtype
+        return _embedding_dtype(self.embed_tokens)
 
     def _scaled(self, embedding: nn.Module, tokens: torch.Tensor, scale: float) -> torch.Tensor:
         x = embedding(tokens)
         # The scale is rounded to the weight dtype first, as the reference does (sqrt(3072) -> 55.5 in bf16).
-        dtype = getattr(embedding, "compute_dtype", None) or embedding.weight.dtype
-        return x * torch.tensor(scale, dtype=dtype).to(x.dtype)
+        return x * torch.tensor(scale, dtype=_embedding_dtype(embedding)).to(x.dtype)
 
     def per_layer_inputs(self, tokens: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Gemma 4 PLE: (token part + context part) / sqrt(2), shape (B, T, L, P)."""
@@ -374,14 +378,13 @@ class Gemma(nn.Module):
         rope_local = rope_cos_sin(positions, self.inv_freq_local)
         rope_global = rope_cos_sin(positions, self.inv_freq_global)
         masks: dict = {}
-        if cache is not None:
-            fresh = cache.begin(positions)
-            T = positions.shape[1]
-            window = self.config.sliding_window
-            if fresh and T > 1 and (window is None or T <= window) and positions.shape[0] == 1 and bool(
-                (positions[0] == torch.arange(T)).all()
-            ):
-                masks["causal"] = True
+        fresh = cache.begin(positions) if cache is not None else True  # no earlier tokens to attend to
+        T = positions.shape[1]
+        window = self.config.sliding_window
+        if fresh and T > 1 and (window is None or T <= window) and positions.shape[0] == 1 and bool(
+            (positions[0] == torch.arange(T)).all()
+        ):
+            masks["causal"] = True
         stored: dict[int, KV] = {}  # layer index -> keys/values that later shared layers read
         for i, layer in enumerate(self.layers):
             spec = layer.spec

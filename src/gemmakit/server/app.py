@@ -257,18 +257,17 @@ def create_app(llm, model_name: str | None = None, api_keys: list[str] | None = 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     def chat_completions(body: ChatCompletionRequest, request: Request):
         check_model(body.model)
+        n_prompt = len(llm.apply_chat_template(body.messages, tokenize=True, **chat_kwargs(body)))
         if body.max_tokens is None and body.max_completion_tokens is None:
             # OpenAI's default is "until the context is full"; fill what is left after the prompt.
-            prompt_len = len(llm.apply_chat_template(body.messages, tokenize=True, **chat_kwargs(body)))
-            body.max_tokens = max(llm.context_length - prompt_len, 1)
+            body.max_tokens = max(llm.context_length - n_prompt, 1)
         cid, created = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
         if body.stream:
-            n_prompt = len(llm.apply_chat_template(body.messages, tokenize=True, **chat_kwargs(body)))
             streams = [metrics.observe(llm.chat_stream(body.messages, **chat_kwargs(body), **chat_params(body, i)),
                                        n_prompt)
                        for i in range(body.n)]  # prompt and parameter errors surface here, before streaming
-            return ClosingStreamingResponse(_guarded(chat_sse(body, streams, cid, created), request),
-                                     media_type="text/event-stream")
+            return ClosingStreamingResponse(_guarded(chat_sse(body, streams, cid, created, n_prompt), request),
+                                            media_type="text/event-stream")
         with slot.hold():
             metrics.running.inc()
             try:
@@ -308,9 +307,9 @@ def create_app(llm, model_name: str | None = None, api_keys: list[str] | None = 
     def sse(obj: dict[str, Any]) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
-    def chat_sse(body: ChatCompletionRequest, streams: list[Iterator[StreamEvent]], cid: str, created: int):
+    def chat_sse(body: ChatCompletionRequest, streams: list[Iterator[StreamEvent]], cid: str, created: int,
+                 prompt_tokens: int):
         base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_id}
-        prompt_tokens = len(llm.apply_chat_template(body.messages, tokenize=True, **chat_kwargs(body)))
         completion_tokens = 0
         try:
             with slot.hold():
@@ -354,8 +353,8 @@ def create_app(llm, model_name: str | None = None, api_keys: list[str] | None = 
         if body.stream:
             n_prompt = len(llm._prompt_ids(body.prompt))
             streams = [metrics.observe(llm.stream(body.prompt, **params(i)), n_prompt) for i in range(body.n)]
-            return ClosingStreamingResponse(_guarded(completion_sse(body, streams, cid, created, prompt_text),
-                                                     request),
+            return ClosingStreamingResponse(_guarded(completion_sse(body, streams, cid, created, prompt_text,
+                                                                    n_prompt), request),
                                      media_type="text/event-stream")
         with slot.hold():
             metrics.running.inc()
@@ -381,7 +380,8 @@ def create_app(llm, model_name: str | None = None, api_keys: list[str] | None = 
         return {"id": cid, "object": "text_completion", "created": created, "model": model_id,
                 "choices": choices, "usage": usage(results)}
 
-    def completion_sse(body: CompletionRequest, streams, cid: str, created: int, prompt_text: str):
+    def completion_sse(body: CompletionRequest, streams, cid: str, created: int, prompt_text: str,
+                       prompt_tokens: int):
         base = {"id": cid, "object": "text_completion", "created": created, "model": model_id}
         completion_tokens = 0
         try:
@@ -399,7 +399,6 @@ def create_app(llm, model_name: str | None = None, api_keys: list[str] | None = 
         except APIError as exc:
             yield sse({"error": {"message": exc.message, "type": exc.kind, "param": None, "code": exc.code}})
         if body.stream_options and body.stream_options.include_usage:
-            prompt_tokens = len(llm._prompt_ids(body.prompt))
             yield sse({**base, "choices": [], "usage": {"prompt_tokens": prompt_tokens,
                                                         "completion_tokens": completion_tokens,
                                                         "total_tokens": prompt_tokens + completion_tokens}})
