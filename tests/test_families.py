@@ -66,11 +66,11 @@ def gemma4(kind: str):
     base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_attention_heads=4, head_dim=16,
                 global_head_dim=32, max_position_embeddings=256, sliding_window=WINDOW,
                 final_logit_softcapping=30.0)
-    if kind == "e2b":  # PLE, KV sharing of the last 4 layers, double-wide MLP there, 4:1 pattern
+    if kind == "e2b":  # PLE, KV sharing of the last 5 layers (the last owner is global, as in the real E2B), double-wide MLP there, 4:1 pattern
         types = (["sliding_attention"] * 4 + ["full_attention"]) * 2
         return Gemma4TextConfig(**base, num_hidden_layers=10, num_key_value_heads=1, layer_types=types,
                                 hidden_size_per_layer_input=8, vocab_size_per_layer_input=VOCAB,
-                                num_kv_shared_layers=4, use_double_wide_mlp=True)
+                                num_kv_shared_layers=5, use_double_wide_mlp=True)
     types = (["sliding_attention"] * 5 + ["full_attention"])
     if kind == "31b":  # K = V on global layers with their own KV-head count
         return Gemma4TextConfig(**base, num_hidden_layers=6, num_key_value_heads=2, layer_types=types,
@@ -166,7 +166,7 @@ def test_only_cache_owning_layers_allocate(family) -> None:
     owners = [spec.kv_source is None for spec in llm.config.layers]
     assert [c is not None for c in cache.layers] == owners
     if name == "gemma4_e2b":
-        assert owners.count(False) == 4
+        assert owners.count(False) == 5
 
 
 # llama.cpp's Gemma 4 tensor names, written out here independently of gemmakit's own table.
@@ -206,8 +206,9 @@ LLAMACPP_GEMMA4_LAYER = {
 }
 
 
-def write_gemma4_gguf(ref, gguf_specs, path) -> None:
-    """The transformers model's weights as a llama.cpp-layout Gemma 4 GGUF (F32)."""
+def write_gemma4_gguf(ref, gguf_specs, path, split_experts: bool = False) -> None:
+    """The transformers model's weights as a llama.cpp-layout Gemma 4 GGUF (F32). ``split_experts`` writes the
+    experts' gate and up halves as ``ffn_gate_exps`` / ``ffn_up_exps`` instead of one ``ffn_gate_up_exps``."""
     import numpy as np
     from gguf import GGUFWriter
 
@@ -227,6 +228,8 @@ def write_gemma4_gguf(ref, gguf_specs, path) -> None:
     w.add_uint32(a + "attention.value_length", 32)
     w.add_uint32(a + "attention.value_length_swa", 16)
     w.add_float32(a + "attention.layer_norm_rms_epsilon", c.rms_norm_eps)
+    w.add_uint32(a + "rope.dimension_count", 32)  # llama.cpp's converter: the global head_dim (rope_freqs
+    w.add_uint32(a + "rope.dimension_count_swa", 16)  # freezes the unrotated pairs), and the sliding head_dim
     w.add_float32(a + "rope.freq_base", 1_000_000.0)
     w.add_float32(a + "rope.freq_base_swa", 10_000.0)
     w.add_uint32(a + "attention.sliding_window", c.sliding_window)
@@ -253,6 +256,11 @@ def write_gemma4_gguf(ref, gguf_specs, path) -> None:
             if rest not in LLAMACPP_GEMMA4_LAYER:
                 continue  # e.g. k/v of KV-shared layers, absent in llama.cpp files
             target = f"blk.{i}.{LLAMACPP_GEMMA4_LAYER[rest]}"
+            if split_experts and rest == "experts.gate_up_proj":
+                gate, up = tensor.detach().float().chunk(2, dim=1)
+                w.add_tensor(f"blk.{i}.ffn_gate_exps.weight", gate.numpy().copy())
+                w.add_tensor(f"blk.{i}.ffn_up_exps.weight", up.numpy().copy())
+                continue
         elif name in LLAMACPP_GEMMA4:
             target = LLAMACPP_GEMMA4[name]
         else:
@@ -264,12 +272,13 @@ def write_gemma4_gguf(ref, gguf_specs, path) -> None:
     w.close()
 
 
-@pytest.mark.parametrize("name", ["gemma4_e2b", "gemma4_31b", "gemma4_26b_a4b"])
+@pytest.mark.parametrize("name,split_experts", [("gemma4_e2b", False), ("gemma4_31b", False),
+                                                ("gemma4_26b_a4b", False), ("gemma4_26b_a4b", True)])
 @torch.inference_mode()
-def test_gemma4_gguf_matches_safetensors(name, tmp_path) -> None:
+def test_gemma4_gguf_matches_safetensors(name, split_experts, tmp_path) -> None:
     name, ref, llm, ids = build(name, tmp_path / "hf")
     path = tmp_path / f"{name}.gguf"
-    write_gemma4_gguf(ref, llm.config.layers, path)
+    write_gemma4_gguf(ref, llm.config.layers, path, split_experts)
     from_gguf = gemmakit.load(path)
     diff = (from_gguf.logits(ids) - llm.logits(ids)).abs().max().item()
     print(f"{name}: GGUF vs safetensors max |logits diff| = {diff:.2e}")

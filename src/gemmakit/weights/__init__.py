@@ -15,7 +15,7 @@ from ..quant.ggml import QUANTIZED_TYPES, SUPPORTED_TYPES, dequantize, split
 from ..quant.linear import QuantEmbedding, QuantLinear, QuantWeight, fuse_projections
 from .gguf import GGUFFile
 from .hf import iter_tensors, read_config, safetensor_files
-from .names import GGUF_CONFIG_TENSORS, gguf_to_gemmakit, hf_to_gemmakit, is_shifted_norm
+from .names import GGUF_CONFIG_TENSORS, gguf_to_gemmakit, hf_to_gemmakit, is_shifted_norm, split_part
 
 logger = logging.getLogger(__name__)
 
@@ -91,23 +91,33 @@ def load_gguf_model(
     expected = {name: p.shape for name, p in model.named_parameters()}
     state: dict[str, torch.Tensor] = {}
     quantized: dict[str, QuantWeight] = {}
+    parts: dict[str, list[torch.Tensor | None]] = {}  # parameters stored as several tensors, stacked on dim 1
     for name, info in gguf.tensors.items():
         if name in GGUF_CONFIG_TENSORS:
             continue
         ours = gguf_to_gemmakit(name)
-        if ours is None or ours not in expected:
+        part = split_part(ours) if ours is not None else None
+        base = part[0] if part else ours
+        if base is None or base not in expected:
             raise WeightError(f"{gguf.path}: unexpected tensor {name!r} (not part of a {config.architecture} model)")
-        if tuple(info.shape) != tuple(expected[ours]):
-            raise WeightError(
-                f"{gguf.path}: tensor {name!r} has shape {list(info.shape)}, expected {list(expected[ours])}"
-            )
+        want = list(expected[base])
+        if part:
+            want[1] //= part[2]
+        if list(info.shape) != want:
+            raise WeightError(f"{gguf.path}: tensor {name!r} has shape {list(info.shape)}, expected {want}")
         if info.ggml_type not in SUPPORTED_TYPES:
             raise UnsupportedModelError(f"{gguf.path}: tensor {name!r} has unsupported type {info.ggml_type.name}")
-        if _keeps_quantized(quant, info, ours, model):
+        if part:
+            slots = parts.setdefault(base, [None] * part[2])
+            slots[part[1]] = dequantize(_raw_tensor(gguf, name), info.ggml_type, info.shape, name).to(dtype)
+        elif _keeps_quantized(quant, info, ours, model):
             quantized[ours] = QuantWeight(*split(_raw_tensor(gguf, name), info.ggml_type, info.shape))
         else:
             state[ours] = dequantize(_raw_tensor(gguf, name), info.ggml_type, info.shape, name).to(dtype).clone()
         gguf.release(name)
+    for base, slots in parts.items():
+        if all(t is not None for t in slots):
+            state[base] = torch.cat(slots, dim=1)  # type: ignore[arg-type]
     missing = sorted(set(expected) - set(state) - set(quantized))
     if missing:
         raise WeightError(f"{gguf.path}: missing tensors for {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))

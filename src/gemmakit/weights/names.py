@@ -37,6 +37,9 @@ GGUF_TO_GEMMAKIT: dict[str, str] = {
     "blk.{i}.ffn_gate_inp.scale": "layers.{i}.router.scale",
     "blk.{i}.ffn_down_exps.scale": "layers.{i}.router.per_expert_scale",
     "blk.{i}.ffn_gate_up_exps.weight": "layers.{i}.experts.gate_up_proj",
+    # Older/other converters write the experts' gate and up halves as two tensors; they fill one parameter.
+    "blk.{i}.ffn_gate_exps.weight": "layers.{i}.experts.gate_up_proj[0:2]",
+    "blk.{i}.ffn_up_exps.weight": "layers.{i}.experts.gate_up_proj[1:2]",
     "blk.{i}.ffn_down_exps.weight": "layers.{i}.experts.down_proj",
     "blk.{i}.pre_ffw_norm_2.weight": "layers.{i}.pre_feedforward_layernorm_2.weight",
     "blk.{i}.post_ffw_norm_1.weight": "layers.{i}.post_feedforward_layernorm_1.weight",
@@ -44,6 +47,15 @@ GGUF_TO_GEMMAKIT: dict[str, str] = {
 }
 # Tensors that configure the model rather than fill a parameter.
 GGUF_CONFIG_TENSORS = ("rope_freqs.weight",)
+
+
+_PART = re.compile(r"^(?P<base>.+)\[(?P<k>\d+):(?P<n>\d+)\]$")
+
+
+def split_part(ours: str) -> tuple[str, int, int] | None:
+    """``"x.gate_up_proj[1:2]"`` -> ("x.gate_up_proj", 1, 2): part k of n stacked along dim 1; None otherwise."""
+    m = _PART.match(ours)
+    return (m.group("base"), int(m.group("k")), int(m.group("n"))) if m else None
 
 
 def _compile(table: dict[str, str]) -> list[tuple[re.Pattern[str], str]]:
