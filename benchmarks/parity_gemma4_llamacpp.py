@@ -26,8 +26,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-import gemmakit  # noqa: E402
-from test_families import build, write_gemma4_gguf  # noqa: E402
+from test_families import build, write_gemma4_gguf
+
+import gemmakit
 
 CASES = [("gemma4_e2b", False), ("gemma4_31b", False), ("gemma4_26b_a4b", False), ("gemma4_26b_a4b", True)]
 

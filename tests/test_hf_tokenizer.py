@@ -46,3 +46,18 @@ def test_hf_tokenizer_encodes_decodes_and_guards_control_tokens(tmp_path) -> Non
 
 def test_folder_without_tokenizer_json(tmp_path) -> None:
     assert HFTokenizer.from_folder(tmp_path) is None
+
+
+def test_gemma4_markers_stay_visible_in_decoded_text(tmp_path) -> None:
+    """Gemma 4's channel and tool-call markers are special tokens in tokenizer.json, but the output parser reads
+    them from the decoded stream, so they decode as text (llama.cpp's converter makes them user-defined too)."""
+    make_tokenizer_json(tmp_path)
+    raw = HFTok.from_file(str(tmp_path / "tokenizer.json"))
+    raw.add_special_tokens([AddedToken("<|channel>", special=True), AddedToken("<channel|>", special=True),
+                            AddedToken("<turn|>", special=True)])
+    raw.save(str(tmp_path / "tokenizer.json"))
+    tok = HFTokenizer.from_folder(tmp_path)
+    ids = tok.encode("<|channel>hello<channel|>world<turn|>", parse_special=True)
+    dec = StreamDecoder(tok)
+    assert "".join(dec.add(i) for i in ids) + dec.flush() == "<|channel>hello<channel|>world"
+    assert tok.token_id("<|channel>") not in tok.encode("<|channel>hello")  # user text stays text

@@ -43,6 +43,20 @@ class _Vocabulary:
             for p, t in zip(self.pieces, self.types)
         ]
 
+    def _index_special_pieces(self, never_from_text: frozenset[str] = frozenset()) -> None:
+        """Pieces matched in raw text before the BPE runs, longest first (llama.cpp's special-token partition):
+        user-defined ones always (except ``never_from_text``), control and unknown ones only when parsing
+        special tokens."""
+        special = [(p, i, t) for i, (p, t) in enumerate(zip(self.pieces, self.types))
+                   if t in (USER_DEFINED, CONTROL, UNKNOWN) and p]
+
+        def longest_first(found: list[tuple[str, int]]) -> list[tuple[str, int]]:
+            return sorted(found, key=lambda pi: len(pi[0].encode("utf-8")), reverse=True)
+
+        self._user_defined = longest_first(
+            [(p, i) for p, i, t in special if t == USER_DEFINED and p not in never_from_text])
+        self._with_special = longest_first([(p, i) for p, i, _ in special])
+
     @property
     def vocab_size(self) -> int:
         return len(self.pieces)
@@ -106,17 +120,7 @@ class Tokenizer(_Vocabulary):
         self._sp = spm.SentencePieceProcessor(model_proto=_model_proto(self.pieces, scores, self.types, unk_id))
         self._id_of = {}  # SentencePiece answers piece lookups (saves a 262k-entry dict)
         self._index()
-        # Pieces matched in raw text before the BPE runs, longest first (llama.cpp's special-token partition):
-        # user-defined ones always, control and unknown ones only when parsing special tokens.
-        special = [(p, i, t) for i, (p, t) in enumerate(zip(self.pieces, self.types))
-                   if t in (USER_DEFINED, CONTROL, UNKNOWN) and p]
-
-        def longest_first(kinds: tuple[int, ...]) -> list[tuple[str, int]]:
-            found = [(p, i) for p, i, t in special if t in kinds]
-            return sorted(found, key=lambda pi: len(pi[0].encode("utf-8")), reverse=True)
-
-        self._user_defined = longest_first((USER_DEFINED,))
-        self._with_special = longest_first((USER_DEFINED, CONTROL, UNKNOWN))
+        self._index_special_pieces()
 
     def _lookup(self, piece: str) -> int | None:
         i = self._sp.piece_to_id(piece)
@@ -143,30 +147,108 @@ class Tokenizer(_Vocabulary):
         return ids
 
     @classmethod
-    def from_gguf_metadata(cls, meta: dict, path: str = "model") -> "Tokenizer":
-        """Build from llama.cpp ``tokenizer.ggml.*`` keys (model ``llama`` = SentencePiece)."""
+    def from_gguf_metadata(cls, meta: dict, path: str = "model") -> "Tokenizer | BPETokenizer":
+        """Build from llama.cpp ``tokenizer.ggml.*`` keys: model ``llama`` (SentencePiece, Gemma 1-3) or
+        ``gemma4`` (BPE with merges, see :class:`BPETokenizer`)."""
         model = meta.get("tokenizer.ggml.model")
-        if model != "llama":
+        if model not in ("llama", "gemma4"):
             from .errors import UnsupportedModelError
 
             raise UnsupportedModelError(
-                f"{path}: tokenizer model {model!r} is not supported yet (only SentencePiece 'llama' vocabularies)"
+                f"{path}: tokenizer model {model!r} is not supported (Gemma GGUFs use 'llama' or 'gemma4')"
             )
         pieces = meta.get("tokenizer.ggml.tokens")
         scores = meta.get("tokenizer.ggml.scores")
         types = meta.get("tokenizer.ggml.token_type")
-        if pieces is None or scores is None or types is None:
+        if pieces is None or types is None or (scores is None and model == "llama"):
             raise CorruptFileError(f"{path}: tokenizer.ggml.tokens, scores and token_type are all required")
-        return cls(
-            pieces,
-            scores,
-            types,
+        ids = dict(
             bos_id=int(meta.get("tokenizer.ggml.bos_token_id", 2)),
             eos_id=int(meta.get("tokenizer.ggml.eos_token_id", 1)),
             pad_id=int(meta.get("tokenizer.ggml.padding_token_id", 0)),
             unk_id=int(meta.get("tokenizer.ggml.unknown_token_id", 3)),
-            add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", True)),
         )
+        if model == "gemma4":
+            merges = meta.get("tokenizer.ggml.merges")
+            if merges is None:
+                raise CorruptFileError(f"{path}: a 'gemma4' vocabulary needs tokenizer.ggml.merges")
+            return BPETokenizer(pieces, types, merges, path=path, **ids)
+        return cls(pieces, scores, types, add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", True)), **ids)
+
+
+# Gemma 4 markers that llama.cpp's converter re-types from control to user-defined so they stay visible in
+# decoded text (our output parser reads them there). They are still never cut out of user text.
+GEMMA4_VISIBLE_MARKERS = frozenset(
+    {"<|channel>", "<channel|>", "<|tool_call>", "<tool_call|>", "<|tool_response>", "<tool_response|>", '<|"|>'}
+)
+_LINES_AND_NEWLINES = re.compile(r"[^\n]+|\n+")
+
+
+class BPETokenizer(_Vocabulary):
+    """Gemma 4's GGUF vocabulary (``tokenizer.ggml.model = "gemma4"``), encoded the way llama.cpp does.
+
+    SentencePiece-style BPE on raw UTF-8: spaces become U+2581, the text is cut only into runs of newlines and
+    runs of everything else (no word pre-split), a newline run that is itself a piece is taken whole, and the
+    rest is merged pair by pair in merge-rank order (leftmost first on ties). Characters no piece covers fall
+    back to ``<0xXX>`` byte pieces. The merging runs in the `tokenizers` library's BPE model.
+
+    Args:
+        pieces: the vocabulary, id order.
+        types: piece types (same numbering as :class:`Tokenizer`).
+        merges: ``"left right"`` strings, highest priority first.
+    """
+
+    def __init__(
+        self,
+        pieces: Sequence[str],
+        types: Sequence[int],
+        merges: Sequence[str],
+        bos_id: int = 2,
+        eos_id: int = 1,
+        pad_id: int = 0,
+        unk_id: int = 3,
+        path: str = "model",
+    ) -> None:
+        from tokenizers import models
+
+        if len(pieces) != len(types):
+            raise CorruptFileError(f"{path}: tokenizer pieces and token types differ in length")
+        self.pieces = list(pieces)
+        self.types = types.tolist() if hasattr(types, "tolist") else [int(t) for t in types]
+        self.bos_id, self.eos_id, self.pad_id, self.unk_id = bos_id, eos_id, pad_id, unk_id
+        self.add_bos = True  # llama.cpp forces BOS for Gemma 4 whatever the file says
+        self._id_of = {p: i for i, p in enumerate(self.pieces)}
+        self._index()
+        pairs = []
+        for rank, merge in enumerate(merges):
+            cut = merge.find(" ", 1)
+            left, right = (merge[:cut], merge[cut + 1 :]) if cut > 0 else (merge, "")
+            if not (left in self._id_of and right in self._id_of and left + right in self._id_of):
+                raise CorruptFileError(
+                    f"{path}: tokenizer merge {rank} {merge!r} does not join two pieces into a third one"
+                )
+            pairs.append((left, right))
+        self._bpe = models.BPE(vocab=self._id_of, merges=pairs, byte_fallback=True)
+        self._newline_runs = {p: i for p, i in self._id_of.items() if p and not p.strip("\n")}
+        self._index_special_pieces(never_from_text=GEMMA4_VISIBLE_MARKERS)
+
+    def _encode_text(self, text: str, out: list[int]) -> None:
+        for run in _LINES_AND_NEWLINES.findall(text.replace(" ", "\u2581")):
+            whole = self._newline_runs.get(run)
+            if whole is not None:
+                out.append(whole)
+            else:
+                out.extend(t.id for t in self._bpe.tokenize(run))
+
+    def encode(self, text: str, add_bos: bool = False, parse_special: bool = False) -> list[int]:
+        """Token ids for ``text``; same arguments as :meth:`Tokenizer.encode`."""
+        ids = [self.bos_id] if add_bos else []
+        for fragment in _partition(text, self._with_special if parse_special else self._user_defined):
+            if isinstance(fragment, str):
+                self._encode_text(fragment, ids)
+            else:
+                ids.append(fragment)
+        return ids
 
 
 def _partition(text: str, specials: list[tuple[str, int]]) -> list[str | int]:
@@ -309,7 +391,7 @@ class HFTokenizer(_Vocabulary):
             self.pieces[i] = piece
         special = {t.content for t in tok.get_added_tokens_decoder().values() if t.special}
         special |= {self.pieces[i] for i in (bos_id, eos_id, pad_id) if 0 <= i < size}
-        self.types = [CONTROL if p in special else (BYTE if _BYTE_PIECE.match(p) else NORMAL) for p in self.pieces]
+        self.types = [_hf_piece_type(p, special) for p in self.pieces]
         self._id_of = vocab
         self._index()
 
@@ -338,3 +420,12 @@ class HFTokenizer(_Vocabulary):
         self._tok.encode_special_tokens = not parse_special
         ids = self._tok.encode(text, add_special_tokens=False).ids
         return ([self.bos_id] if add_bos else []) + list(ids)
+
+
+def _hf_piece_type(piece: str, special: set[str]) -> int:
+    # Gemma 4's channel / tool-call markers stay visible in decoded text, as in llama.cpp's GGUF conversion.
+    if piece in GEMMA4_VISIBLE_MARKERS:
+        return USER_DEFINED
+    if piece in special:
+        return CONTROL
+    return BYTE if _BYTE_PIECE.match(piece) else NORMAL
