@@ -82,6 +82,11 @@ class LayerCache:
             self._write(k_new, v_new)
             return keys, values, key_pos
         self._write(k_new, v_new)
+        return self.visible(positions)
+
+    def visible(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keys, values and positions the queries at ``positions`` attend over, once their own are written."""
+        s = self.slots
         if s.ring:
             return self.k, self.v, s.pos
         # Linear cache: slot == position, so only the prefix up to the furthest position can be visible.

@@ -15,6 +15,7 @@ from torch import nn
 
 from .config import GemmaConfig, LayerSpec
 from .kv_cache import KVCache
+from .quant import fused
 from .quant.linear import SMALL_NORM, fast_rms_norm
 
 
@@ -88,6 +89,7 @@ class Attention(nn.Module):
         super().__init__()
         E, D, eps = config.hidden_size, spec.head_dim, config.rms_norm_eps
         self.n_heads, self.n_kv, self.head_dim = config.num_attention_heads, spec.num_key_value_heads, D
+        self.eps = eps
         self.layer = spec.index
         self.shared = spec.kv_source is not None
         self.k_eq_v = spec.k_eq_v
@@ -116,6 +118,8 @@ class Attention(nn.Module):
         masks: dict,
     ) -> tuple[torch.Tensor, KV]:
         B, T, _ = x.shape
+        if cache is not None and fused.fused_decode_ok(x):
+            return self._decode_fused(x, positions, rope, cache, shared_kv)
         k_new = v_new = None
         if self.qkv_proj is not None:
             q_flat, k_new, v_new = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
@@ -145,6 +149,34 @@ class Attention(nn.Module):
                 mask = masks[key] = attention_mask(positions, k_pos, self.window)
             out = self._attend(qh, k.transpose(1, 2), v.transpose(1, 2), mask)  # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)), kv
+
+    def _decode_fused(self, x: torch.Tensor, positions: torch.Tensor, rope, cache: KVCache,
+                      shared_kv: KV | None) -> tuple[torch.Tensor, KV]:
+        """One token per row through the fused C kernels (quant/fused.py): the same math as the path above."""
+        B = x.shape[0]
+        own = None if self.shared else cache.layers[self.layer]
+        k_norm = getattr(self, "k_norm", None)
+        if self.shared:
+            proj = self.q_proj(x)
+        elif self.qkv_proj is not None:
+            proj = self.qkv_proj(x)
+        else:  # unfused float weights: the same q|k|v layout from three matmuls
+            proj = torch.cat([self.q_proj(x), self.k_proj(x)] + ([self.v_proj(x)] if self.v_proj is not None else []), -1)
+        q = fused.attn_prep(
+            proj, self.n_heads, self.n_kv, self.head_dim, self.k_eq_v,
+            self.q_norm.weight if self.q_norm is not None else None, k_norm.weight if k_norm is not None else None,
+            self.q_norm is not None, getattr(self, "v_norm", None) is not None,
+            self.eps, rope,
+            own.k if own else None, own.v if own else None, own.slots.index if own else None,
+        )
+        kv = own.visible(positions) if own else shared_kv
+        k, v, k_pos = kv
+        if fused.attends_in_place(k, k_pos):
+            out = fused.attend(q, k, v, k_pos, positions, self.window, self.scale, self.softcap)
+        else:  # keys gathered from elsewhere (not a cache view): the plain attention
+            mask = attention_mask(positions, k_pos, self.window)
+            out = self._attend(q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2), mask).reshape(B, -1)
+        return self.o_proj(out.view(B, 1, -1)), kv
 
     def _own_kv(self, x: torch.Tensor, positions: torch.Tensor, rope, cache: KVCache | None,
                 k_new: torch.Tensor | None, v_new: torch.Tensor | None) -> KV:
@@ -199,7 +231,10 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is not None:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            gate_up = self.gate_up_proj(x)
+            if fused.fused_decode_ok(x):
+                return self.down_proj(fused.geglu(gate_up))
+            gate, up = gate_up.chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         # GeGLU with the tanh approximation of GELU (HF "gelu_pytorch_tanh").

@@ -21,7 +21,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "qgemv.c"
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("qgemv.c", "decode.c")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-lm"]
 
 
@@ -48,7 +48,7 @@ def _build(target: Path) -> bool:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        proc = subprocess.run([compiler, *FLAGS, "-o", str(out), str(SOURCE)], capture_output=True, text=True)
+        proc = subprocess.run([compiler, *FLAGS, "-o", str(out), *map(str, SOURCES)], capture_output=True, text=True)
         if proc.returncode != 0:
             logger.warning("building the CPU kernels failed (%s); using the PyTorch path", proc.stderr.strip()[:500])
             return False
@@ -61,7 +61,8 @@ def kernels() -> ctypes.CDLL | None:
     """The compiled kernel library, or None when it cannot be built here."""
     if os.environ.get("GEMMAKIT_NO_KERNELS") == "1" or platform.machine() not in ("x86_64", "AMD64", "aarch64"):
         return None
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu_signature().encode()).hexdigest()[:16]
+    source = b"".join(path.read_bytes() for path in SOURCES)
+    key = hashlib.sha256(source + " ".join(FLAGS).encode() + _cpu_signature().encode()).hexdigest()[:16]
     target = _cache_dir() / f"qgemv-{key}.so"
     if not target.exists() and not _build(target):
         return None
@@ -79,4 +80,12 @@ def kernels() -> ctypes.CDLL | None:
     lib.rms_norm.restype = None
     lib.split_blocks.argtypes = [ctypes.c_int, p, i64, p, p, p, ctypes.c_int]
     lib.split_blocks.restype = ctypes.c_int
+    f32 = ctypes.c_float
+    lib.attn_prep.argtypes = [p, i64, i64, i64, i64, i64, ctypes.c_int, p, ctypes.c_int, p, ctypes.c_int, ctypes.c_int,
+                              f32, p, p, p, p, p, i64, p]
+    lib.attn_prep.restype = None
+    lib.attend_decode.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i64, i64, i64, f32, f32, p, p, i64, ctypes.c_int]
+    lib.attend_decode.restype = None
+    lib.geglu.argtypes = [p, p, i64, i64]
+    lib.geglu.restype = None
     return lib

@@ -158,18 +158,10 @@ void dequant_rows(const int8_t *q, const float *scale, const float *mins, float 
 
 // RMSNorm over the last dimension of x (rows, dim), float32, out = x / sqrt(mean(x^2) + eps) * w (w may be
 // NULL for a weightless norm). The per-op overhead of PyTorch's eager norm dominates at decode sizes.
+void rms_norm_row(const float *x, const float *w, float *out, int64_t dim, float eps);  // decode.c
+
 void rms_norm(const float *x, const float *w, float *out, int64_t rows, int64_t dim, float eps) {
-    for (int64_t r = 0; r < rows; r++) {
-        const float *xr = x + r * dim;
-        float *o = out + r * dim;
-        float ss = 0.f;
-        for (int64_t i = 0; i < dim; i++) ss += xr[i] * xr[i];
-        float inv = 1.0f / sqrtf(ss / (float)dim + eps);
-        if (w)
-            for (int64_t i = 0; i < dim; i++) o[i] = xr[i] * inv * w[i];
-        else
-            for (int64_t i = 0; i < dim; i++) o[i] = xr[i] * inv;
-    }
+    for (int64_t r = 0; r < rows; r++) rms_norm_row(x + r * dim, w, out + r * dim, dim, eps);
 }
 
 // ---- GGML blocks -> int8 values + float scales (+ mins), the same layout as quant/ggml.py's split() ----

@@ -1,0 +1,190 @@
+// Decode-step attention and MLP pieces (one new token per batch row), float32.
+//
+// At decode sizes PyTorch's eager ops cost far more in dispatch than in arithmetic (~150 small ops per layer);
+// these replace the elementwise chains around the matmuls with one call each. The model keeps its PyTorch
+// path for everything else (prefill, GPUs, no compiler) and the tests compare the two.
+#include <stdint.h>
+#include <math.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+// out = x / sqrt(mean(x^2) + eps) * w over one row (w may be NULL: a weightless norm). Also used by qgemv.c.
+void rms_norm_row(const float *x, const float *w, float *out, int64_t dim, float eps) {
+    float ss = 0.f;
+    #pragma omp simd reduction(+ : ss)
+    for (int64_t i = 0; i < dim; i++) ss += x[i] * x[i];
+    float inv = 1.0f / sqrtf(ss / (float)dim + eps);
+    if (w)
+        for (int64_t i = 0; i < dim; i++) out[i] = x[i] * inv * w[i];
+    else
+        for (int64_t i = 0; i < dim; i++) out[i] = x[i] * inv;
+}
+
+// Rotate-half RoPE in place: x * cos + swap_halves(x) * signed_sin (signed_sin carries -sin on the first half).
+static void rope_row(float *x, const float *cos_, const float *ssin, int64_t dim) {
+    int64_t half = dim / 2;
+    for (int64_t i = 0; i < half; i++) {
+        float a = x[i], b = x[i + half];
+        x[i] = a * cos_[i] + b * ssin[i];
+        x[i + half] = b * cos_[i + half] + a * ssin[i + half];
+    }
+}
+
+// From the projections of B rows laid out q|k|v (row_stride floats per row; k and v absent on KV-shared
+// layers, v absent when K = V): q -> q_norm -> RoPE into q_out (B, H, D); unless shared (kc == NULL):
+// k -> k_norm -> RoPE and v (or the raw k when k_eq_v) -> weightless v_norm if asked, both written into cache
+// slot slot[b] of kc / vc (B, S1, Hkv, D). cos / ssin are (B, D). q_w / k_w may be NULL (unit weight).
+void attn_prep(const float *qkv, int64_t row_stride, int64_t B, int64_t H, int64_t Hkv, int64_t D, int k_eq_v,
+               const float *q_w, int q_norm, const float *k_w, int k_norm, int v_norm, float eps,
+               const float *cos_, const float *ssin, float *q_out, float *kc, float *vc, int64_t S1,
+               const int64_t *slot) {
+    for (int64_t b = 0; b < B; b++) {
+        const float *row = qkv + b * row_stride;
+        const float *c = cos_ + b * D, *s = ssin + b * D;
+        for (int64_t h = 0; h < H; h++) {
+            float *qo = q_out + (b * H + h) * D;
+            if (q_norm) rms_norm_row(row + h * D, q_w, qo, D, eps);
+            else for (int64_t i = 0; i < D; i++) qo[i] = row[h * D + i];
+            rope_row(qo, c, s, D);
+        }
+        if (!kc) continue;
+        const float *k_raw = row + H * D, *v_raw = k_eq_v ? k_raw : row + (H + Hkv) * D;
+        for (int64_t h = 0; h < Hkv; h++) {
+            float *ko = kc + ((b * S1 + slot[b]) * Hkv + h) * D;
+            float *vo = vc + ((b * S1 + slot[b]) * Hkv + h) * D;
+            if (k_norm) rms_norm_row(k_raw + h * D, k_w, ko, D, eps);
+            else for (int64_t i = 0; i < D; i++) ko[i] = k_raw[h * D + i];
+            rope_row(ko, c, s, D);
+            if (v_norm) rms_norm_row(v_raw + h * D, 0, vo, D, eps);
+            else for (int64_t i = 0; i < D; i++) vo[i] = v_raw[h * D + i];
+        }
+    }
+}
+
+static inline float dot(const float *a, const float *b, int64_t n) {
+#ifdef __AVX2__
+    if (n % 32 == 0) {  // four independent accumulators: the FMA latency, not the loads, bounds one chain
+        __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+        for (int64_t i = 0; i < n; i += 32) {
+            s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+            s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+            s2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 16), _mm256_loadu_ps(b + i + 16), s2);
+            s3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 24), _mm256_loadu_ps(b + i + 24), s3);
+        }
+        __m256 t = _mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3));
+        __m128 lo = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+        lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+        lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 1));
+        return _mm_cvtss_f32(lo);
+    }
+#endif
+    float d = 0.f;
+    for (int64_t i = 0; i < n; i++) d += a[i] * b[i];
+    return d;
+}
+
+// Attention of the G query heads sharing one KV head over slots [s0, s1), unnormalized: for each head g,
+// m[g] = the largest score, l[g] = sum of exp(score - m[g]), acc[g] (D) = sum of exp(score - m[g]) v.
+// Each key and value is read once for all G heads. p: scratch of G * (s1 - s0) floats.
+static void attend_part(const float *qg, const float *kc, const float *vc, const int64_t *pos_row, int64_t qp,
+                        int64_t b, int64_t kvh, int64_t Hkv, int64_t D, int64_t S1, int64_t G, int64_t s0, int64_t s1,
+                        int64_t window, float scale, float softcap, float *p, float *m, float *l, float *acc) {
+    int64_t n = s1 - s0;
+    for (int64_t g = 0; g < G; g++) { m[g] = -INFINITY; l[g] = 0.f; }
+    for (int64_t i = 0; i < G * D; i++) acc[i] = 0.f;
+    for (int64_t s = s0; s < s1; s++) {
+        int64_t pos = pos_row[s];
+        int vis = pos >= 0 && pos <= qp && !(window > 0 && pos <= qp - window);
+        const float *kv = kc + ((b * S1 + s) * Hkv + kvh) * D;
+        for (int64_t g = 0; g < G; g++) {
+            float d = -INFINITY;
+            if (vis) {
+                d = dot(qg + g * D, kv, D) * scale;
+                if (softcap > 0.f) d = tanhf(d / softcap) * softcap;
+                if (d > m[g]) m[g] = d;
+            }
+            p[g * n + (s - s0)] = d;
+        }
+    }
+    for (int64_t g = 0; g < G; g++) {
+        if (m[g] == -INFINITY) continue;  // nothing visible in this range
+        float *pg = p + g * n;
+        for (int64_t i = 0; i < n; i++) {
+            pg[i] = pg[i] == -INFINITY ? 0.f : expf(pg[i] - m[g]);
+            l[g] += pg[i];
+        }
+    }
+    for (int64_t s = s0; s < s1; s++) {
+        const float *vv = vc + ((b * S1 + s) * Hkv + kvh) * D;
+        for (int64_t g = 0; g < G; g++) {
+            float w = p[g * n + (s - s0)];
+            if (w == 0.f) continue;
+            float *ag = acc + g * D;
+            #pragma omp simd
+            for (int64_t i = 0; i < D; i++) ag[i] += w * vv[i];
+        }
+    }
+}
+
+// out (B, H, D) = softmax(scale * q . k, optionally soft-capped, over the visible slots) @ v.
+// kc / vc: (B, S1, Hkv, D); slot_pos (B, S1): position held by each slot, -1 if none. A slot is visible to
+// the query at qpos[b] iff 0 <= pos <= qpos and, with window > 0, pos > qpos - window. n_slots bounds the scan
+// (the caller passes the filled prefix of a linear cache). Rows with qpos < 0 (padding) get zeros.
+// The slots are split into `parts` ranges done in parallel and merged (split-K, as in flash-decoding), which
+// keeps both cores busy when there is a single KV head. scratch: B * H * (n_slots + parts * (D + 2)) floats.
+void attend_decode(const float *q, const float *kc, const float *vc, const int64_t *slot_pos, const int64_t *qpos,
+                   int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t S1, int64_t n_slots, int64_t window,
+                   float scale, float softcap, float *out, float *scratch, int64_t parts, int threads) {
+    int64_t G = H / Hkv, chunk = (n_slots + parts - 1) / parts;
+    float *scores = scratch, *partial = scratch + B * H * n_slots;  // partial: (B, Hkv, parts, G, D + 2)
+    int64_t tasks = B * Hkv * parts;
+    #pragma omp parallel for num_threads(threads) schedule(static) if (tasks > 1 && threads > 1)
+    for (int64_t t = 0; t < tasks; t++) {
+        int64_t part = t % parts, kvh = (t / parts) % Hkv, b = t / (parts * Hkv);
+        int64_t s0 = part * chunk, s1 = s0 + chunk < n_slots ? s0 + chunk : n_slots;
+        float *base = partial + t * G * (D + 2);
+        if (qpos[b] < 0 || s0 >= s1) {
+            for (int64_t g = 0; g < G; g++) { base[g] = -INFINITY; base[G + g] = 0.f; }
+            continue;
+        }
+        attend_part(q + (b * H + kvh * G) * D, kc, vc, slot_pos + b * S1, qpos[b], b, kvh, Hkv, D, S1, G, s0, s1,
+                    window, scale, softcap, scores + (b * H + kvh * G) * n_slots + s0 * G, base, base + G,
+                    base + 2 * G);
+    }
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t kvh = 0; kvh < Hkv; kvh++)
+            for (int64_t g = 0; g < G; g++) {
+                float *o = out + (b * H + kvh * G + g) * D;
+                float best = -INFINITY, total = 0.f;
+                for (int64_t part = 0; part < parts; part++) {
+                    float m = partial[((b * Hkv + kvh) * parts + part) * G * (D + 2) + g];
+                    best = m > best ? m : best;
+                }
+                for (int64_t i = 0; i < D; i++) o[i] = 0.f;
+                if (best == -INFINITY) continue;  // padding row or nothing visible
+                for (int64_t part = 0; part < parts; part++) {
+                    const float *base = partial + ((b * Hkv + kvh) * parts + part) * G * (D + 2);
+                    if (base[g] == -INFINITY) continue;
+                    float w = expf(base[g] - best);
+                    total += w * base[G + g];
+                    const float *acc = base + 2 * G + g * D;
+                    for (int64_t i = 0; i < D; i++) o[i] += w * acc[i];
+                }
+                float inv = 1.0f / total;
+                for (int64_t i = 0; i < D; i++) o[i] *= inv;
+            }
+}
+
+// GeGLU of a fused gate|up row block: gu (rows, 2F) -> out (rows, F) = gelu_tanh(gate) * up.
+void geglu(const float *gu, float *out, int64_t rows, int64_t F) {
+    const float k0 = 0.7978845608028654f, k1 = 0.044715f;  // sqrt(2 / pi)
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t i = 0; i < F; i++) {
+            float g = gu[r * 2 * F + i], u = gu[r * 2 * F + F + i];
+            // tanh(z) = sign(z) (1 - 2 / (exp(2|z|) + 1)): glibc's tanhf is several times slower than expf, and
+            // the ~1e-7 absolute error this form has near 0 vanishes in 1 + tanh.
+            float z = k0 * (g + k1 * g * g * g), t = 1.0f - 2.0f / (expf(2.0f * fabsf(z)) + 1.0f);
+            out[r * F + i] = 0.5f * g * (1.0f + (z < 0.f ? -t : t)) * u;
+        }
+}

@@ -1,0 +1,95 @@
+"""Fused CPU kernels for the decode step (csrc/decode.c), with the conditions under which they apply.
+
+At one token per row, a Gemma layer's attention is ~150 tiny PyTorch ops whose dispatch costs far more than
+their arithmetic. These wrappers run the same math in one C call each: q/k/v norms + RoPE + cache write,
+attention over the cache slots, and GeGLU. Callers keep the PyTorch path for everything these do not cover
+(prefill chunks, non-float32 activations, GPUs, no C compiler); tests/test_fused_decode.py holds the two
+paths to each other.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .kernels import kernels
+from .linear import MAX_KERNEL_ROWS, _ptr
+
+SPLIT_MIN_SLOTS = 128  # below this, one thread per (row, KV head) is faster than splitting the keys
+ENABLED = True  # tests switch this off to run the plain PyTorch decode path on the same model
+
+
+def fused_decode_ok(x: torch.Tensor) -> bool:
+    """True when ``x`` (B, 1, E) is a float32 CPU decode step the fused kernels can take."""
+    return (ENABLED and x.dtype == torch.float32 and x.device.type == "cpu" and x.shape[1] == 1
+            and x.shape[0] <= MAX_KERNEL_ROWS and kernels() is not None)
+
+
+def attn_prep(
+    qkv: torch.Tensor,  # (B, 1, W) projections q|k|v (k, v absent on shared layers; v absent when K = V)
+    n_heads: int,
+    n_kv: int,
+    head_dim: int,
+    k_eq_v: bool,
+    q_weight: torch.Tensor | None,
+    k_weight: torch.Tensor | None,
+    use_qk_norm: bool,
+    use_v_norm: bool,
+    eps: float,
+    rope: tuple[torch.Tensor, torch.Tensor],  # cos, signed sin (B, 1, 1, D)
+    cache_k: torch.Tensor | None,  # (B, S1, Hkv, D) or None on KV-shared layers
+    cache_v: torch.Tensor | None,
+    slot: torch.Tensor | None,  # (B, 1) cache slot of each row's new token
+) -> torch.Tensor:  # (B, H, D) normalized, rotated queries
+    B = qkv.shape[0]
+    qkv = qkv.contiguous()
+    cos, ssin = (t.contiguous() for t in rope)
+    q = torch.empty(B, n_heads, head_dim)
+    slot = slot.contiguous() if slot is not None else None
+    kernels().attn_prep(
+        _ptr(qkv), qkv.shape[-1], B, n_heads, n_kv, head_dim, int(k_eq_v),
+        _ptr(q_weight), int(use_qk_norm), _ptr(k_weight), int(use_qk_norm), int(use_v_norm), eps,
+        _ptr(cos), _ptr(ssin), _ptr(q), _ptr(cache_k), _ptr(cache_v),
+        cache_k.shape[1] if cache_k is not None else 0, _ptr(slot),
+    )
+    return q
+
+
+def attends_in_place(k: torch.Tensor, k_pos: torch.Tensor) -> bool:
+    """Keys (B, K, Hkv, D) and their positions (B, K) are views into one cache the kernel can walk."""
+    _, _, Hkv, D = k.shape
+    return (k.stride(3) == 1 and k.stride(2) == D and k.stride(1) == Hkv * D and k_pos.stride(1) == 1
+            and k.stride(0) % (Hkv * D) == 0 and k_pos.stride(0) == k.stride(0) // (Hkv * D))
+
+
+def attend(
+    q: torch.Tensor,  # (B, H, D)
+    k: torch.Tensor,  # (B, K, Hkv, D) view of a cache
+    v: torch.Tensor,
+    k_pos: torch.Tensor,  # (B, K)
+    q_pos: torch.Tensor,  # (B, 1)
+    window: int | None,
+    scale: float,
+    softcap: float | None,
+) -> torch.Tensor:  # (B, H * D)
+    B, H, D = q.shape
+    n_slots, Hkv = k.shape[1], k.shape[2]
+    threads = torch.get_num_threads()
+    # Split the slots across threads when there are fewer (row, KV head) pairs than threads.
+    parts = threads if B * Hkv < threads and n_slots >= SPLIT_MIN_SLOTS else 1
+    out = torch.empty(B, H * D)
+    scratch = torch.empty(B * H * (n_slots + parts * (D + 2)))
+    q_pos = q_pos.contiguous()
+    kernels().attend_decode(
+        _ptr(q), _ptr(k), _ptr(v), _ptr(k_pos), _ptr(q_pos), B, H, Hkv, D, k.stride(0) // (Hkv * D), n_slots,
+        window or 0, scale, softcap or 0.0, _ptr(out), _ptr(scratch), parts, threads,
+    )
+    return out
+
+
+def geglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """gelu_tanh(gate) * up for a fused (..., 2F) gate|up projection -> (..., F)."""
+    F2 = gate_up.shape[-1]
+    flat = gate_up.contiguous()
+    out = torch.empty(*gate_up.shape[:-1], F2 // 2)
+    kernels().geglu(_ptr(flat), _ptr(out), flat.numel() // F2, F2 // 2)
+    return out
