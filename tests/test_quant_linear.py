@@ -98,3 +98,19 @@ def test_kernel_split_equals_reference_split(qtype: T, monkeypatch) -> None:
         kernels_module.kernels.cache_clear()
     assert torch.equal(fast[0], ref[0]) and torch.equal(fast[1], ref[1]) and fast[3] == ref[3]
     assert (fast[2] is None) == (ref[2] is None) and (fast[2] is None or torch.equal(fast[2], ref[2]))
+
+
+@pytest.mark.parametrize("group,mins,K", [(32, False, 640), (32, True, 2048), (32, False, 672), (16, False, 2048)])
+def test_kernel_rows_do_not_depend_on_the_batch(group, mins, K) -> None:
+    """Bitwise: a row's result is the same alone, in a block of four, or in any batch up to 16 (what keeps
+    greedy output the same whether a request runs alone or batched in the server)."""
+    g = torch.Generator().manual_seed(group + K)
+    N = 300
+    w = QuantWeight(torch.randint(-30, 30, (N, K), dtype=torch.int8, generator=g), torch.rand(N, K // group, generator=g),
+                    torch.rand(N, K // group, generator=g) if mins else None, group)
+    x = torch.randn(16, K, generator=g)
+    full = w.matmul(x)
+    for B in (1, 3, 4, 5, 8, 13):
+        assert torch.equal(w.matmul(x[:B]), full[:B])
+    assert torch.equal(torch.cat([w.matmul(x[i : i + 1]) for i in range(16)]), full)
+    assert torch.equal(w.matmul(x[5:12]), full[5:12])

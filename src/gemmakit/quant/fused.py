@@ -14,7 +14,7 @@ import torch
 from .kernels import kernels
 from .linear import MAX_KERNEL_ROWS, _ptr
 
-SPLIT_MIN_SLOTS = 128  # below this, one thread per (row, KV head) is faster than splitting the keys
+SPLIT_SLOTS = 256  # cache slots per split-K range of the decode attention
 ENABLED = True  # tests switch this off to run the plain PyTorch decode path on the same model
 
 
@@ -74,14 +74,15 @@ def attend(
     B, H, D = q.shape
     n_slots, Hkv = k.shape[1], k.shape[2]
     threads = torch.get_num_threads()
-    # Split the slots across threads when there are fewer (row, KV head) pairs than threads.
-    parts = threads if B * Hkv < threads and n_slots >= SPLIT_MIN_SLOTS else 1
+    # The slots are cut into fixed ranges done in parallel and merged (split-K). The ranges depend only on
+    # slot numbers, never on the batch, so a row's result is the same whatever rows share the step.
+    parts = max(1, -(-n_slots // SPLIT_SLOTS))
     out = torch.empty(B, H * D)
     scratch = torch.empty(B * H * (n_slots + parts * (D + 2)))
     q_pos = q_pos.contiguous()
     kernels().attend_decode(
         _ptr(q), _ptr(k), _ptr(v), _ptr(k_pos), _ptr(q_pos), B, H, Hkv, D, k.stride(0) // (Hkv * D), n_slots,
-        window or 0, scale, softcap or 0.0, _ptr(out), _ptr(scratch), parts, threads,
+        window or 0, scale, softcap or 0.0, _ptr(out), _ptr(scratch), SPLIT_SLOTS, parts, threads,
     )
     return out
 

@@ -131,12 +131,14 @@ static void attend_part(const float *qg, const float *kc, const float *vc, const
 // kc / vc: (B, S1, Hkv, D); slot_pos (B, S1): position held by each slot, -1 if none. A slot is visible to
 // the query at qpos[b] iff 0 <= pos <= qpos and, with window > 0, pos > qpos - window. n_slots bounds the scan
 // (the caller passes the filled prefix of a linear cache). Rows with qpos < 0 (padding) get zeros.
-// The slots are split into `parts` ranges done in parallel and merged (split-K, as in flash-decoding), which
-// keeps both cores busy when there is a single KV head. scratch: B * H * (n_slots + parts * (D + 2)) floats.
+// The slots are cut into `parts` ranges of `chunk` slots, done in parallel and merged (split-K, as in
+// flash-decoding), which keeps both cores busy when there is a single KV head; fixed ranges keep each row's
+// arithmetic independent of the other rows. scratch: B * H * (n_slots + parts * (D + 2)) floats.
 void attend_decode(const float *q, const float *kc, const float *vc, const int64_t *slot_pos, const int64_t *qpos,
                    int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t S1, int64_t n_slots, int64_t window,
-                   float scale, float softcap, float *out, float *scratch, int64_t parts, int threads) {
-    int64_t G = H / Hkv, chunk = (n_slots + parts - 1) / parts;
+                   float scale, float softcap, float *out, float *scratch, int64_t chunk, int64_t parts,
+                   int threads) {
+    int64_t G = H / Hkv;
     float *scores = scratch, *partial = scratch + B * H * n_slots;  // partial: (B, Hkv, parts, G, D + 2)
     int64_t tasks = B * Hkv * parts;
     #pragma omp parallel for num_threads(threads) schedule(static) if (tasks > 1 && threads > 1)

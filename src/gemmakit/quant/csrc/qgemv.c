@@ -64,6 +64,63 @@ static inline __m256 dot16(const int8_t *q, const float *x) {
     __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(raw, 8)));
     return _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + 8), _mm256_mul_ps(w0, _mm256_loadu_ps(x)));
 }
+
+// 32 int8 weights as four float vectors (unscaled): converted once, used for up to four rows of x.
+static inline void widen32(const int8_t *q, __m256 w[4]) {
+    __m256i raw = _mm256_loadu_si256((const __m256i *)q);
+    __m128i lo = _mm256_castsi256_si128(raw), hi = _mm256_extracti128_si256(raw, 1);
+    w[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo));
+    w[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8)));
+    w[2] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi));
+    w[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8)));
+}
+
+// dot32 and the two halves of dot16 from widened weights, with the same operations in the same order.
+static inline __m256 wdot32(const __m256 w[4], const float *x) {
+    __m256 t = _mm256_mul_ps(w[0], _mm256_loadu_ps(x));
+    __m256 u = _mm256_mul_ps(w[1], _mm256_loadu_ps(x + 8));
+    t = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(x + 16), t);
+    u = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(x + 24), u);
+    return _mm256_add_ps(t, u);
+}
+static inline __m256 wdot16(__m256 w0, __m256 w1, const float *x) {
+    return _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + 8), _mm256_mul_ps(w0, _mm256_loadu_ps(x)));
+}
+
+// Four rows of x at once (x0: the first; rows K apart) with the one-row arithmetic: group dots, then two
+// accumulators over alternating groups. out: the four unreduced sums.
+static inline void four_rows(const int8_t *qr, const float *sr, const float *x0, int64_t K, int64_t group,
+                             __m256 out[4]) {
+    int64_t G = K / group;
+    __m256 a0[4], a1[4], w[4];
+    for (int r = 0; r < 4; r++) a0[r] = a1[r] = _mm256_setzero_ps();
+    if (group == 32) {
+        int64_t g = 0;
+        for (; g + 1 < G; g += 2) {
+            __m256 s0 = _mm256_set1_ps(sr[g]), s1 = _mm256_set1_ps(sr[g + 1]);
+            widen32(qr + g * 32, w);
+            for (int r = 0; r < 4; r++) a0[r] = _mm256_fmadd_ps(wdot32(w, x0 + r * K + g * 32), s0, a0[r]);
+            widen32(qr + (g + 1) * 32, w);
+            for (int r = 0; r < 4; r++) a1[r] = _mm256_fmadd_ps(wdot32(w, x0 + r * K + (g + 1) * 32), s1, a1[r]);
+        }
+        if (g < G) {
+            __m256 s0 = _mm256_set1_ps(sr[g]);
+            widen32(qr + g * 32, w);
+            for (int r = 0; r < 4; r++) a0[r] = _mm256_fmadd_ps(wdot32(w, x0 + r * K + g * 32), s0, a0[r]);
+        }
+    } else {  // groups of 16: each 32 weights are an even group and the odd one after it
+        for (int64_t g = 0; g + 1 < G; g += 2) {
+            __m256 s0 = _mm256_set1_ps(sr[g]), s1 = _mm256_set1_ps(sr[g + 1]);
+            widen32(qr + g * 16, w);
+            for (int r = 0; r < 4; r++) {
+                const float *xr = x0 + r * K + g * 16;
+                a0[r] = _mm256_fmadd_ps(wdot16(w[0], w[1], xr), s0, a0[r]);
+                a1[r] = _mm256_fmadd_ps(wdot16(w[2], w[3], xr + 16), s1, a1[r]);
+            }
+        }
+    }
+    for (int r = 0; r < 4; r++) out[r] = _mm256_add_ps(a0[r], a1[r]);
+}
 #endif
 
 static void rows(const int8_t *q, const float *scale, const float *mins, const float *x, const float *xs,
@@ -74,33 +131,30 @@ static void rows(const int8_t *q, const float *scale, const float *mins, const f
         const float *sr = scale + n * G;
         float out[MAXB];
 #ifdef __AVX2__
+        // Every row of x is summed in the same order whatever B is (two accumulators over alternating groups),
+        // so a sequence's result does not depend on the batch it shares a step with.
+        // Rows of x in blocks of four share each widened weight group; the rest go one by one. Both compute
+        // a row the same way (same group dots, same two accumulators over alternating groups), so a
+        // sequence's result does not depend on the batch it shares a step with.
         __m256 acc[MAXB];
-        for (int64_t b = 0; b < B; b++) acc[b] = _mm256_setzero_ps();
-        if (B == 1) {
-            // Two accumulators so consecutive groups do not wait on each other.
+        int64_t blocked = B / 4 * 4;
+        for (int64_t b0 = 0; b0 < blocked; b0 += 4) four_rows(qr, sr, x + b0 * K, K, group, acc + b0);
+        for (int64_t b = blocked; b < B; b++) {
+            const float *xb = x + b * K;
             __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
             int64_t g = 0;
             for (; g + 1 < G; g += 2) {
-                __m256 d0 = group == 32 ? dot32(qr + g * 32, x + g * 32) : dot16(qr + g * 16, x + g * 16);
-                __m256 d1 = group == 32 ? dot32(qr + (g + 1) * 32, x + (g + 1) * 32)
-                                        : dot16(qr + (g + 1) * 16, x + (g + 1) * 16);
+                __m256 d0 = group == 32 ? dot32(qr + g * 32, xb + g * 32) : dot16(qr + g * 16, xb + g * 16);
+                __m256 d1 = group == 32 ? dot32(qr + (g + 1) * 32, xb + (g + 1) * 32)
+                                        : dot16(qr + (g + 1) * 16, xb + (g + 1) * 16);
                 a0 = _mm256_fmadd_ps(d0, _mm256_set1_ps(sr[g]), a0);
                 a1 = _mm256_fmadd_ps(d1, _mm256_set1_ps(sr[g + 1]), a1);
             }
             for (; g < G; g++) {
-                __m256 d = group == 32 ? dot32(qr + g * 32, x + g * 32) : dot16(qr + g * 16, x + g * 16);
+                __m256 d = group == 32 ? dot32(qr + g * 32, xb + g * 32) : dot16(qr + g * 16, xb + g * 16);
                 a0 = _mm256_fmadd_ps(d, _mm256_set1_ps(sr[g]), a0);
             }
-            acc[0] = _mm256_add_ps(a0, a1);
-        } else {
-            for (int64_t g = 0; g < G; g++) {
-                __m256 s = _mm256_set1_ps(sr[g]);
-                for (int64_t b = 0; b < B; b++) {
-                    const float *xb = x + b * K + g * group;
-                    __m256 d = group == 32 ? dot32(qr + g * 32, xb) : dot16(qr + g * 16, xb);
-                    acc[b] = _mm256_fmadd_ps(d, s, acc[b]);
-                }
-            }
+            acc[b] = _mm256_add_ps(a0, a1);
         }
         for (int64_t b = 0; b < B; b++) out[b] = hsum256(acc[b]);
 #else
@@ -129,7 +183,7 @@ static void rows(const int8_t *q, const float *scale, const float *mins, const f
 // xs is scratch of B * K / group floats (used only when mins is given).
 int qgemv(const int8_t *q, const float *scale, const float *mins, const float *x, float *xs, float *y,
           int64_t B, int64_t N, int64_t K, int64_t group, int threads) {
-    if (B < 1 || B > MAXB || (group != 16 && group != 32) || K % group) return 1;
+    if (B < 1 || B > MAXB || (group != 16 && group != 32) || K % 32) return 1;
     if (mins) group_sums(x, B, K, group, xs);
     int64_t chunk = 64;
     int64_t n_chunks = (N + chunk - 1) / chunk;
