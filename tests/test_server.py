@@ -48,7 +48,9 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(llm):
-    with Server(create_app(llm, model_name=MODEL)) as s:
+    app = create_app(llm, model_name=MODEL)
+    with Server(app) as s:
+        s.app_engine = app.state.engine
         yield s
 
 
@@ -171,7 +173,7 @@ def test_cancelled_stream_frees_the_slot(server, client) -> None:
 
 
 def test_sixteen_concurrent_streams(llm, server) -> None:
-    """All complete, each with the text it would get alone (requests queue for the single generation slot)."""
+    """All complete, each with the text it would get alone (8 batched at a time, the rest queued)."""
     import concurrent.futures
 
     prompts = [f"Count from {i}:" for i in range(16)]
@@ -238,7 +240,7 @@ def test_openapi_describes_the_api(server) -> None:
 def test_full_queue_gets_429(llm) -> None:
     import concurrent.futures
 
-    with Server(create_app(llm, model_name=MODEL, max_waiting=1)) as s:
+    with Server(create_app(llm, model_name=MODEL, max_batch=1, max_waiting=1)) as s:
         def run(i: int) -> int:
             return httpx.post(s.url + "/v1/completions", timeout=120,
                               json={"model": MODEL, "prompt": f"{i}", "max_tokens": 24}).status_code
@@ -248,3 +250,76 @@ def test_full_queue_gets_429(llm) -> None:
         assert 429 in codes and 200 in codes
         r = httpx.post(s.url + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 1})
         assert r.status_code == 200
+
+
+def test_batch_invariance(server) -> None:
+    """8 different greedy requests sent together get the same tokens as each sent alone."""
+    import concurrent.futures
+
+    prompts = ["The capital of France is", "Once upon a time", "def fibonacci(n):", "The three primary colors are",
+               "Water boils at", "In 1492,", "The best way to learn a language", "My favorite food is"]
+
+    def run(prompt: str) -> list[int]:
+        body = {"model": MODEL, "prompt": prompt, "max_tokens": 24, "temperature": 0, "logprobs": 0}
+        r = httpx.post(server.url + "/v1/completions", json=body, timeout=300)
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        return choice["logprobs"]["tokens"], choice["text"]
+
+    alone = [run(p) for p in prompts]
+    with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+        together = list(pool.map(run, prompts))
+    assert together == alone
+    assert server.app_engine.peak_batch >= 4  # they really shared decode steps
+
+
+def test_deadline_stops_a_request(server) -> None:
+    body = {"model": MODEL, "prompt": "Count:", "max_tokens": 2000, "ignore_eos": True, "timeout": 0.5}
+    start = time.time()
+    r = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == 408 and time.time() - start < 20
+    assert "deadline of 0.5 s" in r.json()["error"]["message"]
+    with httpx.stream("POST", server.url + "/v1/completions", json={**body, "stream": True}, timeout=60) as s:
+        lines = [line for line in s.iter_lines() if line.startswith("data: ")]
+    assert "deadline" in lines[-2] and lines[-1] == "data: [DONE]"
+    # The engine is free again: nothing left running.
+    assert _metric(server, "gemmakit_running_sequences") == 0
+
+
+def _metric(server, name: str) -> float:
+    for line in httpx.get(server.url + "/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split(" ")[1])
+    raise KeyError(name)
+
+
+def test_disconnect_frees_the_row_for_the_next_request(llm) -> None:
+    """One row only: a client that hangs up mid-stream must not keep it."""
+    with Server(create_app(llm, model_name=MODEL, max_batch=1, max_waiting=4)) as s:
+        with httpx.stream("POST", s.url + "/v1/completions",
+                          json={"model": MODEL, "prompt": "Count:", "max_tokens": 1500, "ignore_eos": True,
+                                "stream": True}) as r:
+            for line in r.iter_lines():
+                if '"text"' in line:
+                    break
+        r = httpx.post(s.url + "/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2},
+                       timeout=60)
+        assert r.status_code == 200
+        assert _metric(s, "gemmakit_running_sequences") == 0
+        assert 0 <= _metric(s, "gemmakit_kv_cache_usage_ratio") <= 1 and _metric(s, "gemmakit_kv_cache_rows") == 1
+
+
+def test_request_log_line(server, caplog) -> None:
+    import json
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="gemmakit.server"):
+        httpx.post(server.url + "/v1/completions",
+                   json={"model": MODEL, "prompt": "A secret prompt", "max_tokens": 3, "temperature": 0})
+        deadline = time.time() + 5
+        while not any("/v1/completions" in r.getMessage() for r in caplog.records) and time.time() < deadline:
+            time.sleep(0.05)
+    lines = [json.loads(r.getMessage()) for r in caplog.records if "/v1/completions" in r.getMessage()]
+    line = lines[-1]
+    assert line["status"] == 200 and line["prompt_tokens"] == 4 and line["completion_tokens"] == 3
+    assert "secret" not in json.dumps(lines) and line["ms"] > 0 and len(line["id"]) == 12

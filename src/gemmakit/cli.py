@@ -190,7 +190,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise InvalidParameterError(f"--api-keys-file {args.api_keys_file}: {exc.strerror}") from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     llm = _load(args)
-    app = create_app(llm, model_name=args.model_name, api_keys=keys)
+    app = create_app(llm, model_name=args.model_name, api_keys=keys, max_batch=args.max_batch,
+                     max_waiting=args.max_waiting, context_length=args.context_length,
+                     kv_cache_bytes=args.kv_cache_mib * 2**20, log_prompts=args.log_prompts)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
@@ -220,6 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", action="append", help="require this bearer key (repeatable)")
     serve.add_argument("--api-keys-file", help="file with one accepted key per line")
     serve.add_argument("--model-name", help="model id clients use (default: the file name)")
+    serve.add_argument("--max-batch", type=int, default=8,
+                       help="sequences generating at once, 1-16 (default 8); each holds a KV cache row")
+    serve.add_argument("--max-waiting", type=int, default=64,
+                       help="requests that may wait for a row (default 64); more get HTTP 429")
+    serve.add_argument("--kv-cache-mib", type=int, default=1024,
+                       help="KV cache memory (default 1024 MiB); bounds max-batch rows of context-length tokens")
+    serve.add_argument("--log-prompts", action="store_true", help="include prompt text in the request log")
     serve.set_defaults(func=cmd_serve)
 
     bench = sub.add_parser("bench", help="measure load time, memory, prefill and decode speed")

@@ -120,6 +120,56 @@ def decode_step(model: Gemma, token: int, position: int, cache: KVCache) -> torc
     return model.logits(hidden[0, -1])
 
 
+class SequenceSampler:
+    """The per-sequence half of generation: sampling state, stop conditions and text deltas.
+
+    Fed the next-token logits after each forward, :meth:`step` returns the :class:`StreamEvent` of the token
+    it picked; the last event carries ``finish_reason``. Shared by the single-sequence loop below and the
+    continuous-batching engine, so a request gives the same events either way.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int], params: SamplingParams,
+                 stop_token_ids: Sequence[int], budget: int, vocab: int) -> None:
+        self.params = params
+        self.budget = budget  # tokens this sequence may still add (max_tokens and the context both bound it)
+        self.generated = 0
+        self.generator = make_generator(params.seed)
+        self.seen = torch.zeros(vocab, dtype=torch.bool)
+        self.seen[torch.tensor(list(prompt_ids), dtype=torch.long)] = True
+        self.counts = torch.zeros(vocab, dtype=torch.float32)
+        self.decoder = StreamDecoder(tokenizer)
+        self.stopper = StopStringMatcher(params.stop)
+        self.stop_ids = set() if params.ignore_eos else set(stop_token_ids)
+        self.finished = False
+
+    def step(self, logits: torch.Tensor) -> StreamEvent:
+        """Pick the next token from (V,) float32 logits and turn it into an event."""
+        params = self.params
+        token = sample_token(logits, params, self.generator, self.seen, self.counts)
+        lp = token_logprob(logits, token, params.logprobs) if params.logprobs is not None else None
+        self.generated += 1
+        if token in self.stop_ids:
+            self.finished = True
+            return StreamEvent(self.decoder.flush() + self.stopper.flush(), token, lp, "stop", stop_token=True)
+        self.seen[token] = True
+        self.counts[token] += 1
+        text, hit = self.stopper.feed(self.decoder.add(token))
+        if hit:
+            self.finished = True
+            return StreamEvent(text, token, lp, "stop")
+        if self.generated >= self.budget:
+            self.finished = True
+            return StreamEvent(text + self.stopper.feed(self.decoder.flush())[0] + self.stopper.flush(), token, lp,
+                               "length")
+        return StreamEvent(text, token, lp)
+
+
+def token_budget(n_prompt: int, params: SamplingParams, max_len: int) -> int:
+    """New tokens a sequence may add: max_tokens, bounded by what is left of the context."""
+    budget = max_len - n_prompt
+    return min(budget, params.max_tokens) if params.max_tokens is not None else budget
+
+
 def generate_events(
     model: Gemma,
     tokenizer: Tokenizer,
@@ -129,59 +179,53 @@ def generate_events(
     max_len: int,
 ) -> Iterator[StreamEvent]:
     """Generate from ``prompt_ids`` until a stop condition; the caller checked that everything fits."""
-    budget = max_len - len(prompt_ids)
-    if params.max_tokens is not None:
-        budget = min(budget, params.max_tokens)
+    budget = token_budget(len(prompt_ids), params, max_len)
     cache = KVCache(model.config, 1, len(prompt_ids) + budget, dtype=model.activation_dtype)
-    generator = make_generator(params.seed)
-    vocab = model.config.vocab_size
-    seen = torch.zeros(vocab, dtype=torch.bool)
-    seen[torch.tensor(list(prompt_ids), dtype=torch.long)] = True
-    counts = torch.zeros(vocab, dtype=torch.float32)
-    decoder = StreamDecoder(tokenizer)
-    stopper = StopStringMatcher(params.stop)
-    stop_ids = set() if params.ignore_eos else set(stop_token_ids)
-
+    sampler = SequenceSampler(tokenizer, prompt_ids, params, stop_token_ids, budget, model.config.vocab_size)
     logits = prefill(model, prompt_ids, cache)
     position = len(prompt_ids)
-    for step in range(budget):
-        token = sample_token(logits, params, generator, seen, counts)
-        lp = token_logprob(logits, token, params.logprobs) if params.logprobs is not None else None
-        if token in stop_ids:
-            yield StreamEvent(decoder.flush() + stopper.flush(), token, lp, "stop", stop_token=True)
+    while True:
+        event = sampler.step(logits)
+        yield event
+        if event.finish_reason:
             return
-        seen[token] = True
-        counts[token] += 1
-        text, hit = stopper.feed(decoder.add(token))
-        if hit:
-            yield StreamEvent(text, token, lp, "stop")
-            return
-        if step == budget - 1:
-            yield StreamEvent(text + stopper.feed(decoder.flush())[0] + stopper.flush(), token, lp, "length")
-            return
-        yield StreamEvent(text, token, lp)
-        logits = decode_step(model, token, position, cache)
+        logits = decode_step(model, event.token_id, position, cache)
         position += 1
+
+
+class CompletionBuilder:
+    """Assembles a :class:`Completion` from the events of one generation, as they arrive."""
+
+    def __init__(self, prompt_tokens: int, want_logprobs: bool) -> None:
+        self.prompt_tokens, self.want_logprobs = prompt_tokens, want_logprobs
+        self.start = time.perf_counter()
+        self.first: float | None = None
+        self.texts: list[str] = []
+        self.ids: list[int] = []
+        self.logprobs: list[TokenLogprob] = []
+        self.finish = "length"
+
+    def add(self, ev: StreamEvent) -> None:
+        if self.first is None:
+            self.first = time.perf_counter()
+        self.texts.append(ev.text)
+        if not ev.stop_token:
+            self.ids.append(ev.token_id)
+            if ev.logprob is not None:
+                self.logprobs.append(ev.logprob)
+        if ev.finish_reason:
+            self.finish = ev.finish_reason
+
+    def build(self) -> Completion:
+        end = time.perf_counter()
+        timings = {"total_s": end - self.start, "first_token_s": (self.first or end) - self.start}
+        return Completion("".join(self.texts), self.ids, self.finish, Usage(self.prompt_tokens, len(self.ids)),
+                          self.logprobs if self.want_logprobs else None, timings)
 
 
 def collect(events: Iterator[StreamEvent], prompt_tokens: int, want_logprobs: bool) -> Completion:
     """Run a stream to the end and assemble the :class:`Completion`."""
-    start = time.perf_counter()
-    first: float | None = None
-    texts: list[str] = []
-    ids: list[int] = []
-    logprobs: list[TokenLogprob] = []
-    finish = "length"
+    builder = CompletionBuilder(prompt_tokens, want_logprobs)
     for ev in events:
-        if first is None:
-            first = time.perf_counter()
-        texts.append(ev.text)
-        if not ev.stop_token:
-            ids.append(ev.token_id)
-            if ev.logprob is not None:
-                logprobs.append(ev.logprob)
-        if ev.finish_reason:
-            finish = ev.finish_reason
-    end = time.perf_counter()
-    timings = {"total_s": end - start, "first_token_s": (first or end) - start}
-    return Completion("".join(texts), ids, finish, Usage(prompt_tokens, len(ids)), logprobs if want_logprobs else None, timings)
+        builder.add(ev)
+    return builder.build()

@@ -136,12 +136,37 @@ class KVCache:
                            torch.zeros(shape, dtype=dtype, device=device), slots)
             )
 
+    @staticmethod
+    def row_bytes(config: GemmaConfig, max_len: int, dtype: torch.dtype = torch.float32) -> int:
+        """Memory one row of a cache for ``max_len`` tokens takes (what admission control budgets)."""
+        item = torch.empty(0, dtype=dtype).element_size()
+        total = 0
+        for spec in config.layers:
+            if spec.kv_source is None:
+                n = config.sliding_window if spec.sliding and config.sliding_window < max_len else max_len
+                total += 2 * (n + 1) * spec.num_key_value_heads * spec.head_dim * item + 8 * (n + 1)
+        return total
+
     def begin(self, positions: torch.Tensor) -> bool:
         """Place the positions of the tokens about to be run; called once per forward, before the layers.
         Returns True when every cache was empty before (a fresh prefill)."""
         for slots in self._slots.values():
             slots.begin(positions)
         return all(slots.empty for slots in self._slots.values())
+
+    def narrow(self, start: int, length: int) -> "KVCache":
+        """A cache over rows [start, start + length) that shares this one's memory (writes go through): the
+        engine prefills one sequence in its own row, and decodes the prefix of rows that hold sequences."""
+        view = KVCache.__new__(KVCache)
+        view.batch_size, view.max_len = length, self.max_len
+        slots = {n: Slots(s.pos[start : start + length], s.ring) for n, s in self._slots.items()}
+        view._slots = slots
+        view.layers = [
+            None if c is None else LayerCache(c.k[start : start + length], c.v[start : start + length],
+                                              slots[c.slots.slots])
+            for c in self.layers
+        ]
+        return view
 
     def reset(self, rows: torch.Tensor | None = None) -> None:
         """Forget the cached tokens of some rows (all rows if None); the memory stays allocated."""

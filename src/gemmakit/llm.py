@@ -84,7 +84,8 @@ class LLM:
 
     # -- prompts -----------------------------------------------------------------------------------------
 
-    def _prompt_ids(self, prompt: Prompt) -> list[int]:
+    def prompt_ids(self, prompt: Prompt) -> list[int]:
+        """Token ids of a prompt: text is encoded with BOS; a list of ids is checked and used as given."""
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt, add_bos=True)
         ids = list(prompt)
@@ -96,13 +97,15 @@ class LLM:
                 raise InvalidParameterError(f"prompt token {t!r} is not a token id in [0, {vocab})")
         return ids
 
-    def _check_fits(self, n_prompt: int, params: SamplingParams) -> None:
+    def check_fits(self, n_prompt: int, params: SamplingParams, context_length: int | None = None) -> None:
+        """Raise ContextLengthError, saying how many tokens were asked and how many fit, when a prompt plus
+        ``max_tokens`` exceeds the context (this model's, or a smaller one such as a server's)."""
+        ctx = context_length or self.context_length
         asked = n_prompt + (params.max_tokens or 1)
-        if n_prompt >= self.context_length or asked > self.context_length:
+        if n_prompt >= ctx or asked > ctx:
             raise ContextLengthError(
                 f"prompt of {n_prompt} tokens plus max_tokens={params.max_tokens} needs {asked} tokens; "
-                f"the context holds {self.context_length} (at most {max(self.context_length - n_prompt, 0)} "
-                "new tokens fit)"
+                f"the context holds {ctx} (at most {max(ctx - n_prompt, 0)} new tokens fit)"
             )
 
     def apply_chat_template(
@@ -128,17 +131,17 @@ class LLM:
         Raises (before the first event): InvalidParameterError, ContextLengthError.
         """
         params = SamplingParams.from_kwargs(**sampling)
-        ids = self._prompt_ids(prompt)
+        ids = self.prompt_ids(prompt)
         return self._stream_ids(ids, params)
 
     def _stream_ids(self, ids: list[int], params: SamplingParams) -> Iterator[StreamEvent]:
-        self._check_fits(len(ids), params)
+        self.check_fits(len(ids), params)
         return generate_events(self.model, self.tokenizer, ids, params, self.stop_token_ids, self.context_length)
 
     def generate(self, prompt: Prompt, **sampling: Any) -> Completion:
         """Generate a completion for a prompt (text, BOS added, or a list of token ids used as given)."""
         params = SamplingParams.from_kwargs(**sampling)
-        ids = self._prompt_ids(prompt)
+        ids = self.prompt_ids(prompt)
         return collect(self._stream_ids(ids, params), len(ids), params.logprobs is not None)
 
     def chat(
@@ -156,20 +159,24 @@ class LLM:
         """
         params = SamplingParams.from_kwargs(**sampling)
         ids = self.apply_chat_template(messages, tokenize=True, tools=tools, enable_thinking=enable_thinking)
-        completion = collect(self._stream_ids(ids, params), len(ids), params.logprobs is not None)
-        if self.config.architecture == "gemma4":
-            from .chat_gemma4 import ToolCallSyntaxError, parse_output
+        return self.parse_chat(collect(self._stream_ids(ids, params), len(ids), params.logprobs is not None))
 
-            try:
-                parsed = parse_output(completion.text)
-            except ToolCallSyntaxError:
-                return completion  # leave malformed output as plain text rather than lose it
-            completion.text, completion.reasoning = parsed.content, parsed.reasoning
-            completion.tool_calls = [
-                {"id": f"call_{k}", "type": "function",
-                 "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
-                for k, c in enumerate(parsed.tool_calls)
-            ] or None
+    def parse_chat(self, completion: Completion) -> Completion:
+        """Split a finished chat answer into text, ``reasoning`` and OpenAI-style ``tool_calls`` (Gemma 4)."""
+        if self.config.architecture != "gemma4":
+            return completion
+        from .chat_gemma4 import ToolCallSyntaxError, parse_output
+
+        try:
+            parsed = parse_output(completion.text)
+        except ToolCallSyntaxError:
+            return completion  # leave malformed output as plain text rather than lose it
+        completion.text, completion.reasoning = parsed.content, parsed.reasoning
+        completion.tool_calls = [
+            {"id": f"call_{k}", "type": "function",
+             "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
+            for k, c in enumerate(parsed.tool_calls)
+        ] or None
         return completion
 
     def chat_stream(
@@ -188,7 +195,7 @@ class LLM:
     @torch.inference_mode()
     def logits(self, token_ids: Sequence[int]) -> torch.Tensor:
         """Next-token logits at every position, (len(token_ids), vocab) float32, from one full forward."""
-        ids = self._prompt_ids(token_ids)
+        ids = self.prompt_ids(token_ids)
         if len(ids) > self.context_length:
             raise ContextLengthError(f"{len(ids)} tokens do not fit the context of {self.context_length}")
         tokens = torch.tensor([ids])

@@ -1,34 +1,38 @@
 """The OpenAI-compatible HTTP API on FastAPI.
 
-Handlers stay thin: they validate, build prompts through the :class:`~gemmakit.LLM` API and format OpenAI wire
-objects. Generation runs one request at a time behind a bounded wait queue (a request past the queue gets 429
-with Retry-After); a client that disconnects from a stream closes its generator, which ends its generation.
-Continuous batching (issue 5) replaces the single slot later without changing the handlers.
+Handlers stay thin: they validate, build prompts through the :class:`~gemmakit.LLM` API, submit them to the
+continuous-batching :class:`~gemmakit.engine.Engine` and format OpenAI wire objects from its event streams
+(read with ``async for``: no thread waits on a generation). A request past the engine's wait queue gets 429
+with Retry-After; a client that disconnects cancels its sequences, whose cache rows free at the next step.
 """
+
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
-import threading
 import time
 import uuid
-from contextlib import contextmanager
-from typing import Any, AsyncIterator, Iterator
-
-import anyio
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from ..errors import ContextLengthError, GemmakitError
-from ..generate import Completion, StreamEvent
-from ..sampling import TokenLogprob
+from ..engine import Engine, EngineBusyError, RequestStream, RequestTimeoutError
+from ..errors import ContextLengthError, GemmakitError, InvalidParameterError
+from ..generate import Completion, CompletionBuilder, StreamEvent
+from ..kv_cache import KVCache
+from ..sampling import SamplingParams, TokenLogprob
 from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 
 logger = logging.getLogger("gemmakit.server")
+
+DEFAULT_CONTEXT = 8192  # tokens per sequence unless the server is told otherwise (bounded by the model's)
+DEFAULT_KV_CACHE_BYTES = 1 << 30
 
 
 class APIError(Exception):
@@ -43,33 +47,6 @@ def _error(status: int, message: str, kind: str, param: str | None = None, code:
            headers: dict[str, str] | None = None) -> JSONResponse:
     body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
-
-
-class Slot:
-    """One generation at a time; at most `max_waiting` requests wait for it."""
-
-    def __init__(self, max_waiting: int) -> None:
-        self._run = threading.Lock()
-        self._count = threading.Lock()
-        self.waiting = 0
-        self.max_waiting = max_waiting
-
-    @contextmanager
-    def hold(self) -> Iterator[None]:
-        with self._count:
-            if self.waiting >= self.max_waiting:
-                raise APIError(429, f"server busy: {self.waiting} requests already waiting", "rate_limit_error",
-                               headers={"Retry-After": "1"})
-            self.waiting += 1
-        try:
-            self._run.acquire()
-        finally:
-            with self._count:
-                self.waiting -= 1
-        try:
-            yield
-        finally:
-            self._run.release()
 
 
 def _logprob_entry(tokenizer, lp: TokenLogprob, top: int) -> dict[str, Any]:
@@ -95,23 +72,22 @@ class ClosingStreamingResponse(StreamingResponse):
                 await aclose()
 
 
-async def _guarded(events: Iterator[str], request: Request) -> AsyncIterator[str]:
-    """Stream a synchronous SSE generator from a worker thread; stop and close it (ending its generation and
-    releasing its slot) as soon as the client goes away."""
+async def _guarded(events: AsyncIterator[str], request: Request) -> AsyncIterator[str]:
+    """Pass an SSE stream through; stop and close it (which cancels its generations, freeing their cache rows
+    at the engine's next step) as soon as the client goes away."""
     try:
-        while not await request.is_disconnected():
-            item = await anyio.to_thread.run_sync(next, events, None)
-            if item is None:
+        async for item in events:
+            if await request.is_disconnected():
                 break
             yield item
     finally:
-        await anyio.to_thread.run_sync(events.close)
+        await events.aclose()
 
 
 class Metrics:
     """Prometheus metrics of one server (its own registry, so several apps in a process do not collide)."""
 
-    def __init__(self, slot: Slot) -> None:
+    def __init__(self, engine: Engine) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = CollectorRegistry()
@@ -123,18 +99,23 @@ class Metrics:
                               registry=self.registry)
         self.itl = Histogram("gemmakit_inter_token_latency_seconds", "time between tokens", buckets=buckets,
                              registry=self.registry)
-        self.running = Gauge("gemmakit_running_sequences", "sequences generating now", registry=self.registry)
-        queue = Gauge("gemmakit_queue_depth", "requests waiting for a generation slot", registry=self.registry)
-        queue.set_function(lambda: slot.waiting)
+        gauges = {
+            "gemmakit_running_sequences": ("sequences holding a KV cache row", lambda: engine.running),
+            "gemmakit_queue_depth": ("requests waiting for a KV cache row", lambda: engine.waiting),
+            "gemmakit_kv_cache_usage_ratio": ("share of the KV cache tokens in use",
+                                              lambda: engine.cache_tokens / engine.cache_capacity),
+            "gemmakit_kv_cache_rows": ("KV cache rows (most sequences at once)", lambda: engine.max_batch),
+        }
+        for name, (doc, value) in gauges.items():
+            Gauge(name, doc, registry=self.registry).set_function(value)
 
-    def observe(self, events: Iterator[StreamEvent], prompt_tokens: int) -> Iterator[StreamEvent]:
-        """Pass events through, recording latencies and token counts."""
+    async def observe(self, stream: RequestStream, prompt_tokens: int) -> AsyncIterator[StreamEvent]:
+        """Pass a request's events through, recording latencies and token counts."""
         self.prompt_tokens.inc(prompt_tokens)
-        self.running.inc()
         start = last = time.perf_counter()
         first = True
         try:
-            for ev in events:
+            async for ev in stream:
                 now = time.perf_counter()
                 (self.ttft if first else self.itl).observe(now - (start if first else last))
                 first, last = False, now
@@ -142,17 +123,41 @@ class Metrics:
                     self.generated_tokens.inc()
                 yield ev
         finally:
-            self.running.dec()
+            stream.cancel()  # a no-op once finished; frees the row of an abandoned request
 
 
-def create_app(llm, model_name: str | None = None, api_keys: list[str] | None = None,
-               max_waiting: int = 64) -> FastAPI:
-    """The FastAPI application serving ``llm`` under the model id ``model_name`` (default: the file's stem)."""
+def create_app(llm, model_name: str | None = None, api_keys: list[str] | None = None, max_waiting: int = 64,
+               max_batch: int = 8, context_length: int | None = None,
+               kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES, log_prompts: bool = False) -> FastAPI:
+    """The FastAPI application serving ``llm`` under the model id ``model_name`` (default: the file's stem).
+
+    Args:
+        max_batch: sequences generating at once (KV cache rows); at most 16.
+        max_waiting: requests queued for a row; past that, 429.
+        context_length: tokens per sequence (default: the model's, at most 8192).
+        kv_cache_bytes: memory for the KV cache; it bounds ``max_batch`` rows of ``context_length`` tokens.
+        log_prompts: put prompt text in the request log (off: logs carry ids, counts and timings only).
+    """
     model_id = model_name or llm.path.stem
     keys = [k.encode() for k in (api_keys or []) if k]
-    slot = Slot(max_waiting)
-    metrics = Metrics(slot)
-    app = FastAPI(title="gemmakit", description="OpenAI-compatible API for Gemma models", version="0.1.0")
+    ctx = min(llm.context_length, context_length or DEFAULT_CONTEXT)
+    row = KVCache.row_bytes(llm.config, ctx, llm.model.activation_dtype)
+    rows = min(max_batch, kv_cache_bytes // row)
+    if rows < 1:
+        raise InvalidParameterError(
+            f"one sequence of {ctx} tokens needs {row / 2**20:.0f} MiB of KV cache, more than the budget of "
+            f"{kv_cache_bytes / 2**20:.0f} MiB: lower the context length or raise the budget")
+    engine = Engine(llm.model, llm.tokenizer, llm.stop_token_ids, ctx, max_batch=rows, max_waiting=max_waiting)
+    metrics = Metrics(engine)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        engine.shutdown()
+
+    app = FastAPI(title="gemmakit", description="OpenAI-compatible API for Gemma models", version="0.1.0",
+                  lifespan=lifespan)
+    app.state.engine = engine
 
     def authorize(request: Request) -> None:
         if not keys:
@@ -183,6 +188,10 @@ def create_app(llm, model_name: str | None = None, api_keys: list[str] | None = 
 
     @app.exception_handler(GemmakitError)
     async def _gemmakit_error(_: Request, exc: GemmakitError) -> JSONResponse:
+        if isinstance(exc, EngineBusyError):
+            return _error(429, str(exc), "rate_limit_error", headers={"Retry-After": "1"})
+        if isinstance(exc, RequestTimeoutError):
+            return _error(408, str(exc), "timeout_error", code="request_timeout")
         code = "context_length_exceeded" if isinstance(exc, ContextLengthError) else None
         return _error(400, str(exc), "invalid_request_error", code=code)
 
@@ -197,10 +206,50 @@ def create_app(llm, model_name: str | None = None, api_keys: list[str] | None = 
         request_id = uuid.uuid4().hex[:12]
         response = await call_next(request)
         metrics.requests.labels(request.url.path, str(response.status_code)).inc()
-        logger.info(json.dumps({"id": request_id, "method": request.method, "path": request.url.path,
-                                "status": response.status_code,
-                                "ms": round((time.perf_counter() - start) * 1000, 1)}))
+        body = response.body_iterator
+
+        async def logged() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in body:
+                    yield chunk
+            finally:  # one line per request, once its body (a whole stream) is sent
+                line = {"id": request_id, "method": request.method, "path": request.url.path,
+                        "status": response.status_code, "ms": round((time.perf_counter() - start) * 1000, 1)}
+                line.update(getattr(request.state, "log", {}))
+                logger.info(json.dumps(line))
+
+        response.body_iterator = logged()
         return response
+
+    def note(request: Request, **fields: Any) -> None:
+        """Add fields to the request's log line."""
+        if not hasattr(request.state, "log"):
+            request.state.log = {}
+        request.state.log.update(fields)
+
+    def submit(ids: list[int], params: list[SamplingParams], timeout: float | None) -> list[RequestStream]:
+        """Queue one request per choice; all or none (a full queue cancels the ones already queued)."""
+        for p in params:
+            llm.check_fits(len(ids), p, ctx)
+        loop = asyncio.get_running_loop()
+        streams: list[RequestStream] = []
+        try:
+            for p in params:
+                streams.append(engine.submit(ids, p, timeout, loop))
+        except EngineBusyError:
+            for st in streams:
+                st.cancel()
+            raise
+        return streams
+
+    async def complete(streams: list[RequestStream], n_prompt: int, want_logprobs: bool) -> list[Completion]:
+        results = []
+        for st in streams:
+            builder = CompletionBuilder(n_prompt, want_logprobs)
+            async for ev in metrics.observe(st, n_prompt):
+                builder.add(ev)
+            results.append(builder.build())
+        return results
 
     @app.get("/health")
     def health() -> dict[str, str]:
@@ -216,7 +265,7 @@ def create_app(llm, model_name: str | None = None, api_keys: list[str] | None = 
     @app.get("/v1/models", dependencies=[Depends(authorize)])
     def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": model_id, "object": "model", "created": 0,
-                                            "owned_by": "gemmakit"}]}
+                                            "owned_by": "gemmakit", "max_model_len": ctx}]}
 
     @app.post("/tokenize", dependencies=[Depends(authorize)])
     def tokenize(body: TokenizeRequest) -> dict[str, Any]:
@@ -227,7 +276,7 @@ def create_app(llm, model_name: str | None = None, api_keys: list[str] | None = 
             ids = llm.tokenizer.encode(body.prompt, add_bos=body.add_special_tokens)
         else:
             raise APIError(400, "give 'prompt' or 'messages'", param="prompt")
-        return {"tokens": ids, "count": len(ids), "max_model_len": llm.context_length}
+        return {"tokens": ids, "count": len(ids), "max_model_len": ctx}
 
     @app.post("/detokenize", dependencies=[Depends(authorize)])
     def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
@@ -246,36 +295,30 @@ def create_app(llm, model_name: str | None = None, api_keys: list[str] | None = 
             thinking = bool(body.chat_template_kwargs.get("enable_thinking", False))
         return {"tools": body.tools, "enable_thinking": bool(thinking)}
 
-    def chat_params(body: ChatCompletionRequest, index: int) -> dict[str, Any]:
+    def chat_params(body: ChatCompletionRequest, index: int) -> SamplingParams:
         params = body.sampling(body.max_completion_tokens or body.max_tokens)
         if body.seed is not None:
             params["seed"] = body.seed + index
         if body.logprobs:
             params["logprobs"] = body.top_logprobs or 0
-        return params
+        return SamplingParams.from_kwargs(**params)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
-    def chat_completions(body: ChatCompletionRequest, request: Request):
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
         check_model(body.model)
-        n_prompt = len(llm.apply_chat_template(body.messages, tokenize=True, **chat_kwargs(body)))
+        ids = llm.apply_chat_template(body.messages, tokenize=True, **chat_kwargs(body))
+        n_prompt = len(ids)
         if body.max_tokens is None and body.max_completion_tokens is None:
             # OpenAI's default is "until the context is full"; fill what is left after the prompt.
-            body.max_tokens = max(llm.context_length - n_prompt, 1)
+            body.max_tokens = max(ctx - n_prompt, 1)
+        note(request, prompt_tokens=n_prompt, n=body.n, **({"messages": body.messages} if log_prompts else {}))
+        streams = submit(ids, [chat_params(body, i) for i in range(body.n)], body.timeout)
         cid, created = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
         if body.stream:
-            streams = [metrics.observe(llm.chat_stream(body.messages, **chat_kwargs(body), **chat_params(body, i)),
-                                       n_prompt)
-                       for i in range(body.n)]  # prompt and parameter errors surface here, before streaming
-            return ClosingStreamingResponse(_guarded(chat_sse(body, streams, cid, created, n_prompt), request),
-                                            media_type="text/event-stream")
-        with slot.hold():
-            metrics.running.inc()
-            try:
-                results = [llm.chat(body.messages, **chat_kwargs(body), **chat_params(body, i))
-                           for i in range(body.n)]
-            finally:
-                metrics.running.dec()
-        record(results)
+            return ClosingStreamingResponse(_guarded(chat_sse(body, streams, cid, created, n_prompt, request),
+                                                     request), media_type="text/event-stream")
+        results = [llm.parse_chat(c) for c in await complete(streams, n_prompt, body.logprobs)]
+        note(request, completion_tokens=sum(c.usage.completion_tokens for c in results))
         return {"id": cid, "object": "chat.completion", "created": created, "model": model_id,
                 "choices": [chat_choice(body, i, c) for i, c in enumerate(results)],
                 "usage": usage(results)}
@@ -293,12 +336,6 @@ def create_app(llm, model_name: str | None = None, api_keys: list[str] | None = 
             logprobs = {"content": [_logprob_entry(llm.tokenizer, lp, body.top_logprobs or 0) for lp in c.logprobs]}
         return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish}
 
-    def record(results: list[Completion]) -> None:
-        metrics.prompt_tokens.inc(results[0].usage.prompt_tokens)
-        for c in results:
-            metrics.generated_tokens.inc(c.usage.completion_tokens)
-            metrics.ttft.observe(c.timings.get("first_token_s", 0.0))
-
     def usage(results: list[Completion]) -> dict[str, int]:
         prompt = results[0].usage.prompt_tokens
         completion = sum(c.usage.completion_tokens for c in results)
@@ -307,62 +344,77 @@ def create_app(llm, model_name: str | None = None, api_keys: list[str] | None = 
     def sse(obj: dict[str, Any]) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
-    def chat_sse(body: ChatCompletionRequest, streams: list[Iterator[StreamEvent]], cid: str, created: int,
-                 prompt_tokens: int):
-        base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_id}
-        completion_tokens = 0
+    def sse_error(exc: GemmakitError) -> str:
+        kind, code = ("timeout_error", "request_timeout") if isinstance(exc, RequestTimeoutError) else (
+            "server_error", None)
+        return sse({"error": {"message": str(exc), "type": kind, "param": None, "code": code}})
+
+    async def framed(body, streams: list[RequestStream], base: dict[str, Any], prompt_tokens: int,
+                     request: Request, choice_chunks) -> AsyncIterator[str]:
+        """The SSE frame both endpoints share: each choice's chunks in turn, an error event if generation
+        fails, the usage chunk when asked, then [DONE]. The streams are cancelled whatever happens (a client
+        that went away frees its rows) and the request's log line gets the token count."""
+        count = {"completion_tokens": 0}
         try:
-            with slot.hold():
-                for index, events in enumerate(streams):
-                    yield sse({**base, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
-                                                    "logprobs": None, "finish_reason": None}]})
-                    for ev in events:
-                        if not ev.stop_token:
-                            completion_tokens += 1
-                        logprobs = None
-                        if body.logprobs and ev.logprob is not None and not ev.stop_token:
-                            logprobs = {"content": [_logprob_entry(llm.tokenizer, ev.logprob, body.top_logprobs or 0)]}
-                        delta = {"content": ev.text} if ev.text else {}
-                        if delta or logprobs or ev.finish_reason:
-                            yield sse({**base, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
-                                                            "finish_reason": ev.finish_reason}]})
-        except APIError as exc:
-            yield sse({"error": {"message": exc.message, "type": exc.kind, "param": None, "code": exc.code}})
+            for index, stream in enumerate(streams):
+                async for chunk in choice_chunks(index, stream, count):
+                    yield chunk
+        except GemmakitError as exc:
+            yield sse_error(exc)
+        finally:
+            for stream in streams:
+                stream.cancel()
+            note(request, **count)
         if body.stream_options and body.stream_options.include_usage:
-            yield sse({**base, "choices": [], "usage": {"prompt_tokens": prompt_tokens,
-                                                        "completion_tokens": completion_tokens,
-                                                        "total_tokens": prompt_tokens + completion_tokens}})
+            done = count["completion_tokens"]
+            yield sse({**base, "choices": [], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": done,
+                                                        "total_tokens": prompt_tokens + done}})
         yield "data: [DONE]\n\n"
+
+    def chat_sse(body: ChatCompletionRequest, streams: list[RequestStream], cid: str, created: int,
+                 prompt_tokens: int, request: Request) -> AsyncIterator[str]:
+        base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_id}
+
+        async def choice_chunks(index: int, stream: RequestStream, count: dict[str, int]) -> AsyncIterator[str]:
+            yield sse({**base, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
+                                            "logprobs": None, "finish_reason": None}]})
+            async for ev in metrics.observe(stream, prompt_tokens):
+                count["completion_tokens"] += not ev.stop_token
+                logprobs = None
+                if body.logprobs and ev.logprob is not None and not ev.stop_token:
+                    logprobs = {"content": [_logprob_entry(llm.tokenizer, ev.logprob, body.top_logprobs or 0)]}
+                delta = {"content": ev.text} if ev.text else {}
+                if delta or logprobs or ev.finish_reason:
+                    yield sse({**base, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
+                                                    "finish_reason": ev.finish_reason}]})
+
+        return framed(body, streams, base, prompt_tokens, request, choice_chunks)
 
     # -- completions ------------------------------------------------------------------------------------
 
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
-    def completions(body: CompletionRequest, request: Request):
+    async def completions(body: CompletionRequest, request: Request):
         check_model(body.model)
         cid, created = "cmpl-" + uuid.uuid4().hex, int(time.time())
+        ids = llm.prompt_ids(body.prompt)
         prompt_text = body.prompt if isinstance(body.prompt, str) else llm.tokenizer.decode(body.prompt)
 
-        def params(i: int) -> dict[str, Any]:
+        def params(i: int) -> SamplingParams:
             p = body.sampling(body.max_tokens)
             if body.seed is not None:
                 p["seed"] = body.seed + i
             if body.logprobs is not None:
                 p["logprobs"] = body.logprobs
-            return p
+            return SamplingParams.from_kwargs(**p)
 
+        note(request, prompt_tokens=len(ids), n=body.n, **({"prompt": prompt_text} if log_prompts else {}))
+        streams = submit(ids, [params(i) for i in range(body.n)], body.timeout)
         if body.stream:
-            n_prompt = len(llm._prompt_ids(body.prompt))
-            streams = [metrics.observe(llm.stream(body.prompt, **params(i)), n_prompt) for i in range(body.n)]
             return ClosingStreamingResponse(_guarded(completion_sse(body, streams, cid, created, prompt_text,
-                                                                    n_prompt), request),
-                                     media_type="text/event-stream")
-        with slot.hold():
-            metrics.running.inc()
-            try:
-                results = [llm.generate(body.prompt, **params(i)) for i in range(body.n)]
-            finally:
-                metrics.running.dec()
-        record(results)
+                                                                    len(ids), request), request),
+                                            media_type="text/event-stream")
+        results = await complete(streams, len(ids), body.logprobs is not None)
+        note(request, completion_tokens=sum(c.usage.completion_tokens for c in results))
         choices = []
         for i, c in enumerate(results):
             text = (prompt_text if body.echo else "") + c.text
@@ -380,28 +432,20 @@ def create_app(llm, model_name: str | None = None, api_keys: list[str] | None = 
         return {"id": cid, "object": "text_completion", "created": created, "model": model_id,
                 "choices": choices, "usage": usage(results)}
 
-    def completion_sse(body: CompletionRequest, streams, cid: str, created: int, prompt_text: str,
-                       prompt_tokens: int):
+    def completion_sse(body: CompletionRequest, streams: list[RequestStream], cid: str, created: int,
+                       prompt_text: str, prompt_tokens: int, request: Request) -> AsyncIterator[str]:
         base = {"id": cid, "object": "text_completion", "created": created, "model": model_id}
-        completion_tokens = 0
-        try:
-            with slot.hold():
-                for index, events in enumerate(streams):
-                    if body.echo:
-                        yield sse({**base, "choices": [{"index": index, "text": prompt_text, "logprobs": None,
-                                                        "finish_reason": None}]})
-                    for ev in events:
-                        if not ev.stop_token:
-                            completion_tokens += 1
-                        if ev.text or ev.finish_reason:
-                            yield sse({**base, "choices": [{"index": index, "text": ev.text, "logprobs": None,
-                                                            "finish_reason": ev.finish_reason}]})
-        except APIError as exc:
-            yield sse({"error": {"message": exc.message, "type": exc.kind, "param": None, "code": exc.code}})
-        if body.stream_options and body.stream_options.include_usage:
-            yield sse({**base, "choices": [], "usage": {"prompt_tokens": prompt_tokens,
-                                                        "completion_tokens": completion_tokens,
-                                                        "total_tokens": prompt_tokens + completion_tokens}})
-        yield "data: [DONE]\n\n"
+
+        async def choice_chunks(index: int, stream: RequestStream, count: dict[str, int]) -> AsyncIterator[str]:
+            if body.echo:
+                yield sse({**base, "choices": [{"index": index, "text": prompt_text, "logprobs": None,
+                                                "finish_reason": None}]})
+            async for ev in metrics.observe(stream, prompt_tokens):
+                count["completion_tokens"] += not ev.stop_token
+                if ev.text or ev.finish_reason:
+                    yield sse({**base, "choices": [{"index": index, "text": ev.text, "logprobs": None,
+                                                    "finish_reason": ev.finish_reason}]})
+
+        return framed(body, streams, base, prompt_tokens, request, choice_chunks)
 
     return app

@@ -29,6 +29,8 @@ class SamplingFields(BaseModel):
     min_p: float | None = Field(default=None, ge=0, le=1)
     repetition_penalty: float | None = Field(default=None, gt=0)
     ignore_eos: bool = False
+    # Seconds the request may take; past it the server stops the generation (408, or an error event).
+    timeout: float | None = Field(default=None, gt=0)
 
     def sampling(self, max_tokens: int | None) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"max_tokens": max_tokens, "ignore_eos": self.ignore_eos}

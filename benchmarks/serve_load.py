@@ -1,0 +1,150 @@
+"""Load test: N concurrent streaming clients against `gemmakit serve` (and llama-cpp-python's server).
+
+Each round starts N clients at once; each streams one chat completion of --max-tokens tokens for its own
+prompt. Per round: aggregate output tok/s (all completion tokens / wall time of the round), time to first
+token p50 / p99, and errors (any non-200, broken stream or missing [DONE]). Requests ask ignore_eos, so every
+client generates exactly --max-tokens tokens (servers that do not know the field generate until EOS).
+
+    python benchmarks/serve_load.py                      # gemmakit, clients 1 4 16 64
+    python benchmarks/serve_load.py --target both        # also llama-cpp-python's server (pip install
+                                                         # 'llama-cpp-python[server]==0.3.36')
+
+llama-cpp-python's server runs one request at a time (it has no parallel slots), so its figures show what a
+single-slot server does under the same load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+TOPICS = ["the sea", "a robot", "winter", "a library", "the moon", "a garden", "trains", "a lost key", "music",
+          "a city at night", "mountains", "an old map", "rain", "a lighthouse", "bread", "a clock"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(target: str, model: str, threads: int, max_batch: int) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    if target == "gemmakit":
+        cmd = [sys.executable, "-m", "gemmakit.cli", "serve", "--model", model, "--port", str(port), "--threads",
+               str(threads), "--max-batch", str(max_batch), "--max-waiting", "256", "--context-length", "2048",
+               "--model-name", "bench"]
+    else:
+        cmd = [sys.executable, "-m", "llama_cpp.server", "--model", model, "--port", str(port), "--n_threads",
+               str(threads), "--n_ctx", "2048", "--model_alias", "bench"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        try:
+            if httpx.get(url + "/v1/models", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(f"{target} server exited: {proc.stderr.read()[-2000:]}")
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError(f"{target} server did not start")
+
+
+def one_client(url: str, i: int, max_tokens: int) -> dict:
+    body = {"model": "bench", "stream": True, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "messages": [{"role": "user", "content": f"Write a short story about {TOPICS[i % len(TOPICS)]}."}],
+            "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    first, tokens, done = None, 0, False
+    try:
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as r:
+            if r.status_code != 200:
+                return {"error": f"HTTP {r.status_code}"}
+            for line in r.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                if line == "data: [DONE]":
+                    done = True
+                    break
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    return {"error": chunk["error"].get("message", "error event")}
+                if chunk.get("choices") and chunk["choices"][0].get("delta", {}).get("content"):
+                    first = first or time.perf_counter()
+                    tokens += 1  # counted exactly from usage below when the server reports it
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+    except httpx.HTTPError as exc:
+        return {"error": type(exc).__name__}
+    if not done:
+        return {"error": "stream ended without [DONE]"}
+    return {"ttft": (first or time.perf_counter()) - start, "tokens": tokens}
+
+
+def run_round(url: str, clients: int, max_tokens: int) -> dict:
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        results = list(pool.map(lambda i: one_client(url, i, max_tokens), range(clients)))
+    wall = time.perf_counter() - start
+    ok = [r for r in results if "error" not in r]
+    ttfts = sorted(r["ttft"] for r in ok)
+
+    def pct(q: float) -> float:
+        return ttfts[min(len(ttfts) - 1, int(q * len(ttfts)))] if ttfts else float("nan")
+
+    return {"clients": clients, "tok_s": sum(r["tokens"] for r in ok) / wall, "ttft_p50": statistics.median(ttfts)
+            if ttfts else float("nan"), "ttft_p99": pct(0.99), "errors": len(results) - len(ok),
+            "error_kinds": sorted({r["error"] for r in results if "error" in r})}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", help="GGUF path (default: the bundled Gemma 3 270M)")
+    ap.add_argument("--clients", default="1,4,16,64")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--max-batch", type=int, default=16)
+    ap.add_argument("--target", choices=["gemmakit", "llamacpp", "both"], default="gemmakit")
+    args = ap.parse_args()
+    if args.model is None:
+        from gemmakit import default_model_path
+
+        args.model = str(default_model_path())
+    targets = ["gemmakit", "llamacpp"] if args.target == "both" else [args.target]
+    table = {}
+    for target in targets:
+        proc, url = start(target, args.model, args.threads, args.max_batch)
+        try:
+            run_round(url, 1, 8)  # warm-up
+            for n in (int(c) for c in args.clients.split(",")):
+                row = run_round(url, n, args.max_tokens)
+                table[(target, n)] = row
+                print(f"{target:9s} clients={n:3d}  {row['tok_s']:7.1f} tok/s  TTFT p50 {row['ttft_p50']:6.2f} s  "
+                      f"p99 {row['ttft_p99']:6.2f} s  errors {row['errors']} {row['error_kinds'] or ''}", flush=True)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    single = table.get(("gemmakit", 1))
+    if single:
+        for (target, n), row in table.items():
+            if target == "gemmakit" and n > 1:
+                print(f"gemmakit {n} clients / 1 client: {row['tok_s'] / single['tok_s']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    raise SystemExit(main())

@@ -1,0 +1,289 @@
+"""Continuous batching: one thread owns the model and steps every running sequence together.
+
+Each engine step (1) admits waiting requests into free cache rows, (2) drops cancelled and expired ones,
+(3) runs one prefill chunk of the oldest sequence still reading its prompt, and (4) decodes one token for every
+sequence past its prompt in a single batched forward. Rows are handed out lowest first and a decode forward
+covers rows [0, highest busy row], so a lone sequence runs at batch 1; rows in between that are idle or still
+prefilling ride along as padding (position -1).
+
+A sequence's arithmetic does not depend on its neighbours: prefill runs per row, and the decode kernels sum each
+row in a fixed order whatever the batch (quant/csrc), so greedy output is the same alone or batched.
+
+Admission is bounded twice: ``max_batch`` cache rows (the KV memory) and ``max_waiting`` queued requests; past
+the queue, :meth:`Engine.submit` raises :class:`EngineBusyError` (HTTP 429 in the server).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Iterator, Sequence
+
+import torch
+
+from ..errors import GemmakitError, InvalidParameterError
+from ..generate import SequenceSampler, StreamEvent, token_budget
+from ..kv_cache import KVCache
+from ..quant.linear import MAX_KERNEL_ROWS
+from ..sampling import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineBusyError(GemmakitError):
+    """The wait queue is full; retry later."""
+
+
+class RequestTimeoutError(GemmakitError):
+    """A request ran past its deadline and was stopped."""
+
+
+class EngineStoppedError(GemmakitError):
+    """The engine shut down before the request finished."""
+
+
+@dataclass
+class _Request:
+    prompt: list[int]
+    sampler: SequenceSampler
+    deadline: float | None
+    events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    loop: asyncio.AbstractEventLoop | None = None  # set when an async consumer reads the events
+    async_events: asyncio.Queue | None = None
+    row: int | None = None
+    prefilled: int = 0  # prompt tokens already in the cache
+    next_token: int | None = None  # sampled, not yet run through the model
+    cancelled: bool = False
+    done: bool = False
+    timeout: float | None = None
+
+    @property
+    def position(self) -> int:
+        return len(self.prompt) + self.sampler.generated - 1  # where next_token goes
+
+
+def _delivered(item: StreamEvent | Exception) -> StreamEvent:
+    """An event from the engine, or the error that ended the request, raised."""
+    if isinstance(item, Exception):
+        raise item
+    return item
+
+
+class RequestStream:
+    """The events of one submitted request, readable from a thread (``for``) or a coroutine (``async for``).
+    Closing it (or abandoning the iteration) cancels the request; its cache row is freed at the next step."""
+
+    def __init__(self, engine: "Engine", request: _Request) -> None:
+        self._engine, self._request = engine, request
+
+    def __iter__(self) -> Iterator[StreamEvent]:
+        try:
+            while not (event := _delivered(self._request.events.get())).finish_reason:
+                yield event
+            yield event
+        finally:
+            self.cancel()
+
+    async def __aiter__(self) -> AsyncIterator[StreamEvent]:
+        try:
+            while not (event := _delivered(await self._request.async_events.get())).finish_reason:
+                yield event
+            yield event
+        finally:
+            self.cancel()
+
+    def cancel(self) -> None:
+        self._engine._cancel(self._request)
+
+
+class Engine:
+    """Serves generation requests for one model with continuous batching.
+
+    Args:
+        model, tokenizer: the loaded model (``llm.model``, ``llm.tokenizer``).
+        stop_token_ids: ids that end a sequence (end of turn, end of text).
+        context_length: most tokens (prompt + output) per sequence; each cache row holds this many.
+        max_batch: cache rows, i.e. sequences running at once (at most 16, what one kernel call serves).
+        max_waiting: requests that may wait for a row; one more is refused with EngineBusyError.
+        prefill_chunk: prompt tokens per prefill step; smaller chunks keep other sequences' tokens flowing.
+    """
+
+    def __init__(self, model, tokenizer, stop_token_ids: Sequence[int], context_length: int, max_batch: int = 8,
+                 max_waiting: int = 64, prefill_chunk: int = 128) -> None:
+        if not 1 <= max_batch <= MAX_KERNEL_ROWS:
+            raise InvalidParameterError(f"max_batch={max_batch}: must be in [1, {MAX_KERNEL_ROWS}]")
+        self.model, self.tokenizer = model, tokenizer
+        self.stop_token_ids = list(stop_token_ids)
+        self.context_length = context_length
+        self.max_batch, self.max_waiting, self.prefill_chunk = max_batch, max_waiting, prefill_chunk
+        self.cache = KVCache(model.config, max_batch, context_length, dtype=model.activation_dtype)
+        self._rows: list[_Request | None] = [None] * max_batch
+        self._waiting: deque[_Request] = deque()
+        self._wake = threading.Condition()
+        self._stopped = False
+        self.steps = 0
+        self.peak_batch = 0  # most sequences decoded in one step so far
+        self._thread = threading.Thread(target=self._run, name="gemmakit-engine", daemon=True)
+        self._thread.start()
+
+    # -- the API side (any thread) ----------------------------------------------------------------------
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return sum(r is not None for r in self._rows)
+
+    @property
+    def cache_tokens(self) -> int:
+        """Tokens held in the KV cache rows now."""
+        return sum(min(r.prefilled + r.sampler.generated, self.context_length) for r in self._rows if r is not None)
+
+    @property
+    def cache_capacity(self) -> int:
+        return self.max_batch * self.context_length
+
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams, timeout: float | None = None,
+               loop: asyncio.AbstractEventLoop | None = None) -> RequestStream:
+        """Queue a request (its prompt must fit the context: the caller checks) and return its event stream.
+        Pass the running event loop as ``loop`` to read the stream with ``async for``.
+
+        Raises:
+            EngineBusyError: ``max_waiting`` requests are already waiting.
+        """
+        budget = token_budget(len(prompt_ids), params, self.context_length)
+        sampler = SequenceSampler(self.tokenizer, prompt_ids, params, self.stop_token_ids, budget,
+                                  self.model.config.vocab_size)
+        deadline = time.monotonic() + timeout if timeout is not None else None
+        request = _Request(list(prompt_ids), sampler, deadline, timeout=timeout)
+        if loop is not None:
+            request.loop, request.async_events = loop, asyncio.Queue()
+        with self._wake:
+            if self._stopped:
+                raise EngineStoppedError("the engine has shut down")
+            if len(self._waiting) >= self.max_waiting:
+                raise EngineBusyError(f"server busy: {len(self._waiting)} requests already waiting")
+            self._waiting.append(request)
+            self._wake.notify()
+        return RequestStream(self, request)
+
+    def _cancel(self, request: _Request) -> None:
+        with self._wake:
+            request.cancelled = True
+            self._wake.notify()
+
+    def shutdown(self) -> None:
+        with self._wake:
+            self._stopped = True
+            self._wake.notify()
+        self._thread.join(timeout=30)
+
+    # -- the engine thread ------------------------------------------------------------------------------
+
+    def _emit(self, request: _Request, item: StreamEvent | Exception) -> None:
+        if request.loop is not None:
+            request.loop.call_soon_threadsafe(request.async_events.put_nowait, item)
+        else:
+            request.events.put(item)
+
+    def _free(self, request: _Request) -> None:
+        request.done = True
+        if request.row is not None and self._rows[request.row] is request:
+            self._rows[request.row] = None
+
+    def _admit(self) -> None:
+        while self._waiting and None in self._rows:
+            request = self._waiting.popleft()
+            if request.cancelled:
+                continue
+            row = self._rows.index(None)  # lowest free row: keeps the decode batch short
+            self.cache.reset(torch.tensor([row]))
+            request.row = row
+            self._rows[row] = request
+
+    def _drop_finished(self) -> None:
+        now = time.monotonic()
+        for request in list(self._rows) + list(self._waiting):
+            if request is None or request.done:
+                continue
+            if request.cancelled:
+                self._free(request)
+            elif request.deadline is not None and now > request.deadline:
+                self._emit(request, RequestTimeoutError(
+                    f"request stopped at its deadline of {request.timeout:g} s, after "
+                    f"{request.sampler.generated} generated tokens"))
+                self._free(request)
+        self._waiting = deque(r for r in self._waiting if not r.done)
+
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._wake:
+                if self._stopped:
+                    break
+                self._drop_finished()
+                self._admit()
+                if not any(self._rows):
+                    self._wake.wait(timeout=1.0)
+                    continue
+            try:
+                with torch.inference_mode():
+                    self._step()
+            except Exception as exc:  # a failing step ends its sequences with an error, never the engine
+                logger.exception("engine step failed")
+                for request in self._rows:
+                    if request is not None:
+                        self._emit(request, exc if isinstance(exc, GemmakitError) else
+                                   GemmakitError(f"generation failed: {exc}"))
+                        self._free(request)
+        for request in [r for r in self._rows if r is not None] + list(self._waiting):
+            self._emit(request, EngineStoppedError("the engine has shut down"))
+
+    def _step(self) -> None:
+        self.steps += 1
+        reading = [r for r in self._rows if r is not None and r.prefilled < len(r.prompt)]
+        if reading:
+            self._prefill_chunk(min(reading, key=lambda r: r.row))
+        decoding = [r for r in self._rows if r is not None and r.next_token is not None and not r.done]
+        if decoding:
+            self._decode(decoding)
+
+    def _accept(self, request: _Request, logits: torch.Tensor) -> None:
+        event = request.sampler.step(logits)
+        self._emit(request, event)
+        if event.finish_reason:
+            self._free(request)
+        else:
+            request.next_token = event.token_id
+
+    def _prefill_chunk(self, request: _Request) -> None:
+        start = request.prefilled
+        piece = request.prompt[start : start + self.prefill_chunk]
+        tokens = torch.tensor([piece], dtype=torch.long)
+        positions = torch.arange(start, start + len(piece)).unsqueeze(0)
+        hidden = self.model(tokens, positions, self.cache.narrow(request.row, 1))
+        request.prefilled += len(piece)
+        if request.prefilled == len(request.prompt):
+            self._accept(request, self.model.logits(hidden[0, -1]))
+
+    def _decode(self, decoding: list[_Request]) -> None:
+        self.peak_batch = max(self.peak_batch, len(decoding))
+        n = max(r.row for r in decoding) + 1
+        tokens = torch.zeros(n, 1, dtype=torch.long)
+        positions = torch.full((n, 1), -1, dtype=torch.long)
+        for r in decoding:
+            tokens[r.row, 0] = r.next_token
+            positions[r.row, 0] = r.position
+        hidden = self.model(tokens, positions, self.cache.narrow(0, n))
+        rows = torch.tensor([r.row for r in decoding])
+        logits = self.model.logits(hidden[rows, 0])
+        for i, r in enumerate(decoding):
+            r.next_token = None
+            self._accept(r, logits[i])
