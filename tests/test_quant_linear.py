@@ -54,8 +54,11 @@ def test_quantized_model_tracks_fp32(model_path, llm) -> None:
     fp32 = gemmakit.load(model_path, quant="fp32")
     ids = llm.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 6, add_bos=True)
     full = fp32.logits(ids)
-    # Long inputs dequantize per layer (prefill path): identical to fp32.
-    assert torch.equal(llm.logits(ids), full)
+    # Long inputs dequantize per layer (prefill path): the fp32 matmuls, but the quantized model's fused gate|up
+    # runs GeGLU in C where the fp32 model's separate projections use PyTorch's GELU.
+    prefill_diff = (llm.logits(ids) - full).abs().max().item()
+    print(f"max |dequantized prefill logits - fp32| = {prefill_diff:.2e}")
+    assert prefill_diff <= 2e-4
     # One token at a time goes through the int8 kernel.
     from gemmakit.generate import decode_step, prefill
     from gemmakit.kv_cache import KVCache

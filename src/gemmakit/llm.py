@@ -18,7 +18,7 @@ from .generate import Completion, StreamEvent, collect, generate_events
 from .model import Gemma
 from .sampling import SamplingParams
 from .tokenizer import HFTokenizer, Tokenizer
-from .weights import load_gguf_model, load_hf_model
+from .weights import load_gguf_model, load_hf_model, release_freed_memory
 from .weights.gguf import GGUFFile
 
 logger = logging.getLogger(__name__)
@@ -249,8 +249,11 @@ def load(
         if dtype is not None:
             raise InvalidParameterError(f"dtype={dtype!r}: for GGUF files choose the precision with quant=")
         gguf = GGUFFile(file)
-        model, config = load_gguf_model(gguf, quant, memory_budget)
+        # The tokenizer first: building it leaves freed scratch on the heap, returned before the weights load,
+        # so it never adds to the peak.
         tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata, str(file))
+        release_freed_memory()
+        model, config = load_gguf_model(gguf, quant, memory_budget)
         template = find_checkpoint_template(gguf_metadata=gguf.metadata)
     if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
         raise InvalidParameterError(f"{file}: tokenizer has {tokenizer.vocab_size} pieces, model {config.vocab_size}")

@@ -16,7 +16,7 @@ from torch import nn
 from .config import GemmaConfig, LayerSpec
 from .kv_cache import KVCache
 from .quant import fused
-from .quant.linear import SMALL_NORM, fast_rms_norm
+from .quant.linear import fast_rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -27,7 +27,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Gemma normalizes and scales in float32, then casts back ((x * w).to(dtype), not x.to(dtype) * w).
-        if x.dtype == torch.float32 and x.numel() <= SMALL_NORM and x.device.type == "cpu":
+        if fused.cpu_kernels_ok(x):
             return fast_rms_norm(x, self.weight, self.eps)
         weight = self.weight.float() if self.weight is not None else None
         return F.rms_norm(x.float(), (x.shape[-1],), weight, self.eps).type_as(x)
@@ -232,7 +232,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is not None:
             gate_up = self.gate_up_proj(x)
-            if fused.fused_decode_ok(x):
+            if fused.cpu_kernels_ok(gate_up):
                 return self.down_proj(fused.geglu(gate_up))
             gate, up = gate_up.chunk(2, dim=-1)
         else:

