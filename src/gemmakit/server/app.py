@@ -126,6 +126,36 @@ class Metrics:
             stream.cancel()  # a no-op once finished; frees the row of an abandoned request
 
 
+class RequestLog:
+    """Pure ASGI middleware: counts each response in the metrics and logs one JSON line per request when its body
+    (a whole stream, for SSE) has been sent. Unlike a BaseHTTPMiddleware it does not relay every stream chunk
+    through an extra task and queue, which measurably slowed token streaming."""
+
+    def __init__(self, app, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = {"code": 500}
+
+        async def send_and_note(message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            self.metrics.requests.labels(scope["path"], str(status["code"])).inc()
+            line = {"id": uuid.uuid4().hex[:12], "method": scope["method"], "path": scope["path"],
+                    "status": status["code"], "ms": round((time.perf_counter() - start) * 1000, 1)}
+            line.update(scope.get("state", {}).get("log", {}))
+            logger.info(json.dumps(line, default=str))
+
+
 def create_app(llm, model_name: str | None = None, api_keys: list[str] | None = None, max_waiting: int = 64,
                max_batch: int = 8, context_length: int | None = None,
                kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES, log_prompts: bool = False) -> FastAPI:
@@ -200,26 +230,7 @@ def create_app(llm, model_name: str | None = None, api_keys: list[str] | None = 
         logger.exception("unhandled error")  # the trace goes to the log, never to the client
         return _error(500, "internal server error", "server_error")
 
-    @app.middleware("http")
-    async def _log(request: Request, call_next):
-        start = time.perf_counter()
-        request_id = uuid.uuid4().hex[:12]
-        response = await call_next(request)
-        metrics.requests.labels(request.url.path, str(response.status_code)).inc()
-        body = response.body_iterator
-
-        async def logged() -> AsyncIterator[bytes]:
-            try:
-                async for chunk in body:
-                    yield chunk
-            finally:  # one line per request, once its body (a whole stream) is sent
-                line = {"id": request_id, "method": request.method, "path": request.url.path,
-                        "status": response.status_code, "ms": round((time.perf_counter() - start) * 1000, 1)}
-                line.update(getattr(request.state, "log", {}))
-                logger.info(json.dumps(line))
-
-        response.body_iterator = logged()
-        return response
+    app.add_middleware(RequestLog, metrics=metrics)
 
     def note(request: Request, **fields: Any) -> None:
         """Add fields to the request's log line."""
