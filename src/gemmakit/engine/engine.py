@@ -188,10 +188,13 @@ class Engine:
     # -- the engine thread ------------------------------------------------------------------------------
 
     def _emit(self, request: _Request, item: StreamEvent | Exception) -> None:
-        if request.loop is not None:
-            request.loop.call_soon_threadsafe(request.async_events.put_nowait, item)
-        else:
+        if request.loop is None:
             request.events.put(item)
+            return
+        try:
+            request.loop.call_soon_threadsafe(request.async_events.put_nowait, item)
+        except RuntimeError:  # the consumer's event loop has closed (server shutting down): nobody to tell
+            request.cancelled = True
 
     def _free(self, request: _Request) -> None:
         request.done = True
