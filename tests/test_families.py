@@ -206,6 +206,16 @@ LLAMACPP_GEMMA4_LAYER = {
 }
 
 
+def write_tiny_vocab(w) -> None:
+    """A SentencePiece-style vocabulary of VOCAB pieces: specials, 256 byte pieces, filler words."""
+    pieces = ["<pad>", "<eos>", "<bos>", "<unk>"] + [f"<0x{b:02X}>" for b in range(256)]
+    pieces += [f"w{i}" for i in range(VOCAB - len(pieces))]
+    w.add_tokenizer_model("llama")
+    w.add_token_list(pieces)
+    w.add_token_scores([0.0] * len(pieces))
+    w.add_token_types([3, 3, 3, 2] + [6] * 256 + [1] * (VOCAB - 260))
+
+
 def write_gemma4_gguf(ref, gguf_specs, path, split_experts: bool = False) -> None:
     """The transformers model's weights as a llama.cpp-layout Gemma 4 GGUF (F32). ``split_experts`` writes the
     experts' gate and up halves as ``ffn_gate_exps`` / ``ffn_up_exps`` instead of one ``ffn_gate_up_exps``."""
@@ -241,12 +251,7 @@ def write_gemma4_gguf(ref, gguf_specs, path, split_experts: bool = False) -> Non
         w.add_uint32(a + "expert_count", c.num_experts)
         w.add_uint32(a + "expert_used_count", c.top_k_experts)
         w.add_uint32(a + "expert_feed_forward_length", c.moe_intermediate_size)
-    pieces = ["<pad>", "<eos>", "<bos>", "<unk>"] + [f"<0x{b:02X}>" for b in range(256)]
-    pieces += [f"w{i}" for i in range(VOCAB - len(pieces))]
-    w.add_tokenizer_model("llama")
-    w.add_token_list(pieces)
-    w.add_token_scores([0.0] * len(pieces))
-    w.add_token_types([3, 3, 3, 2] + [6] * 256 + [1] * (VOCAB - 260))
+    write_tiny_vocab(w)
     # Proportional RoPE as llama.cpp encodes it: divisor 1 for rotated pairs, 1e30 for frozen ones.
     rotated = int(0.25 * 32 // 2)
     w.add_tensor("rope_freqs.weight", np.array([1.0] * rotated + [1e30] * (16 - rotated), dtype=np.float32))
@@ -315,12 +320,7 @@ def write_gemma123_gguf(ref, arch: str, path) -> None:
         w.add_rope_freq_base(1_000_000.0)
     else:
         w.add_rope_freq_base(10_000.0)
-    pieces = ["<pad>", "<eos>", "<bos>", "<unk>"] + [f"<0x{b:02X}>" for b in range(256)]
-    pieces += [f"w{i}" for i in range(VOCAB - len(pieces))]
-    w.add_tokenizer_model("llama")
-    w.add_token_list(pieces)
-    w.add_token_scores([0.0] * len(pieces))
-    w.add_token_types([3, 3, 3, 2] + [6] * 256 + [1] * (VOCAB - 260))
+    write_tiny_vocab(w)
     renames = dict(LLAMACPP_GEMMA123_LAYER)
     if arch == "gemma":  # transformers' Gemma 1 calls its pre-MLP norm post_attention_layernorm
         renames["post_attention_layernorm.weight"] = "ffn_norm.weight"
