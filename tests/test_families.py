@@ -216,7 +216,7 @@ def write_tiny_vocab(w) -> None:
     w.add_token_types([3, 3, 3, 2] + [6] * 256 + [1] * (VOCAB - 260))
 
 
-def write_gemma4_gguf(ref, gguf_specs, path, split_experts: bool = False) -> None:
+def write_gemma4_gguf(ref, gguf_specs, path, split_experts: bool = False, drop: str | None = None) -> None:
     """The transformers model's weights as a llama.cpp-layout Gemma 4 GGUF (F32). ``split_experts`` writes the
     experts' gate and up halves as ``ffn_gate_exps`` / ``ffn_up_exps`` instead of one ``ffn_gate_up_exps``."""
     import numpy as np
@@ -263,8 +263,9 @@ def write_gemma4_gguf(ref, gguf_specs, path, split_experts: bool = False) -> Non
             target = f"blk.{i}.{LLAMACPP_GEMMA4_LAYER[rest]}"
             if split_experts and rest == "experts.gate_up_proj":
                 gate, up = tensor.detach().float().chunk(2, dim=1)
-                w.add_tensor(f"blk.{i}.ffn_gate_exps.weight", gate.numpy().copy())
-                w.add_tensor(f"blk.{i}.ffn_up_exps.weight", up.numpy().copy())
+                for part, half in (("ffn_gate_exps", gate), ("ffn_up_exps", up)):
+                    if f"blk.{i}.{part}.weight" != drop:
+                        w.add_tensor(f"blk.{i}.{part}.weight", half.numpy().copy())
                 continue
         elif name in LLAMACPP_GEMMA4:
             target = LLAMACPP_GEMMA4[name]
@@ -288,6 +289,17 @@ def test_gemma4_gguf_matches_safetensors(name, split_experts, tmp_path) -> None:
     diff = (from_gguf.logits(ids) - llm.logits(ids)).abs().max().item()
     print(f"{name}: GGUF vs safetensors max |logits diff| = {diff:.2e}")
     assert diff <= 1e-4
+
+
+@torch.inference_mode()
+def test_half_of_split_expert_pair_missing_is_an_error(tmp_path) -> None:
+    name, ref, llm, _ = build("gemma4_26b_a4b", tmp_path / "hf")
+    path = tmp_path / "broken.gguf"
+    write_gemma4_gguf(ref, llm.config.layers, path, split_experts=True, drop="blk.2.ffn_up_exps.weight")
+    from gemmakit.errors import WeightError
+
+    with pytest.raises(WeightError, match="missing tensors for layers.2.experts.gate_up_proj"):
+        gemmakit.load(path)
 
 
 LLAMACPP_GEMMA123_LAYER = {k: v for k, v in LLAMACPP_GEMMA4_LAYER.items() if not k.startswith(
