@@ -171,11 +171,9 @@ class Attention(nn.Module):
         )
         kv = own.visible(positions) if own else shared_kv
         k, v, k_pos = kv
-        if fused.attends_in_place(k, k_pos):
-            out = fused.attend(q, k, v, k_pos, positions, self.window, self.scale, self.softcap)
-        else:  # keys gathered from elsewhere (not a cache view): the plain attention
-            mask = attention_mask(positions, k_pos, self.window)
-            out = self._attend(q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2), mask).reshape(B, -1)
+        # One token per row always attends over views of a cache (its own layer's, or the source layer's).
+        assert fused.attends_in_place(k, k_pos), "decode keys must be views into a KV cache"
+        out = fused.attend(q, k, v, k_pos, positions, self.window, self.scale, self.softcap)
         return self.o_proj(out.view(B, 1, -1)), kv
 
     def _own_kv(self, x: torch.Tensor, positions: torch.Tensor, rope, cache: KVCache | None,
