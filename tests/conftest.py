@@ -22,6 +22,13 @@ def llm(model_path: Path) -> gemmakit.LLM:
 
 
 @pytest.fixture(scope="session")
+def precise_llm(model_path: Path) -> gemmakit.LLM:
+    """quant="int8": the same int8 weights as the default, with float32 prompt matmuls on every CPU (the default
+    runs them in bfloat16 where the CPU has native bf16): the model to hold to transformers' numbers."""
+    return gemmakit.load(model_path, quant="int8")
+
+
+@pytest.fixture(scope="session")
 def hf_model(model_path: Path):
     """transformers' Gemma3ForCausalLM from the same GGUF (dequantized to fp32, eager attention): the reference.
 

@@ -40,7 +40,10 @@ def test_default_model_decode_matches_pytorch_path(llm) -> None:
     a, b = run_both(decode_all)
     diff = (a - b).abs().max().item()
     print(f"fused vs PyTorch decode, {len(ids) - 8} steps: max |logits diff| = {diff:.2e}")
-    assert diff <= 1e-4
+    # Both paths' matmuls round their inputs to 16 bits per group (csrc/qgemv.c); float differences of ~1e-7
+    # between the two attention paths flip a few of those roundings, which then carry through the cache.
+    # Measured 6.7e-3 over 114 steps (|logits| up to ~50); a wrong mask or position is off by whole units.
+    assert diff <= 2e-2
     assert torch.equal(a.argmax(-1), b.argmax(-1))
 
 

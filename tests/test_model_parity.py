@@ -26,17 +26,17 @@ TIE_MARGIN = 1e-3
 
 
 @pytest.fixture(scope="module")
-def text_ids(llm) -> list[int]:
-    ids = llm.tokenizer.encode(TEXT, add_bos=True)
+def text_ids(precise_llm) -> list[int]:
+    ids = precise_llm.tokenizer.encode(TEXT, add_bos=True)
     assert len(ids) >= 256
     return ids[:256]
 
 
 @torch.inference_mode()
-def test_logits_match_transformers(llm, hf_model, text_ids) -> None:
-    ours = llm.logits(text_ids)
+def test_logits_match_transformers(precise_llm, hf_model, text_ids) -> None:
+    ours = precise_llm.logits(text_ids)
     ref = hf_model(torch.tensor([text_ids])).logits[0].float()
-    assert ours.shape == ref.shape == (256, llm.config.vocab_size)
+    assert ours.shape == ref.shape == (256, precise_llm.config.vocab_size)
     diff = (ours - ref).abs().max().item()
     print(f"max |logits - transformers| over 256 tokens: {diff:.2e}")
     assert diff <= 1e-3
@@ -74,12 +74,12 @@ CHAT_PROMPTS = [
 
 
 @pytest.mark.parametrize("case", PLAIN_PROMPTS + CHAT_PROMPTS, ids=[f"plain{i}" for i in range(3)] + ["chat0", "chat1"])
-def test_greedy_matches_transformers(llm, hf_model, case, record_property) -> None:
+def test_greedy_matches_transformers(precise_llm, hf_model, case, record_property) -> None:
     if isinstance(case, str):
-        ids = llm.tokenizer.encode(case, add_bos=True)
+        ids = precise_llm.tokenizer.encode(case, add_bos=True)
     else:
-        ids = llm.apply_chat_template(case, tokenize=True)
-    ours = llm.generate(ids, max_tokens=64, temperature=0, ignore_eos=True).token_ids
+        ids = precise_llm.apply_chat_template(case, tokenize=True)
+    ours = precise_llm.generate(ids, max_tokens=64, temperature=0, ignore_eos=True).token_ids
     ref, margins = hf_greedy(hf_model, ids, 64)
     first = next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), None)
     if first is None:
@@ -93,10 +93,10 @@ def test_greedy_matches_transformers(llm, hf_model, case, record_property) -> No
 
 
 @torch.inference_mode()
-def test_kv_cache_decoding_matches_full_forward(llm) -> None:
+def test_kv_cache_decoding_matches_full_forward(precise_llm) -> None:
     """One token at a time through the ring-buffer cache, well past the 512-token window."""
-    model = llm.model
-    ids = llm.tokenizer.encode(TEXT * 3, add_bos=True)[:640]
+    model = precise_llm.model
+    ids = precise_llm.tokenizer.encode(TEXT * 3, add_bos=True)[:640]
     assert len(ids) > model.config.sliding_window + 64
     tokens = torch.tensor([ids])
     full = model(tokens, torch.arange(len(ids)).unsqueeze(0))[0]  # (T, E)
@@ -111,13 +111,16 @@ def test_kv_cache_decoding_matches_full_forward(llm) -> None:
     check = list(range(0, len(ids), 7)) + list(range(len(ids) - 16, len(ids)))
     diff = (model.logits(stepped[check]) - model.logits(full[check])).abs().max().item()
     print(f"max |cached decode - full forward| logits: {diff:.2e}")
-    assert diff <= 2e-4  # fp32 sums over different key sets; measured 8.6e-5 here
+    # The decode kernel rounds each matmul input to 16 bits per group (csrc/qgemv.c), which the full forward
+    # (float32 prefill matmuls) does not: measured 1.2e-2 after 640 steps, against |logits| up to ~50. A wrong
+    # window, ring slot or position moves logits by whole units.
+    assert diff <= 3e-2
 
 
 @torch.inference_mode()
-def test_chunked_prefill_matches_full_forward(llm) -> None:
-    model = llm.model
-    ids = llm.tokenizer.encode(TEXT * 3, add_bos=True)[:700]
+def test_chunked_prefill_matches_full_forward(precise_llm) -> None:
+    model = precise_llm.model
+    ids = precise_llm.tokenizer.encode(TEXT * 3, add_bos=True)[:700]
     tokens = torch.tensor([ids])
     full = model(tokens, torch.arange(len(ids)).unsqueeze(0))[0]
     cache = KVCache(model.config, 1, len(ids))

@@ -11,8 +11,8 @@ from gguf import quants
 import gemmakit
 from gemmakit.errors import ModelTooLargeError
 from gemmakit.quant import kernels as kernels_module
-from gemmakit.quant.ggml import QUANTIZED_TYPES, split
-from gemmakit.quant.linear import QuantWeight
+from gemmakit.quant.ggml import QUANTIZED_TYPES, split, split_packed
+from gemmakit.quant.linear import QuantWeight, pack, set_prefill_dtype
 from test_quant_ggml import random_blocks
 
 
@@ -29,15 +29,20 @@ def test_matmul_matches_dequantized(qtype: T, rows: int, monkeypatch) -> None:
     N, K = 96, 2 * max(block_size, 256)
     raw = random_blocks(qtype, N * K // block_size, rng).reshape(N, K // block_size * type_size)
     raw_t = torch.from_numpy(raw)
-    weight = QuantWeight(*split(raw_t, qtype, (N, K)))
+    weight = QuantWeight.from_packed(*split_packed(raw_t, qtype, (N, K)), N, K)
     dense = torch.from_numpy(quants.dequantize(raw, qtype))
     assert torch.equal(weight.dequantize(), dense)  # the C dequantizer is exact too
     assert torch.equal(weight.dequantize(torch.tensor([5, 0, 95])), dense[[5, 0, 95]])
     x = torch.randn(rows, K, generator=torch.Generator().manual_seed(0))
     ref = x.double() @ dense.double().t()
     fast = weight.matmul(x)
+    # The kernel rounds x to 16 bits per group of `group` values: each x is off by at most half a step,
+    # max|x in its group| / 32767 / 2. Bound the product by that, plus float32 rounding.
+    step = x.view(rows, -1, weight.group).abs().amax(-1, keepdim=True).expand(-1, -1, weight.group).reshape(rows, K)
+    bound = (step.double() / 32767 / 2) @ dense.double().abs().t()
+    excess = (fast.double() - ref).abs() - bound
+    assert excess.max().item() <= 1e-5 * float(ref.abs().max()) + 1e-5
     tol = 1e-5 * float(ref.abs().max()) + 1e-5
-    assert (fast.double() - ref).abs().max().item() <= tol
     monkeypatch.setenv("GEMMAKIT_NO_KERNELS", "1")
     kernels_module.kernels.cache_clear()
     try:
@@ -49,16 +54,18 @@ def test_matmul_matches_dequantized(qtype: T, rows: int, monkeypatch) -> None:
     assert (slow.double() - ref).abs().max().item() <= tol
 
 
-def test_quantized_model_tracks_fp32(model_path, llm) -> None:
-    """quant='auto' keeps the GGUF's int8/4/5/6-bit values; only the summation order differs from fp32."""
+def test_quantized_model_tracks_fp32(model_path, llm, precise_llm) -> None:
+    """quant='int8'/'auto' keep the GGUF's int8/4/5/6-bit values: prompt logits (float32 matmuls) differ from
+    fp32 only by summation order, decode logits also by the kernel's 16-bit rounding of its inputs."""
     fp32 = gemmakit.load(model_path, quant="fp32")
     ids = llm.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 6, add_bos=True)
     full = fp32.logits(ids)
     # Long inputs dequantize per layer (prefill path): the fp32 matmuls, but the quantized model's fused gate|up
     # runs GeGLU in C where the fp32 model's separate projections use PyTorch's GELU.
-    prefill_diff = (llm.logits(ids) - full).abs().max().item()
+    prefill_diff = (precise_llm.logits(ids) - full).abs().max().item()
     print(f"max |dequantized prefill logits - fp32| = {prefill_diff:.2e}")
     assert prefill_diff <= 2e-4
+    default_llm, llm = llm, precise_llm
     # One token at a time goes through the int8 kernel.
     from gemmakit.generate import decode_step, prefill
     from gemmakit.kv_cache import KVCache
@@ -69,14 +76,38 @@ def test_quantized_model_tracks_fp32(model_path, llm) -> None:
         (decode_step(llm.model, ids[t], t, cache) - full[t]).abs().max().item() for t in range(20, len(ids))
     )
     print(f"max |int8-kernel decode logits - fp32| = {worst:.2e}")
-    assert worst <= 1e-3
+    assert worst <= 5e-3
     for prompt in ("Explain quantum computing in simple terms:", "The three primary colors are"):
-        a = llm.generate(prompt, max_tokens=32, temperature=0).token_ids
         b = fp32.generate(prompt, max_tokens=32, temperature=0).token_ids
-        assert a == b
+        assert precise_llm.generate(prompt, max_tokens=32, temperature=0).token_ids == b
+        assert default_llm.generate(prompt, max_tokens=32, temperature=0).token_ids == b  # bf16 prompts here
     # The embedding/head and every projection stay quantized: no float matrix is left.
     assert not [n for n, m in llm.model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))]
     assert sum(1 for m in llm.model.modules() if hasattr(m, "qweight")) >= 1 + 18 * 4
+
+
+def test_bf16_prefill_tracks_fp32_prefill(model_path) -> None:
+    """The default on CPUs with native bf16: prompt matmuls in bfloat16. Stated bounds, measured on 840 tokens
+    of text: max |logits diff| 0.57 (|logits| up to 52), top-1 agreement 98.6%, mean NLL +0.03%."""
+    import torch.nn.functional as F
+
+    model = gemmakit.load(model_path, quant="int8")
+    ids = model.tokenizer.encode("The history of computing is a story of people finding ways to make machines "
+                                 "do arithmetic faster and more reliably. " * 8, add_bos=True)
+    exact = model.logits(ids)
+    set_prefill_dtype(model.model, torch.bfloat16)
+    fast = model.logits(ids)
+
+    def nll(logits: torch.Tensor) -> float:
+        return float(F.cross_entropy(logits[:-1], torch.tensor(ids[1:])))
+
+    diff = (fast - exact).abs().max().item()
+    agree = (fast.argmax(-1) == exact.argmax(-1)).float().mean().item()
+    print(f"bf16 vs fp32 prefill: max |diff| {diff:.2e}, top-1 agreement {agree:.3f}, NLL {nll(fast):.5f} vs "
+          f"{nll(exact):.5f}")
+    assert 0 < diff <= 1.5
+    assert agree >= 0.95
+    assert abs(nll(fast) - nll(exact)) <= 0.002 * nll(exact)
 
 
 def test_memory_budget_fails_before_allocating(model_path) -> None:
@@ -91,16 +122,20 @@ def test_kernel_split_equals_reference_split(qtype: T, monkeypatch) -> None:
     block_size, type_size = GGML_QUANT_SIZES[qtype]
     N, K = 40, 2 * max(block_size, 256)
     raw = torch.from_numpy(random_blocks(qtype, N * K // block_size, rng).reshape(N, -1))
-    fast = split(raw, qtype, (N, K))
+    fast = split_packed(raw, qtype, (N, K))
     monkeypatch.setenv("GEMMAKIT_NO_KERNELS", "1")
     kernels_module.kernels.cache_clear()
     try:
-        ref = split(raw, qtype, (N, K))
+        ref = split_packed(raw, qtype, (N, K))
     finally:
         monkeypatch.delenv("GEMMAKIT_NO_KERNELS")
         kernels_module.kernels.cache_clear()
     assert torch.equal(fast[0], ref[0]) and torch.equal(fast[1], ref[1]) and fast[3] == ref[3]
     assert (fast[2] is None) == (ref[2] is None) and (fast[2] is None or torch.equal(fast[2], ref[2]))
+    # Rows that do not fill the last block of 16 are padded with zeros.
+    padded = split_packed(raw[:37], qtype, (37, K))
+    want = pack(*split(raw[:37], qtype, (37, K))[:3])
+    assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(padded, want))
 
 
 @pytest.mark.parametrize("group,mins,K", [(32, False, 640), (32, True, 2048), (32, False, 672), (16, False, 2048)])

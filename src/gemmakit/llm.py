@@ -222,7 +222,8 @@ def load(
             Gemma 3 270M (base model, Q4_K_M).
         dtype: for HF folders, None (the checkpoint's dtype), "float32", "bfloat16" or "float16".
         quant: for GGUF files, "auto" (default: quantized matrices stay int8 with per-group scales, read by a
-            compiled CPU kernel), "int8" (the same), "fp32" or "bf16" (dequantize everything at load).
+            compiled CPU kernel; prompt matmuls in bfloat16 on CPUs with native bf16), "int8" (the same with
+            float32 prompt matmuls), "fp32" or "bf16" (dequantize everything at load).
         memory_budget: bytes the weights may take; a larger model fails with ModelTooLargeError before any
             weight is allocated.
         context_length: most tokens (prompt + generated) per sequence; defaults to the model's maximum.

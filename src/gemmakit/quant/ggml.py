@@ -214,46 +214,60 @@ def _split_with_kernel(raw: torch.Tensor, qtype: T, rows: int, K: int):
     from .kernels import kernels
 
     lib = kernels()
-    if lib is None or qtype not in _KERNEL_SPLIT:
+    if lib is None or qtype not in _KERNEL_SPLIT or K % GGML_QUANT_SIZES[qtype][0]:
         return None
     import ctypes
 
     group, affine = _KERNEL_SPLIT[qtype]
     block_size, type_size = GGML_QUANT_SIZES[qtype]
     raw = raw.contiguous()
-    q = torch.empty(rows, K, dtype=torch.int8)
-    scale = torch.empty(rows, K // group, dtype=torch.float32)
-    mins = torch.empty(rows, K // group, dtype=torch.float32) if affine else None
+    blocks = (rows + 15) // 16
+    alloc = torch.zeros if rows % 16 else torch.empty  # padding rows must read as zeros
+    q = alloc(blocks, 16 * K, dtype=torch.int8)
+    scale = alloc(blocks, 16 * (K // group), dtype=torch.float32)
+    mins = alloc(blocks, 16 * (K // group), dtype=torch.float32) if affine else None
     ptr = lambda t: ctypes.c_void_p(t.data_ptr()) if t is not None else None  # noqa: E731
-    status = lib.split_blocks(int(qtype), ptr(raw), rows * K // block_size, ptr(q), ptr(scale), ptr(mins),
+    status = lib.split_blocks(int(qtype), ptr(raw), rows * K // block_size, K, ptr(q), ptr(scale), ptr(mins),
                               torch.get_num_threads())
     return (q, scale, mins, group) if status == 0 else None
 
 
+def _split_rows(raw: torch.Tensor, qtype: T, K: int) -> Split:
+    return _SPLITTERS[qtype](raw.reshape(-1, GGML_QUANT_SIZES[qtype][1]))
+
+
 def split(raw: torch.Tensor, qtype: T, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
-    """A quantized matrix's raw bytes (rows, row_bytes) -> (q (rows, K) int8, scale (rows, K/group), mins or
-    None, group). Converted in row chunks so a large table never needs several full-size temporaries."""
-    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    """A quantized matrix's raw bytes (rows, row_bytes) -> row-major (q (rows, K) int8, scale (rows, K/group),
+    mins or None, group), with the PyTorch splitters (the reference for the C converter of split_packed)."""
+    rows, K = shape
+    sp = _split_rows(raw, qtype, K)
+    mins = sp.mins.reshape(rows, -1) if sp.mins is not None else None
+    return sp.q.reshape(rows, K), sp.scale.reshape(rows, -1), mins, sp.group
+
+
+def split_packed(raw: torch.Tensor, qtype: T, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
+    """A quantized matrix's raw bytes -> (q, scale, mins or None, group) in the packed layout of
+    :class:`~gemmakit.quant.linear.QuantWeight` (csrc/qgemv.c). The C converter writes it in one pass; other
+    types are split and packed in row chunks, so a large table never needs several full-size temporaries."""
+    from .linear import pack
+
     rows, K = shape
     fast = _split_with_kernel(raw, qtype, rows, K)
     if fast is not None:
         return fast
     raw = raw.reshape(rows, -1)
-    q = scale = mins = None
+    parts: list[tuple[torch.Tensor, ...]] = []
     group = 0
-    for start in range(0, rows, SPLIT_ROWS):
+    for start in range(0, rows, SPLIT_ROWS):  # SPLIT_ROWS is a multiple of 16: chunks pack independently
         chunk = raw[start : start + SPLIT_ROWS]
         n = chunk.shape[0]
-        sp = _SPLITTERS[qtype](chunk.reshape(-1, type_size))
-        if q is None:
-            group = sp.group
-            q = torch.empty(rows, K, dtype=torch.int8)
-            scale = torch.empty(rows, K // group, dtype=torch.float32)
-            mins = torch.empty(rows, K // group, dtype=torch.float32) if sp.mins is not None else None
-        q[start : start + n] = sp.q.reshape(n, K)
-        scale[start : start + n] = sp.scale.reshape(n, K // group)
-        if mins is not None:
-            mins[start : start + n] = sp.mins.reshape(n, K // group)
+        sp = _split_rows(chunk, qtype, K)
+        group = sp.group
+        mins = sp.mins.reshape(n, -1) if sp.mins is not None else None
+        parts.append(pack(sp.q.reshape(n, K), sp.scale.reshape(n, -1), mins))
+    q = torch.cat([p[0] for p in parts])
+    scale = torch.cat([p[1] for p in parts])
+    mins = torch.cat([p[2] for p in parts]) if parts[0][2] is not None else None
     return q, scale, mins, group
 
 

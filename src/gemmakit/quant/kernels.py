@@ -22,7 +22,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).parent / "csrc" / name for name in ("qgemv.c", "decode.c")]
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-lm"]
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-lm"]
 
 
 def _cpu_signature() -> str:
@@ -72,13 +72,13 @@ def kernels() -> ctypes.CDLL | None:
         logger.warning("cannot load %s (%s); using the PyTorch path", target, exc)
         return None
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.qgemv.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, ctypes.c_int]
+    lib.qgemv.argtypes = [p, p, p, p, p, i64, i64, i64, i64, ctypes.c_int]
     lib.qgemv.restype = ctypes.c_int
-    lib.dequant_rows.argtypes = [p, p, p, p, i64, i64, p, i64, ctypes.c_int]
+    lib.dequant_rows.argtypes = [p, p, p, p, i64, i64, p, i64, ctypes.c_int, ctypes.c_int]
     lib.dequant_rows.restype = None
     lib.rms_norm.argtypes = [p, p, p, i64, i64, ctypes.c_float]
     lib.rms_norm.restype = None
-    lib.split_blocks.argtypes = [ctypes.c_int, p, i64, p, p, p, ctypes.c_int]
+    lib.split_blocks.argtypes = [ctypes.c_int, p, i64, i64, p, p, p, ctypes.c_int]
     lib.split_blocks.restype = ctypes.c_int
     f32 = ctypes.c_float
     lib.attn_prep.argtypes = [p, i64, i64, i64, i64, i64, ctypes.c_int, p, ctypes.c_int, p, ctypes.c_int, ctypes.c_int,

@@ -34,63 +34,148 @@ def _ptr(t: torch.Tensor | None) -> ctypes.c_void_p | None:
     return ctypes.c_void_p(t.data_ptr()) if t is not None else None
 
 
+def _round16(n: int) -> int:
+    return (n + 15) // 16 * 16
+
+
+def pack(q: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """Row-major (N, K) int8 values and (N, G) scales/mins -> the kernel's packed layout (csrc/qgemv.c):
+    q (N16 / 16, 16 * K) with 16 rows x 2 columns per 32 bytes, scales (N16 / 16, 16 * G) as [group][row]; N16 is
+    N rounded up to a multiple of 16 (the padding rows are zero)."""
+    N, K = q.shape
+    G = scale.shape[1]
+    pad = _round16(N) - N
+    blocks = _round16(N) // 16
+
+    def rows_padded(t: torch.Tensor) -> torch.Tensor:
+        return F.pad(t, (0, 0, 0, pad)) if pad else t
+
+    qp = rows_padded(q).view(blocks, 16, K // 2, 2).permute(0, 2, 1, 3).reshape(blocks, 16 * K).contiguous()
+
+    def scales(t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None:
+            return None
+        return rows_padded(t).view(blocks, 16, G).permute(0, 2, 1).reshape(blocks, 16 * G).contiguous()
+
+    return qp, scales(scale), scales(mins)
+
+
+def unpack(qp: torch.Tensor, sp: torch.Tensor, mp: torch.Tensor | None, N: int, K: int) -> tuple[torch.Tensor, ...]:
+    """Inverse of :func:`pack`: row-major q (N, K), scale (N, G), mins (N, G) or None."""
+    blocks = qp.shape[0]
+    G = sp.shape[1] // 16
+    q = qp.view(blocks, K // 2, 16, 2).permute(0, 2, 1, 3).reshape(blocks * 16, K)[:N]
+
+    def scales(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.view(blocks, G, 16).permute(0, 2, 1).reshape(blocks * 16, G)[:N]
+
+    return q, scales(sp), scales(mp)
+
+
 class QuantWeight(nn.Module):
-    """A (N, K) matrix as int8 ``q`` (N, K), ``scale`` (N, K / group) and optional ``mins``."""
+    """A (N, K) matrix of int8 values with a float32 scale (and optional min) per group of 16 or 32 weights,
+    kept in the packed layout of csrc/qgemv.c. Build it from row-major values with ``QuantWeight(q, scale,
+    mins, group)`` or, without a row-major copy, with :meth:`from_packed`."""
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor | None, group: int) -> None:
+        N, K = q.shape
+        self._init_packed(*pack(q, scale, mins), group, N, K)
+
+    @classmethod
+    def from_packed(cls, qp: torch.Tensor, sp: torch.Tensor, mp: torch.Tensor | None, group: int, N: int,
+                    K: int) -> QuantWeight:
+        self = cls.__new__(cls)
+        self._init_packed(qp, sp, mp, group, N, K)
+        return self
+
+    def _init_packed(self, qp: torch.Tensor, sp: torch.Tensor, mp: torch.Tensor | None, group: int, N: int,
+                     K: int) -> None:
         super().__init__()
         # Not persistent: they are filled from the checkpoint by the loader, not through load_state_dict.
-        self.register_buffer("q", q, persistent=False)
-        self.register_buffer("scale", scale, persistent=False)
-        self.register_buffer("mins", mins, persistent=False)
-        self.group = group
+        self.register_buffer("q", qp, persistent=False)
+        self.register_buffer("scale", sp, persistent=False)
+        self.register_buffer("mins", mp, persistent=False)
+        self.group, self.N, self.K = group, N, K
+        # dtype of the prefill matmuls (more than 16 rows); see :func:`set_prefill_dtype`.
+        self.prefill_dtype = torch.float32
         self._ptrs: tuple | None = None  # ctypes pointers of q, scale, mins (the tensors never move on CPU)
 
     @property
     def shape(self) -> torch.Size:
-        return self.q.shape
+        return torch.Size((self.N, self.K))
 
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in (self.q, self.scale, self.mins) if t is not None)
 
-    def dequantize(self, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """float32 values of all rows, or of the given row ids (an embedding lookup)."""
-        q, scale, mins = self.q, self.scale, self.mins
+    def dequantize(self, rows: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Values of all rows, or of the given row ids (an embedding lookup), as float32 or bfloat16."""
         lib = kernels()
-        n_rows = q.shape[0] if rows is None else rows.numel()
-        if lib is not None and q.device.type == "cpu":
-            out = torch.empty(n_rows, q.shape[1], dtype=torch.float32)
+        n_rows = self.N if rows is None else rows.numel()
+        if lib is not None and self.q.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
+            out = torch.empty(n_rows, self.K, dtype=dtype)
             ids = rows.reshape(-1).to(torch.int64).contiguous() if rows is not None else None
-            lib.dequant_rows(_ptr(q), _ptr(scale), _ptr(mins), _ptr(out), q.shape[1], self.group, _ptr(ids), n_rows,
-                             torch.get_num_threads())
+            lib.dequant_rows(_ptr(self.q), _ptr(self.scale), _ptr(self.mins), _ptr(out), self.K, self.group,
+                             _ptr(ids), n_rows, int(dtype == torch.bfloat16), torch.get_num_threads())
             return out
+        q, scale, mins = unpack(self.q, self.scale, self.mins, self.N, self.K)
         if rows is not None:
             q, scale = q[rows.reshape(-1)], scale[rows.reshape(-1)]
             mins = mins[rows.reshape(-1)] if mins is not None else None
-        n, K = q.shape
-        values = scale.unsqueeze(-1) * q.view(n, K // self.group, self.group).float()
+        n = q.shape[0]
+        values = scale.unsqueeze(-1) * q.reshape(n, self.K // self.group, self.group).float()
         if mins is not None:
             values = values - mins.unsqueeze(-1)
-        return values.view(n, K)
+        return values.view(n, self.K).to(dtype)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., K) float32 -> (..., N) float32."""
+        """x (..., K) float32 -> (..., N) float32.
+
+        Up to 16 rows (decode) go through the C kernel, which rounds x to 16 bits per group of ``group`` values
+        (see csrc/qgemv.c); more rows (prefill) multiply the dequantized weight with PyTorch in
+        ``prefill_dtype`` (float32, or bfloat16: see :func:`set_prefill_dtype`).
+        """
         lead = x.shape[:-1]
         flat = x.reshape(-1, x.shape[-1]).float().contiguous()
         lib = kernels()
         if lib is not None and flat.shape[0] <= MAX_KERNEL_ROWS and flat.device.type == "cpu":
             B, K = flat.shape
-            N = self.q.shape[0]
             if self._ptrs is None:
                 self._ptrs = (_ptr(self.q), _ptr(self.scale), _ptr(self.mins))
-            y = torch.empty(B, N, dtype=torch.float32)
-            xs = torch.empty(B, K // self.group, dtype=torch.float32) if self.mins is not None else None
-            status = lib.qgemv(*self._ptrs, _ptr(flat), _ptr(xs), _ptr(y), B, N, K, self.group,
-                               torch.get_num_threads())
+            y = torch.empty(B, self.N, dtype=torch.float32)
+            status = lib.qgemv(*self._ptrs, _ptr(flat), _ptr(y), B, self.N, K, self.group, torch.get_num_threads())
             if status == 0:
-                return y.view(*lead, N)
+                return y.view(*lead, self.N)
+        if self.prefill_dtype == torch.bfloat16 and flat.device.type == "cpu":
+            out = F.linear(flat.to(torch.bfloat16), self.dequantize(dtype=torch.bfloat16)).float()
+            return out.view(*lead, -1)
         return F.linear(flat, self.dequantize()).view(*lead, -1)
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX-512 BF16 or AMX), where PyTorch's bf16 GEMM runs about
+    2.5x faster than float32 (measured here: 400+ vs 150-190 GFLOPS at prefill shapes)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = line.split()
+                    return "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:
+        pass
+    return False
+
+
+def set_prefill_dtype(model: nn.Module, dtype: torch.dtype) -> None:
+    """Run every quantized weight's prefill matmuls in ``dtype`` (float32 or bfloat16).
+
+    bfloat16 rounds activations and dequantized weights to 8 significant bits before the product (float32
+    accumulation). On the default model that moves prompt logits by up to ~0.6 (of |logits| up to ~52) and mean
+    NLL by +0.03%; decode steps are unaffected (their kernel works on the int8 values).
+    """
+    for module in model.modules():
+        if isinstance(module, QuantWeight):
+            module.prefill_dtype = dtype
 
 
 class QuantLinear(nn.Module):
@@ -127,8 +212,11 @@ def concat_weights(weights: list[QuantWeight]) -> QuantWeight | None:
     if any(w.group != first.group or (w.mins is None) != (first.mins is None) or w.shape[1] != first.shape[1]
            for w in weights):
         return None
+    if any(w.N % 16 for w in weights):
+        return None  # padding rows would land inside the stacked matrix
     mins = torch.cat([w.mins for w in weights]) if first.mins is not None else None
-    return QuantWeight(torch.cat([w.q for w in weights]), torch.cat([w.scale for w in weights]), mins, first.group)
+    return QuantWeight.from_packed(torch.cat([w.q for w in weights]), torch.cat([w.scale for w in weights]), mins,
+                                   first.group, sum(w.N for w in weights), first.K)
 
 
 def fuse_projections(model: nn.Module) -> None:

@@ -11,8 +11,9 @@ import torch
 from ..config import GemmaConfig, config_from_gguf, config_from_hf
 from ..errors import InvalidParameterError, ModelTooLargeError, UnsupportedModelError, WeightError
 from ..model import Gemma
-from ..quant.ggml import QUANTIZED_TYPES, SUPPORTED_TYPES, dequantize, split
-from ..quant.linear import QuantEmbedding, QuantLinear, QuantWeight, fuse_projections
+from ..quant.ggml import QUANTIZED_TYPES, SUPPORTED_TYPES, dequantize, split_packed
+from ..quant.linear import (QuantEmbedding, QuantLinear, QuantWeight, cpu_has_native_bf16, fuse_projections,
+                            set_prefill_dtype)
 from .gguf import GGUFFile
 from .hf import iter_tensors, read_config, safetensor_files
 from .names import GGUF_CONFIG_TENSORS, gguf_to_gemmakit, hf_to_gemmakit, is_shifted_norm, split_part
@@ -64,7 +65,8 @@ def load_gguf_model(
     """Build the model described by a GGUF file and fill it with its weights.
 
     ``quant``: "auto" / "int8" keep quantized GGUF matrices as int8 + per-group scales (float tensors stay
-    float32); "fp32" and "bf16" dequantize everything.
+    float32); "fp32" and "bf16" dequantize everything. With "auto" on a CPU with native bfloat16 (AVX-512 BF16,
+    AMX) prompt matmuls run in bfloat16 (about 2.5x faster); "int8" keeps them in float32.
 
     Raises:
         UnsupportedModelError: unknown architecture or tensor type.
@@ -111,7 +113,8 @@ def load_gguf_model(
             slots = parts.setdefault(base, [None] * part[2])
             slots[part[1]] = dequantize(_raw_tensor(gguf, name), info.ggml_type, info.shape, name).to(dtype)
         elif _keeps_quantized(quant, info, ours, model):
-            quantized[ours] = QuantWeight(*split(_raw_tensor(gguf, name), info.ggml_type, info.shape))
+            quantized[ours] = QuantWeight.from_packed(*split_packed(_raw_tensor(gguf, name), info.ggml_type, info.shape),
+                                                      *info.shape)
         else:
             state[ours] = dequantize(_raw_tensor(gguf, name), info.ggml_type, info.shape, name).to(dtype).clone()
         gguf.release(name)
@@ -127,6 +130,8 @@ def load_gguf_model(
         setattr(owner, attr, wrapper(weight))
     model.load_state_dict(state, assign=True, strict=True)
     fuse_projections(model)
+    if quant == "auto" and cpu_has_native_bf16():
+        set_prefill_dtype(model, torch.bfloat16)  # int8 keeps float32 prefill matmuls
     release_freed_memory()
     model.init_buffers()  # RoPE tables were created on the meta device
     model.eval()
