@@ -33,6 +33,7 @@ t0 = time.perf_counter()
 import torch, gemmakit
 from gemmakit.generate import decode_step, prefill
 from gemmakit.kv_cache import KVCache
+from gemmakit.sampling import argmax
 imports = time.perf_counter() - t0
 t0 = time.perf_counter()
 llm = gemmakit.load({model!r}, threads={threads})
@@ -41,10 +42,10 @@ first = llm.generate(ids[:8], max_tokens=1, temperature=0)  # load + first token
 load = time.perf_counter() - t0
 cache = KVCache(llm.config, 1, len(ids) + {n_decode} + 1)
 t = time.perf_counter(); logits = prefill(llm.model, ids, cache); pre = time.perf_counter() - t
-tok, pos = int(logits.argmax()), len(ids)
+tok, pos = argmax(logits), len(ids)
 t = time.perf_counter()
 for _ in range({n_decode}):
-    logits = decode_step(llm.model, tok, pos, cache); tok, pos = int(logits.argmax()), pos + 1
+    logits = decode_step(llm.model, tok, pos, cache); tok, pos = argmax(logits), pos + 1  # greedy, as llm.sample(temp=0)
 dec = time.perf_counter() - t
 print(json.dumps(dict(import_s=imports, load_s=load, rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                       prefill_tok_s=len(ids) / pre, decode_tok_s={n_decode} / dec)))

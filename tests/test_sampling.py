@@ -109,3 +109,22 @@ def test_repetition_penalty_changes_greedy_output(llm) -> None:
     plain = llm.generate("1, 2, 3, 4,", max_tokens=16, temperature=0)
     penalized = llm.generate("1, 2, 3, 4,", max_tokens=16, temperature=0, repetition_penalty=1.5)
     assert plain.token_ids != penalized.token_ids
+
+
+def test_argmax_is_torchs() -> None:
+    """The C argmax behind greedy decoding picks what torch.argmax picks: the first of tied maxima, NaN first."""
+    from gemmakit.sampling import argmax
+
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 5, 16, 17, 31, 262144, 262145):
+        for _ in range(10):
+            x = torch.randn(n, generator=g)
+            if n > 3:
+                x[torch.randint(0, n, (2,), generator=g)] = x.max() + 1  # a tie for the top
+            assert argmax(x) == int(torch.argmax(x))
+    x = torch.randn(1000, generator=g)
+    x[700], x[500] = float("nan"), float("nan")
+    assert argmax(x) == int(torch.argmax(x)) == 500
+    assert argmax(torch.full((100,), float("-inf"))) == int(torch.argmax(torch.full((100,), float("-inf")))) == 0
+    strided = torch.randn(64, generator=g)[::2]  # not contiguous
+    assert argmax(strided) == int(torch.argmax(strided))

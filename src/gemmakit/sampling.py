@@ -8,6 +8,7 @@ OpenAI API reports them, so they do not move with the sampling knobs.
 
 from __future__ import annotations
 
+import ctypes
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 
 from .errors import InvalidParameterError
+from .quant.kernels import kernels
 
 MAX_LOGPROBS = 20
 
@@ -150,13 +152,24 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return logits
 
 
+def argmax(logits: torch.Tensor) -> int:
+    """Index of the first largest of (V,) logits, as torch.argmax (NaN ranks highest), in one C pass on CPU."""
+    lib = kernels()
+    if lib is not None and logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 1:
+        flat = logits.contiguous()
+        i = lib.argmax_f32(ctypes.c_void_p(flat.data_ptr()), flat.numel())
+        if i >= 0:
+            return int(i)
+    return int(torch.argmax(logits))
+
+
 def sample_token(
     logits: torch.Tensor, params: SamplingParams, generator: torch.Generator, seen: torch.Tensor, counts: torch.Tensor
 ) -> int:
     """Pick the next token id from (V,) float32 logits."""
     logits = apply_penalties(logits, params, seen, counts)
     if params.greedy:
-        return int(torch.argmax(logits))
+        return argmax(logits)
     probs = torch.softmax(filter_logits(logits, params), dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))
 

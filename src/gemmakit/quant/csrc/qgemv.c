@@ -59,10 +59,21 @@ static inline int32_t pair_at(const int16_t *p) {
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #define CHUNK 8
-#ifdef __AVX512VNNI__
-#define DOT_PAIRS(acc, w, x) _mm512_dpwssd_epi32(acc, w, x)
+#if defined(__AVX512VNNI__) && defined(__GNUC__)
+// acc += w . (the int16 pair at p, broadcast), in place. Written as asm because GCC 12 keeps intrinsic
+// accumulators of an unrolled tile in the wrong registers and copies each one twice per multiply-add; here the
+// broadcast is also folded into the instruction.
+static inline __attribute__((always_inline)) void dot_pairs(__m512i *acc, __m512i w, const int16_t *p) {
+    __asm__("vpdpwssd %2%{1to16%}, %1, %0" : "+v"(*acc) : "v"(w), "m"(*(const int32_t *)p));
+}
+#elif defined(__AVX512VNNI__)
+static inline void dot_pairs(__m512i *acc, __m512i w, const int16_t *p) {
+    *acc = _mm512_dpwssd_epi32(*acc, w, _mm512_set1_epi32(pair_at(p)));
+}
 #else
-#define DOT_PAIRS(acc, w, x) _mm512_add_epi32(acc, _mm512_madd_epi16(w, x))
+static inline void dot_pairs(__m512i *acc, __m512i w, const int16_t *p) {
+    *acc = _mm512_add_epi32(*acc, _mm512_madd_epi16(w, _mm512_set1_epi32(pair_at(p))));
+}
 #endif
 // One block of 16 output rows for NB rows of x.
 static inline __attribute__((always_inline)) void tile(
@@ -78,8 +89,7 @@ static inline __attribute__((always_inline)) void tile(
         const int16_t *xg = xq + g * group;
         for (int64_t p = 0; p < pairs; p++) {
             __m512i w = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(qg + p * 32)));
-            for (int b = 0; b < NB; b++)
-                acc[b] = DOT_PAIRS(acc[b], w, _mm512_set1_epi32(pair_at(xg + b * K + 2 * p)));
+            for (int b = 0; b < NB; b++) dot_pairs(&acc[b], w, xg + b * K + 2 * p);
         }
         __m512 sc = _mm512_loadu_ps(sb + g * 16);
         for (int b = 0; b < NB; b++)
