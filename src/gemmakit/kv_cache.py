@@ -87,10 +87,12 @@ class LayerCache:
     def visible(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Keys, values and positions the queries at ``positions`` attend over, once their own are written."""
         s = self.slots
-        if s.ring:
-            return self.k, self.v, s.pos
-        # Linear cache: slot == position, so only the prefix up to the furthest position can be visible.
+        # Only the prefix up to the furthest position can hold a visible token: slot == position in a linear
+        # cache, and in a ring too until the ring wraps (slot = position % size). Decode kernels then read only
+        # the slots in use, not a whole 512-slot ring per row from the first token on.
         end = int(positions.max()) + 1 if positions.numel() else 0
+        if s.ring and end > s.slots:
+            return self.k, self.v, s.pos
         return self.k[:, :end], self.v[:, :end], s.pos[:, :end]
 
     def _write(self, k_new: torch.Tensor, v_new: torch.Tensor) -> None:

@@ -110,17 +110,22 @@ class Engine:
         context_length: most tokens (prompt + output) per sequence; each cache row holds this many.
         max_batch: cache rows, i.e. sequences running at once (at most 16, what one kernel call serves).
         max_waiting: requests that may wait for a row; one more is refused with EngineBusyError.
-        prefill_chunk: prompt tokens per prefill step; smaller chunks keep other sequences' tokens flowing.
+        prefill_chunk: prompt tokens per prefill forward; a prompt is always cut at the same multiples of it,
+            alone or under load, so its numbers never depend on the traffic around it.
+        prefill_budget: prompt tokens a step may prefill, over one or more sequences (always at least one
+            chunk). Several short prompts arriving together are read in one step instead of one per step, and
+            the running sequences wait at most about this many prompt tokens between their tokens.
     """
 
     def __init__(self, model, tokenizer, stop_token_ids: Sequence[int], context_length: int, max_batch: int = 8,
-                 max_waiting: int = 64, prefill_chunk: int = 128) -> None:
+                 max_waiting: int = 64, prefill_chunk: int = 128, prefill_budget: int = 256) -> None:
         if not 1 <= max_batch <= MAX_KERNEL_ROWS:
             raise InvalidParameterError(f"max_batch={max_batch}: must be in [1, {MAX_KERNEL_ROWS}]")
         self.model, self.tokenizer = model, tokenizer
         self.stop_token_ids = list(stop_token_ids)
         self.context_length = context_length
         self.max_batch, self.max_waiting, self.prefill_chunk = max_batch, max_waiting, prefill_chunk
+        self.prefill_budget = prefill_budget
         self.cache = KVCache(model.config, max_batch, context_length, dtype=model.activation_dtype)
         self._rows: list[_Request | None] = [None] * max_batch
         self._waiting: deque[_Request] = deque()
@@ -251,9 +256,13 @@ class Engine:
 
     def _step(self) -> None:
         self.steps += 1
-        reading = [r for r in self._rows if r is not None and r.prefilled < len(r.prompt)]
-        if reading:
-            self._prefill_chunk(min(reading, key=lambda r: r.row))
+        reading = sorted((r for r in self._rows if r is not None and r.prefilled < len(r.prompt)),
+                         key=lambda r: r.row)
+        budget = self.prefill_budget
+        for request in reading:  # whole chunks, lowest row first, while the step's budget lasts
+            if budget <= 0:
+                break
+            budget -= self._prefill_chunk(request)
         decoding = [r for r in self._rows if r is not None and r.next_token is not None and not r.done]
         if decoding:
             self._decode(decoding)
@@ -266,7 +275,8 @@ class Engine:
         else:
             request.next_token = event.token_id
 
-    def _prefill_chunk(self, request: _Request) -> None:
+    def _prefill_chunk(self, request: _Request) -> int:
+        """Read the next chunk of a prompt; returns its length."""
         start = request.prefilled
         piece = request.prompt[start : start + self.prefill_chunk]
         tokens = torch.tensor([piece], dtype=torch.long)
@@ -275,6 +285,7 @@ class Engine:
         request.prefilled += len(piece)
         if request.prefilled == len(request.prompt):
             self._accept(request, self.model.logits(hidden[0, -1]))
+        return len(piece)
 
     def _decode(self, decoding: list[_Request]) -> None:
         self.peak_batch = max(self.peak_batch, len(decoding))

@@ -141,7 +141,7 @@ void attend_decode(const float *q, const float *kc, const float *vc, const int64
     int64_t G = H / Hkv;
     float *scores = scratch, *partial = scratch + B * H * n_slots;  // partial: (B, Hkv, parts, G, D + 2)
     int64_t tasks = B * Hkv * parts;
-    #pragma omp parallel for num_threads(threads) schedule(static) if (tasks > 1 && threads > 1)
+    #pragma omp parallel for num_threads(threads) schedule(dynamic, 1) if (tasks > 1 && threads > 1)
     for (int64_t t = 0; t < tasks; t++) {
         int64_t part = t % parts, kvh = (t / parts) % Hkv, b = t / (parts * Hkv);
         int64_t s0 = part * chunk, s1 = s0 + chunk < n_slots ? s0 + chunk : n_slots;

@@ -179,7 +179,11 @@ int qgemv(const int8_t *q, const float *scale, const float *mins, const float *x
     }
     quantize_rows(x, B, K, group, xq, xd, xs);
     int64_t n_blocks = (N + 15) / 16;
-    #pragma omp parallel for num_threads(threads) schedule(static)
+    // Dynamic chunks (~8 per thread): when another process or the server's event loop takes a core for a
+    // moment, the other threads take over its blocks instead of waiting for it at the end of the loop.
+    int64_t per = n_blocks / (8 * (int64_t)threads);
+    if (per < 1) per = 1;
+    #pragma omp parallel for num_threads(threads) schedule(dynamic, per)
     for (int64_t nb = 0; nb < n_blocks; nb++) {
         int64_t n0 = nb * 16, nvalid = N - n0 < 16 ? N - n0 : 16;
         const int8_t *qb = q + n0 * K;
