@@ -122,30 +122,43 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--target", choices=["gemmakit", "llamacpp", "both"], default="gemmakit")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="repeat the client levels; print medians, and each ratio as the median of the rounds' "
+                         "own ratios (this machine is shared and noisy)")
     args = ap.parse_args()
     if args.model is None:
         from gemmakit import default_model_path
 
         args.model = str(default_model_path())
     targets = ["gemmakit", "llamacpp"] if args.target == "both" else [args.target]
-    table = {}
+    table: dict[tuple[str, int], list[dict]] = {}
+    levels = [int(c) for c in args.clients.split(",")]
     for target in targets:
         proc, url = start(target, args.model, args.threads, args.max_batch)
         try:
             run_round(url, 1, 8)  # warm-up
-            for n in (int(c) for c in args.clients.split(",")):
-                row = run_round(url, n, args.max_tokens)
-                table[(target, n)] = row
-                print(f"{target:9s} clients={n:3d}  {row['tok_s']:7.1f} tok/s  TTFT p50 {row['ttft_p50']:6.2f} s  "
-                      f"p99 {row['ttft_p99']:6.2f} s  errors {row['errors']} {row['error_kinds'] or ''}", flush=True)
+            for r in range(args.rounds):
+                for n in levels:
+                    row = run_round(url, n, args.max_tokens)
+                    table.setdefault((target, n), []).append(row)
+                    print(f"{target:9s} round {r + 1} clients={n:3d}  {row['tok_s']:7.1f} tok/s  TTFT p50 "
+                          f"{row['ttft_p50']:6.2f} s  p99 {row['ttft_p99']:6.2f} s  errors {row['errors']} "
+                          f"{row['error_kinds'] or ''}", flush=True)
         finally:
             proc.terminate()
             proc.wait(timeout=30)
-    single = table.get(("gemmakit", 1))
-    if single:
-        for (target, n), row in table.items():
+    print(f"medians over {args.rounds} round(s), {args.max_tokens} tokens per request:")
+    for (target, n), rows in table.items():
+        med = {k: statistics.median(row[k] for row in rows) for k in ("tok_s", "ttft_p50", "ttft_p99")}
+        print(f"{target:9s} clients={n:3d}  {med['tok_s']:7.1f} tok/s  TTFT p50 {med['ttft_p50']:6.2f} s  "
+              f"p99 {med['ttft_p99']:6.2f} s  errors {sum(row['errors'] for row in rows)}")
+    singles = table.get(("gemmakit", 1))
+    if singles:
+        for (target, n), rows in table.items():
             if target == "gemmakit" and n > 1:
-                print(f"gemmakit {n} clients / 1 client: {row['tok_s'] / single['tok_s']:.2f}x")
+                ratios = [row["tok_s"] / single["tok_s"] for row, single in zip(rows, singles)]
+                print(f"gemmakit {n} clients / 1 client: {statistics.median(ratios):.2f}x "
+                      f"(rounds: {', '.join(f'{x:.2f}' for x in ratios)})")
     return 0
 
 
