@@ -213,31 +213,91 @@ int qgemv(const int8_t *q, const float *scale, const float *mins, const float *x
     return 0;
 }
 
-// Dequantize rows of packed W into out (n_rows, K): float32, or bfloat16 (round to nearest even) when bf16 is
-// set. row_ids selects rows (an embedding lookup); NULL means rows 0 .. n_rows - 1 (prefill matmuls).
-void dequant_rows(const int8_t *q, const float *scale, const float *mins, void *out, int64_t K, int64_t group,
-                  const int64_t *row_ids, int64_t n_rows, int bf16, int threads) {
+static inline void store_values(float v, int bf16, float *of, uint16_t *oh, int64_t k) {
+    if (bf16) {
+        uint32_t bits;
+        memcpy(&bits, &v, 4);
+        oh[k] = (uint16_t)((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);  // round to nearest even, as torch
+    } else {
+        of[k] = v;
+    }
+}
+
+static void dequant_row(const int8_t *q, const float *scale, const float *mins, int64_t r, int64_t K,
+                        int64_t group, int bf16, float *of, uint16_t *oh) {
     int64_t G = K / group;
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t i = 0; i < n_rows; i++) {
-        int64_t r = row_ids ? row_ids[i] : i;
-        const int8_t *qr = q + (r >> 4) * 16 * K + (r & 15) * 2;
-        float *of = (float *)out + i * K;
-        uint16_t *oh = (uint16_t *)out + i * K;
-        for (int64_t g = 0; g < G; g++) {
-            float s = scale[sidx(r, g, G)], m = mins ? mins[sidx(r, g, G)] : 0.f;
-            for (int64_t k = g * group; k < (g + 1) * group; k++) {
-                float v = s * (float)qr[(k >> 1) * 32 + (k & 1)] - m;
-                if (bf16) {
-                    uint32_t bits;
-                    memcpy(&bits, &v, 4);
-                    oh[k] = (uint16_t)((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
-                } else {
-                    of[k] = v;
+    const int8_t *qr = q + (r >> 4) * 16 * K + (r & 15) * 2;
+    for (int64_t g = 0; g < G; g++) {
+        float s = scale[sidx(r, g, G)], m = mins ? mins[sidx(r, g, G)] : 0.f;
+        for (int64_t k = g * group; k < (g + 1) * group; k++)
+            store_values(s * (float)qr[(k >> 1) * 32 + (k & 1)] - m, bf16, of, oh, k);
+    }
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+// 16 weights (int8) -> scale * w - min, stored as float32 or bfloat16 (same rounding as store_values).
+static inline void store16(__m128i w8, float s, float m, int bf16, float *of, uint16_t *oh) {
+    __m512 v = _mm512_sub_ps(_mm512_mul_ps(_mm512_set1_ps(s), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(w8))),
+                             _mm512_set1_ps(m));
+    if (bf16) {
+        __m512i bits = _mm512_castps_si512(v);
+        __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+        bits = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+        _mm256_storeu_si256((__m256i *)oh, _mm512_cvtepi32_epi16(bits));
+    } else {
+        _mm512_storeu_ps(of, v);
+    }
+}
+
+// All rows of a 16-row block: each 32 columns of two rows are one gather of 16 (row j, row j + 1) pairs,
+// sorted into the two rows' 32 bytes with a byte shuffle and a qword permute.
+static void dequant_block(const int8_t *q, const float *scale, const float *mins, int64_t nb, int64_t nvalid,
+                          int64_t K, int64_t group, int bf16, void *out) {
+    int64_t G = K / group;
+    const __m512i pair_offsets = _mm512_setr_epi32(0, 8, 16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 96, 104, 112, 120);
+    const __m512i split = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15));
+    const __m512i rows_apart = _mm512_setr_epi64(0, 2, 4, 6, 1, 3, 5, 7);
+    const int8_t *qb = q + nb * 16 * K;
+    for (int64_t j = 0; j < nvalid; j += 2) {
+        int64_t r = nb * 16 + j;
+        for (int64_t c = 0; c < K; c += 32) {
+            __m512i v = _mm512_i32gather_epi32(pair_offsets, (const void *)(qb + (c >> 1) * 32 + j * 2), 4);
+            v = _mm512_permutexvar_epi64(rows_apart, _mm512_shuffle_epi8(v, split));
+            for (int h = 0; h < 2 && j + h < nvalid; h++) {  // h: row j, then row j + 1
+                __m256i w = _mm512_extracti64x4_epi64(v, h);  // its 32 weights, in column order
+                float *of = (float *)out + (r + h) * K + c;
+                uint16_t *oh = (uint16_t *)out + (r + h) * K + c;
+                for (int half = 0; half < 2; half++) {
+                    int64_t g = (c + 16 * half) / group;
+                    float sc = scale[sidx(r + h, g, G)], m = mins ? mins[sidx(r + h, g, G)] : 0.f;
+                    __m128i w8 = half ? _mm256_extracti128_si256(w, 1) : _mm256_castsi256_si128(w);
+                    store16(w8, sc, m, bf16, of + 16 * half, oh + 16 * half);
                 }
             }
         }
     }
+}
+#endif
+
+// Dequantize rows of packed W into out (n_rows, K): float32, or bfloat16 (round to nearest even) when bf16 is
+// set. row_ids selects rows (an embedding lookup); NULL means rows 0 .. n_rows - 1 (prefill matmuls).
+void dequant_rows(const int8_t *q, const float *scale, const float *mins, void *out, int64_t K, int64_t group,
+                  const int64_t *row_ids, int64_t n_rows, int bf16, int threads) {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    if (!row_ids && K % 32 == 0) {
+        int64_t n_blocks = (n_rows + 15) / 16;
+        #pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t nb = 0; nb < n_blocks; nb++) {
+            int64_t nvalid = n_rows - nb * 16 < 16 ? n_rows - nb * 16 : 16;
+            dequant_block(q, scale, mins, nb, nvalid, K, group, bf16, out);
+        }
+        return;
+    }
+#endif
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t i = 0; i < n_rows; i++)
+        dequant_row(q, scale, mins, row_ids ? row_ids[i] : i, K, group, bf16, (float *)out + i * K,
+                    (uint16_t *)out + i * K);
 }
 
 // RMSNorm over the last dimension of x (rows, dim), float32, out = x / sqrt(mean(x^2) + eps) * w (w may be
