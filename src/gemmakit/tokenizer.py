@@ -20,6 +20,7 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
 from .errors import CorruptFileError
+from .stringtable import StringTable, as_string_table
 
 # GGUF token types (llama.cpp) use the same numbering as SentencePiece piece types.
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -29,19 +30,17 @@ _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>$")
 class _Vocabulary:
     """Id <-> piece tables and decoding, shared by the GGUF and tokenizer.json tokenizers."""
 
-    pieces: list[str]
+    pieces: Sequence[str]
     types: list[int]
     _id_of: dict[str, int]
-    _bytes: list[bytes]
+    _byte_pieces: dict[int, bytes]
     bos_id: int
     eos_id: int
 
     def _index(self) -> None:
-        # Only byte pieces need the regex; everything else is its text with the SentencePiece space restored.
-        self._bytes = [
-            _piece_bytes(p, t) if t == BYTE else p.replace("\u2581", " ").encode("utf-8")
-            for p, t in zip(self.pieces, self.types)
-        ]
+        # Byte pieces stand for their byte; every other piece for its text with the SentencePiece space restored,
+        # computed when asked (a table of 262k bytes objects would cost ~13 MB).
+        self._byte_pieces = {i: _piece_bytes(self.pieces[i], BYTE) for i, t in enumerate(self.types) if t == BYTE}
 
     def _index_special_pieces(self, never_from_text: frozenset[str] = frozenset()) -> None:
         """Pieces matched in raw text before the BPE runs, longest first (llama.cpp's special-token partition):
@@ -82,7 +81,16 @@ class _Vocabulary:
         """The bytes a token stands for (control tokens: their text, or nothing with ``skip_special``)."""
         if skip_special and self.types[token_id] == CONTROL:
             return b""
-        return self._bytes[token_id]
+        raw = self._byte_pieces.get(token_id)
+        if raw is not None:
+            return raw
+        return self._piece_utf8(token_id).replace(b"\xe2\x96\x81", b" ")  # U+2581 -> space
+
+    def _piece_utf8(self, token_id: int) -> bytes:
+        pieces = self.pieces
+        if isinstance(pieces, StringTable):
+            return pieces.bytes_at(token_id)
+        return pieces[token_id].encode("utf-8")
 
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
         """Text for ``ids``: the exact inverse of ``encode`` (invalid UTF-8 becomes U+FFFD)."""
@@ -113,7 +121,7 @@ class Tokenizer(_Vocabulary):
     ) -> None:
         if not (len(pieces) == len(scores) == len(types)):
             raise CorruptFileError("tokenizer pieces, scores and types differ in length")
-        self.pieces = list(pieces)
+        self.pieces = as_string_table(pieces)
         self.types = types.tolist() if hasattr(types, "tolist") else [int(t) for t in types]
         self.bos_id, self.eos_id, self.pad_id, self.unk_id = bos_id, eos_id, pad_id, unk_id
         self.add_bos = add_bos
@@ -303,10 +311,10 @@ def _pieces_wire(pieces: Sequence[str], scores: Sequence[float], types: Sequence
     assembled with numpy: the protobuf Python API takes ~0.3 s for a 262k vocabulary, a Python loop ~0.4 s."""
     import numpy as np
 
-    texts = [p.encode("utf-8") for p in pieces]
-    lengths = np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts))
+    table = as_string_table(pieces)
+    lengths = table.lengths()
     if lengths.max(initial=0) >= 120:  # records then need multi-byte varints: take the simple path
-        return _pieces_wire_slow(texts, scores, types)
+        return _pieces_wire_slow([table.bytes_at(i) for i in range(len(table))], scores, types)
     # User-defined pieces were cut out of the text already; inside fragments they take part in merges like any
     # piece (llama.cpp's merge looks up every piece by text).
     kinds = np.asarray(types, dtype=np.int64)
@@ -318,10 +326,12 @@ def _pieces_wire(pieces: Sequence[str], scores: Sequence[float], types: Sequence
     out[starts + 1] = (lengths + 9).astype(np.uint8)
     out[starts + 2] = 0x0A
     out[starts + 3] = lengths.astype(np.uint8)
-    text_bytes = np.frombuffer(b"".join(texts), dtype=np.uint8)
-    text_pos = np.repeat(starts + 4 - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths) + np.arange(
-        len(text_bytes))
+    # Text byte j of the blob (of piece i) goes to j + 4 + 11 * i: int32 indices keep this temporary small.
+    text_bytes = np.frombuffer(table.blob, dtype=np.uint8)
+    text_pos = np.repeat(np.arange(4, 4 + 11 * len(table), 11, dtype=np.int32), lengths)
+    text_pos += np.arange(len(text_bytes), dtype=np.int32)
     out[text_pos] = text_bytes
+    del text_pos
     tail = starts + 4 + lengths
     out[tail] = 0x15
     score_bytes = np.asarray(scores, dtype="<f4").view(np.uint8).reshape(-1, 4)

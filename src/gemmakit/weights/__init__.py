@@ -129,6 +129,9 @@ def load_gguf_model(
         wrapper = QuantEmbedding if isinstance(getattr(owner, attr), torch.nn.Embedding) else QuantLinear
         setattr(owner, attr, wrapper(weight))
     model.load_state_dict(state, assign=True, strict=True)
+    # Only the model may hold the weights now: fusing frees the unfused parts, and the trim below can return
+    # their pages only if nothing else still references them (measured: 34 MB more resident otherwise).
+    del state, quantized, parts
     fuse_projections(model)
     if quant == "auto" and cpu_has_native_bf16():
         set_prefill_dtype(model, torch.bfloat16)  # int8 keeps float32 prefill matmuls

@@ -11,6 +11,7 @@ Tensor data is never copied here: :meth:`GGUFFile.tensor_bytes` returns a zero-c
 from __future__ import annotations
 
 import mmap
+from array import array
 import os
 import struct
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
+from ..stringtable import StringTable
 from ..errors import CorruptFileError, ModelNotFoundError, NotGGUFError, TruncatedFileError, UnsupportedModelError
 
 GGUF_MAGIC = b"GGUF"
@@ -141,11 +143,12 @@ def _read_array(cur: _Cursor, key: str) -> Any:
     raise CorruptFileError(f"{cur.path}: array {key!r} has unsupported element type {etype.name}")
 
 
-def _read_string_array(cur: _Cursor, key: str, count: int) -> list[str]:
+def _read_string_array(cur: _Cursor, key: str, count: int) -> StringTable:
+    """A string array as one blob + offsets (a 262k-piece vocabulary as Python strs would take ~30 MB)."""
     buf, pos, size = cur.buf, cur.pos, cur.size
     unpack = struct.Struct("<Q").unpack_from
-    out: list[str] = []
-    append = out.append
+    blob = bytearray()
+    offsets = array("q", [0])
     for i in range(count):
         if pos + 8 > size:
             cur.pos = pos
@@ -155,13 +158,32 @@ def _read_string_array(cur: _Cursor, key: str, count: int) -> list[str]:
         if pos + n > size:
             cur.pos = pos
             cur.need(n, f"string {i} of {key!r}")
-        try:
-            append(buf[pos : pos + n].decode("utf-8"))
-        except UnicodeDecodeError as exc:
-            raise CorruptFileError(f"{cur.path}: string {i} of {key!r} is not valid UTF-8 ({exc.reason})") from None
+        blob += buf[pos : pos + n]
+        offsets.append(len(blob))
         pos += n
     cur.pos = pos
-    return out
+    table = StringTable(bytes(blob), np.frombuffer(offsets, dtype=np.int64).copy())
+    _check_utf8(table, cur.path, key)
+    return table
+
+
+def _check_utf8(table: StringTable, path: Path, key: str) -> None:
+    """Every string is valid UTF-8: the whole blob is, and no string starts inside a character."""
+    data = np.frombuffer(table.blob, dtype=np.uint8)
+    starts = table.offsets[:-1][table.lengths() > 0]
+    try:
+        table.blob.decode("utf-8")
+        ok = not bool(((data[starts] & 0xC0) == 0x80).any())
+    except UnicodeDecodeError:
+        ok = False
+    if ok:
+        return
+    for i in range(len(table)):
+        try:
+            table.bytes_at(i).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise CorruptFileError(f"{path}: string {i} of {key!r} is not valid UTF-8 ({exc.reason})") from None
+    raise CorruptFileError(f"{path}: array {key!r} is not valid UTF-8")  # unreachable: some string failed
 
 
 class GGUFFile:
