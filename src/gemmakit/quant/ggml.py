@@ -208,6 +208,9 @@ SPLIT_ROWS = 8192  # rows converted at a time: bounds the temporaries of the bit
 # The C kernel converts these formats in one pass (the PyTorch splitters above stay the reference).
 _KERNEL_SPLIT = {T.Q8_0: (32, False), T.Q4_0: (32, False), T.Q5_0: (32, False), T.Q4_K: (32, True),
                  T.Q6_K: (16, False)}
+# Formats whose block scale (and min) is one fp16 number: packed as float16, exactly. K-quants multiply an fp16
+# super-block scale by small integers, which float16 cannot always hold, so they stay float32.
+FP16_SCALE_TYPES = {T.Q8_0, T.Q4_0, T.Q5_0, T.Q4_1, T.Q5_1}
 
 
 def _split_with_kernel(raw: torch.Tensor, qtype: T, rows: int, K: int):
@@ -224,7 +227,7 @@ def _split_with_kernel(raw: torch.Tensor, qtype: T, rows: int, K: int):
     blocks = (rows + 15) // 16
     alloc = torch.zeros if rows % 16 else torch.empty  # padding rows must read as zeros
     q = alloc(blocks, 16 * K, dtype=torch.int8)
-    scale = alloc(blocks, 16 * (K // group), dtype=torch.float32)
+    scale = alloc(blocks, 16 * (K // group), dtype=torch.float16 if qtype in FP16_SCALE_TYPES else torch.float32)
     mins = alloc(blocks, 16 * (K // group), dtype=torch.float32) if affine else None
     ptr = lambda t: ctypes.c_void_p(t.data_ptr()) if t is not None else None  # noqa: E731
     status = lib.split_blocks(int(qtype), ptr(raw), rows * K // block_size, K, ptr(q), ptr(scale), ptr(mins),
@@ -263,8 +266,11 @@ def split_packed(raw: torch.Tensor, qtype: T, shape: tuple[int, ...]) -> tuple[t
         n = chunk.shape[0]
         sp = _split_rows(chunk, qtype, K)
         group = sp.group
+        scale = sp.scale.reshape(n, -1)
         mins = sp.mins.reshape(n, -1) if sp.mins is not None else None
-        parts.append(pack(sp.q.reshape(n, K), sp.scale.reshape(n, -1), mins))
+        if qtype in FP16_SCALE_TYPES:  # exact: they were fp16 numbers in the file
+            scale, mins = scale.half(), mins.half() if mins is not None else None
+        parts.append(pack(sp.q.reshape(n, K), scale, mins))
     q = torch.cat([p[0] for p in parts])
     scale = torch.cat([p[1] for p in parts])
     mins = torch.cat([p[2] for p in parts]) if parts[0][2] is not None else None

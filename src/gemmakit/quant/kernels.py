@@ -72,9 +72,9 @@ def kernels() -> ctypes.CDLL | None:
         logger.warning("cannot load %s (%s); using the PyTorch path", target, exc)
         return None
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.qgemv.argtypes = [p, p, p, p, p, i64, i64, i64, i64, ctypes.c_int]
+    lib.qgemv.argtypes = [p, p, p, p, p, i64, i64, i64, i64, ctypes.c_int, ctypes.c_int]
     lib.qgemv.restype = ctypes.c_int
-    lib.dequant_rows.argtypes = [p, p, p, p, i64, i64, p, i64, ctypes.c_int, ctypes.c_int]
+    lib.dequant_rows.argtypes = [p, p, p, ctypes.c_int, p, i64, i64, p, i64, ctypes.c_int, ctypes.c_int]
     lib.dequant_rows.restype = None
     lib.rms_norm.argtypes = [p, p, p, i64, i64, ctypes.c_float]
     lib.rms_norm.restype = None

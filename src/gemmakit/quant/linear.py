@@ -73,7 +73,7 @@ def unpack(qp: torch.Tensor, sp: torch.Tensor, mp: torch.Tensor | None, N: int, 
 
 
 class QuantWeight(nn.Module):
-    """A (N, K) matrix of int8 values with a float32 scale (and optional min) per group of 16 or 32 weights,
+    """A (N, K) matrix of int8 values with a float32 or float16 scale (and optional min) per group of 16 or 32 weights,
     kept in the packed layout of csrc/qgemv.c. Build it from row-major values with ``QuantWeight(q, scale,
     mins, group)`` or, without a row-major copy, with :meth:`from_packed`."""
 
@@ -105,6 +105,11 @@ class QuantWeight(nn.Module):
         return torch.Size((self.N, self.K))
 
     @property
+    def scale_f16(self) -> int:
+        """1 when scales (and mins) are float16 (exact for formats with fp16 block scales), 0 for float32."""
+        return int(self.scale.dtype == torch.float16)
+
+    @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in (self.q, self.scale, self.mins) if t is not None)
 
@@ -115,17 +120,17 @@ class QuantWeight(nn.Module):
         if lib is not None and self.q.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
             out = torch.empty(n_rows, self.K, dtype=dtype)
             ids = rows.reshape(-1).to(torch.int64).contiguous() if rows is not None else None
-            lib.dequant_rows(_ptr(self.q), _ptr(self.scale), _ptr(self.mins), _ptr(out), self.K, self.group,
-                             _ptr(ids), n_rows, int(dtype == torch.bfloat16), torch.get_num_threads())
+            lib.dequant_rows(_ptr(self.q), _ptr(self.scale), _ptr(self.mins), self.scale_f16, _ptr(out), self.K,
+                             self.group, _ptr(ids), n_rows, int(dtype == torch.bfloat16), torch.get_num_threads())
             return out
         q, scale, mins = unpack(self.q, self.scale, self.mins, self.N, self.K)
         if rows is not None:
             q, scale = q[rows.reshape(-1)], scale[rows.reshape(-1)]
             mins = mins[rows.reshape(-1)] if mins is not None else None
         n = q.shape[0]
-        values = scale.unsqueeze(-1) * q.reshape(n, self.K // self.group, self.group).float()
+        values = scale.float().unsqueeze(-1) * q.reshape(n, self.K // self.group, self.group).float()
         if mins is not None:
-            values = values - mins.unsqueeze(-1)
+            values = values - mins.float().unsqueeze(-1)
         return values.view(n, self.K).to(dtype)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
@@ -143,7 +148,8 @@ class QuantWeight(nn.Module):
             if self._ptrs is None:
                 self._ptrs = (_ptr(self.q), _ptr(self.scale), _ptr(self.mins))
             y = torch.empty(B, self.N, dtype=torch.float32)
-            status = lib.qgemv(*self._ptrs, _ptr(flat), _ptr(y), B, self.N, K, self.group, torch.get_num_threads())
+            status = lib.qgemv(*self._ptrs, _ptr(flat), _ptr(y), B, self.N, K, self.group, self.scale_f16,
+                               torch.get_num_threads())
             if status == 0:
                 return y.view(*lead, self.N)
         if self.prefill_dtype == torch.bfloat16 and flat.device.type == "cpu":
@@ -214,9 +220,11 @@ def concat_weights(weights: list[QuantWeight]) -> QuantWeight | None:
         return None
     if any(w.N % 16 for w in weights):
         return None  # padding rows would land inside the stacked matrix
-    mins = torch.cat([w.mins for w in weights]) if first.mins is not None else None
-    return QuantWeight.from_packed(torch.cat([w.q for w in weights]), torch.cat([w.scale for w in weights]), mins,
-                                   first.group, sum(w.N for w in weights), first.K)
+    # Mixed float16 / float32 scales stack as float32 (exact).
+    dtype = torch.float16 if all(w.scale.dtype == torch.float16 for w in weights) else torch.float32
+    mins = torch.cat([w.mins.to(dtype) for w in weights]) if first.mins is not None else None
+    return QuantWeight.from_packed(torch.cat([w.q for w in weights]), torch.cat([w.scale.to(dtype) for w in weights]),
+                                   mins, first.group, sum(w.N for w in weights), first.K)
 
 
 def fuse_projections(model: nn.Module) -> None:

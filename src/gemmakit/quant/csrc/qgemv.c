@@ -33,6 +33,13 @@ static inline int64_t qidx(int64_t n, int64_t k, int64_t K) {
 }
 static inline int64_t sidx(int64_t n, int64_t g, int64_t G) { return ((n >> 4) * G + g) * 16 + (n & 15); }
 
+// Scales and mins are float32, or float16 where that is exact (formats whose block scales are fp16 in the GGUF:
+// Q8_0, Q4_0, Q5_0, ...), which halves their memory and the bytes a decode step reads.
+static inline float half_to_float(uint16_t h);
+static inline float scale_at(const void *p, int f16, int64_t i) {
+    return f16 ? half_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
 // x (B, K) -> xq (B, K) int16, xd (B, G) the step of each group, xs (B, G) the float sum of each group.
 static void quantize_rows(const float *x, int64_t B, int64_t K, int64_t group, int16_t *xq, float *xd, float *xs) {
     int64_t G = K / group;
@@ -59,6 +66,10 @@ static inline int32_t pair_at(const int16_t *p) {
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #define CHUNK 8
+static inline __m512 scale16(const void *p, int f16, int64_t i) {
+    return f16 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i)))
+               : _mm512_loadu_ps((const float *)p + i);
+}
 #if defined(__AVX512VNNI__) && defined(__GNUC__)
 // acc += w . (the int16 pair at p, broadcast), in place. Written as asm because GCC 12 keeps intrinsic
 // accumulators of an unrolled tile in the wrong registers and copies each one twice per multiply-add; here the
@@ -77,8 +88,8 @@ static inline void dot_pairs(__m512i *acc, __m512i w, const int16_t *p) {
 #endif
 // One block of 16 output rows for NB rows of x.
 static inline __attribute__((always_inline)) void tile(
-    const int NB, const int8_t *qb, const float *sb, const float *mb, const int16_t *xq, const float *xd,
-    const float *xs, float *y, int64_t N, int64_t K, int64_t G, int64_t group, int64_t nvalid) {
+    const int NB, const int8_t *qb, const void *sb, const void *mb, int64_t so, int f16, const int16_t *xq,
+    const float *xd, const float *xs, float *y, int64_t N, int64_t K, int64_t G, int64_t group, int64_t nvalid) {
     __m512 accf[CHUNK];
     for (int b = 0; b < NB; b++) accf[b] = _mm512_setzero_ps();
     const int64_t pairs = group / 2;
@@ -91,24 +102,28 @@ static inline __attribute__((always_inline)) void tile(
             __m512i w = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(qg + p * 32)));
             for (int b = 0; b < NB; b++) dot_pairs(&acc[b], w, xg + b * K + 2 * p);
         }
-        __m512 sc = _mm512_loadu_ps(sb + g * 16);
+        __m512 sc = scale16(sb, f16, so + g * 16);
         for (int b = 0; b < NB; b++)
             accf[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[b]), _mm512_mul_ps(sc, _mm512_set1_ps(xd[b * G + g])),
                                       accf[b]);
         if (mb) {
-            __m512 mn = _mm512_loadu_ps(mb + g * 16);
+            __m512 mn = scale16(mb, f16, so + g * 16);
             for (int b = 0; b < NB; b++) accf[b] = _mm512_fnmadd_ps(mn, _mm512_set1_ps(xs[b * G + g]), accf[b]);
         }
     }
     __mmask16 m = nvalid >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nvalid) - 1);
     for (int b = 0; b < NB; b++) _mm512_mask_storeu_ps(y + b * N, m, accf[b]);
 }
-#elif defined(__AVX2__) && defined(__FMA__)
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define CHUNK 4
+static inline __m256 scale8(const void *p, int f16, int64_t i) {
+    return f16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)))
+               : _mm256_loadu_ps((const float *)p + i);
+}
 // The same arithmetic with 256-bit vectors: rows 0-7 and 8-15 of the block as two halves.
 static inline __attribute__((always_inline)) void tile(
-    const int NB, const int8_t *qb, const float *sb, const float *mb, const int16_t *xq, const float *xd,
-    const float *xs, float *y, int64_t N, int64_t K, int64_t G, int64_t group, int64_t nvalid) {
+    const int NB, const int8_t *qb, const void *sb, const void *mb, int64_t so, int f16, const int16_t *xq,
+    const float *xd, const float *xs, float *y, int64_t N, int64_t K, int64_t G, int64_t group, int64_t nvalid) {
     __m256 accf[CHUNK][2];
     for (int b = 0; b < NB; b++) accf[b][0] = accf[b][1] = _mm256_setzero_ps();
     const int64_t pairs = group / 2;
@@ -127,12 +142,12 @@ static inline __attribute__((always_inline)) void tile(
             }
         }
         for (int h = 0; h < 2; h++) {
-            __m256 sc = _mm256_loadu_ps(sb + g * 16 + 8 * h);
+            __m256 sc = scale8(sb, f16, so + g * 16 + 8 * h);
             for (int b = 0; b < NB; b++)
                 accf[b][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[b][h]),
                                              _mm256_mul_ps(sc, _mm256_set1_ps(xd[b * G + g])), accf[b][h]);
             if (mb) {
-                __m256 mn = _mm256_loadu_ps(mb + g * 16 + 8 * h);
+                __m256 mn = scale8(mb, f16, so + g * 16 + 8 * h);
                 for (int b = 0; b < NB; b++)
                     accf[b][h] = _mm256_fnmadd_ps(mn, _mm256_set1_ps(xs[b * G + g]), accf[b][h]);
             }
@@ -147,9 +162,9 @@ static inline __attribute__((always_inline)) void tile(
 }
 #else
 #define CHUNK 1
-static void tile(const int NB, const int8_t *qb, const float *sb, const float *mb, const int16_t *xq,
-                 const float *xd, const float *xs, float *y, int64_t N, int64_t K, int64_t G, int64_t group,
-                 int64_t nvalid) {
+static void tile(const int NB, const int8_t *qb, const void *sb, const void *mb, int64_t so, int f16,
+                 const int16_t *xq, const float *xd, const float *xs, float *y, int64_t N, int64_t K, int64_t G,
+                 int64_t group, int64_t nvalid) {
     (void)NB;
     for (int64_t j = 0; j < nvalid; j++) {
         float accf = 0.f;
@@ -157,8 +172,8 @@ static void tile(const int NB, const int8_t *qb, const float *sb, const float *m
             int32_t acc = 0;
             for (int64_t k = g * group; k < (g + 1) * group; k++)
                 acc += (int32_t)qb[(k >> 1) * 32 + j * 2 + (k & 1)] * (int32_t)xq[k];
-            accf = fmaf((float)acc, sb[g * 16 + j] * xd[g], accf);
-            if (mb) accf = fmaf(-mb[g * 16 + j], xs[g], accf);
+            accf = fmaf((float)acc, scale_at(sb, f16, so + g * 16 + j) * xd[g], accf);
+            if (mb) accf = fmaf(-scale_at(mb, f16, so + g * 16 + j), xs[g], accf);
         }
         y[j] = accf;
     }
@@ -167,8 +182,8 @@ static void tile(const int NB, const int8_t *qb, const float *sb, const float *m
 
 // y (B, N) = x (B, K) @ dequant(q, scale, mins)^T with q, scale, mins packed (see the top of this file).
 // B <= MAXB; group 16 or 32; K a multiple of group. Returns nonzero for shapes it does not handle.
-int qgemv(const int8_t *q, const float *scale, const float *mins, const float *x, float *y, int64_t B, int64_t N,
-          int64_t K, int64_t group, int threads) {
+int qgemv(const int8_t *q, const void *scale, const void *mins, const float *x, float *y, int64_t B, int64_t N,
+          int64_t K, int64_t group, int scale_f16, int threads) {
     if (B < 1 || B > MAXB || (group != 16 && group != 32) || K % group) return 1;
     int64_t G = K / group;
     int16_t *xq = malloc(sizeof(int16_t) * B * K);
@@ -187,7 +202,7 @@ int qgemv(const int8_t *q, const float *scale, const float *mins, const float *x
     for (int64_t nb = 0; nb < n_blocks; nb++) {
         int64_t n0 = nb * 16, nvalid = N - n0 < 16 ? N - n0 : 16;
         const int8_t *qb = q + n0 * K;
-        const float *sb = scale + n0 * G, *mb = mins ? mins + n0 * G : NULL;
+        const int64_t so = n0 * G;  // the block's first scale
         for (int64_t b0 = 0; b0 < B; b0 += CHUNK) {
             int64_t nb_rows = B - b0 < CHUNK ? B - b0 : CHUNK;
             const int16_t *xqb = xq + b0 * K;
@@ -195,17 +210,17 @@ int qgemv(const int8_t *q, const float *scale, const float *mins, const float *x
             float *yb = y + b0 * N + n0;
             switch (nb_rows) {  // constant row counts, so each tile's accumulators stay in registers
 #if CHUNK >= 8
-                case 8: tile(8, qb, sb, mb, xqb, xdb, xsb, yb, N, K, G, group, nvalid); break;
-                case 7: tile(7, qb, sb, mb, xqb, xdb, xsb, yb, N, K, G, group, nvalid); break;
-                case 6: tile(6, qb, sb, mb, xqb, xdb, xsb, yb, N, K, G, group, nvalid); break;
-                case 5: tile(5, qb, sb, mb, xqb, xdb, xsb, yb, N, K, G, group, nvalid); break;
+                case 8: tile(8, qb, scale, mins, so, scale_f16, xqb, xdb, xsb, yb, N, K, G, group, nvalid); break;
+                case 7: tile(7, qb, scale, mins, so, scale_f16, xqb, xdb, xsb, yb, N, K, G, group, nvalid); break;
+                case 6: tile(6, qb, scale, mins, so, scale_f16, xqb, xdb, xsb, yb, N, K, G, group, nvalid); break;
+                case 5: tile(5, qb, scale, mins, so, scale_f16, xqb, xdb, xsb, yb, N, K, G, group, nvalid); break;
 #endif
 #if CHUNK >= 4
-                case 4: tile(4, qb, sb, mb, xqb, xdb, xsb, yb, N, K, G, group, nvalid); break;
-                case 3: tile(3, qb, sb, mb, xqb, xdb, xsb, yb, N, K, G, group, nvalid); break;
-                case 2: tile(2, qb, sb, mb, xqb, xdb, xsb, yb, N, K, G, group, nvalid); break;
+                case 4: tile(4, qb, scale, mins, so, scale_f16, xqb, xdb, xsb, yb, N, K, G, group, nvalid); break;
+                case 3: tile(3, qb, scale, mins, so, scale_f16, xqb, xdb, xsb, yb, N, K, G, group, nvalid); break;
+                case 2: tile(2, qb, scale, mins, so, scale_f16, xqb, xdb, xsb, yb, N, K, G, group, nvalid); break;
 #endif
-                default: tile(1, qb, sb, mb, xqb, xdb, xsb, yb, N, K, G, group, nvalid); break;
+                default: tile(1, qb, scale, mins, so, scale_f16, xqb, xdb, xsb, yb, N, K, G, group, nvalid); break;
             }
         }
     }
@@ -223,12 +238,12 @@ static inline void store_values(float v, int bf16, float *of, uint16_t *oh, int6
     }
 }
 
-static void dequant_row(const int8_t *q, const float *scale, const float *mins, int64_t r, int64_t K,
+static void dequant_row(const int8_t *q, const void *scale, const void *mins, int f16, int64_t r, int64_t K,
                         int64_t group, int bf16, float *of, uint16_t *oh) {
     int64_t G = K / group;
     const int8_t *qr = q + (r >> 4) * 16 * K + (r & 15) * 2;
     for (int64_t g = 0; g < G; g++) {
-        float s = scale[sidx(r, g, G)], m = mins ? mins[sidx(r, g, G)] : 0.f;
+        float s = scale_at(scale, f16, sidx(r, g, G)), m = mins ? scale_at(mins, f16, sidx(r, g, G)) : 0.f;
         for (int64_t k = g * group; k < (g + 1) * group; k++)
             store_values(s * (float)qr[(k >> 1) * 32 + (k & 1)] - m, bf16, of, oh, k);
     }
@@ -251,8 +266,8 @@ static inline void store16(__m128i w8, float s, float m, int bf16, float *of, ui
 
 // All rows of a 16-row block: each 32 columns of two rows are one gather of 16 (row j, row j + 1) pairs,
 // sorted into the two rows' 32 bytes with a byte shuffle and a qword permute.
-static void dequant_block(const int8_t *q, const float *scale, const float *mins, int64_t nb, int64_t nvalid,
-                          int64_t K, int64_t group, int bf16, void *out) {
+static void dequant_block(const int8_t *q, const void *scale, const void *mins, int f16, int64_t nb,
+                          int64_t nvalid, int64_t K, int64_t group, int bf16, void *out) {
     int64_t G = K / group;
     const __m512i pair_offsets = _mm512_setr_epi32(0, 8, 16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 96, 104, 112, 120);
     const __m512i split = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15));
@@ -264,12 +279,13 @@ static void dequant_block(const int8_t *q, const float *scale, const float *mins
             __m512i v = _mm512_i32gather_epi32(pair_offsets, (const void *)(qb + (c >> 1) * 32 + j * 2), 4);
             v = _mm512_permutexvar_epi64(rows_apart, _mm512_shuffle_epi8(v, split));
             for (int h = 0; h < 2 && j + h < nvalid; h++) {  // h: row j, then row j + 1
-                __m256i w = _mm512_extracti64x4_epi64(v, h);  // its 32 weights, in column order
+                __m256i w = h ? _mm512_extracti64x4_epi64(v, 1) : _mm512_castsi512_si256(v);  // its 32 weights
                 float *of = (float *)out + (r + h) * K + c;
                 uint16_t *oh = (uint16_t *)out + (r + h) * K + c;
                 for (int half = 0; half < 2; half++) {
                     int64_t g = (c + 16 * half) / group;
-                    float sc = scale[sidx(r + h, g, G)], m = mins ? mins[sidx(r + h, g, G)] : 0.f;
+                    float sc = scale_at(scale, f16, sidx(r + h, g, G));
+                    float m = mins ? scale_at(mins, f16, sidx(r + h, g, G)) : 0.f;
                     __m128i w8 = half ? _mm256_extracti128_si256(w, 1) : _mm256_castsi256_si128(w);
                     store16(w8, sc, m, bf16, of + 16 * half, oh + 16 * half);
                 }
@@ -281,22 +297,22 @@ static void dequant_block(const int8_t *q, const float *scale, const float *mins
 
 // Dequantize rows of packed W into out (n_rows, K): float32, or bfloat16 (round to nearest even) when bf16 is
 // set. row_ids selects rows (an embedding lookup); NULL means rows 0 .. n_rows - 1 (prefill matmuls).
-void dequant_rows(const int8_t *q, const float *scale, const float *mins, void *out, int64_t K, int64_t group,
-                  const int64_t *row_ids, int64_t n_rows, int bf16, int threads) {
+void dequant_rows(const int8_t *q, const void *scale, const void *mins, int scale_f16, void *out, int64_t K,
+                  int64_t group, const int64_t *row_ids, int64_t n_rows, int bf16, int threads) {
 #if defined(__AVX512F__) && defined(__AVX512BW__)
     if (!row_ids && K % 32 == 0) {
         int64_t n_blocks = (n_rows + 15) / 16;
         #pragma omp parallel for num_threads(threads) schedule(static)
         for (int64_t nb = 0; nb < n_blocks; nb++) {
             int64_t nvalid = n_rows - nb * 16 < 16 ? n_rows - nb * 16 : 16;
-            dequant_block(q, scale, mins, nb, nvalid, K, group, bf16, out);
+            dequant_block(q, scale, mins, scale_f16, nb, nvalid, K, group, bf16, out);
         }
         return;
     }
 #endif
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t i = 0; i < n_rows; i++)
-        dequant_row(q, scale, mins, row_ids ? row_ids[i] : i, K, group, bf16, (float *)out + i * K,
+        dequant_row(q, scale, mins, scale_f16, row_ids ? row_ids[i] : i, K, group, bf16, (float *)out + i * K,
                     (uint16_t *)out + i * K);
 }
 
@@ -332,7 +348,7 @@ static inline uint16_t rd16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] <
 
 // qtype: ggml type id (8 Q8_0, 2 Q4_0, 6 Q5_0, 12 Q4_K, 14 Q6_K). Writes the packed layout (see the top of this
 // file) of a matrix with rows of K values; the caller zeroes the padding rows. Returns nonzero for other types.
-int split_blocks(int qtype, const uint8_t *raw, int64_t n_blocks, int64_t K, int8_t *q, float *scale, float *mins,
+int split_blocks(int qtype, const uint8_t *raw, int64_t n_blocks, int64_t K, int8_t *q, void *scale, float *mins,
                  int threads) {
     if (qtype != 8 && qtype != 2 && qtype != 6 && qtype != 12 && qtype != 14) return 1;
     const int64_t bs = (qtype == 12 || qtype == 14) ? 256 : 32, group = qtype == 14 ? 16 : 32, G = K / group;
@@ -393,8 +409,12 @@ int split_blocks(int qtype, const uint8_t *raw, int64_t n_blocks, int64_t K, int
         }
         int64_t n = b * bs / K, k0 = b * bs % K;
         for (int64_t j = 0; j < bs; j++) q[qidx(n, k0 + j, K)] = v[j];
+        if (qtype == 8 || qtype == 2 || qtype == 6) {  // one fp16 scale per block: kept as its fp16 bits
+            ((uint16_t *)scale)[sidx(n, k0 / group, G)] = rd16(raw + b * (qtype == 8 ? 34 : qtype == 2 ? 18 : 22));
+            continue;
+        }
         for (int64_t g = 0; g < bs / group; g++) {
-            scale[sidx(n, k0 / group + g, G)] = sc[g];
+            ((float *)scale)[sidx(n, k0 / group + g, G)] = sc[g];
             if (qtype == 12) mins[sidx(n, k0 / group + g, G)] = mn[g];
         }
     }
