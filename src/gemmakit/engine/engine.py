@@ -101,6 +101,12 @@ class RequestStream:
         self._engine._cancel(self._request)
 
 
+def _deliver(items: list[tuple[_Request, StreamEvent | Exception]]) -> None:
+    """On a consumer's event loop: one step's events for the requests it serves, in order."""
+    for request, item in items:
+        request.async_events.put_nowait(item)
+
+
 class Engine:
     """Serves generation requests for one model with continuous batching.
 
@@ -129,6 +135,7 @@ class Engine:
         self.cache = KVCache(model.config, max_batch, context_length, dtype=model.activation_dtype)
         self._rows: list[_Request | None] = [None] * max_batch
         self._waiting: deque[_Request] = deque()
+        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[_Request, StreamEvent | Exception]]] = {}
         self._wake = threading.Condition()
         self._stopped = False
         self.steps = 0
@@ -196,10 +203,18 @@ class Engine:
         if request.loop is None:
             request.events.put(item)
             return
-        try:
-            request.loop.call_soon_threadsafe(request.async_events.put_nowait, item)
-        except RuntimeError:  # the consumer's event loop has closed (server shutting down): nobody to tell
-            request.cancelled = True
+        # Held until the end of the step, then handed to each event loop in one call: one wake-up of the
+        # server's loop per step instead of one per sequence.
+        self._outbox.setdefault(request.loop, []).append((request, item))
+
+    def _flush(self) -> None:
+        outbox, self._outbox = self._outbox, {}
+        for loop, items in outbox.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the consumer's event loop has closed (server shutting down): nobody to tell
+                for request, _ in items:
+                    request.cancelled = True
 
     def _free(self, request: _Request) -> None:
         request.done = True
@@ -233,12 +248,14 @@ class Engine:
     def _run(self) -> None:
         torch.set_grad_enabled(False)
         while True:
+            self._flush()
             with self._wake:
                 if self._stopped:
                     break
                 self._drop_finished()
                 self._admit()
                 if not any(self._rows):
+                    self._flush()
                     self._wake.wait(timeout=1.0)
                     continue
             try:
@@ -253,6 +270,7 @@ class Engine:
                         self._free(request)
         for request in [r for r in self._rows if r is not None] + list(self._waiting):
             self._emit(request, EngineStoppedError("the engine has shut down"))
+        self._flush()
 
     def _step(self) -> None:
         self.steps += 1
@@ -263,6 +281,7 @@ class Engine:
             if budget <= 0:
                 break
             budget -= self._prefill_chunk(request)
+            self._flush()  # a finished prompt's first token goes out now, not after the others' prefill
         decoding = [r for r in self._rows if r is not None and r.next_token is not None and not r.done]
         if decoding:
             self._decode(decoding)
