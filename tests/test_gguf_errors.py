@@ -121,6 +121,38 @@ def test_impossible_array_length(tiny: Path, tmp_path: Path) -> None:
     expect(p, TruncatedFileError, "tokenizer.ggml.tokens")
 
 
+def _tokens_array(data: bytearray) -> tuple[int, int]:
+    """Offset of the first string of tokenizer.ggml.tokens (its 8-byte length) and the array's length."""
+    key = b"tokenizer.ggml.tokens"
+    at = data.index(key) + len(key) + 4 + 4
+    (count,) = struct.unpack_from("<Q", data, at)
+    return at + 8, count
+
+
+@pytest.mark.parametrize("case", ["invalid byte", "character split across two pieces"])
+def test_vocabulary_piece_not_utf8(tiny: Path, tmp_path: Path, case: str) -> None:
+    p = tmp_path / "badutf8.gguf"
+    data = bytearray(tiny.read_bytes())
+    pos, count = _tokens_array(data)
+    offsets = []  # (length field offset, text offset, length) of each piece
+    for _ in range(count):
+        (n,) = struct.unpack_from("<Q", data, pos)
+        offsets.append((pos, pos + 8, n))
+        pos += 8 + n
+    # Pieces 5 and 6 (ordinary pieces of one byte or more in the tiny vocabulary).
+    (_, text5, n5), (_, text6, n6) = offsets[5], offsets[6]
+    assert n5 >= 1 and n6 >= 1
+    if case == "invalid byte":
+        data[text6] = 0xFF
+    else:
+        # The blob of all pieces stays valid UTF-8 ("\u00e9" = C3 A9), but piece 5 ends in the middle of it
+        # and piece 6 starts with its continuation byte: each piece on its own is invalid.
+        data[text5 + n5 - 1] = 0xC3
+        data[text6] = 0xA9
+    p.write_bytes(bytes(data))
+    expect(p, CorruptFileError, "tokenizer.ggml.tokens", "not valid UTF-8")
+
+
 def test_unknown_value_type(tiny: Path, tmp_path: Path) -> None:
     p = tmp_path / "badtype.gguf"
     data = bytearray(tiny.read_bytes())
