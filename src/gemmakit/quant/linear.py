@@ -98,7 +98,7 @@ class QuantWeight(nn.Module):
         self.group, self.N, self.K = group, N, K
         # dtype of the prefill matmuls (more than 16 rows); see :func:`set_prefill_dtype`.
         self.prefill_dtype = torch.float32
-        self._ptrs: tuple | None = None  # ctypes pointers of q, scale, mins (the tensors never move on CPU)
+        self._args: tuple | None = None  # the kernel's fixed arguments (the tensors never move on CPU)
 
     @property
     def shape(self) -> torch.Size:
@@ -140,18 +140,21 @@ class QuantWeight(nn.Module):
         (see csrc/qgemv.c); more rows (prefill) multiply the dequantized weight with PyTorch in
         ``prefill_dtype`` (float32, or bfloat16: see :func:`set_prefill_dtype`).
         """
-        lead = x.shape[:-1]
-        flat = x.reshape(-1, x.shape[-1]).float().contiguous()
         lib = kernels()
-        if lib is not None and flat.shape[0] <= MAX_KERNEL_ROWS and flat.device.type == "cpu":
-            B, K = flat.shape
-            if self._ptrs is None:
-                self._ptrs = (_ptr(self.q), _ptr(self.scale), _ptr(self.mins))
-            y = torch.empty(B, self.N, dtype=torch.float32)
-            status = lib.qgemv(*self._ptrs, _ptr(flat), _ptr(y), B, self.N, K, self.group, self.scale_f16,
-                               torch.get_num_threads())
-            if status == 0:
-                return y.view(*lead, self.N)
+        K = x.shape[-1]
+        if lib is not None and x.device.type == "cpu" and x.numel() <= MAX_KERNEL_ROWS * K:
+            # Decode: the C kernel, with as little Python around it as possible (it runs ~70 times a token).
+            if x.dtype != torch.float32 or not x.is_contiguous():
+                x = x.float().contiguous()
+            if self._args is None:
+                self._args = (_ptr(self.q), _ptr(self.scale), _ptr(self.mins), self.N, self.group, self.scale_f16)
+            q, scale, mins, N, group, f16 = self._args
+            y = torch.empty(*x.shape[:-1], N)
+            if lib.qgemv(q, scale, mins, x.data_ptr(), y.data_ptr(), x.numel() // K, N, K, group, f16,
+                         torch.get_num_threads()) == 0:
+                return y
+        lead = x.shape[:-1]
+        flat = x.reshape(-1, K).float().contiguous()
         if self.prefill_dtype == torch.bfloat16 and flat.device.type == "cpu":
             out = F.linear(flat.to(torch.bfloat16), self.dequantize(dtype=torch.bfloat16)).float()
             return out.view(*lead, -1)
@@ -193,7 +196,8 @@ class QuantLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.qweight.matmul(x).to(x.dtype)
+        y = self.qweight.matmul(x)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 class QuantEmbedding(nn.Module):
