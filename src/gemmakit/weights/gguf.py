@@ -250,6 +250,9 @@ class GGUFFile:
         data_start = -(-cur.pos // alignment) * alignment
         for name, gtype, shape, rel_offset in infos:
             self._add_tensor(name, gtype, shape, data_start + rel_offset, alignment, rel_offset)
+        # Everything in the header now lives in Python objects (metadata values are copies): its pages of the
+        # map need not stay resident (a 262k-piece vocabulary is ~6 MB of them).
+        self._drop_pages(0, cur.pos)
 
     def _read_tensor_info(self, cur: _Cursor) -> tuple[str, GGMLQuantizationType, tuple[int, ...], int]:
         name = cur.string("tensor name", MAX_NAME_BYTES)
@@ -306,9 +309,12 @@ class GGUFFile:
         """Tell the kernel the tensor's pages are no longer needed (after conversion), keeping peak RSS near the
         size of the converted weights rather than weights plus the whole file."""
         info = self.tensors[name]
+        self._drop_pages(info.offset, info.offset + info.n_bytes)
+
+    def _drop_pages(self, begin: int, end: int) -> None:
         page = mmap.PAGESIZE
-        start = info.offset // page * page
-        end = min(-(-(info.offset + info.n_bytes) // page) * page, len(self._map))
+        start = begin // page * page
+        end = min(-(-end // page) * page, len(self._map))
         if hasattr(mmap, "MADV_DONTNEED") and end > start:
             try:
                 self._map.madvise(mmap.MADV_DONTNEED, start, end - start)
