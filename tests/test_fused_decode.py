@@ -70,3 +70,12 @@ def test_batched_decode_matches_pytorch_path(name, tmp_path) -> None:
     a, b = run_both(decode_rows)
     diff = (a - b).abs().max().item()
     assert torch.isfinite(a).all() and diff <= 1e-4, diff
+
+
+def test_bf16_geglu_is_the_float_geglu_rounded() -> None:
+    """The bf16 prompt path's GeGLU gives exactly float32 GeGLU of the widened input, rounded to bfloat16."""
+    g = torch.Generator().manual_seed(7)
+    gate_up = (torch.randn(37, 2 * 1027, generator=g) * 4).to(torch.bfloat16)  # 1027: the scalar tail too
+    fast = fused.geglu(gate_up)
+    assert fast.dtype == torch.bfloat16
+    assert torch.equal(fast, fused.geglu(gate_up.float()).to(torch.bfloat16))

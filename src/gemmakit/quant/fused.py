@@ -19,6 +19,14 @@ SPLIT_SLOTS = 256  # cache slots per split-K range of the decode attention
 ENABLED = True  # tests switch this off to run the plain PyTorch decode path on the same model
 
 
+def bf16_prompt(proj: torch.nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``proj`` (x) is a prompt-sized matmul that runs in bfloat16 (see QuantWeight.prefill_dtype), so
+    the MLP can keep its activations in bfloat16 between its matmuls instead of widening them in between."""
+    weight = getattr(proj, "qweight", None)
+    return (weight is not None and weight.prefill_dtype == torch.bfloat16 and ENABLED and kernels() is not None
+            and x.device.type == "cpu" and x.numel() > MAX_KERNEL_ROWS * x.shape[-1])
+
+
 def cpu_kernels_ok(x: torch.Tensor) -> bool:
     """True when the C kernels can take ``x``: float32 on the CPU, with the kernels built."""
     return ENABLED and x.dtype == torch.float32 and x.device.type == "cpu" and kernels() is not None
@@ -93,9 +101,10 @@ def attend(
 
 
 def geglu(gate_up: torch.Tensor) -> torch.Tensor:
-    """gelu_tanh(gate) * up for a fused (..., 2F) gate|up projection -> (..., F)."""
+    """gelu_tanh(gate) * up for a fused (..., 2F) gate|up projection -> (..., F), float32 or bfloat16."""
     F2 = gate_up.shape[-1]
     flat = gate_up.contiguous()
-    out = torch.empty(*gate_up.shape[:-1], F2 // 2)
-    kernels().geglu(_ptr(flat), _ptr(out), flat.numel() // F2, F2 // 2, torch.get_num_threads())
+    out = torch.empty(*gate_up.shape[:-1], F2 // 2, dtype=flat.dtype)
+    fn = kernels().geglu_bf16 if flat.dtype == torch.bfloat16 else kernels().geglu
+    fn(_ptr(flat), _ptr(out), flat.numel() // F2, F2 // 2, torch.get_num_threads())
     return out

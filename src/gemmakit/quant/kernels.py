@@ -89,6 +89,8 @@ def kernels() -> ctypes.CDLL | None:
     lib.attend_decode.restype = None
     lib.geglu.argtypes = [p, p, i64, i64, ctypes.c_int]
     lib.geglu.restype = None
+    lib.geglu_bf16.argtypes = [p, p, i64, i64, ctypes.c_int]
+    lib.geglu_bf16.restype = None
     lib.argmax_f32.argtypes = [p, i64]
     lib.argmax_f32.restype = i64
     return lib

@@ -134,7 +134,7 @@ class QuantWeight(nn.Module):
         return values.view(n, self.K).to(dtype)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., K) float32 -> (..., N) float32.
+        """x (..., K) -> (..., N) float32 (bfloat16 for bfloat16 x on the bf16 prompt path).
 
         Up to 16 rows (decode) go through the C kernel, which rounds x to 16 bits per group of ``group`` values
         (see csrc/qgemv.c); more rows (prefill) multiply the dequantized weight with PyTorch in
@@ -154,11 +154,11 @@ class QuantWeight(nn.Module):
                          torch.get_num_threads()) == 0:
                 return y
         lead = x.shape[:-1]
-        flat = x.reshape(-1, K).float().contiguous()
+        flat = x.reshape(-1, K)
         if self.prefill_dtype == torch.bfloat16 and flat.device.type == "cpu":
-            out = F.linear(flat.to(torch.bfloat16), self.dequantize(dtype=torch.bfloat16)).float()
-            return out.view(*lead, -1)
-        return F.linear(flat, self.dequantize()).view(*lead, -1)
+            out = F.linear(flat.to(torch.bfloat16), self.dequantize(dtype=torch.bfloat16))
+            return (out if x.dtype == torch.bfloat16 else out.float()).view(*lead, -1)
+        return F.linear(flat.float().contiguous(), self.dequantize()).view(*lead, -1)
 
 
 def cpu_has_native_bf16() -> bool:

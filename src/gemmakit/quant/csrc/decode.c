@@ -206,6 +206,45 @@ static inline float gelu_tanh_mul(float g, float u) {
     return 0.5f * g * (1.0f + (z < 0.f ? -t : t)) * u;
 }
 
+#ifdef __AVX2__
+// gelu_tanh(g) * u for 8 lanes, with tanh from exp as in gelu_tanh_mul.
+static inline __m256 geglu8(__m256 gv, __m256 uv) {
+    const __m256 k0 = _mm256_set1_ps(0.7978845608028654f), k1 = _mm256_set1_ps(0.044715f);
+    const __m256 one = _mm256_set1_ps(1.f), two = _mm256_set1_ps(2.f), half = _mm256_set1_ps(0.5f);
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    __m256 z = _mm256_mul_ps(k0, _mm256_fmadd_ps(_mm256_mul_ps(k1, gv), _mm256_mul_ps(gv, gv), gv));
+    __m256 az = _mm256_andnot_ps(sign, z);
+    __m256 t = _mm256_sub_ps(one, _mm256_div_ps(two, _mm256_add_ps(exp8(_mm256_add_ps(az, az)), one)));
+    t = _mm256_or_ps(t, _mm256_and_ps(sign, z));  // tanh takes z's sign
+    return _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(half, gv), _mm256_add_ps(one, t)), uv);
+}
+
+static inline __m256 bf16x8_to_float(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+// float -> bfloat16, round to nearest even (as torch's .to(torch.bfloat16) for finite values).
+static inline __m128i float8_to_bf16(__m256 v) {
+    __m256i bits = _mm256_castps_si256(v);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    bits = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+    return _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1));
+}
+#endif
+
+static inline float bf16_to_float(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    __builtin_memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline uint16_t float_to_bf16(float f) {
+    uint32_t bits;
+    __builtin_memcpy(&bits, &f, 4);
+    return (uint16_t)((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+}
+
 // GeGLU of a fused gate|up row block: gu (rows, 2F) -> out (rows, F) = gelu_tanh(gate) * up, with the same
 // tanh-from-exp form in the vector and scalar paths.
 void geglu(const float *gu, float *out, int64_t rows, int64_t F, int threads) {
@@ -215,19 +254,25 @@ void geglu(const float *gu, float *out, int64_t rows, int64_t F, int threads) {
         float *o = out + r * F;
         int64_t i = 0;
 #ifdef __AVX2__
-        const __m256 k0 = _mm256_set1_ps(0.7978845608028654f), k1 = _mm256_set1_ps(0.044715f);
-        const __m256 one = _mm256_set1_ps(1.f), two = _mm256_set1_ps(2.f), half = _mm256_set1_ps(0.5f);
-        const __m256 sign = _mm256_set1_ps(-0.f);
-        for (; i + 8 <= F; i += 8) {
-            __m256 gv = _mm256_loadu_ps(g + i), uv = _mm256_loadu_ps(u + i);
-            __m256 z = _mm256_mul_ps(k0, _mm256_fmadd_ps(_mm256_mul_ps(k1, gv), _mm256_mul_ps(gv, gv), gv));
-            __m256 az = _mm256_andnot_ps(sign, z);
-            __m256 t = _mm256_sub_ps(one, _mm256_div_ps(two, _mm256_add_ps(exp8(_mm256_add_ps(az, az)), one)));
-            t = _mm256_or_ps(t, _mm256_and_ps(sign, z));  // tanh takes z's sign
-            _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(half, gv), _mm256_add_ps(one, t)), uv));
-        }
+        for (; i + 8 <= F; i += 8) _mm256_storeu_ps(o + i, geglu8(_mm256_loadu_ps(g + i), _mm256_loadu_ps(u + i)));
 #endif
         for (; i < F; i++) o[i] = gelu_tanh_mul(g[i], u[i]);
+    }
+}
+
+// The same on bfloat16 prompt activations (bf16 prompt matmuls): values widen exactly to float, the result is
+// rounded to bfloat16, exactly what converting to float, calling geglu and converting back would give.
+void geglu_bf16(const uint16_t *gu, uint16_t *out, int64_t rows, int64_t F, int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static) if (rows * F >= 65536)
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *g = gu + r * 2 * F, *u = g + F;
+        uint16_t *o = out + r * F;
+        int64_t i = 0;
+#ifdef __AVX2__
+        for (; i + 8 <= F; i += 8)
+            _mm_storeu_si128((__m128i *)(o + i), float8_to_bf16(geglu8(bf16x8_to_float(g + i), bf16x8_to_float(u + i))));
+#endif
+        for (; i < F; i++) o[i] = float_to_bf16(gelu_tanh_mul(bf16_to_float(g[i]), bf16_to_float(u[i])));
     }
 }
 
