@@ -130,27 +130,50 @@ def test_kernel_split_equals_reference_split(qtype: T, monkeypatch) -> None:
     finally:
         monkeypatch.delenv("GEMMAKIT_NO_KERNELS")
         kernels_module.kernels.cache_clear()
-    assert torch.equal(fast[0], ref[0]) and torch.equal(fast[1], ref[1]) and fast[3] == ref[3]
+    assert torch.equal(fast[0], ref[0]) and torch.equal(fast[1], ref[1]) and fast[3:] == ref[3:]
     assert (fast[2] is None) == (ref[2] is None) and (fast[2] is None or torch.equal(fast[2], ref[2]))
     # Formats with one fp16 scale per block keep it as float16 (exact); K-quants' products stay float32.
     assert fast[1].dtype == (torch.float16 if qtype in (T.Q8_0, T.Q4_0, T.Q5_0) else torch.float32)
     # Rows that do not fill the last block of 16 are padded with zeros.
     padded = split_packed(raw[:37], qtype, (37, K))
-    want = pack(*split(raw[:37], qtype, (37, K))[:3])
+    want = pack(*split(raw[:37], qtype, (37, K))[:3], bits=padded[4])
+    assert padded[4] == (4 if qtype == T.Q4_K else 8)  # Q4_K's unsigned 4-bit values: two to a byte
     assert all((a is None and b is None) or torch.equal(a.float(), b.float()) for a, b in zip(padded, want))
 
 
-@pytest.mark.parametrize("group,mins,K", [(32, False, 640), (32, True, 2048), (32, False, 672), (16, False, 2048)])
-def test_kernel_rows_do_not_depend_on_the_batch(group, mins, K) -> None:
+@pytest.mark.parametrize("group,mins,K,bits", [(32, False, 640, 8), (32, True, 2048, 8), (32, False, 672, 8),
+                                               (16, False, 2048, 8), (32, True, 2048, 4)])
+def test_kernel_rows_do_not_depend_on_the_batch(group, mins, K, bits) -> None:
     """Bitwise: a row's result is the same alone, in a block of four, or in any batch up to 16 (what keeps
     greedy output the same whether a request runs alone or batched in the server)."""
     g = torch.Generator().manual_seed(group + K)
     N = 300
-    w = QuantWeight(torch.randint(-30, 30, (N, K), dtype=torch.int8, generator=g), torch.rand(N, K // group, generator=g),
-                    torch.rand(N, K // group, generator=g) if mins else None, group)
+    low, high = (0, 16) if bits == 4 else (-30, 30)
+    w = QuantWeight(torch.randint(low, high, (N, K), dtype=torch.int8, generator=g),
+                    torch.rand(N, K // group, generator=g), torch.rand(N, K // group, generator=g) if mins else None,
+                    group, bits)
     x = torch.randn(16, K, generator=g)
     full = w.matmul(x)
     for B in (1, 3, 4, 5, 8, 13):
         assert torch.equal(w.matmul(x[:B]), full[:B])
     assert torch.equal(torch.cat([w.matmul(x[i : i + 1]) for i in range(16)]), full)
     assert torch.equal(w.matmul(x[5:12]), full[5:12])
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_packed_dequantize_is_exact(bits: int) -> None:
+    """Every row of a packed matrix (partial last block of 16 included) dequantizes exactly, as float32 and as
+    bfloat16, whole or by row ids, with the C kernels and with the PyTorch fallback."""
+    g = torch.Generator().manual_seed(bits)
+    N, K, group = 37, 640, 32
+    q = torch.randint(0, 16, (N, K), dtype=torch.int8, generator=g) if bits == 4 else torch.randint(
+        -128, 128, (N, K), dtype=torch.int8, generator=g)
+    scale, mins = torch.randn(N, K // group, generator=g), torch.randn(N, K // group, generator=g)
+    w = QuantWeight(q, scale, mins, group, bits)
+    dense = scale.repeat_interleave(group, 1) * q.float() - mins.repeat_interleave(group, 1)
+    rows = torch.tensor([36, 0, 15, 16, 14])
+    assert torch.equal(w.dequantize(), dense) and torch.equal(w.dequantize(rows), dense[rows])
+    assert torch.equal(w.dequantize(dtype=torch.bfloat16), dense.bfloat16())
+    from gemmakit.quant.linear import unpack
+
+    assert torch.equal(unpack(w.q, w.scale, w.mins, N, K, bits)[0], q)

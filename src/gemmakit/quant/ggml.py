@@ -211,6 +211,8 @@ _KERNEL_SPLIT = {T.Q8_0: (32, False), T.Q4_0: (32, False), T.Q5_0: (32, False), 
 # Formats whose block scale (and min) is one fp16 number: packed as float16, exactly. K-quants multiply an fp16
 # super-block scale by small integers, which float16 cannot always hold, so they stay float32.
 FP16_SCALE_TYPES = {T.Q8_0, T.Q4_0, T.Q5_0, T.Q4_1, T.Q5_1}
+# Formats of unsigned 4-bit values (with mins): packed two to a byte, half the memory of the int8 layout.
+NIBBLE_TYPES = {T.Q4_K}
 
 
 def _split_with_kernel(raw: torch.Tensor, qtype: T, rows: int, K: int):
@@ -226,13 +228,14 @@ def _split_with_kernel(raw: torch.Tensor, qtype: T, rows: int, K: int):
     raw = raw.contiguous()
     blocks = (rows + 15) // 16
     alloc = torch.zeros if rows % 16 else torch.empty  # padding rows must read as zeros
-    q = alloc(blocks, 16 * K, dtype=torch.int8)
+    bits = 4 if qtype in NIBBLE_TYPES else 8
+    q = alloc(blocks, bits * 2 * K, dtype=torch.uint8 if bits == 4 else torch.int8)
     scale = alloc(blocks, 16 * (K // group), dtype=torch.float16 if qtype in FP16_SCALE_TYPES else torch.float32)
     mins = alloc(blocks, 16 * (K // group), dtype=torch.float32) if affine else None
     ptr = lambda t: ctypes.c_void_p(t.data_ptr()) if t is not None else None  # noqa: E731
     status = lib.split_blocks(int(qtype), ptr(raw), rows * K // block_size, K, ptr(q), ptr(scale), ptr(mins),
-                              torch.get_num_threads())
-    return (q, scale, mins, group) if status == 0 else None
+                              int(bits == 4), torch.get_num_threads())
+    return (q, scale, mins, group, bits) if status == 0 else None
 
 
 def _split_rows(raw: torch.Tensor, qtype: T, K: int) -> Split:
@@ -248,8 +251,8 @@ def split(raw: torch.Tensor, qtype: T, shape: tuple[int, ...]) -> tuple[torch.Te
     return sp.q.reshape(rows, K), sp.scale.reshape(rows, -1), mins, sp.group
 
 
-def split_packed(raw: torch.Tensor, qtype: T, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
-    """A quantized matrix's raw bytes -> (q, scale, mins or None, group) in the packed layout of
+def split_packed(raw: torch.Tensor, qtype: T, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int, int]:
+    """A quantized matrix's raw bytes -> (q, scale, mins or None, group, bits) in the packed layout of
     :class:`~gemmakit.quant.linear.QuantWeight` (csrc/qgemv.c). The C converter writes it in one pass; other
     types are split and packed in row chunks, so a large table never needs several full-size temporaries."""
     from .linear import pack
@@ -261,6 +264,7 @@ def split_packed(raw: torch.Tensor, qtype: T, shape: tuple[int, ...]) -> tuple[t
     raw = raw.reshape(rows, -1)
     parts: list[tuple[torch.Tensor, ...]] = []
     group = 0
+    bits = 4 if qtype in NIBBLE_TYPES else 8
     for start in range(0, rows, SPLIT_ROWS):  # SPLIT_ROWS is a multiple of 16: chunks pack independently
         chunk = raw[start : start + SPLIT_ROWS]
         n = chunk.shape[0]
@@ -270,11 +274,11 @@ def split_packed(raw: torch.Tensor, qtype: T, shape: tuple[int, ...]) -> tuple[t
         mins = sp.mins.reshape(n, -1) if sp.mins is not None else None
         if qtype in FP16_SCALE_TYPES:  # exact: they were fp16 numbers in the file
             scale, mins = scale.half(), mins.half() if mins is not None else None
-        parts.append(pack(sp.q.reshape(n, K), scale, mins))
+        parts.append(pack(sp.q.reshape(n, K), scale, mins, bits))
     q = torch.cat([p[0] for p in parts])
     scale = torch.cat([p[1] for p in parts])
     mins = torch.cat([p[2] for p in parts]) if parts[0][2] is not None else None
-    return q, scale, mins, group
+    return q, scale, mins, group, bits
 
 
 def dequantize(raw: torch.Tensor, qtype: T, shape: tuple[int, ...], name: str = "tensor") -> torch.Tensor:

@@ -78,7 +78,7 @@ def kernels() -> ctypes.CDLL | None:
     lib.dequant_rows.restype = None
     lib.rms_norm.argtypes = [p, p, p, i64, i64, ctypes.c_float]
     lib.rms_norm.restype = None
-    lib.split_blocks.argtypes = [ctypes.c_int, p, i64, i64, p, p, p, ctypes.c_int]
+    lib.split_blocks.argtypes = [ctypes.c_int, p, i64, i64, p, p, p, ctypes.c_int, ctypes.c_int]
     lib.split_blocks.restype = ctypes.c_int
     f32 = ctypes.c_float
     lib.attn_prep.argtypes = [p, i64, i64, i64, i64, i64, ctypes.c_int, p, ctypes.c_int, p, ctypes.c_int, ctypes.c_int,

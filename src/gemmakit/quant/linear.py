@@ -38,10 +38,11 @@ def _round16(n: int) -> int:
     return (n + 15) // 16 * 16
 
 
-def pack(q: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+def pack(q: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor | None, bits: int = 8) -> tuple[torch.Tensor, ...]:
     """Row-major (N, K) int8 values and (N, G) scales/mins -> the kernel's packed layout (csrc/qgemv.c):
-    q (N16 / 16, 16 * K) with 16 rows x 2 columns per 32 bytes, scales (N16 / 16, 16 * G) as [group][row]; N16 is
-    N rounded up to a multiple of 16 (the padding rows are zero)."""
+    q (N16 / 16, 16 * K) with 16 rows x 2 columns per 32 bytes (bits=8), or (N16 / 16, 8 * K) uint8 with the
+    two columns of a row as the nibbles of one byte (bits=4, values 0..15); scales (N16 / 16, 16 * G) as
+    [group][row]. N16 is N rounded up to a multiple of 16 (the padding rows are zero)."""
     N, K = q.shape
     G = scale.shape[1]
     pad = _round16(N) - N
@@ -50,7 +51,12 @@ def pack(q: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor | None) -> tup
     def rows_padded(t: torch.Tensor) -> torch.Tensor:
         return F.pad(t, (0, 0, 0, pad)) if pad else t
 
-    qp = rows_padded(q).view(blocks, 16, K // 2, 2).permute(0, 2, 1, 3).reshape(blocks, 16 * K).contiguous()
+    pairs = rows_padded(q).view(blocks, 16, K // 2, 2).permute(0, 2, 1, 3)  # (blocks, K/2, 16 rows, 2 columns)
+    if bits == 4:
+        nibbles = pairs.to(torch.uint8)
+        qp = (nibbles[..., 0] | (nibbles[..., 1] << 4)).reshape(blocks, 8 * K).contiguous()
+    else:
+        qp = pairs.reshape(blocks, 16 * K).contiguous()
 
     def scales(t: torch.Tensor | None) -> torch.Tensor | None:
         if t is None:
@@ -60,11 +66,17 @@ def pack(q: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor | None) -> tup
     return qp, scales(scale), scales(mins)
 
 
-def unpack(qp: torch.Tensor, sp: torch.Tensor, mp: torch.Tensor | None, N: int, K: int) -> tuple[torch.Tensor, ...]:
-    """Inverse of :func:`pack`: row-major q (N, K), scale (N, G), mins (N, G) or None."""
+def unpack(qp: torch.Tensor, sp: torch.Tensor, mp: torch.Tensor | None, N: int, K: int,
+           bits: int = 8) -> tuple[torch.Tensor, ...]:
+    """Inverse of :func:`pack`: row-major q (N, K) int8, scale (N, G), mins (N, G) or None."""
     blocks = qp.shape[0]
     G = sp.shape[1] // 16
-    q = qp.view(blocks, K // 2, 16, 2).permute(0, 2, 1, 3).reshape(blocks * 16, K)[:N]
+    if bits == 4:
+        b = qp.view(torch.uint8).view(blocks, K // 2, 16)
+        pairs = torch.stack([b & 15, b >> 4], dim=-1).to(torch.int8)
+    else:
+        pairs = qp.view(blocks, K // 2, 16, 2)
+    q = pairs.permute(0, 2, 1, 3).reshape(blocks * 16, K)[:N]
 
     def scales(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.view(blocks, G, 16).permute(0, 2, 1).reshape(blocks * 16, G)[:N]
@@ -73,29 +85,30 @@ def unpack(qp: torch.Tensor, sp: torch.Tensor, mp: torch.Tensor | None, N: int, 
 
 
 class QuantWeight(nn.Module):
-    """A (N, K) matrix of int8 values with a float32 or float16 scale (and optional min) per group of 16 or 32 weights,
+    """A (N, K) matrix of int8 (or unsigned 4-bit) values with a float32 or float16 scale (and optional min) per group of 16 or 32 weights,
     kept in the packed layout of csrc/qgemv.c. Build it from row-major values with ``QuantWeight(q, scale,
     mins, group)`` or, without a row-major copy, with :meth:`from_packed`."""
 
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor | None, group: int) -> None:
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor | None, group: int,
+                 bits: int = 8) -> None:
         N, K = q.shape
-        self._init_packed(*pack(q, scale, mins), group, N, K)
+        self._init_packed(*pack(q, scale, mins, bits), group, bits, N, K)
 
     @classmethod
-    def from_packed(cls, qp: torch.Tensor, sp: torch.Tensor, mp: torch.Tensor | None, group: int, N: int,
-                    K: int) -> QuantWeight:
+    def from_packed(cls, qp: torch.Tensor, sp: torch.Tensor, mp: torch.Tensor | None, group: int, bits: int,
+                    N: int, K: int) -> QuantWeight:
         self = cls.__new__(cls)
-        self._init_packed(qp, sp, mp, group, N, K)
+        self._init_packed(qp, sp, mp, group, bits, N, K)
         return self
 
-    def _init_packed(self, qp: torch.Tensor, sp: torch.Tensor, mp: torch.Tensor | None, group: int, N: int,
-                     K: int) -> None:
+    def _init_packed(self, qp: torch.Tensor, sp: torch.Tensor, mp: torch.Tensor | None, group: int, bits: int,
+                     N: int, K: int) -> None:
         super().__init__()
         # Not persistent: they are filled from the checkpoint by the loader, not through load_state_dict.
         self.register_buffer("q", qp, persistent=False)
         self.register_buffer("scale", sp, persistent=False)
         self.register_buffer("mins", mp, persistent=False)
-        self.group, self.N, self.K = group, N, K
+        self.group, self.bits, self.N, self.K = group, bits, N, K
         # dtype of the prefill matmuls (more than 16 rows); see :func:`set_prefill_dtype`.
         self.prefill_dtype = torch.float32
         self._args: tuple | None = None  # the kernel's fixed arguments (the tensors never move on CPU)
@@ -105,9 +118,10 @@ class QuantWeight(nn.Module):
         return torch.Size((self.N, self.K))
 
     @property
-    def scale_f16(self) -> int:
-        """1 when scales (and mins) are float16 (exact for formats with fp16 block scales), 0 for float32."""
-        return int(self.scale.dtype == torch.float16)
+    def kernel_flags(self) -> int:
+        """The C kernels' format flags: bit 0 float16 scales and mins (exact for formats with fp16 block
+        scales; else float32), bit 1 4-bit values."""
+        return int(self.scale.dtype == torch.float16) | (2 if self.bits == 4 else 0)
 
     @property
     def nbytes(self) -> int:
@@ -120,10 +134,10 @@ class QuantWeight(nn.Module):
         if lib is not None and self.q.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
             out = torch.empty(n_rows, self.K, dtype=dtype)
             ids = rows.reshape(-1).to(torch.int64).contiguous() if rows is not None else None
-            lib.dequant_rows(_ptr(self.q), _ptr(self.scale), _ptr(self.mins), self.scale_f16, _ptr(out), self.K,
+            lib.dequant_rows(_ptr(self.q), _ptr(self.scale), _ptr(self.mins), self.kernel_flags, _ptr(out), self.K,
                              self.group, _ptr(ids), n_rows, int(dtype == torch.bfloat16), torch.get_num_threads())
             return out
-        q, scale, mins = unpack(self.q, self.scale, self.mins, self.N, self.K)
+        q, scale, mins = unpack(self.q, self.scale, self.mins, self.N, self.K, self.bits)
         if rows is not None:
             q, scale = q[rows.reshape(-1)], scale[rows.reshape(-1)]
             mins = mins[rows.reshape(-1)] if mins is not None else None
@@ -147,10 +161,10 @@ class QuantWeight(nn.Module):
             if x.dtype != torch.float32 or not x.is_contiguous():
                 x = x.float().contiguous()
             if self._args is None:
-                self._args = (_ptr(self.q), _ptr(self.scale), _ptr(self.mins), self.N, self.group, self.scale_f16)
-            q, scale, mins, N, group, f16 = self._args
+                self._args = (_ptr(self.q), _ptr(self.scale), _ptr(self.mins), self.N, self.group, self.kernel_flags)
+            q, scale, mins, N, group, flags = self._args
             y = torch.empty(*x.shape[:-1], N)
-            if lib.qgemv(q, scale, mins, x.data_ptr(), y.data_ptr(), x.numel() // K, N, K, group, f16,
+            if lib.qgemv(q, scale, mins, x.data_ptr(), y.data_ptr(), x.numel() // K, N, K, group, flags,
                          torch.get_num_threads()) == 0:
                 return y
         lead = x.shape[:-1]
@@ -220,7 +234,7 @@ def concat_weights(weights: list[QuantWeight]) -> QuantWeight | None:
     """Stack matrices with the same input width and group layout into one (one kernel call instead of several)."""
     first = weights[0]
     if any(w.group != first.group or (w.mins is None) != (first.mins is None) or w.shape[1] != first.shape[1]
-           for w in weights):
+           or w.bits != first.bits for w in weights):
         return None
     if any(w.N % 16 for w in weights):
         return None  # padding rows would land inside the stacked matrix
@@ -228,7 +242,7 @@ def concat_weights(weights: list[QuantWeight]) -> QuantWeight | None:
     dtype = torch.float16 if all(w.scale.dtype == torch.float16 for w in weights) else torch.float32
     mins = torch.cat([w.mins.to(dtype) for w in weights]) if first.mins is not None else None
     return QuantWeight.from_packed(torch.cat([w.q for w in weights]), torch.cat([w.scale.to(dtype) for w in weights]),
-                                   mins, first.group, sum(w.N for w in weights), first.K)
+                                   mins, first.group, first.bits, sum(w.N for w in weights), first.K)
 
 
 def fuse_projections(model: nn.Module) -> None:

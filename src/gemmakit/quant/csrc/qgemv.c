@@ -7,7 +7,9 @@
 // Packed layout. Rows go in blocks of 16 (N padded up to a multiple of 16 with zero rows); inside a block,
 // each 32 bytes hold the 16 rows' weights for two consecutive columns:
 //     q[((n / 16) * (K / 2) + k / 2) * 32 + (n % 16) * 2 + k % 2]
-// and scales (mins) are [n / 16][group][n % 16]. One 32-byte load, sign-extended to 16-bit, is a vector of 16
+// and scales (mins) are [n / 16][group][n % 16]. 4-bit formats of unsigned values (Q4_K) keep the same order
+// with two values per byte, 16 bytes per 16 rows x 2 columns: byte n % 16 holds column k (even) in its low
+// nibble and k + 1 in its high nibble. `flags`: bit 0 = float16 scales and mins, bit 1 = 4-bit values. One 32-byte load, sign-extended to 16-bit, is a vector of 16
 // output rows x 2 columns, which a multiply-add of 16-bit pairs (vpdpwssd / vpmaddwd) applies to two columns
 // of x broadcast to every lane: each instruction does 32 multiply-adds for 16 outputs with no per-row horizontal
 // sums, and the weights are read once for every row of x.
@@ -36,6 +38,15 @@ static inline int64_t sidx(int64_t n, int64_t g, int64_t G) { return ((n >> 4) *
 // Scales and mins are float32, or float16 where that is exact (formats whose block scales are fp16 in the GGUF:
 // Q8_0, Q4_0, Q5_0, ...), which halves their memory and the bytes a decode step reads.
 static inline float half_to_float(uint16_t h);
+// Weight (row j of a 16-row block, column k) from the block's packed values.
+static inline int32_t weight_at(const int8_t *qb, int64_t j, int64_t k, int nib) {
+    if (nib) {
+        uint8_t byte = (uint8_t)qb[(k >> 1) * 16 + j];
+        return (k & 1) ? byte >> 4 : byte & 15;
+    }
+    return qb[(k >> 1) * 32 + j * 2 + (k & 1)];
+}
+
 static inline float scale_at(const void *p, int f16, int64_t i) {
     return f16 ? half_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
@@ -87,19 +98,29 @@ static inline void dot_pairs(__m512i *acc, __m512i w, const int16_t *p) {
 }
 #endif
 // One block of 16 output rows for NB rows of x.
+// The 16 rows x 2 columns of pair p as 16-bit values, lane pairs (row, column).
+static inline __attribute__((always_inline)) __m512i pair16(const int8_t *qg, int64_t p, const int NIB) {
+    if (NIB) {  // one byte per row: low nibble, high nibble -> the two 16-bit halves of its 32-bit lane
+        __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(qg + p * 16)));
+        return _mm512_and_si512(_mm512_or_si512(v, _mm512_slli_epi32(v, 12)), _mm512_set1_epi32(0x000F000F));
+    }
+    return _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(qg + p * 32)));
+}
+
 static inline __attribute__((always_inline)) void tile(
-    const int NB, const int8_t *qb, const void *sb, const void *mb, int64_t so, int f16, const int16_t *xq,
-    const float *xd, const float *xs, float *y, int64_t N, int64_t K, int64_t G, int64_t group, int64_t nvalid) {
+    const int NB, const int NIB, const int8_t *qb, const void *sb, const void *mb, int64_t so, int f16,
+    const int16_t *xq, const float *xd, const float *xs, float *y, int64_t N, int64_t K, int64_t G, int64_t group,
+    int64_t nvalid) {
     __m512 accf[CHUNK];
     for (int b = 0; b < NB; b++) accf[b] = _mm512_setzero_ps();
     const int64_t pairs = group / 2;
     for (int64_t g = 0; g < G; g++) {
         __m512i acc[CHUNK];
         for (int b = 0; b < NB; b++) acc[b] = _mm512_setzero_si512();
-        const int8_t *qg = qb + g * pairs * 32;
+        const int8_t *qg = qb + g * pairs * (NIB ? 16 : 32);
         const int16_t *xg = xq + g * group;
         for (int64_t p = 0; p < pairs; p++) {
-            __m512i w = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(qg + p * 32)));
+            __m512i w = pair16(qg, p, NIB);
             for (int b = 0; b < NB; b++) dot_pairs(&acc[b], w, xg + b * K + 2 * p);
         }
         __m512 sc = scale16(sb, f16, so + g * 16);
@@ -121,20 +142,33 @@ static inline __m256 scale8(const void *p, int f16, int64_t i) {
                : _mm256_loadu_ps((const float *)p + i);
 }
 // The same arithmetic with 256-bit vectors: rows 0-7 and 8-15 of the block as two halves.
+static inline __attribute__((always_inline)) __m256i nibble_pairs8(__m128i bytes8) {
+    __m256i v = _mm256_cvtepu8_epi32(bytes8);
+    return _mm256_and_si256(_mm256_or_si256(v, _mm256_slli_epi32(v, 12)), _mm256_set1_epi32(0x000F000F));
+}
+
 static inline __attribute__((always_inline)) void tile(
-    const int NB, const int8_t *qb, const void *sb, const void *mb, int64_t so, int f16, const int16_t *xq,
-    const float *xd, const float *xs, float *y, int64_t N, int64_t K, int64_t G, int64_t group, int64_t nvalid) {
+    const int NB, const int NIB, const int8_t *qb, const void *sb, const void *mb, int64_t so, int f16,
+    const int16_t *xq, const float *xd, const float *xs, float *y, int64_t N, int64_t K, int64_t G, int64_t group,
+    int64_t nvalid) {
     __m256 accf[CHUNK][2];
     for (int b = 0; b < NB; b++) accf[b][0] = accf[b][1] = _mm256_setzero_ps();
     const int64_t pairs = group / 2;
     for (int64_t g = 0; g < G; g++) {
         __m256i acc[CHUNK][2];
         for (int b = 0; b < NB; b++) acc[b][0] = acc[b][1] = _mm256_setzero_si256();
-        const int8_t *qg = qb + g * pairs * 32;
+        const int8_t *qg = qb + g * pairs * (NIB ? 16 : 32);
         const int16_t *xg = xq + g * group;
         for (int64_t p = 0; p < pairs; p++) {
-            __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(qg + p * 32)));
-            __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(qg + p * 32 + 16)));
+            __m256i w0, w1;
+            if (NIB) {
+                __m128i raw = _mm_loadu_si128((const __m128i *)(qg + p * 16));
+                w0 = nibble_pairs8(raw);
+                w1 = nibble_pairs8(_mm_srli_si128(raw, 8));
+            } else {
+                w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(qg + p * 32)));
+                w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(qg + p * 32 + 16)));
+            }
             for (int b = 0; b < NB; b++) {
                 __m256i xv = _mm256_set1_epi32(pair_at(xg + b * K + 2 * p));
                 acc[b][0] = _mm256_add_epi32(acc[b][0], _mm256_madd_epi16(w0, xv));
@@ -162,16 +196,16 @@ static inline __attribute__((always_inline)) void tile(
 }
 #else
 #define CHUNK 1
-static void tile(const int NB, const int8_t *qb, const void *sb, const void *mb, int64_t so, int f16,
-                 const int16_t *xq, const float *xd, const float *xs, float *y, int64_t N, int64_t K, int64_t G,
-                 int64_t group, int64_t nvalid) {
+static void tile(const int NB, const int NIB, const int8_t *qb, const void *sb, const void *mb, int64_t so,
+                 int f16, const int16_t *xq, const float *xd, const float *xs, float *y, int64_t N, int64_t K,
+                 int64_t G, int64_t group, int64_t nvalid) {
     (void)NB;
     for (int64_t j = 0; j < nvalid; j++) {
         float accf = 0.f;
         for (int64_t g = 0; g < G; g++) {
             int32_t acc = 0;
             for (int64_t k = g * group; k < (g + 1) * group; k++)
-                acc += (int32_t)qb[(k >> 1) * 32 + j * 2 + (k & 1)] * (int32_t)xq[k];
+                acc += weight_at(qb, j, k, NIB) * (int32_t)xq[k];
             accf = fmaf((float)acc, scale_at(sb, f16, so + g * 16 + j) * xd[g], accf);
             if (mb) accf = fmaf(-scale_at(mb, f16, so + g * 16 + j), xs[g], accf);
         }
@@ -183,7 +217,8 @@ static void tile(const int NB, const int8_t *qb, const void *sb, const void *mb,
 // y (B, N) = x (B, K) @ dequant(q, scale, mins)^T with q, scale, mins packed (see the top of this file).
 // B <= MAXB; group 16 or 32; K a multiple of group. Returns nonzero for shapes it does not handle.
 int qgemv(const int8_t *q, const void *scale, const void *mins, const float *x, float *y, int64_t B, int64_t N,
-          int64_t K, int64_t group, int scale_f16, int threads) {
+          int64_t K, int64_t group, int flags, int threads) {
+    const int scale_f16 = flags & 1, nib = (flags >> 1) & 1;
     if (B < 1 || B > MAXB || (group != 16 && group != 32) || K % group) return 1;
     int64_t G = K / group;
     int16_t *xq = malloc(sizeof(int16_t) * B * K);
@@ -201,27 +236,30 @@ int qgemv(const int8_t *q, const void *scale, const void *mins, const float *x, 
     #pragma omp parallel for num_threads(threads) schedule(dynamic, per)
     for (int64_t nb = 0; nb < n_blocks; nb++) {
         int64_t n0 = nb * 16, nvalid = N - n0 < 16 ? N - n0 : 16;
-        const int8_t *qb = q + n0 * K;
+        const int8_t *qb = q + (nib ? n0 * K / 2 : n0 * K);
         const int64_t so = n0 * G;  // the block's first scale
         for (int64_t b0 = 0; b0 < B; b0 += CHUNK) {
             int64_t nb_rows = B - b0 < CHUNK ? B - b0 : CHUNK;
             const int16_t *xqb = xq + b0 * K;
             const float *xdb = xd + b0 * G, *xsb = xs + b0 * G;
             float *yb = y + b0 * N + n0;
-            switch (nb_rows) {  // constant row counts, so each tile's accumulators stay in registers
+            // Constant row counts and formats, so each tile's accumulators stay in registers.
+#define TILE(n, ...) (nib ? tile(n, 1, __VA_ARGS__) : tile(n, 0, __VA_ARGS__))
+            switch (nb_rows) {
 #if CHUNK >= 8
-                case 8: tile(8, qb, scale, mins, so, scale_f16, xqb, xdb, xsb, yb, N, K, G, group, nvalid); break;
-                case 7: tile(7, qb, scale, mins, so, scale_f16, xqb, xdb, xsb, yb, N, K, G, group, nvalid); break;
-                case 6: tile(6, qb, scale, mins, so, scale_f16, xqb, xdb, xsb, yb, N, K, G, group, nvalid); break;
-                case 5: tile(5, qb, scale, mins, so, scale_f16, xqb, xdb, xsb, yb, N, K, G, group, nvalid); break;
+                case 8: TILE(8, qb, scale, mins, so, scale_f16, xqb, xdb, xsb, yb, N, K, G, group, nvalid); break;
+                case 7: TILE(7, qb, scale, mins, so, scale_f16, xqb, xdb, xsb, yb, N, K, G, group, nvalid); break;
+                case 6: TILE(6, qb, scale, mins, so, scale_f16, xqb, xdb, xsb, yb, N, K, G, group, nvalid); break;
+                case 5: TILE(5, qb, scale, mins, so, scale_f16, xqb, xdb, xsb, yb, N, K, G, group, nvalid); break;
 #endif
 #if CHUNK >= 4
-                case 4: tile(4, qb, scale, mins, so, scale_f16, xqb, xdb, xsb, yb, N, K, G, group, nvalid); break;
-                case 3: tile(3, qb, scale, mins, so, scale_f16, xqb, xdb, xsb, yb, N, K, G, group, nvalid); break;
-                case 2: tile(2, qb, scale, mins, so, scale_f16, xqb, xdb, xsb, yb, N, K, G, group, nvalid); break;
+                case 4: TILE(4, qb, scale, mins, so, scale_f16, xqb, xdb, xsb, yb, N, K, G, group, nvalid); break;
+                case 3: TILE(3, qb, scale, mins, so, scale_f16, xqb, xdb, xsb, yb, N, K, G, group, nvalid); break;
+                case 2: TILE(2, qb, scale, mins, so, scale_f16, xqb, xdb, xsb, yb, N, K, G, group, nvalid); break;
 #endif
-                default: tile(1, qb, scale, mins, so, scale_f16, xqb, xdb, xsb, yb, N, K, G, group, nvalid); break;
+                default: TILE(1, qb, scale, mins, so, scale_f16, xqb, xdb, xsb, yb, N, K, G, group, nvalid); break;
             }
+#undef TILE
         }
     }
     free(xq), free(xd), free(xs);
@@ -238,14 +276,14 @@ static inline void store_values(float v, int bf16, float *of, uint16_t *oh, int6
     }
 }
 
-static void dequant_row(const int8_t *q, const void *scale, const void *mins, int f16, int64_t r, int64_t K,
-                        int64_t group, int bf16, float *of, uint16_t *oh) {
+static void dequant_row(const int8_t *q, const void *scale, const void *mins, int f16, int nib, int64_t r,
+                        int64_t K, int64_t group, int bf16, float *of, uint16_t *oh) {
     int64_t G = K / group;
-    const int8_t *qr = q + (r >> 4) * 16 * K + (r & 15) * 2;
+    const int8_t *qb = q + (r >> 4) * (nib ? 8 : 16) * K;
     for (int64_t g = 0; g < G; g++) {
         float s = scale_at(scale, f16, sidx(r, g, G)), m = mins ? scale_at(mins, f16, sidx(r, g, G)) : 0.f;
         for (int64_t k = g * group; k < (g + 1) * group; k++)
-            store_values(s * (float)qr[(k >> 1) * 32 + (k & 1)] - m, bf16, of, oh, k);
+            store_values(s * (float)weight_at(qb, r & 15, k, nib) - m, bf16, of, oh, k);
     }
 }
 
@@ -266,18 +304,34 @@ static inline void store16(__m128i w8, float s, float m, int bf16, float *of, ui
 
 // All rows of a 16-row block: each 32 columns of two rows are one gather of 16 (row j, row j + 1) pairs,
 // sorted into the two rows' 32 bytes with a byte shuffle and a qword permute.
-static void dequant_block(const int8_t *q, const void *scale, const void *mins, int f16, int64_t nb,
+static void dequant_block(const int8_t *q, const void *scale, const void *mins, int f16, int nib, int64_t nb,
                           int64_t nvalid, int64_t K, int64_t group, int bf16, void *out) {
     int64_t G = K / group;
     const __m512i pair_offsets = _mm512_setr_epi32(0, 8, 16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 96, 104, 112, 120);
     const __m512i split = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15));
     const __m512i rows_apart = _mm512_setr_epi64(0, 2, 4, 6, 1, 3, 5, 7);
-    const int8_t *qb = q + nb * 16 * K;
+    const __m512i nibble_offsets = _mm512_srli_epi32(pair_offsets, 1);  // 16 bytes per pair
+    const int8_t *qb = q + nb * (nib ? 8 : 16) * K;
     for (int64_t j = 0; j < nvalid; j += 2) {
         int64_t r = nb * 16 + j;
         for (int64_t c = 0; c < K; c += 32) {
-            __m512i v = _mm512_i32gather_epi32(pair_offsets, (const void *)(qb + (c >> 1) * 32 + j * 2), 4);
-            v = _mm512_permutexvar_epi64(rows_apart, _mm512_shuffle_epi8(v, split));
+            __m512i v;
+            if (nib) {
+                // Rows j and j + 1 are bytes j and j + 1 of each pair's 16: gather the 4 bytes around them (never
+                // past the pair), keep each row's byte, and split its nibbles into the two columns.
+                __m512i d = _mm512_i32gather_epi32(nibble_offsets, (const void *)(qb + (c >> 1) * 16 + (j & ~3)), 4);
+                d = _mm512_srli_epi32(d, (unsigned)(j & 3) * 8);
+                __m512i rows[2];
+                for (int h = 0; h < 2; h++) {
+                    __m512i e = _mm512_cvtepu8_epi32(_mm512_cvtepi32_epi8(h ? _mm512_srli_epi32(d, 8) : d));
+                    e = _mm512_and_si512(_mm512_or_si512(e, _mm512_slli_epi32(e, 12)), _mm512_set1_epi32(0x000F000F));
+                    rows[h] = _mm512_castsi256_si512(_mm512_cvtepi16_epi8(e));  // 32 values, column order
+                }
+                v = _mm512_inserti64x4(rows[0], _mm512_castsi512_si256(rows[1]), 1);
+            } else {
+                v = _mm512_i32gather_epi32(pair_offsets, (const void *)(qb + (c >> 1) * 32 + j * 2), 4);
+                v = _mm512_permutexvar_epi64(rows_apart, _mm512_shuffle_epi8(v, split));
+            }
             for (int h = 0; h < 2 && j + h < nvalid; h++) {  // h: row j, then row j + 1
                 __m256i w = h ? _mm512_extracti64x4_epi64(v, 1) : _mm512_castsi512_si256(v);  // its 32 weights
                 float *of = (float *)out + (r + h) * K + c;
@@ -297,22 +351,23 @@ static void dequant_block(const int8_t *q, const void *scale, const void *mins, 
 
 // Dequantize rows of packed W into out (n_rows, K): float32, or bfloat16 (round to nearest even) when bf16 is
 // set. row_ids selects rows (an embedding lookup); NULL means rows 0 .. n_rows - 1 (prefill matmuls).
-void dequant_rows(const int8_t *q, const void *scale, const void *mins, int scale_f16, void *out, int64_t K,
+void dequant_rows(const int8_t *q, const void *scale, const void *mins, int flags, void *out, int64_t K,
                   int64_t group, const int64_t *row_ids, int64_t n_rows, int bf16, int threads) {
+    const int scale_f16 = flags & 1, nib = (flags >> 1) & 1;
 #if defined(__AVX512F__) && defined(__AVX512BW__)
     if (!row_ids && K % 32 == 0) {
         int64_t n_blocks = (n_rows + 15) / 16;
         #pragma omp parallel for num_threads(threads) schedule(static)
         for (int64_t nb = 0; nb < n_blocks; nb++) {
             int64_t nvalid = n_rows - nb * 16 < 16 ? n_rows - nb * 16 : 16;
-            dequant_block(q, scale, mins, scale_f16, nb, nvalid, K, group, bf16, out);
+            dequant_block(q, scale, mins, scale_f16, nib, nb, nvalid, K, group, bf16, out);
         }
         return;
     }
 #endif
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t i = 0; i < n_rows; i++)
-        dequant_row(q, scale, mins, scale_f16, row_ids ? row_ids[i] : i, K, group, bf16, (float *)out + i * K,
+        dequant_row(q, scale, mins, scale_f16, nib, row_ids ? row_ids[i] : i, K, group, bf16, (float *)out + i * K,
                     (uint16_t *)out + i * K);
 }
 
@@ -349,7 +404,8 @@ static inline uint16_t rd16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] <
 // qtype: ggml type id (8 Q8_0, 2 Q4_0, 6 Q5_0, 12 Q4_K, 14 Q6_K). Writes the packed layout (see the top of this
 // file) of a matrix with rows of K values; the caller zeroes the padding rows. Returns nonzero for other types.
 int split_blocks(int qtype, const uint8_t *raw, int64_t n_blocks, int64_t K, int8_t *q, void *scale, float *mins,
-                 int threads) {
+                 int nibbles, int threads) {
+    if (nibbles && qtype != 12) return 1;  // 4-bit packing: unsigned 4-bit values (Q4_K) only
     if (qtype != 8 && qtype != 2 && qtype != 6 && qtype != 12 && qtype != 14) return 1;
     const int64_t bs = (qtype == 12 || qtype == 14) ? 256 : 32, group = qtype == 14 ? 16 : 32, G = K / group;
     if (K % bs) return 1;
@@ -408,7 +464,12 @@ int split_blocks(int qtype, const uint8_t *raw, int64_t n_blocks, int64_t K, int
             }
         }
         int64_t n = b * bs / K, k0 = b * bs % K;
-        for (int64_t j = 0; j < bs; j++) q[qidx(n, k0 + j, K)] = v[j];
+        if (nibbles) {  // a block is whole pairs of one row: each byte is written once
+            for (int64_t j = 0; j < bs; j += 2)
+                q[((n >> 4) * (K >> 1) + ((k0 + j) >> 1)) * 16 + (n & 15)] = (int8_t)(v[j] | (v[j + 1] << 4));
+        } else {
+            for (int64_t j = 0; j < bs; j++) q[qidx(n, k0 + j, K)] = v[j];
+        }
         if (qtype == 8 || qtype == 2 || qtype == 6) {  // one fp16 scale per block: kept as its fp16 bits
             ((uint16_t *)scale)[sidx(n, k0 / group, G)] = rd16(raw + b * (qtype == 8 ? 34 : qtype == 2 ? 18 : 22));
             continue;
