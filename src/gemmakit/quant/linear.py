@@ -85,9 +85,10 @@ def unpack(qp: torch.Tensor, sp: torch.Tensor, mp: torch.Tensor | None, N: int, 
 
 
 class QuantWeight(nn.Module):
-    """A (N, K) matrix of int8 (or unsigned 4-bit) values with a float32 or float16 scale (and optional min) per group of 16 or 32 weights,
-    kept in the packed layout of csrc/qgemv.c. Build it from row-major values with ``QuantWeight(q, scale,
-    mins, group)`` or, without a row-major copy, with :meth:`from_packed`."""
+    """A (N, K) matrix of int8 values (``bits=8``) or unsigned 4-bit ones (``bits=4``), with a float32 or
+    float16 scale (and optional min) per group of 16 or 32 weights, kept in the packed layout of csrc/qgemv.c.
+    Build it from row-major values with ``QuantWeight(q, scale, mins, group, bits)`` or, without a row-major
+    copy, with :meth:`from_packed`."""
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor | None, group: int,
                  bits: int = 8) -> None:
