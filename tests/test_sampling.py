@@ -128,3 +128,14 @@ def test_argmax_is_torchs() -> None:
     assert argmax(torch.full((100,), float("-inf"))) == int(torch.argmax(torch.full((100,), float("-inf")))) == 0
     strided = torch.randn(64, generator=g)[::2]  # not contiguous
     assert argmax(strided) == int(torch.argmax(strided))
+
+
+def test_argmax_rows_is_torchs() -> None:
+    """The batched argmax of a decode step: each row as torch.argmax, NaN rows included."""
+    from gemmakit.sampling import argmax_rows
+
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(7, 262145, generator=g)
+    logits[3, 100] = logits[3, 200] = logits[3].max() + 1  # a tie: the first wins
+    logits[5, 42] = float("nan")
+    assert argmax_rows(logits) == logits.argmax(-1).tolist()

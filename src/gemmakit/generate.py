@@ -142,10 +142,11 @@ class SequenceSampler:
         self.stop_ids = set() if params.ignore_eos else set(stop_token_ids)
         self.finished = False
 
-    def step(self, logits: torch.Tensor) -> StreamEvent:
-        """Pick the next token from (V,) float32 logits and turn it into an event."""
+    def step(self, logits: torch.Tensor, raw_argmax: int | None = None) -> StreamEvent:
+        """Pick the next token from (V,) float32 logits and turn it into an event. A batch of sequences may pass
+        each row's argmax, computed for all rows at once (used when the sequence is greedy without penalties)."""
         params = self.params
-        token = sample_token(logits, params, self.generator, self.seen, self.counts)
+        token = sample_token(logits, params, self.generator, self.seen, self.counts, raw_argmax)
         lp = token_logprob(logits, token, params.logprobs) if params.logprobs is not None else None
         self.generated += 1
         if token in self.stop_ids:

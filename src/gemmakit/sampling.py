@@ -163,10 +163,31 @@ def argmax(logits: torch.Tensor) -> int:
     return int(torch.argmax(logits))
 
 
+def argmax_rows(logits: torch.Tensor) -> list[int]:
+    """:func:`argmax` of every row of (B, V) logits, the rows in parallel (one C call for a decode step)."""
+    lib = kernels()
+    if lib is None or logits.device.type != "cpu" or logits.dtype != torch.float32 or logits.dim() != 2:
+        return [argmax(row) for row in logits]
+    flat = logits.contiguous()
+    out = torch.empty(flat.shape[0], dtype=torch.int64)
+    lib.argmax_rows(ctypes.c_void_p(flat.data_ptr()), flat.shape[0], flat.shape[1], ctypes.c_void_p(out.data_ptr()),
+                    torch.get_num_threads())
+    return [i if i >= 0 else int(torch.argmax(flat[r])) for r, i in enumerate(out.tolist())]
+
+
+def uses_raw_argmax(params: SamplingParams) -> bool:
+    """Greedy with no penalty: the token is the argmax of the raw logits."""
+    return params.greedy and params.repetition_penalty == 1.0 and not params.presence_penalty and not (
+        params.frequency_penalty)
+
+
 def sample_token(
-    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator, seen: torch.Tensor, counts: torch.Tensor
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator, seen: torch.Tensor, counts: torch.Tensor,
+    raw_argmax: int | None = None,
 ) -> int:
-    """Pick the next token id from (V,) float32 logits."""
+    """Pick the next token id from (V,) float32 logits (``raw_argmax``: their argmax, when already known)."""
+    if raw_argmax is not None and uses_raw_argmax(params):
+        return raw_argmax
     logits = apply_penalties(logits, params, seen, counts)
     if params.greedy:
         return argmax(logits)

@@ -30,7 +30,7 @@ from ..errors import GemmakitError, InvalidParameterError
 from ..generate import SequenceSampler, StreamEvent, token_budget
 from ..kv_cache import KVCache
 from ..quant.linear import MAX_KERNEL_ROWS
-from ..sampling import SamplingParams
+from ..sampling import SamplingParams, argmax_rows, uses_raw_argmax
 
 logger = logging.getLogger(__name__)
 
@@ -277,25 +277,42 @@ class Engine:
         reading = sorted((r for r in self._rows if r is not None and r.prefilled < len(r.prompt)),
                          key=lambda r: r.row)
         budget = self.prefill_budget
+        finished: list[tuple[_Request, torch.Tensor]] = []  # prompts read to the end, with their last hidden state
         for request in reading:  # whole chunks, lowest row first, while the step's budget lasts
             if budget <= 0:
                 break
-            budget -= self._prefill_chunk(request)
-            self._flush()  # a finished prompt's first token goes out now, not after the others' prefill
+            budget -= self._prefill_chunk(request, finished)
+        if finished:
+            # Their first tokens from one call of the head: its rows do not depend on each other (the kernel
+            # computes each the same way alone or batched), and 16 new prompts cost one pass over the table.
+            self._accept_all([r for r, _ in finished], self.model.logits(torch.stack([h for _, h in finished])))
+            self._flush()
         decoding = [r for r in self._rows if r is not None and r.next_token is not None and not r.done]
         if decoding:
             self._decode(decoding)
 
-    def _accept(self, request: _Request, logits: torch.Tensor) -> None:
-        event = request.sampler.step(logits)
+    def _accept_all(self, requests: list[_Request], logits: torch.Tensor) -> None:
+        """Sample each request's next token from its row of (len(requests), V) logits."""
+        greedy = [uses_raw_argmax(r.sampler.params) for r in requests]
+        if sum(greedy) > 1:
+            hints = argmax_rows(logits)  # one parallel pass over the rows instead of one argmax per sequence
+            hints = [h if g else None for h, g in zip(hints, greedy)]
+        else:
+            hints = [None] * len(requests)
+        for i, request in enumerate(requests):
+            self._accept(request, logits[i], hints[i])
+
+    def _accept(self, request: _Request, logits: torch.Tensor, raw_argmax: int | None = None) -> None:
+        event = request.sampler.step(logits, raw_argmax)
         self._emit(request, event)
         if event.finish_reason:
             self._free(request)
         else:
             request.next_token = event.token_id
 
-    def _prefill_chunk(self, request: _Request) -> int:
-        """Read the next chunk of a prompt; returns its length."""
+    def _prefill_chunk(self, request: _Request, finished: list[tuple[_Request, torch.Tensor]]) -> int:
+        """Read the next chunk of a prompt, noting the request in ``finished`` when that was its last; returns
+        the chunk's length."""
         start = request.prefilled
         piece = request.prompt[start : start + self.prefill_chunk]
         tokens = torch.tensor([piece], dtype=torch.long)
@@ -303,7 +320,7 @@ class Engine:
         hidden = self.model(tokens, positions, self.cache.narrow(request.row, 1))
         request.prefilled += len(piece)
         if request.prefilled == len(request.prompt):
-            self._accept(request, self.model.logits(hidden[0, -1]))
+            finished.append((request, hidden[0, -1]))
         return len(piece)
 
     def _decode(self, decoding: list[_Request]) -> None:
@@ -317,6 +334,6 @@ class Engine:
         hidden = self.model(tokens, positions, self.cache.narrow(0, n))
         rows = torch.tensor([r.row for r in decoding])
         logits = self.model.logits(hidden[rows, 0])
-        for i, r in enumerate(decoding):
+        for r in decoding:
             r.next_token = None
-            self._accept(r, logits[i])
+        self._accept_all(decoding, logits)

@@ -93,4 +93,6 @@ def kernels() -> ctypes.CDLL | None:
     lib.geglu_bf16.restype = None
     lib.argmax_f32.argtypes = [p, i64]
     lib.argmax_f32.restype = i64
+    lib.argmax_rows.argtypes = [p, i64, i64, p, ctypes.c_int]
+    lib.argmax_rows.restype = None
     return lib

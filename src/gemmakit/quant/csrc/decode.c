@@ -305,3 +305,9 @@ int64_t argmax_f32(const float *x, int64_t n) {
         if (x[i] == best) return i;
     return -1;
 }
+
+// argmax_f32 of each row of x (rows, n), rows in parallel; -1 marks a row with a NaN.
+void argmax_rows(const float *x, int64_t rows, int64_t n, int64_t *out, int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static) if (rows > 1)
+    for (int64_t r = 0; r < rows; r++) out[r] = argmax_f32(x + r * n, n);
+}
