@@ -179,3 +179,16 @@ def test_packed_dequantize_is_exact(bits: int) -> None:
     from gemmakit.quant.linear import unpack
 
     assert torch.equal(unpack(w.q, w.scale, w.mins, N, K, bits)[0], q)
+
+
+def test_kernel_propagates_nan_and_inf() -> None:
+    """A non-finite input makes its row's outputs NaN, as float arithmetic would, never arbitrary numbers; the
+    other rows of the batch are untouched."""
+    g = torch.Generator().manual_seed(3)
+    w = QuantWeight(torch.randint(-5, 5, (32, 64), dtype=torch.int8, generator=g), torch.rand(32, 2, generator=g),
+                    None, 32)
+    x = torch.randn(3, 64, generator=g)
+    clean = w.matmul(x)
+    x[1, 5], x[2, 40] = float("nan"), float("inf")
+    y = w.matmul(x)
+    assert y[1:].isnan().all() and torch.equal(y[0], clean[0])

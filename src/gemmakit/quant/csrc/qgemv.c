@@ -7,12 +7,14 @@
 // Packed layout. Rows go in blocks of 16 (N padded up to a multiple of 16 with zero rows); inside a block,
 // each 32 bytes hold the 16 rows' weights for two consecutive columns:
 //     q[((n / 16) * (K / 2) + k / 2) * 32 + (n % 16) * 2 + k % 2]
-// and scales (mins) are [n / 16][group][n % 16]. 4-bit formats of unsigned values (Q4_K) keep the same order
-// with two values per byte, 16 bytes per 16 rows x 2 columns: byte n % 16 holds column k (even) in its low
-// nibble and k + 1 in its high nibble. `flags`: bit 0 = float16 scales and mins, bit 1 = 4-bit values. One 32-byte load, sign-extended to 16-bit, is a vector of 16
+// and scales (mins) are [n / 16][group][n % 16]. One 32-byte load, sign-extended to 16-bit, is a vector of 16
 // output rows x 2 columns, which a multiply-add of 16-bit pairs (vpdpwssd / vpmaddwd) applies to two columns
 // of x broadcast to every lane: each instruction does 32 multiply-adds for 16 outputs with no per-row horizontal
 // sums, and the weights are read once for every row of x.
+//
+// 4-bit formats of unsigned values (Q4_K) keep the same order with two values per byte, 16 bytes per 16 rows x 2
+// columns: byte n % 16 holds column k (even) in its low nibble and k + 1 in its high nibble. The kernels'
+// `flags`: bit 0 = float16 scales and mins, bit 1 = 4-bit values.
 //
 // x is rounded to 16-bit integers per group (scale max|x| / 32767; relative error <= 1.5e-5 of the group's
 // largest value), so the group dot products are exact integer sums (at most 32 * 32767 * 128 < 2^31), scaled in
@@ -35,9 +37,8 @@ static inline int64_t qidx(int64_t n, int64_t k, int64_t K) {
 }
 static inline int64_t sidx(int64_t n, int64_t g, int64_t G) { return ((n >> 4) * G + g) * 16 + (n & 15); }
 
-// Scales and mins are float32, or float16 where that is exact (formats whose block scales are fp16 in the GGUF:
-// Q8_0, Q4_0, Q5_0, ...), which halves their memory and the bytes a decode step reads.
 static inline float half_to_float(uint16_t h);
+
 // Weight (row j of a 16-row block, column k) from the block's packed values.
 static inline int32_t weight_at(const int8_t *qb, int64_t j, int64_t k, int nib) {
     if (nib) {
@@ -47,6 +48,8 @@ static inline int32_t weight_at(const int8_t *qb, int64_t j, int64_t k, int nib)
     return qb[(k >> 1) * 32 + j * 2 + (k & 1)];
 }
 
+// Scales and mins are float32, or float16 where that is exact (formats whose block scales are fp16 in the GGUF:
+// Q8_0, Q4_0, Q5_0, ...), which halves their memory and the bytes a decode step reads.
 static inline float scale_at(const void *p, int f16, int64_t i) {
     return f16 ? half_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
@@ -58,13 +61,17 @@ static void quantize_rows(const float *x, int64_t B, int64_t K, int64_t group, i
         for (int64_t g = 0; g < G; g++) {
             const float *v = x + b * K + g * group;
             float amax = 0.f, sum = 0.f;
+            int finite = 1;
             for (int64_t k = 0; k < group; k++) {
                 amax = fmaxf(amax, fabsf(v[k]));
                 sum += v[k];
+                finite &= isfinite(v[k]) != 0;
             }
-            float inv = amax > 0.f ? QMAX / amax : 0.f;
+            // A NaN or infinity in x makes the group's step NaN (and its integers 0), so it reaches the output
+            // as in float arithmetic instead of turning into arbitrary integers.
+            float inv = finite && amax > 0.f ? QMAX / amax : 0.f;
             for (int64_t k = 0; k < group; k++) xq[b * K + g * group + k] = (int16_t)lrintf(v[k] * inv);
-            xd[b * G + g] = amax / QMAX;
+            xd[b * G + g] = finite ? amax / QMAX : NAN;
             xs[b * G + g] = sum;
         }
 }
