@@ -177,8 +177,8 @@ def argmax_rows(logits: torch.Tensor) -> list[int]:
 
 def uses_raw_argmax(params: SamplingParams) -> bool:
     """Greedy with no penalty: the token is the argmax of the raw logits."""
-    return params.greedy and params.repetition_penalty == 1.0 and not params.presence_penalty and not (
-        params.frequency_penalty)
+    penalized = params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty
+    return params.greedy and not penalized
 
 
 def sample_token(

@@ -238,7 +238,7 @@ def _split_with_kernel(raw: torch.Tensor, qtype: T, rows: int, K: int):
     return (q, scale, mins, group, bits) if status == 0 else None
 
 
-def _split_rows(raw: torch.Tensor, qtype: T, K: int) -> Split:
+def _split_rows(raw: torch.Tensor, qtype: T) -> Split:
     return _SPLITTERS[qtype](raw.reshape(-1, GGML_QUANT_SIZES[qtype][1]))
 
 
@@ -246,7 +246,7 @@ def split(raw: torch.Tensor, qtype: T, shape: tuple[int, ...]) -> tuple[torch.Te
     """A quantized matrix's raw bytes (rows, row_bytes) -> row-major (q (rows, K) int8, scale (rows, K/group),
     mins or None, group), with the PyTorch splitters (the reference for the C converter of split_packed)."""
     rows, K = shape
-    sp = _split_rows(raw, qtype, K)
+    sp = _split_rows(raw, qtype)
     mins = sp.mins.reshape(rows, -1) if sp.mins is not None else None
     return sp.q.reshape(rows, K), sp.scale.reshape(rows, -1), mins, sp.group
 
@@ -268,7 +268,7 @@ def split_packed(raw: torch.Tensor, qtype: T, shape: tuple[int, ...]) -> tuple[t
     for start in range(0, rows, SPLIT_ROWS):  # SPLIT_ROWS is a multiple of 16: chunks pack independently
         chunk = raw[start : start + SPLIT_ROWS]
         n = chunk.shape[0]
-        sp = _split_rows(chunk, qtype, K)
+        sp = _split_rows(chunk, qtype)
         group = sp.group
         scale = sp.scale.reshape(n, -1)
         mins = sp.mins.reshape(n, -1) if sp.mins is not None else None
