@@ -11,9 +11,9 @@ Tensor data is never copied here: :meth:`GGUFFile.tensor_bytes` returns a zero-c
 from __future__ import annotations
 
 import mmap
-from array import array
 import os
 import struct
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
-from ..stringtable import StringTable
 from ..errors import CorruptFileError, ModelNotFoundError, NotGGUFError, TruncatedFileError, UnsupportedModelError
+from ..stringtable import StringTable
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32

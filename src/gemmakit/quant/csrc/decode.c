@@ -246,34 +246,41 @@ static inline uint16_t float_to_bf16(float f) {
 }
 
 // GeGLU of a fused gate|up row block: gu (rows, 2F) -> out (rows, F) = gelu_tanh(gate) * up, with the same
-// tanh-from-exp form in the vector and scalar paths.
-void geglu(const float *gu, float *out, int64_t rows, int64_t F, int threads) {
+// tanh-from-exp form in the vector and scalar paths. With bf16 set, gu and out are bfloat16 (bf16 prompt
+// matmuls): values widen exactly to float and the result is rounded to bfloat16, exactly what converting to
+// float, running the float32 version and converting back gives.
+static void geglu_rows(const void *gu, void *out, int64_t rows, int64_t F, int bf16, int threads) {
     #pragma omp parallel for num_threads(threads) schedule(static) if (rows * F >= 65536)
     for (int64_t r = 0; r < rows; r++) {
-        const float *g = gu + r * 2 * F, *u = g + F;
-        float *o = out + r * F;
+        const float *g = (const float *)gu + r * 2 * F, *u = g + F;
+        const uint16_t *gh = (const uint16_t *)gu + r * 2 * F, *uh = gh + F;
+        float *o = (float *)out + r * F;
+        uint16_t *oh = (uint16_t *)out + r * F;
         int64_t i = 0;
 #ifdef __AVX2__
-        for (; i + 8 <= F; i += 8) _mm256_storeu_ps(o + i, geglu8(_mm256_loadu_ps(g + i), _mm256_loadu_ps(u + i)));
+        for (; i + 8 <= F; i += 8) {
+            if (bf16)
+                _mm_storeu_si128((__m128i *)(oh + i),
+                                 float8_to_bf16(geglu8(bf16x8_to_float(gh + i), bf16x8_to_float(uh + i))));
+            else
+                _mm256_storeu_ps(o + i, geglu8(_mm256_loadu_ps(g + i), _mm256_loadu_ps(u + i)));
+        }
 #endif
-        for (; i < F; i++) o[i] = gelu_tanh_mul(g[i], u[i]);
+        for (; i < F; i++) {
+            if (bf16)
+                oh[i] = float_to_bf16(gelu_tanh_mul(bf16_to_float(gh[i]), bf16_to_float(uh[i])));
+            else
+                o[i] = gelu_tanh_mul(g[i], u[i]);
+        }
     }
 }
 
-// The same on bfloat16 prompt activations (bf16 prompt matmuls): values widen exactly to float, the result is
-// rounded to bfloat16, exactly what converting to float, calling geglu and converting back would give.
+void geglu(const float *gu, float *out, int64_t rows, int64_t F, int threads) {
+    geglu_rows(gu, out, rows, F, 0, threads);
+}
+
 void geglu_bf16(const uint16_t *gu, uint16_t *out, int64_t rows, int64_t F, int threads) {
-    #pragma omp parallel for num_threads(threads) schedule(static) if (rows * F >= 65536)
-    for (int64_t r = 0; r < rows; r++) {
-        const uint16_t *g = gu + r * 2 * F, *u = g + F;
-        uint16_t *o = out + r * F;
-        int64_t i = 0;
-#ifdef __AVX2__
-        for (; i + 8 <= F; i += 8)
-            _mm_storeu_si128((__m128i *)(o + i), float8_to_bf16(geglu8(bf16x8_to_float(g + i), bf16x8_to_float(u + i))));
-#endif
-        for (; i < F; i++) o[i] = float_to_bf16(gelu_tanh_mul(bf16_to_float(g[i]), bf16_to_float(u[i])));
-    }
+    geglu_rows(gu, out, rows, F, 1, threads);
 }
 
 // Index of the first largest value of x[0..n), or -1 when x holds a NaN (the caller then asks PyTorch, whose
