@@ -54,26 +54,86 @@ static inline float scale_at(const void *p, int f16, int64_t i) {
     return f16 ? half_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
 
+// One group of x (16 or 32 values) -> its 16-bit integers, its step (max|x| / 32767) and its float sum.
+// The sum is taken in one fixed order on every instruction set, so every build gives the same bits: lanes
+// i and i + 16 first (group 32), then halves folded 16 -> 8 -> 4 -> 2 -> 1. A NaN or infinity in the group makes
+// its step NaN and its integers 0, so it reaches the output as in float arithmetic instead of turning into
+// arbitrary integers.
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+static inline void quantize_group(const float *v, int64_t group, int16_t *q, float *step, float *sum) {
+    const __m512 sign = _mm512_set1_ps(-0.f);
+    __m512 a = _mm512_loadu_ps(v), b = group == 32 ? _mm512_loadu_ps(v + 16) : _mm512_setzero_ps();
+    __m512 amax = _mm512_max_ps(_mm512_andnot_ps(sign, a), _mm512_andnot_ps(sign, b));
+    // |v| <= FLT_MAX is false for NaN and infinity
+    __mmask16 ok = _mm512_cmp_ps_mask(_mm512_andnot_ps(sign, a), _mm512_set1_ps(3.4028235e38f), _CMP_LE_OQ) &
+                   _mm512_cmp_ps_mask(_mm512_andnot_ps(sign, b), _mm512_set1_ps(3.4028235e38f), _CMP_LE_OQ);
+    __m512 s16 = group == 32 ? _mm512_add_ps(a, b) : a;
+    __m256 s8 = _mm256_add_ps(_mm512_castps512_ps256(s16), _mm512_extractf32x8_ps(s16, 1));
+    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+    __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    *sum = _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
+    float m = _mm512_reduce_max_ps(amax);
+    int finite = ok == 0xFFFF;
+    *step = finite ? m / QMAX : NAN;
+    __m512 inv = _mm512_set1_ps(finite && m > 0.f ? QMAX / m : 0.f);
+    // round to nearest even (the default mode), as lrintf; |v * inv| <= 32767 fits int16
+    _mm256_storeu_si256((__m256i *)q, _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(a, inv))));
+    if (group == 32)
+        _mm256_storeu_si256((__m256i *)(q + 16), _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(b, inv))));
+    if (!finite) memset(q, 0, sizeof(int16_t) * group);
+}
+#elif defined(__AVX2__)
+static inline void quantize_group(const float *v, int64_t group, int16_t *q, float *step, float *sum) {
+    const __m256 sign = _mm256_set1_ps(-0.f), big = _mm256_set1_ps(3.4028235e38f);
+    __m256 a[4], amax = _mm256_setzero_ps();
+    int ok = 1;
+    for (int i = 0; i < group / 8; i++) {
+        a[i] = _mm256_loadu_ps(v + 8 * i);
+        __m256 mag = _mm256_andnot_ps(sign, a[i]);
+        amax = _mm256_max_ps(amax, mag);
+        ok &= _mm256_movemask_ps(_mm256_cmp_ps(mag, big, _CMP_LE_OQ)) == 0xFF;
+    }
+    __m256 s8 = group == 32 ? _mm256_add_ps(_mm256_add_ps(a[0], a[2]), _mm256_add_ps(a[1], a[3]))
+                            : _mm256_add_ps(a[0], a[1]);
+    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+    __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    *sum = _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    float m = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+    *step = ok ? m / QMAX : NAN;
+    __m256 inv = _mm256_set1_ps(ok && m > 0.f ? QMAX / m : 0.f);
+    for (int i = 0; i < group / 16; i++) {
+        __m256i lo = _mm256_cvtps_epi32(_mm256_mul_ps(a[2 * i], inv));
+        __m256i hi = _mm256_cvtps_epi32(_mm256_mul_ps(a[2 * i + 1], inv));
+        __m256i packed = _mm256_permute4x64_epi64(_mm256_packs_epi32(lo, hi), 0xD8);  // back in column order
+        _mm256_storeu_si256((__m256i *)(q + 16 * i), ok ? packed : _mm256_setzero_si256());
+    }
+}
+#else
+static inline void quantize_group(const float *v, int64_t group, int16_t *q, float *step, float *sum) {
+    float lanes[16], amax = 0.f;
+    int finite = 1;
+    for (int i = 0; i < 16; i++) lanes[i] = group == 32 ? v[i] + v[i + 16] : v[i];
+    for (int64_t k = 0; k < group; k++) {
+        amax = fmaxf(amax, fabsf(v[k]));
+        finite &= isfinite(v[k]) != 0;
+    }
+    for (int width = 8; width >= 1; width /= 2)
+        for (int i = 0; i < width; i++) lanes[i] += lanes[i + width];
+    *sum = lanes[0];
+    *step = finite ? amax / QMAX : NAN;
+    float inv = finite && amax > 0.f ? QMAX / amax : 0.f;
+    for (int64_t k = 0; k < group; k++) q[k] = finite ? (int16_t)nearbyintf(v[k] * inv) : 0;
+}
+#endif
+
 // x (B, K) -> xq (B, K) int16, xd (B, G) the step of each group, xs (B, G) the float sum of each group.
 static void quantize_rows(const float *x, int64_t B, int64_t K, int64_t group, int16_t *xq, float *xd, float *xs) {
     int64_t G = K / group;
     for (int64_t b = 0; b < B; b++)
-        for (int64_t g = 0; g < G; g++) {
-            const float *v = x + b * K + g * group;
-            float amax = 0.f, sum = 0.f;
-            int finite = 1;
-            for (int64_t k = 0; k < group; k++) {
-                amax = fmaxf(amax, fabsf(v[k]));
-                sum += v[k];
-                finite &= isfinite(v[k]) != 0;
-            }
-            // A NaN or infinity in x makes the group's step NaN (and its integers 0), so it reaches the output
-            // as in float arithmetic instead of turning into arbitrary integers.
-            float inv = finite && amax > 0.f ? QMAX / amax : 0.f;
-            for (int64_t k = 0; k < group; k++) xq[b * K + g * group + k] = (int16_t)lrintf(v[k] * inv);
-            xd[b * G + g] = finite ? amax / QMAX : NAN;
-            xs[b * G + g] = sum;
-        }
+        for (int64_t g = 0; g < G; g++)
+            quantize_group(x + b * K + g * group, group, xq + b * K + g * group, xd + b * G + g, xs + b * G + g);
 }
 
 static inline int32_t pair_at(const int16_t *p) {
