@@ -227,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-keys-file", help="file with one accepted key per line")
     serve.add_argument("--model-name", help="model id clients use (default: the file name)")
     serve.add_argument("--max-batch", type=int, default=8,
-                       help="sequences generating at once, 1-16 (default 8); each holds a KV cache row")
+                       help="sequences generating at once, 1-64 (default 8); each holds a KV cache row")
     serve.add_argument("--max-waiting", type=int, default=64,
                        help="requests that may wait for a row (default 64); more get HTTP 429")
     serve.add_argument("--kv-cache-mib", type=int, default=1024,

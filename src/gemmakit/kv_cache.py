@@ -1,8 +1,9 @@
 """Preallocated per-layer key/value caches.
 
 Full-attention layers get a linear cache indexed by absolute position. Sliding-window layers get a ring buffer
-of exactly ``sliding_window`` slots (slot = position % window), so a long conversation pays full-context
-memory only on the full-attention layers (1 in 6 on Gemma 3).
+of ``sliding_window`` slots (slot = position % slots; the continuous-batching engine adds one prompt chunk's
+worth, see :meth:`KVCache.begin`), so a long conversation pays full-context memory only on the full-attention
+layers (1 in 6 on Gemma 3).
 
 Every cache row also records the absolute position held in each slot (-1 when empty); attention masks are
 built from those positions, which keeps one code path for prefill, chunked prefill and decode, and lets every
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import GemmaConfig
+from .config import GemmaConfig, LayerSpec
 
 
 @dataclass
@@ -28,16 +29,24 @@ class Slots:
     index: torch.Tensor | None = None  # (B, T) slot of each new token in the current forward (S for padding)
     empty: bool = False  # the caches held no token before the current (multi-token) forward
     before: torch.Tensor | None = None  # (B, S) positions before the current forward (ring chunks only)
+    rows: torch.Tensor | None = None  # (N,) cache row of each token of a ragged forward (None: batch row b -> b)
 
     @property
     def slots(self) -> int:
         return self.pos.shape[1] - 1
 
-    def begin(self, positions: torch.Tensor) -> None:
+    def begin(self, positions: torch.Tensor, rows: torch.Tensor | None = None) -> None:
         S = self.slots
         T = positions.shape[1]
         valid = positions >= 0
         index = torch.where(valid, positions % S if self.ring else positions, torch.full_like(positions, S))
+        self.rows = rows
+        if rows is not None:  # ragged: one token per batch row, written to its sequence's cache row
+            self.empty, self.before = False, None
+            self.pos[rows, index[:, 0]] = torch.where(valid[:, 0], positions[:, 0], -1)
+            self.pos[:, S] = -1
+            self.index = index
+            return
         if self.ring and T > S:
             # Only the last S tokens of a long chunk survive in the ring; the others go to the trash slot.
             index[:, : T - S] = S
@@ -97,6 +106,10 @@ class LayerCache:
 
     def _write(self, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
         index = self.slots.index
+        if self.slots.rows is not None:  # ragged: token i goes to slot index[i] of cache row rows[i]
+            self.k[self.slots.rows, index[:, 0]] = k_new[:, 0].to(self.k.dtype)
+            self.v[self.slots.rows, index[:, 0]] = v_new[:, 0].to(self.v.dtype)
+            return
         if index.shape[0] == 1 and index.shape[1] == 1:  # decode, one row: plain slicing is cheapest
             slot = int(index[0, 0])
             self.k[:, slot] = k_new[:, 0].to(self.k.dtype)
@@ -118,17 +131,19 @@ class KVCache:
         max_len: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        ring_extra: int = 0,
     ) -> None:
         self.batch_size = batch_size
         self.max_len = max_len
+        self.rows: torch.Tensor | None = None  # set by begin() for a ragged forward
         self.layers: list[LayerCache | None] = []
         self._slots: dict[int, Slots] = {}
         for spec in config.layers:
             if spec.kv_source is not None:
                 self.layers.append(None)
                 continue
-            ring = spec.sliding and config.sliding_window < max_len
-            n = config.sliding_window if ring else max_len
+            n = _slots_for(config, spec, max_len, ring_extra)
+            ring = n < max_len
             slots = self._slots.setdefault(
                 n, Slots(torch.full((batch_size, n + 1), -1, dtype=torch.long, device=device), ring)
             )
@@ -139,28 +154,36 @@ class KVCache:
             )
 
     @staticmethod
-    def row_bytes(config: GemmaConfig, max_len: int, dtype: torch.dtype = torch.float32) -> int:
+    def row_bytes(config: GemmaConfig, max_len: int, dtype: torch.dtype = torch.float32, ring_extra: int = 0) -> int:
         """Memory one row of a cache for ``max_len`` tokens takes (what admission control budgets)."""
         item = torch.empty(0, dtype=dtype).element_size()
         total = 0
         for spec in config.layers:
             if spec.kv_source is None:
-                n = config.sliding_window if spec.sliding and config.sliding_window < max_len else max_len
+                n = _slots_for(config, spec, max_len, ring_extra)
                 total += 2 * (n + 1) * spec.num_key_value_heads * spec.head_dim * item + 8 * (n + 1)
         return total
 
-    def begin(self, positions: torch.Tensor) -> bool:
+    def begin(self, positions: torch.Tensor, rows: torch.Tensor | None = None) -> bool:
         """Place the positions of the tokens about to be run; called once per forward, before the layers.
-        Returns True when every cache was empty before (a fresh prefill)."""
+        Returns True when every cache was empty before (a fresh prefill).
+
+        ``rows`` (N,) makes the forward ragged: ``positions`` is (N, 1), one token per batch row, and token i
+        belongs to the sequence in cache row ``rows[i]``. Several tokens may share a row (consecutive prompt
+        tokens of one sequence): all are written before any attends, and each sees the positions up to its own.
+        A ring must then hold ``sliding_window`` plus as many slots as one row adds per forward (``ring_extra``),
+        or a token would overwrite keys that an earlier token of the same forward still needs.
+        """
+        self.rows = rows
         for slots in self._slots.values():
-            slots.begin(positions)
+            slots.begin(positions, rows)
         return all(slots.empty for slots in self._slots.values())
 
     def narrow(self, start: int, length: int) -> "KVCache":
         """A cache over rows [start, start + length) that shares this one's memory (writes go through): the
         engine prefills one sequence in its own row, and decodes the prefix of rows that hold sequences."""
         view = KVCache.__new__(KVCache)
-        view.batch_size, view.max_len = length, self.max_len
+        view.batch_size, view.max_len, view.rows = length, self.max_len, None
         slots = {n: Slots(s.pos[start : start + length], s.ring) for n, s in self._slots.items()}
         view._slots = slots
         view.layers = [
@@ -182,3 +205,11 @@ class KVCache:
     def nbytes(self) -> int:
         kv = sum(c.k.nbytes + c.v.nbytes for c in self.layers if c is not None)
         return kv + sum(s.pos.nbytes for s in self._slots.values())
+
+
+def _slots_for(config: GemmaConfig, spec: LayerSpec, max_len: int, ring_extra: int) -> int:
+    """Slots of one layer's cache: a ring of the sliding window (plus ``ring_extra``) where that is shorter than
+    the context, else one slot per position."""
+    if spec.sliding and config.sliding_window + ring_extra < max_len:
+        return config.sliding_window + ring_extra
+    return max_len

@@ -134,6 +134,8 @@ class Attention(nn.Module):
         else:
             kv = self._own_kv(x, positions, rope, cache, k_new, v_new)
         k, v, k_pos = kv
+        if cache is not None and cache.rows is not None:  # ragged: each token reads its own sequence's row
+            k, v, k_pos = k[cache.rows], v[cache.rows], k_pos[cache.rows]
         qh = q.transpose(1, 2)  # (B, H, T, D)
         if masks.get("causal") and self.softcap is None:
             # Fresh, unpadded chunk that fits every window: keys are exactly the chunk's, in order, and plain
@@ -167,13 +169,13 @@ class Attention(nn.Module):
             self.q_norm.weight if self.q_norm is not None else None, k_norm.weight if k_norm is not None else None,
             self.q_norm is not None, getattr(self, "v_norm", None) is not None,
             self.eps, rope,
-            own.k if own else None, own.v if own else None, own.slots.index if own else None,
+            own.k if own else None, own.v if own else None, own.slots.index if own else None, cache.rows,
         )
         kv = own.visible(positions) if own else shared_kv
         k, v, k_pos = kv
         # One token per row always attends over views of a cache (its own layer's, or the source layer's).
         assert fused.attends_in_place(k, k_pos), "decode keys must be views into a KV cache"
-        out = fused.attend(q, k, v, k_pos, positions, self.window, self.scale, self.softcap)
+        out = fused.attend(q, k, v, k_pos, positions, self.window, self.scale, self.softcap, cache.rows)
         return self.o_proj(out.view(B, 1, -1)), kv
 
     def _own_kv(self, x: torch.Tensor, positions: torch.Tensor, rope, cache: KVCache | None,
@@ -409,13 +411,19 @@ class Gemma(nn.Module):
         tokens: torch.Tensor,  # (B, T) int64
         positions: torch.Tensor,  # (B, T) int64 absolute positions, -1 for padding
         cache: KVCache | None = None,
+        rows: torch.Tensor | None = None,  # (B,) int64: a ragged step (T = 1), token b in cache row rows[b]
     ) -> torch.Tensor:  # (B, T, E)
+        """Hidden states after the final norm. Batch row b holds T tokens of the sequence in cache row b; or,
+        with ``rows``, one token of the sequence in cache row ``rows[b]``, so one forward can carry several
+        sequences' prompt tokens and decode tokens together (see KVCache.begin)."""
+        if rows is not None and (cache is None or positions.shape[1] != 1):
+            raise ValueError("a ragged forward (rows) takes one token per batch row and a cache")
         x = self._scaled(self.embed_tokens, tokens, self.config.hidden_size**0.5)
         ple = self.per_layer_inputs(tokens, x) if self.config.hidden_size_per_layer_input else None
         rope_local = rope_cos_sin(positions, self.inv_freq_local)
         rope_global = rope_cos_sin(positions, self.inv_freq_global)
         masks: dict = {}
-        fresh = cache.begin(positions) if cache is not None else True  # no earlier tokens to attend to
+        fresh = cache.begin(positions, rows) if cache is not None else True  # no earlier tokens to attend to
         T = positions.shape[1]
         window = self.config.sliding_window
         if fresh and T > 1 and (window is None or T <= window) and positions.shape[0] == 1 and bool(

@@ -1,13 +1,14 @@
 """Continuous batching: one thread owns the model and steps every running sequence together.
 
-Each engine step (1) admits waiting requests into free cache rows, (2) drops cancelled and expired ones,
-(3) runs one prefill chunk of the oldest sequence still reading its prompt, and (4) decodes one token for every
-sequence past its prompt in a single batched forward. Rows are handed out lowest first and a decode forward
-covers rows [0, highest busy row], so a lone sequence runs at batch 1; rows in between that are idle or still
-prefilling ride along as padding (position -1).
+Each engine step (1) admits waiting requests into free cache rows, (2) drops cancelled and expired ones, and
+(3) runs one ragged forward over the next token of every decoding sequence plus the next prompt pieces of the
+sequences still reading their prompts (up to ``prefill_budget`` tokens, at most ``prefill_chunk`` per sequence),
+then samples a token for each sequence that decoded or finished its prompt, from one call of the head.
 
-A sequence's arithmetic does not depend on its neighbours: prefill runs per row, and the decode kernels sum each
-row in a fixed order whatever the batch (quant/csrc), so greedy output is the same alone or batched.
+A sequence's arithmetic does not depend on its neighbours: in a ragged forward every token is a row of its own
+(the matmul kernels compute each row the same way whatever the batch, see quant/csrc; attention reads only the
+token's own cache row; norms and activations are per row), so greedy output is the same alone or batched, and
+does not depend on how a prompt was cut into pieces either.
 
 Admission is bounded twice: ``max_batch`` cache rows (the KV memory) and ``max_waiting`` queued requests; past
 the queue, :meth:`Engine.submit` raises :class:`EngineBusyError` (HTTP 429 in the server).
@@ -29,10 +30,12 @@ import torch
 from ..errors import GemmakitError, InvalidParameterError
 from ..generate import SequenceSampler, StreamEvent, token_budget
 from ..kv_cache import KVCache
-from ..quant.linear import MAX_KERNEL_ROWS
 from ..sampling import SamplingParams, argmax_rows, uses_raw_argmax
 
 logger = logging.getLogger(__name__)
+
+PREFILL_CHUNK = 128  # prompt tokens one sequence reads per step (and the spare slots of its sliding-window rings)
+MAX_BATCH = 64  # most cache rows
 
 
 class EngineBusyError(GemmakitError):
@@ -114,25 +117,29 @@ class Engine:
         model, tokenizer: the loaded model (``llm.model``, ``llm.tokenizer``).
         stop_token_ids: ids that end a sequence (end of turn, end of text).
         context_length: most tokens (prompt + output) per sequence; each cache row holds this many.
-        max_batch: cache rows, i.e. sequences running at once (at most 16, what one kernel call serves).
+        max_batch: cache rows, i.e. sequences running at once (at most MAX_BATCH).
         max_waiting: requests that may wait for a row; one more is refused with EngineBusyError.
-        prefill_chunk: prompt tokens per prefill forward; a prompt is always cut at the same multiples of it,
-            alone or under load, so its numbers never depend on the traffic around it.
-        prefill_budget: prompt tokens a step may prefill, over one or more sequences (always at least one
-            chunk). Several short prompts arriving together are read in one step instead of one per step, and
-            the running sequences wait at most about this many prompt tokens between their tokens.
+        prefill_chunk: most prompt tokens one sequence reads in a step. Its sliding-window rings get this many
+            spare slots (KVCache.begin), so size the memory with ``KVCache.row_bytes(..., ring_extra=...)``.
+        prefill_budget: prompt tokens a step may read, over one or more sequences. Several short prompts
+            arriving together are read in one step, and the running sequences wait at most about this many
+            prompt tokens between their tokens.
     """
 
     def __init__(self, model, tokenizer, stop_token_ids: Sequence[int], context_length: int, max_batch: int = 8,
-                 max_waiting: int = 64, prefill_chunk: int = 128, prefill_budget: int = 256) -> None:
-        if not 1 <= max_batch <= MAX_KERNEL_ROWS:
-            raise InvalidParameterError(f"max_batch={max_batch}: must be in [1, {MAX_KERNEL_ROWS}]")
+                 max_waiting: int = 64, prefill_chunk: int = PREFILL_CHUNK, prefill_budget: int = 256) -> None:
+        if not 1 <= max_batch <= MAX_BATCH:
+            raise InvalidParameterError(f"max_batch={max_batch}: must be in [1, {MAX_BATCH}]")
+        if not 1 <= prefill_chunk <= prefill_budget:
+            raise InvalidParameterError(f"prefill_chunk={prefill_chunk}, prefill_budget={prefill_budget}: need "
+                                        "1 <= prefill_chunk <= prefill_budget")
         self.model, self.tokenizer = model, tokenizer
         self.stop_token_ids = list(stop_token_ids)
         self.context_length = context_length
         self.max_batch, self.max_waiting, self.prefill_chunk = max_batch, max_waiting, prefill_chunk
         self.prefill_budget = prefill_budget
-        self.cache = KVCache(model.config, max_batch, context_length, dtype=model.activation_dtype)
+        self.cache = KVCache(model.config, max_batch, context_length, dtype=model.activation_dtype,
+                             ring_extra=prefill_chunk)
         self._rows: list[_Request | None] = [None] * max_batch
         self._waiting: deque[_Request] = deque()
         self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[_Request, StreamEvent | Exception]]] = {}
@@ -247,49 +254,75 @@ class Engine:
 
     def _run(self) -> None:
         torch.set_grad_enabled(False)
-        while True:
-            self._flush()
+        # Inference mode for the whole loop: the cache may have been made under the caller's inference mode,
+        # and admission writes to it too.
+        with torch.inference_mode():
+            while self._iterate():
+                pass
+        for request in [r for r in self._rows if r is not None] + list(self._waiting):
+            self._emit(request, EngineStoppedError("the engine has shut down"))
+        self._flush()
+
+    def _iterate(self) -> bool:
+        """One turn of the loop: admit, then step. False once the engine is stopped."""
+        self._flush()
+        try:
             with self._wake:
                 if self._stopped:
-                    break
+                    return False
                 self._drop_finished()
                 self._admit()
                 if not any(self._rows):
                     self._flush()
                     self._wake.wait(timeout=1.0)
-                    continue
-            try:
-                with torch.inference_mode():
-                    self._step()
-            except Exception as exc:  # a failing step ends its sequences with an error, never the engine
-                logger.exception("engine step failed")
-                for request in self._rows:
-                    if request is not None:
-                        self._emit(request, exc if isinstance(exc, GemmakitError) else
-                                   GemmakitError(f"generation failed: {exc}"))
-                        self._free(request)
-        for request in [r for r in self._rows if r is not None] + list(self._waiting):
-            self._emit(request, EngineStoppedError("the engine has shut down"))
-        self._flush()
+                    return True
+            self._step()
+        except Exception as exc:  # a failure ends the running sequences with an error, never the engine
+            logger.exception("engine step failed")
+            for request in self._rows:
+                if request is not None:
+                    self._emit(request, exc if isinstance(exc, GemmakitError) else
+                               GemmakitError(f"generation failed: {exc}"))
+                    self._free(request)
+        return True
 
     def _step(self) -> None:
         self.steps += 1
-        reading = sorted((r for r in self._rows if r is not None and r.prefilled < len(r.prompt)),
-                         key=lambda r: r.row)
+        tokens: list[int] = []
+        rows: list[int] = []
+        positions: list[int] = []
+        sampled: list[tuple[_Request, int]] = []  # sequences that get a token now, with their last token's index
+        for request in self._rows:  # the next token of every decoding sequence
+            if request is not None and request.next_token is not None and not request.done:
+                tokens.append(request.next_token)
+                rows.append(request.row)
+                positions.append(request.position)
+                sampled.append((request, len(tokens) - 1))
+                request.next_token = None
+        self.peak_batch = max(self.peak_batch, len(tokens))
         budget = self.prefill_budget
-        finished: list[tuple[_Request, torch.Tensor]] = []  # prompts read to the end, with their last hidden state
-        for request in reading:  # whole chunks, lowest row first, while the step's budget lasts
+        for request in self._rows:  # then prompt pieces, lowest row first, while the step's budget lasts
             if budget <= 0:
                 break
-            budget -= self._prefill_chunk(request, finished)
-        if finished:
-            # Their first tokens from one call of the head: its rows do not depend on each other (the kernel
-            # computes each the same way alone or batched), and 16 new prompts cost one pass over the table.
-            self._accept_all([r for r, _ in finished], self.model.logits(torch.stack([h for _, h in finished])))
-            self._flush()
-        decoding = [r for r in self._rows if r is not None and r.next_token is not None and not r.done]
-        if decoding:
-            self._decode(decoding)
+            if request is None or request.done or request.prefilled >= len(request.prompt):
+                continue
+            start = request.prefilled
+            piece = request.prompt[start : start + min(self.prefill_chunk, budget)]
+            tokens.extend(piece)
+            rows.extend([request.row] * len(piece))
+            positions.extend(range(start, start + len(piece)))
+            request.prefilled += len(piece)
+            budget -= len(piece)
+            if request.prefilled == len(request.prompt):
+                sampled.append((request, len(tokens) - 1))
+        if not tokens:
+            return
+        hidden = self.model(torch.tensor(tokens).unsqueeze(1), torch.tensor(positions).unsqueeze(1), self.cache,
+                            rows=torch.tensor(rows))  # (N, 1, E)
+        if sampled:
+            last = torch.tensor([i for _, i in sampled])
+            # (n, 1, E): one-token rows, which the head computes one by one whatever their number (kernel_rows)
+            self._accept_all([r for r, _ in sampled], self.model.logits(hidden[last])[:, 0])
 
     def _accept_all(self, requests: list[_Request], logits: torch.Tensor) -> None:
         """Sample each request's next token from its row of (len(requests), V) logits."""
@@ -309,31 +342,3 @@ class Engine:
             self._free(request)
         else:
             request.next_token = event.token_id
-
-    def _prefill_chunk(self, request: _Request, finished: list[tuple[_Request, torch.Tensor]]) -> int:
-        """Read the next chunk of a prompt, noting the request in ``finished`` when that was its last; returns
-        the chunk's length."""
-        start = request.prefilled
-        piece = request.prompt[start : start + self.prefill_chunk]
-        tokens = torch.tensor([piece], dtype=torch.long)
-        positions = torch.arange(start, start + len(piece)).unsqueeze(0)
-        hidden = self.model(tokens, positions, self.cache.narrow(request.row, 1))
-        request.prefilled += len(piece)
-        if request.prefilled == len(request.prompt):
-            finished.append((request, hidden[0, -1]))
-        return len(piece)
-
-    def _decode(self, decoding: list[_Request]) -> None:
-        self.peak_batch = max(self.peak_batch, len(decoding))
-        n = max(r.row for r in decoding) + 1
-        tokens = torch.zeros(n, 1, dtype=torch.long)
-        positions = torch.full((n, 1), -1, dtype=torch.long)
-        for r in decoding:
-            tokens[r.row, 0] = r.next_token
-            positions[r.row, 0] = r.position
-        hidden = self.model(tokens, positions, self.cache.narrow(0, n))
-        rows = torch.tensor([r.row for r in decoding])
-        logits = self.model.logits(hidden[rows, 0])
-        for r in decoding:
-            r.next_token = None
-        self._accept_all(decoding, logits)

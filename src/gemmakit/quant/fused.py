@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from .kernels import kernels
-from .linear import MAX_KERNEL_ROWS, _ptr
+from .linear import _ptr, kernel_rows
 
 SPLIT_SLOTS = 256  # cache slots per split-K range of the decode attention
 ENABLED = True  # tests switch this off to run the plain PyTorch decode path on the same model
@@ -24,7 +24,7 @@ def bf16_prompt(proj: torch.nn.Module, x: torch.Tensor) -> bool:
     the MLP can keep its activations in bfloat16 between its matmuls instead of widening them in between."""
     weight = getattr(proj, "qweight", None)
     return (weight is not None and weight.prefill_dtype == torch.bfloat16 and ENABLED and kernels() is not None
-            and x.device.type == "cpu" and x.numel() > MAX_KERNEL_ROWS * x.shape[-1])
+            and x.device.type == "cpu" and not kernel_rows(x))
 
 
 def cpu_kernels_ok(x: torch.Tensor) -> bool:
@@ -33,8 +33,8 @@ def cpu_kernels_ok(x: torch.Tensor) -> bool:
 
 
 def fused_decode_ok(x: torch.Tensor) -> bool:
-    """True when ``x`` (B, 1, E) is a float32 CPU decode step the fused kernels can take."""
-    return cpu_kernels_ok(x) and x.shape[1] == 1 and x.shape[0] <= MAX_KERNEL_ROWS
+    """True when ``x`` (B, 1, E), one token per row, is a float32 CPU step the fused kernels can take."""
+    return cpu_kernels_ok(x) and x.shape[1] == 1
 
 
 def attn_prep(
@@ -52,17 +52,20 @@ def attn_prep(
     cache_k: torch.Tensor | None,  # (B, S1, Hkv, D) or None on KV-shared layers
     cache_v: torch.Tensor | None,
     slot: torch.Tensor | None,  # (B, 1) cache slot of each row's new token
+    rows: torch.Tensor | None = None,  # (B,) cache row of each token; None: token b -> row b
 ) -> torch.Tensor:  # (B, H, D) normalized, rotated queries
     B = qkv.shape[0]
     qkv = qkv.contiguous()
     cos, ssin = (t.contiguous() for t in rope)
     q = torch.empty(B, n_heads, head_dim)
     slot = slot.contiguous() if slot is not None else None
+    rows = rows.contiguous() if rows is not None else None  # kept referenced: the kernel reads its memory
     kernels().attn_prep(
         _ptr(qkv), qkv.shape[-1], B, n_heads, n_kv, head_dim, int(k_eq_v),
         _ptr(q_weight), int(use_qk_norm), _ptr(k_weight), int(use_qk_norm), int(use_v_norm), eps,
         _ptr(cos), _ptr(ssin), _ptr(q), _ptr(cache_k), _ptr(cache_v),
-        cache_k.shape[1] if cache_k is not None else 0, _ptr(slot),
+        cache_k.shape[1] if cache_k is not None else 0, _ptr(slot), _ptr(rows),
+        torch.get_num_threads(),
     )
     return q
 
@@ -83,6 +86,7 @@ def attend(
     window: int | None,
     scale: float,
     softcap: float | None,
+    rows: torch.Tensor | None = None,  # (B,) cache row each query reads (k, v, k_pos then cover all rows)
 ) -> torch.Tensor:  # (B, H * D)
     B, H, D = q.shape
     n_slots, Hkv = k.shape[1], k.shape[2]
@@ -91,10 +95,12 @@ def attend(
     # slot numbers, never on the batch, so a row's result is the same whatever rows share the step.
     parts = max(1, -(-n_slots // SPLIT_SLOTS))
     out = torch.empty(B, H * D)
-    scratch = torch.empty(B * H * (n_slots + parts * (D + 2)))
+    scratch = torch.empty(B * H * parts * (D + 2))
     q_pos = q_pos.contiguous()
+    rows = rows.contiguous() if rows is not None else None
     kernels().attend_decode(
-        _ptr(q), _ptr(k), _ptr(v), _ptr(k_pos), _ptr(q_pos), B, H, Hkv, D, k.stride(0) // (Hkv * D), n_slots,
+        _ptr(q), _ptr(k), _ptr(v), _ptr(k_pos), _ptr(q_pos), _ptr(rows), B, H, Hkv, D,
+        k.stride(0) // (Hkv * D), n_slots,
         window or 0, scale, softcap or 0.0, _ptr(out), _ptr(scratch), SPLIT_SLOTS, parts, threads,
     )
     return out

@@ -82,9 +82,9 @@ def kernels() -> ctypes.CDLL | None:
     lib.split_blocks.restype = ctypes.c_int
     f32 = ctypes.c_float
     lib.attn_prep.argtypes = [p, i64, i64, i64, i64, i64, ctypes.c_int, p, ctypes.c_int, p, ctypes.c_int, ctypes.c_int,
-                              f32, p, p, p, p, p, i64, p]
+                              f32, p, p, p, p, p, i64, p, p, ctypes.c_int]
     lib.attn_prep.restype = None
-    lib.attend_decode.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i64, i64, i64, f32, f32, p, p, i64, i64,
+    lib.attend_decode.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i64, f32, f32, p, p, i64, i64,
                                   ctypes.c_int]
     lib.attend_decode.restype = None
     lib.geglu.argtypes = [p, p, i64, i64, ctypes.c_int]

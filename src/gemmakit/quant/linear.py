@@ -15,7 +15,15 @@ from torch import nn
 
 from .kernels import kernels
 
-MAX_KERNEL_ROWS = 16  # MAXB in csrc/qgemv.c
+MAX_KERNEL_ROWS = 16  # a prompt chunk of up to this many tokens multiplies through the integer kernel
+
+
+def kernel_rows(x: torch.Tensor) -> bool:
+    """Whether the rows of ``x`` (..., K) go through the integer decode kernel rather than dequantize + GEMM:
+    up to MAX_KERNEL_ROWS rows (a decode step, a short prompt), or any number of one-token rows (..., 1, K),
+    the batched and ragged steps of the engine, whose rows must not depend on one another (the kernel computes
+    each row the same way whatever the batch; a GEMM library may not)."""
+    return x.numel() <= MAX_KERNEL_ROWS * x.shape[-1] or (x.dim() >= 3 and x.shape[-2] == 1)
 
 
 def fast_rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -151,13 +159,13 @@ class QuantWeight(nn.Module):
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., K) -> (..., N) float32 (bfloat16 for bfloat16 x on the bf16 prompt path).
 
-        Up to 16 rows (decode) go through the C kernel, which rounds x to 16 bits per group of ``group`` values
-        (see csrc/qgemv.c); more rows (prefill) multiply the dequantized weight with PyTorch in
-        ``prefill_dtype`` (float32, or bfloat16: see :func:`set_prefill_dtype`).
+        Decode-sized inputs (:func:`kernel_rows`) go through the C kernel, which rounds x to 16 bits per group of
+        ``group`` values (see csrc/qgemv.c); prompt chunks of more rows multiply the dequantized weight with
+        PyTorch in ``prefill_dtype`` (float32, or bfloat16: see :func:`set_prefill_dtype`).
         """
         lib = kernels()
         K = x.shape[-1]
-        if lib is not None and x.device.type == "cpu" and x.numel() <= MAX_KERNEL_ROWS * K:
+        if lib is not None and x.device.type == "cpu" and kernel_rows(x):
             # Decode: the C kernel, with as little Python around it as possible (it runs ~70 times a token).
             if x.dtype != torch.float32 or not x.is_contiguous():
                 x = x.float().contiguous()

@@ -23,6 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..engine import Engine, EngineBusyError, RequestStream, RequestTimeoutError
+from ..engine.engine import PREFILL_CHUNK
 from ..errors import ContextLengthError, GemmakitError, InvalidParameterError
 from ..generate import Completion, CompletionBuilder, StreamEvent
 from ..kv_cache import KVCache
@@ -168,7 +169,7 @@ def create_app(llm, model_name: str | None = None, api_keys: list[str] | None = 
     """The FastAPI application serving ``llm`` under the model id ``model_name`` (default: the file's stem).
 
     Args:
-        max_batch: sequences generating at once (KV cache rows); at most 16.
+        max_batch: sequences generating at once (KV cache rows); at most engine.MAX_BATCH (64).
         max_waiting: requests queued for a row; past that, 429.
         context_length: tokens per sequence (default: the model's, at most 8192).
         kv_cache_bytes: memory for the KV cache; it bounds ``max_batch`` rows of ``context_length`` tokens.
@@ -177,7 +178,7 @@ def create_app(llm, model_name: str | None = None, api_keys: list[str] | None = 
     model_id = model_name or llm.path.stem
     keys = [k.encode() for k in (api_keys or []) if k]
     ctx = min(llm.context_length, context_length or DEFAULT_CONTEXT)
-    row = KVCache.row_bytes(llm.config, ctx, llm.model.activation_dtype)
+    row = KVCache.row_bytes(llm.config, ctx, llm.model.activation_dtype, ring_extra=PREFILL_CHUNK)
     rows = min(max_batch, kv_cache_bytes // row)
     if rows < 1:
         raise InvalidParameterError(

@@ -31,14 +31,16 @@ static void rope_row(float *x, const float *cos_, const float *ssin, int64_t dim
     }
 }
 
-// From the projections of B rows laid out q|k|v (row_stride floats per row; k and v absent on KV-shared
+// From the projections of B tokens laid out q|k|v (row_stride floats per token; k and v absent on KV-shared
 // layers, v absent when K = V): q -> q_norm -> RoPE into q_out (B, H, D); unless shared (kc == NULL):
-// k -> k_norm -> RoPE and v (or the raw k when k_eq_v) -> weightless v_norm if asked, both written into cache
-// slot slot[b] of kc / vc (B, S1, Hkv, D). cos / ssin are (B, D). q_w / k_w may be NULL (unit weight).
+// k -> k_norm -> RoPE and v (or the raw k when k_eq_v) -> weightless v_norm if asked, both written into slot
+// slot[b] of cache row rows[b] of kc / vc (rows, S1, Hkv, D); rows NULL means token b -> cache row b. cos / ssin
+// are (B, D). q_w / k_w may be NULL (unit weight). Tokens are independent, so they split across threads.
 void attn_prep(const float *qkv, int64_t row_stride, int64_t B, int64_t H, int64_t Hkv, int64_t D, int k_eq_v,
                const float *q_w, int q_norm, const float *k_w, int k_norm, int v_norm, float eps,
                const float *cos_, const float *ssin, float *q_out, float *kc, float *vc, int64_t S1,
-               const int64_t *slot) {
+               const int64_t *slot, const int64_t *rows, int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static) if (B >= 32 && threads > 1)
     for (int64_t b = 0; b < B; b++) {
         const float *row = qkv + b * row_stride;
         const float *c = cos_ + b * D, *s = ssin + b * D;
@@ -51,8 +53,9 @@ void attn_prep(const float *qkv, int64_t row_stride, int64_t B, int64_t H, int64
         if (!kc) continue;
         const float *k_raw = row + H * D, *v_raw = k_eq_v ? k_raw : row + (H + Hkv) * D;
         for (int64_t h = 0; h < Hkv; h++) {
-            float *ko = kc + ((b * S1 + slot[b]) * Hkv + h) * D;
-            float *vo = vc + ((b * S1 + slot[b]) * Hkv + h) * D;
+            int64_t at = (rows ? rows[b] : b) * S1 + slot[b];
+            float *ko = kc + (at * Hkv + h) * D;
+            float *vo = vc + (at * Hkv + h) * D;
             if (k_norm) rms_norm_row(k_raw + h * D, k_w, ko, D, eps);
             else for (int64_t i = 0; i < D; i++) ko[i] = k_raw[h * D + i];
             rope_row(ko, c, s, D);
@@ -127,33 +130,40 @@ static void attend_part(const float *qg, const float *kc, const float *vc, const
     }
 }
 
-// out (B, H, D) = softmax(scale * q . k, optionally soft-capped, over the visible slots) @ v.
-// kc / vc: (B, S1, Hkv, D); slot_pos (B, S1): position held by each slot, -1 if none. A slot is visible to
-// the query at qpos[b] iff 0 <= pos <= qpos and, with window > 0, pos > qpos - window. n_slots bounds the scan
-// (the caller passes the filled prefix of a linear cache). Rows with qpos < 0 (padding) get zeros.
+// out (B, H, D) = softmax(scale * q . k, optionally soft-capped, over the visible slots) @ v, one query token
+// per b. kc / vc: (rows, S1, Hkv, D); slot_pos (rows, S1): position held by each slot, -1 if none. Token b reads
+// cache row rows[b] (rows NULL: row b), so the tokens of one step may be several consecutive prompt tokens of
+// one sequence next to other sequences' decode tokens (their keys are all written before this call). A slot is
+// visible to the query at qpos[b] iff 0 <= pos <= qpos and, with window > 0, pos > qpos - window. n_slots
+// bounds the scan (the caller passes the filled prefix of a linear cache). Tokens with qpos < 0 get zeros.
 // The slots are cut into `parts` ranges of `chunk` slots, done in parallel and merged (split-K, as in
-// flash-decoding), which keeps both cores busy when there is a single KV head; fixed ranges keep each row's
-// arithmetic independent of the other rows. scratch: B * H * (n_slots + parts * (D + 2)) floats.
+// flash-decoding), which keeps both cores busy when there is a single KV head; fixed ranges keep each token's
+// arithmetic independent of the other tokens. scratch: B * Hkv * parts * G * (D + 2) floats.
 void attend_decode(const float *q, const float *kc, const float *vc, const int64_t *slot_pos, const int64_t *qpos,
-                   int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t S1, int64_t n_slots, int64_t window,
-                   float scale, float softcap, float *out, float *scratch, int64_t chunk, int64_t parts,
-                   int threads) {
+                   const int64_t *rows, int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t S1, int64_t n_slots,
+                   int64_t window, float scale, float softcap, float *out, float *scratch, int64_t chunk,
+                   int64_t parts, int threads) {
     int64_t G = H / Hkv;
-    float *scores = scratch, *partial = scratch + B * H * n_slots;  // partial: (B, Hkv, parts, G, D + 2)
+    float *partial = scratch;  // (B, Hkv, parts, G, D + 2)
     int64_t tasks = B * Hkv * parts;
-    #pragma omp parallel for num_threads(threads) schedule(dynamic, 1) if (tasks > 1 && threads > 1)
-    for (int64_t t = 0; t < tasks; t++) {
-        int64_t part = t % parts, kvh = (t / parts) % Hkv, b = t / (parts * Hkv);
-        int64_t s0 = part * chunk, s1 = s0 + chunk < n_slots ? s0 + chunk : n_slots;
-        float *base = partial + t * G * (D + 2);
-        if (qpos[b] < 0 || s0 >= s1) {
-            for (int64_t g = 0; g < G; g++) { base[g] = -INFINITY; base[G + g] = 0.f; }
-            continue;
+    #pragma omp parallel num_threads(threads) if (tasks > 1 && threads > 1)
+    {
+        float scores[G * chunk];  // one task's scores, reused by this thread (a few KB)
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t t = 0; t < tasks; t++) {
+            int64_t part = t % parts, kvh = (t / parts) % Hkv, b = t / (parts * Hkv);
+            int64_t s0 = part * chunk, s1 = s0 + chunk < n_slots ? s0 + chunk : n_slots;
+            float *base = partial + t * G * (D + 2);
+            if (qpos[b] < 0 || s0 >= s1) {
+                for (int64_t g = 0; g < G; g++) { base[g] = -INFINITY; base[G + g] = 0.f; }
+                continue;
+            }
+            int64_t row = rows ? rows[b] : b;
+            attend_part(q + (b * H + kvh * G) * D, kc, vc, slot_pos + row * S1, qpos[b], row, kvh, Hkv, D, S1, G,
+                        s0, s1, window, scale, softcap, scores, base, base + G, base + 2 * G);
         }
-        attend_part(q + (b * H + kvh * G) * D, kc, vc, slot_pos + b * S1, qpos[b], b, kvh, Hkv, D, S1, G, s0, s1,
-                    window, scale, softcap, scores + (b * H + kvh * G) * n_slots + s0 * G, base, base + G,
-                    base + 2 * G);
     }
+    #pragma omp parallel for num_threads(threads) schedule(static) if (B >= 16 && threads > 1)
     for (int64_t b = 0; b < B; b++)
         for (int64_t kvh = 0; kvh < Hkv; kvh++)
             for (int64_t g = 0; g < G; g++) {
@@ -164,7 +174,7 @@ void attend_decode(const float *q, const float *kc, const float *vc, const int64
                     best = m > best ? m : best;
                 }
                 for (int64_t i = 0; i < D; i++) o[i] = 0.f;
-                if (best == -INFINITY) continue;  // padding row or nothing visible
+                if (best == -INFINITY) continue;  // padding token or nothing visible
                 for (int64_t part = 0; part < parts; part++) {
                     const float *base = partial + ((b * Hkv + kvh) * parts + part) * G * (D + 2);
                     if (base[g] == -INFINITY) continue;

@@ -29,7 +29,6 @@
 #include <immintrin.h>
 #endif
 
-#define MAXB 16
 #define QMAX 32767.f
 
 static inline int64_t qidx(int64_t n, int64_t k, int64_t K) {
@@ -282,11 +281,12 @@ static void tile(const int NB, const int NIB, const int8_t *qb, const void *sb, 
 #endif
 
 // y (B, N) = x (B, K) @ dequant(q, scale, mins)^T with q, scale, mins packed (see the top of this file).
-// B <= MAXB; group 16 or 32; K a multiple of group. Returns nonzero for shapes it does not handle.
+// Any B >= 1 (each block of W is read from memory once and reused from cache for every row of x); group 16
+// or 32; K a multiple of group. Returns nonzero for shapes it does not handle.
 int qgemv(const int8_t *q, const void *scale, const void *mins, const float *x, float *y, int64_t B, int64_t N,
           int64_t K, int64_t group, int flags, int threads) {
     const int scale_f16 = flags & 1, nib = (flags >> 1) & 1;
-    if (B < 1 || B > MAXB || (group != 16 && group != 32) || K % group) return 1;
+    if (B < 1 || (group != 16 && group != 32) || K % group) return 1;
     int64_t G = K / group;
     int16_t *xq = malloc(sizeof(int16_t) * B * K);
     float *xd = malloc(sizeof(float) * B * G), *xs = malloc(sizeof(float) * B * G);
