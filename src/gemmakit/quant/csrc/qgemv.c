@@ -135,6 +135,14 @@ static void quantize_rows(const float *x, int64_t B, int64_t K, int64_t group, i
             quantize_group(x + b * K + g * group, group, xq + b * K + g * group, xd + b * G + g, xs + b * G + g);
 }
 
+// Multiplying a block of 16 rows for the first rows of x, pull in the next block's weights (pf; NULL for none)
+// at the same offset, one cache line for each 64 bytes read of this one: the hardware prefetcher alone leaves
+// batched steps waiting on memory at every block (the 262144 x 640 head for 16 rows of x: 13 -> 8 ms).
+static inline __attribute__((always_inline)) void prefetch_next(const int8_t *pf, int64_t offset, int64_t p,
+                                                                const int NIB) {
+    if (pf && !(p & (NIB ? 3 : 1))) __builtin_prefetch(pf + offset + p * (NIB ? 16 : 32), 0, 3);
+}
+
 static inline int32_t pair_at(const int16_t *p) {
     int32_t v;
     memcpy(&v, p, 4);
@@ -176,7 +184,7 @@ static inline __attribute__((always_inline)) __m512i pair16(const int8_t *qg, in
 static inline __attribute__((always_inline)) void tile(
     const int NB, const int NIB, const int8_t *qb, const void *sb, const void *mb, int64_t so, int f16,
     const int16_t *xq, const float *xd, const float *xs, float *y, int64_t N, int64_t K, int64_t G, int64_t group,
-    int64_t nvalid) {
+    int64_t nvalid, const int8_t *pf) {
     __m512 accf[CHUNK];
     for (int b = 0; b < NB; b++) accf[b] = _mm512_setzero_ps();
     const int64_t pairs = group / 2;
@@ -187,6 +195,7 @@ static inline __attribute__((always_inline)) void tile(
         const int16_t *xg = xq + g * group;
         for (int64_t p = 0; p < pairs; p++) {
             __m512i w = pair16(qg, p, NIB);
+            prefetch_next(pf, qg - qb, p, NIB);
             for (int b = 0; b < NB; b++) dot_pairs(&acc[b], w, xg + b * K + 2 * p);
         }
         __m512 sc = scale16(sb, f16, so + g * 16);
@@ -216,7 +225,7 @@ static inline __attribute__((always_inline)) __m256i nibble_pairs8(__m128i bytes
 static inline __attribute__((always_inline)) void tile(
     const int NB, const int NIB, const int8_t *qb, const void *sb, const void *mb, int64_t so, int f16,
     const int16_t *xq, const float *xd, const float *xs, float *y, int64_t N, int64_t K, int64_t G, int64_t group,
-    int64_t nvalid) {
+    int64_t nvalid, const int8_t *pf) {
     __m256 accf[CHUNK][2];
     for (int b = 0; b < NB; b++) accf[b][0] = accf[b][1] = _mm256_setzero_ps();
     const int64_t pairs = group / 2;
@@ -227,6 +236,7 @@ static inline __attribute__((always_inline)) void tile(
         const int16_t *xg = xq + g * group;
         for (int64_t p = 0; p < pairs; p++) {
             __m256i w0, w1;
+            prefetch_next(pf, qg - qb, p, NIB);
             if (NIB) {
                 __m128i raw = _mm_loadu_si128((const __m128i *)(qg + p * 16));
                 w0 = nibble_pairs8(raw);
@@ -264,8 +274,8 @@ static inline __attribute__((always_inline)) void tile(
 #define CHUNK 1
 static void tile(const int NB, const int NIB, const int8_t *qb, const void *sb, const void *mb, int64_t so,
                  int f16, const int16_t *xq, const float *xd, const float *xs, float *y, int64_t N, int64_t K,
-                 int64_t G, int64_t group, int64_t nvalid) {
-    (void)NB;
+                 int64_t G, int64_t group, int64_t nvalid, const int8_t *pf) {
+    (void)NB, (void)pf;
     for (int64_t j = 0; j < nvalid; j++) {
         float accf = 0.f;
         for (int64_t g = 0; g < G; g++) {
@@ -310,21 +320,23 @@ int qgemv(const int8_t *q, const void *scale, const void *mins, const float *x, 
             const int16_t *xqb = xq + b0 * K;
             const float *xdb = xd + b0 * G, *xsb = xs + b0 * G;
             float *yb = y + b0 * N + n0;
+            // Prefetch the next block during the first pass over this one (the later passes find it in cache).
+            const int8_t *pf = b0 == 0 && nb + 1 < n_blocks ? qb + (nib ? 8 : 16) * K : NULL;
             // Constant row counts and formats, so each tile's accumulators stay in registers.
 #define TILE(n, ...) (nib ? tile(n, 1, __VA_ARGS__) : tile(n, 0, __VA_ARGS__))
             switch (nb_rows) {
 #if CHUNK >= 8
-                case 8: TILE(8, qb, scale, mins, so, scale_f16, xqb, xdb, xsb, yb, N, K, G, group, nvalid); break;
-                case 7: TILE(7, qb, scale, mins, so, scale_f16, xqb, xdb, xsb, yb, N, K, G, group, nvalid); break;
-                case 6: TILE(6, qb, scale, mins, so, scale_f16, xqb, xdb, xsb, yb, N, K, G, group, nvalid); break;
-                case 5: TILE(5, qb, scale, mins, so, scale_f16, xqb, xdb, xsb, yb, N, K, G, group, nvalid); break;
+                case 8: TILE(8, qb, scale, mins, so, scale_f16, xqb, xdb, xsb, yb, N, K, G, group, nvalid, pf); break;
+                case 7: TILE(7, qb, scale, mins, so, scale_f16, xqb, xdb, xsb, yb, N, K, G, group, nvalid, pf); break;
+                case 6: TILE(6, qb, scale, mins, so, scale_f16, xqb, xdb, xsb, yb, N, K, G, group, nvalid, pf); break;
+                case 5: TILE(5, qb, scale, mins, so, scale_f16, xqb, xdb, xsb, yb, N, K, G, group, nvalid, pf); break;
 #endif
 #if CHUNK >= 4
-                case 4: TILE(4, qb, scale, mins, so, scale_f16, xqb, xdb, xsb, yb, N, K, G, group, nvalid); break;
-                case 3: TILE(3, qb, scale, mins, so, scale_f16, xqb, xdb, xsb, yb, N, K, G, group, nvalid); break;
-                case 2: TILE(2, qb, scale, mins, so, scale_f16, xqb, xdb, xsb, yb, N, K, G, group, nvalid); break;
+                case 4: TILE(4, qb, scale, mins, so, scale_f16, xqb, xdb, xsb, yb, N, K, G, group, nvalid, pf); break;
+                case 3: TILE(3, qb, scale, mins, so, scale_f16, xqb, xdb, xsb, yb, N, K, G, group, nvalid, pf); break;
+                case 2: TILE(2, qb, scale, mins, so, scale_f16, xqb, xdb, xsb, yb, N, K, G, group, nvalid, pf); break;
 #endif
-                default: TILE(1, qb, scale, mins, so, scale_f16, xqb, xdb, xsb, yb, N, K, G, group, nvalid); break;
+                default: TILE(1, qb, scale, mins, so, scale_f16, xqb, xdb, xsb, yb, N, K, G, group, nvalid, pf); break;
             }
 #undef TILE
         }
