@@ -1,4 +1,4 @@
-"""Load test: N concurrent streaming clients against `gemmakit serve` (and llama-cpp-python's server).
+"""Load test: N concurrent streaming clients against `gemmakit serve` (and llama.cpp's servers).
 
 Each round starts N clients at once; each streams one completion of --max-tokens tokens for its own prompt. Per round: aggregate output tok/s (all completion tokens / wall time of the round), time to first
 token p50 / p99, and errors (any non-200, broken stream or missing [DONE]). Requests ask ignore_eos, so every
@@ -7,9 +7,20 @@ client generates exactly --max-tokens tokens (servers that do not know the field
     python benchmarks/serve_load.py                      # gemmakit, clients 1 4 16 64
     python benchmarks/serve_load.py --target both        # also llama-cpp-python's server (pip install
                                                          # 'llama-cpp-python[server]==0.3.36')
+    python benchmarks/serve_load.py --target gemmakit,llama-server --llama-server PATH/llama-server
 
 llama-cpp-python's server runs one request at a time (it has no parallel slots), so its figures show what a
-single-slot server does under the same load.
+single-slot server does under the same load. `llama-server` is llama.cpp's own server, with --max-batch parallel
+slots and continuous batching (each slot gets --context-length tokens); build it from the llama.cpp sources that
+ship in llama-cpp-python's sdist:
+
+    pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 && tar xzf llama_cpp_python-0.3.36.tar.gz
+    cmake -S llama_cpp_python-0.3.36/vendor/llama.cpp -B llama-build -DCMAKE_BUILD_TYPE=Release \
+          -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF
+    cmake --build llama-build --target llama-server -j2        # ~10 minutes on 2 cores
+
+With several targets, each round runs every client level on every target in turn (servers started once, kept
+up side by side but only one under load at a time), so a noisy moment of the machine hits all of them alike.
 """
 
 from __future__ import annotations
@@ -37,16 +48,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(target: str, model: str, threads: int, max_batch: int) -> tuple[subprocess.Popen, str]:
-    port = free_port()
+CONTEXT = 2048  # tokens per sequence (per slot)
+TARGETS = ("gemmakit", "llamacpp", "llama-server")
+
+
+def server_command(target: str, args: argparse.Namespace, port: int) -> list[str]:
     if target == "gemmakit":
-        cmd = [sys.executable, "-m", "gemmakit.cli", "serve", "--model", model, "--port", str(port), "--threads",
-               str(threads), "--max-batch", str(max_batch), "--max-waiting", "256", "--context-length", "2048",
-               "--model-name", "bench"]
-    else:
-        cmd = [sys.executable, "-m", "llama_cpp.server", "--model", model, "--host", "127.0.0.1", "--port", str(port),
-               "--n_threads",
-               str(threads), "--n_ctx", "2048", "--model_alias", "bench"]
+        return [sys.executable, "-m", "gemmakit.cli", "serve", "--model", args.model, "--port", str(port),
+                "--threads", str(args.threads), "--max-batch", str(args.max_batch), "--max-waiting", "256",
+                "--context-length", str(CONTEXT), "--model-name", "bench"]
+    if target == "llamacpp":
+        return [sys.executable, "-m", "llama_cpp.server", "--model", args.model, "--host", "127.0.0.1", "--port",
+                str(port), "--n_threads", str(args.threads), "--n_ctx", str(CONTEXT), "--model_alias", "bench"]
+    if args.llama_server is None:
+        raise SystemExit("--target llama-server needs --llama-server PATH (see the top of this file)")
+    # --max-batch slots, continuous batching, CONTEXT tokens per slot, as gemmakit's rows.
+    return [args.llama_server, "--model", args.model, "--host", "127.0.0.1", "--port", str(port), "--threads",
+            str(args.threads), "--threads-batch", str(args.threads), "--parallel", str(args.max_batch),
+            "--cont-batching", "--ctx-size", str(CONTEXT * args.max_batch), "--alias", "bench"]
+
+
+def start(target: str, args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = server_command(target, args, port)
     log = tempfile.TemporaryFile(mode="w+")  # a pipe nobody reads would fill up and stall a chatty server
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -123,8 +147,10 @@ def main() -> int:
     ap.add_argument("--clients", default="1,4,16,64")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--max-batch", type=int, default=16)
-    ap.add_argument("--target", choices=["gemmakit", "llamacpp", "both"], default="gemmakit")
+    ap.add_argument("--max-batch", type=int, default=16, help="gemmakit's cache rows, llama-server's slots")
+    ap.add_argument("--target", default="gemmakit",
+                    help=f"comma-separated, of {', '.join(TARGETS)}; 'both' is gemmakit,llamacpp")
+    ap.add_argument("--llama-server", help="path of llama.cpp's llama-server binary")
     ap.add_argument("--rounds", type=int, default=1,
                     help="repeat the client levels; print medians, and each ratio as the median of the rounds' "
                          "own ratios (this machine is shared and noisy)")
@@ -133,35 +159,47 @@ def main() -> int:
         from gemmakit import default_model_path
 
         args.model = str(default_model_path())
-    targets = ["gemmakit", "llamacpp"] if args.target == "both" else [args.target]
+    targets = ["gemmakit", "llamacpp"] if args.target == "both" else args.target.split(",")
+    if unknown := set(targets) - set(TARGETS):
+        ap.error(f"unknown target(s) {', '.join(sorted(unknown))}; choose from {', '.join(TARGETS)}")
     table: dict[tuple[str, int], list[dict]] = {}
     levels = [int(c) for c in args.clients.split(",")]
-    for target in targets:
-        proc, url = start(target, args.model, args.threads, args.max_batch)
-        try:
-            run_round(url, 1, 8)  # warm-up
-            for r in range(args.rounds):
-                for n in levels:
-                    row = run_round(url, n, args.max_tokens)
+    servers: dict[str, tuple[subprocess.Popen, str]] = {}
+    try:
+        for target in targets:
+            servers[target] = start(target, args)
+            run_round(servers[target][1], 1, 8)  # warm-up
+        for r in range(args.rounds):
+            for n in levels:
+                for target in targets:  # the targets take turns at each level
+                    row = run_round(servers[target][1], n, args.max_tokens)
                     table.setdefault((target, n), []).append(row)
-                    print(f"{target:9s} round {r + 1} clients={n:3d}  {row['tok_s']:7.1f} tok/s  TTFT p50 "
+                    print(f"{target:12s} round {r + 1} clients={n:3d}  {row['tok_s']:7.1f} tok/s  TTFT p50 "
                           f"{row['ttft_p50']:6.2f} s  p99 {row['ttft_p99']:6.2f} s  errors {row['errors']} "
                           f"{row['error_kinds'] or ''}", flush=True)
-        finally:
+    finally:
+        for proc, _ in servers.values():
             proc.terminate()
             proc.wait(timeout=30)
     print(f"medians over {args.rounds} round(s), {args.max_tokens} tokens per request:")
-    for (target, n), rows in table.items():
+    for (target, n), rows in sorted(table.items(), key=lambda item: (TARGETS.index(item[0][0]), item[0][1])):
         med = {k: statistics.median(row[k] for row in rows) for k in ("tok_s", "ttft_p50", "ttft_p99")}
-        print(f"{target:9s} clients={n:3d}  {med['tok_s']:7.1f} tok/s  TTFT p50 {med['ttft_p50']:6.2f} s  "
+        print(f"{target:12s} clients={n:3d}  {med['tok_s']:7.1f} tok/s  TTFT p50 {med['ttft_p50']:6.2f} s  "
               f"p99 {med['ttft_p99']:6.2f} s  errors {sum(row['errors'] for row in rows)}")
-    singles = table.get(("gemmakit", 1))
-    if singles:
-        for (target, n), rows in table.items():
-            if target == "gemmakit" and n > 1:
-                ratios = [row["tok_s"] / single["tok_s"] for row, single in zip(rows, singles)]
-                print(f"gemmakit {n} clients / 1 client: {statistics.median(ratios):.2f}x "
-                      f"(rounds: {', '.join(f'{x:.2f}' for x in ratios)})")
+
+    def ratio(rows: list[dict], base: list[dict]) -> str:
+        ratios = [row["tok_s"] / other["tok_s"] for row, other in zip(rows, base)]
+        return f"{statistics.median(ratios):.2f}x (rounds: {', '.join(f'{x:.2f}' for x in ratios)})"
+
+    for target in targets:
+        singles = table.get((target, 1))
+        for n in levels:
+            if singles and n > 1:
+                print(f"{target} {n} clients / 1 client: {ratio(table[(target, n)], singles)}")
+    for other in targets:
+        if other != "gemmakit" and "gemmakit" in targets:
+            for n in levels:
+                print(f"gemmakit / {other} at {n} clients: {ratio(table[('gemmakit', n)], table[(other, n)])}")
     return 0
 
 
