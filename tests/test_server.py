@@ -309,6 +309,21 @@ def test_disconnect_frees_the_row_for_the_next_request(llm) -> None:
         assert 0 <= _metric(s, "gemmakit_kv_cache_usage_ratio") <= 1 and _metric(s, "gemmakit_kv_cache_rows") == 1
 
 
+def test_client_hanging_up_on_a_plain_request_cancels_it(llm) -> None:
+    """A non-streamed request whose client goes away stops generating and frees its row (one row here: the
+    next request would otherwise wait for all 1500 tokens of the abandoned one)."""
+    with Server(create_app(llm, model_name=MODEL, max_batch=1, max_waiting=4)) as s:
+        body = {"model": MODEL, "prompt": "Count:", "max_tokens": 1500, "ignore_eos": True}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(s.url + "/v1/completions", json=body, timeout=httpx.Timeout(30, read=1.0))
+        r = httpx.post(s.url + "/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2},
+                       timeout=120)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+        assert _metric(s, "gemmakit_generated_tokens_total") < 1000
+        assert _metric(s, "gemmakit_running_sequences") == 0
+        assert _metric(s, 'gemmakit_requests_total{path="/v1/completions",status="499"}') == 1
+
+
 def test_request_log_line(server, caplog) -> None:
     import json
     import logging

@@ -91,6 +91,13 @@ async def _guarded(events: AsyncIterator[str], request: Request) -> AsyncIterato
         await events.aclose()
 
 
+async def _until_disconnected(request: Request) -> None:
+    """Return when the client closes the connection. For a request whose body has been read, the next ASGI
+    message is the server's http.disconnect."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 class Metrics:
     """Prometheus metrics of one server (its own registry, so several apps in a process do not collide)."""
 
@@ -260,14 +267,34 @@ def create_app(llm, model_name: str | None = None, api_keys: list[str] | None = 
             raise
         return streams
 
-    async def complete(streams: list[RequestStream], n_prompt: int, want_logprobs: bool) -> list[Completion]:
-        results = []
-        for st in streams:
-            builder = CompletionBuilder(n_prompt, want_logprobs)
-            async for ev in metrics.observe(st, n_prompt):
-                builder.add(ev)
-            results.append(builder.build())
-        return results
+    async def complete(streams: list[RequestStream], n_prompt: int, want_logprobs: bool,
+                       request: Request) -> list[Completion]:
+        """Each choice's whole completion. A client that hangs up first cancels its generations (their cache
+        rows free at the engine's next step) and the request ends with 499, as a proxy logs it."""
+
+        async def collect() -> list[Completion]:
+            results = []
+            for st in streams:
+                builder = CompletionBuilder(n_prompt, want_logprobs)
+                async for ev in metrics.observe(st, n_prompt):
+                    builder.add(ev)
+                results.append(builder.build())
+            return results
+
+        collecting = asyncio.ensure_future(collect())
+        hangup = asyncio.ensure_future(_until_disconnected(request))
+        try:
+            await asyncio.wait([collecting, hangup], return_when=asyncio.FIRST_COMPLETED)
+            finished = collecting.done()
+        finally:  # also when this handler itself is cancelled
+            hangup.cancel()
+            collecting.cancel()  # a no-op once it has finished
+            for st in streams:
+                st.cancel()
+        if not finished:
+            raise APIError(499, "the client closed the connection before the completion was ready",
+                           "client_closed_request")
+        return collecting.result()
 
     @app.get("/health")
     def health() -> dict[str, str]:
@@ -335,7 +362,7 @@ def create_app(llm, model_name: str | None = None, api_keys: list[str] | None = 
         if body.stream:
             return ClosingStreamingResponse(_guarded(chat_sse(body, streams, cid, created, n_prompt, request),
                                                      request), media_type="text/event-stream")
-        results = [llm.parse_chat(c) for c in await complete(streams, n_prompt, body.logprobs)]
+        results = [llm.parse_chat(c) for c in await complete(streams, n_prompt, body.logprobs, request)]
         note(request, completion_tokens=sum(c.usage.completion_tokens for c in results))
         return {"id": cid, "object": "chat.completion", "created": created, "model": model_id,
                 "choices": [chat_choice(body, i, c) for i, c in enumerate(results)],
@@ -431,7 +458,7 @@ def create_app(llm, model_name: str | None = None, api_keys: list[str] | None = 
             return ClosingStreamingResponse(_guarded(completion_sse(body, streams, cid, created, prompt_text,
                                                                     len(ids), request), request),
                                             media_type="text/event-stream")
-        results = await complete(streams, len(ids), body.logprobs is not None)
+        results = await complete(streams, len(ids), body.logprobs is not None, request)
         note(request, completion_tokens=sum(c.usage.completion_tokens for c in results))
         choices = []
         for i, c in enumerate(results):
