@@ -51,6 +51,13 @@ def test_penalties() -> None:
     assert out.tolist() == [2.0, -2.0, 1.0, 0.5 - 0.5 - 0.75]
 
 
+def test_logit_bias_adds_to_the_named_tokens() -> None:
+    logits = torch.tensor([2.0, -2.0, 1.0, 0.5])
+    none = torch.zeros(4, dtype=torch.bool)
+    out = apply_penalties(logits, SamplingParams(logit_bias={1: 5.0, 3: -100}), none, torch.zeros(4))
+    assert out.tolist() == [2.0, 3.0, 1.0, -99.5]
+
+
 def test_token_logprob_and_top() -> None:
     logits = torch.tensor(LOGITS)
     lp = token_logprob(logits, 1, 2)
@@ -73,8 +80,12 @@ def test_token_logprob_and_top() -> None:
         ({"presence_penalty": 3}, "presence_penalty"),
         ({"frequency_penalty": float("nan")}, "frequency_penalty"),
         ({"seed": 1.5}, "seed"),
+        ({"seed": 2**64}, "seed"),
         ({"stop": [""]}, "stop"),
         ({"logprobs": 21}, "logprobs"),
+        ({"logit_bias": {5: 101}}, "logit_bias"),
+        ({"logit_bias": {-1: 1.0}}, "logit_bias"),
+        ({"logit_bias": {"5": 1.0}}, "logit_bias"),
         ({"temprature": 0.5}, "unknown sampling parameter"),
     ],
 )
@@ -103,6 +114,18 @@ def test_logprobs_are_the_models(llm) -> None:
         assert lp.logprob == pytest.approx(float(ref[lp.token_id]), abs=1e-3)
         assert len(lp.top) == 5 and lp.top[0][0] == lp.token_id
         assert [v for _, v in lp.top] == sorted((v for _, v in lp.top), reverse=True)
+
+
+def test_logit_bias_bans_and_forces_tokens(llm) -> None:
+    prompt = llm.tokenizer.encode("The capital of France is", add_bos=True)
+    logits = llm.logits(prompt)[-1]
+    best, second = torch.topk(logits, 2).indices.tolist()
+    banned = llm.generate(prompt, max_tokens=1, temperature=0, logit_bias={best: -100})
+    assert banned.token_ids == [second]
+    forced = llm.generate(prompt, max_tokens=5, temperature=0.8, seed=3, logit_bias={best: 100})
+    assert forced.token_ids == [best] * 5
+    with pytest.raises(InvalidParameterError, match="outside the vocabulary"):
+        llm.generate(prompt, max_tokens=1, logit_bias={llm.config.vocab_size: 1.0})
 
 
 def test_repetition_penalty_changes_greedy_output(llm) -> None:

@@ -112,6 +112,15 @@ def test_n_seed_logprobs_and_stop(client) -> None:
     assert cut.choices[0].finish_reason == "stop" and cut.choices[0].text == full.text[: full.text.index(stop)]
 
 
+def test_logit_bias(llm, client) -> None:
+    token = llm.tokenizer.encode(" Paris")[0]
+    out = client.completions.create(model=MODEL, prompt="Hello", max_tokens=3, temperature=0,
+                                    logit_bias={str(token): 100})
+    assert out.choices[0].text == llm.tokenizer.decode([token] * 3)
+    with pytest.raises(openai.BadRequestError, match="outside the vocabulary"):
+        client.completions.create(model=MODEL, prompt="Hello", max_tokens=3, logit_bias={"999999999": 5})
+
+
 def test_tokenize_detokenize(llm, server) -> None:
     r = httpx.post(server.url + "/tokenize", json={"prompt": "Hello world"}).json()
     assert r["tokens"] == llm.tokenizer.encode("Hello world", add_bos=True)
@@ -125,6 +134,8 @@ def test_tokenize_detokenize(llm, server) -> None:
         ({"model": MODEL, "messages": CHAT, "max_tokens": 10**9}, 400, "tokens"),
         ({"model": MODEL, "messages": CHAT, "temperature": -1}, 400, "temperature"),
         ({"model": MODEL, "messages": CHAT, "top_p": "high"}, 400, "top_p"),
+        ({"model": MODEL, "messages": CHAT, "seed": 2**70}, 400, "seed"),
+        ({"model": MODEL, "messages": CHAT, "response_format": {"type": "json_object"}}, 400, "json_object"),
         ({"model": MODEL, "messages": []}, 400, "messages"),
         ({"model": MODEL, "messages": [{"role": "assistant", "content": "x"}]}, 400, "out of order"),
         ({"model": "gpt-9", "messages": CHAT}, 404, "gpt-9"),
@@ -135,6 +146,12 @@ def test_errors_are_openai_shaped(server, body, status, fragment) -> None:
     assert r.status_code == status
     error = r.json()["error"]
     assert fragment in error["message"] and "Traceback" not in r.text
+
+
+@pytest.mark.parametrize("method,path,status", [("POST", "/v1/embeddings", 404), ("GET", "/v1/completions", 405)])
+def test_unknown_routes_are_openai_shaped(server, method, path, status) -> None:
+    r = httpx.request(method, server.url + path)
+    assert r.status_code == status and path in r.json()["error"]["message"]
 
 
 def test_malformed_json(server) -> None:

@@ -81,7 +81,8 @@ class Gemma3ChatFormat:
                 raise ChatTemplateError(f"message {i}: each message needs a 'role'")
         prefix = ""
         turns = list(messages)
-        if turns[0]["role"] == "system":
+        # OpenAI's newer clients send the system prompt as role "developer".
+        if turns[0]["role"] in ("system", "developer"):
             prefix = _message_text(turns[0], 0, trim=False) + "\n\n"
             turns = turns[1:]
         segments: list[Segment] = [Control("<bos>")]
@@ -90,14 +91,13 @@ class Gemma3ChatFormat:
             index = k + offset
             role = message["role"]
             expected = "user" if k % 2 == 0 else "assistant"
-            if role == "model":
-                role = "assistant"
+            role = {"model": "assistant", "developer": "system"}.get(role, role)
             if role not in ("user", "assistant", "system"):
                 raise ChatTemplateError(f"message {index}: unknown role {role!r} (use system, user or assistant)")
             if role != expected:
                 where = "only as the first message" if role == "system" else f"expected {expected!r}"
                 raise ChatTemplateError(
-                    f"message {index}: role {role!r} is out of order ({where}); after an optional system "
+                    f"message {index}: role {message['role']!r} is out of order ({where}); after an optional system "
                     "message, roles must alternate user/assistant starting with user"
                 )
             text = _message_text(message, index, trim=True)

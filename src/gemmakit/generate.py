@@ -11,6 +11,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from .errors import InvalidParameterError
 from .kv_cache import KVCache
 from .model import Gemma
 from .sampling import SamplingParams, TokenLogprob, make_generator, sample_token, token_logprob
@@ -130,6 +131,9 @@ class SequenceSampler:
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int], params: SamplingParams,
                  stop_token_ids: Sequence[int], budget: int, vocab: int) -> None:
+        if any(t >= vocab for t in params.logit_bias):
+            raise InvalidParameterError(f"logit_bias names token ids outside the vocabulary [0, {vocab}): "
+                                        f"{sorted(t for t in params.logit_bias if t >= vocab)[:5]}")
         self.params = params
         self.budget = budget  # tokens this sequence may still add (max_tokens and the context both bound it)
         self.generated = 0

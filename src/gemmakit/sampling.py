@@ -38,7 +38,9 @@ class SamplingParams:
         stop: strings that end generation; the text is cut before the first one.
         ignore_eos: keep generating past end-of-sequence / end-of-turn tokens.
         logprobs: None for none, else the number (0-20) of top alternatives to report with each token's
-            own log-probability.
+            own log-probability (of the model's raw distribution).
+        logit_bias: token id -> a number in [-100, 100] added to that token's logit before each pick (OpenAI's
+            logit_bias: -100 in effect bans a token, 100 forces it).
     """
 
     max_tokens: int | None = 256
@@ -53,6 +55,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None
+    logit_bias: dict[int, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -99,14 +102,20 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= number(name) <= 2:
                 raise bad(name, "must be in [-2, 2]")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise bad("seed", "must be an integer or None")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not -(2**63) <= self.seed < 2**64):  # what torch.Generator takes
+            raise bad("seed", "must be None or an integer in [-2**63, 2**64)")
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
             raise bad("stop", "must be a non-empty string or a list of non-empty strings")
         if self.logprobs is not None and (
             isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= MAX_LOGPROBS
         ):
             raise bad("logprobs", f"must be None or an integer in [0, {MAX_LOGPROBS}]")
+        if not isinstance(self.logit_bias, dict) or not all(
+            isinstance(t, int) and not isinstance(t, bool) and t >= 0 and isinstance(b, (int, float))
+            and not isinstance(b, bool) and -100 <= b <= 100 for t, b in self.logit_bias.items()
+        ):
+            raise bad("logit_bias", "must map token ids (integers >= 0) to numbers in [-100, 100]")
 
     @property
     def greedy(self) -> bool:
@@ -130,6 +139,9 @@ def apply_penalties(
         logits = torch.where(seen, penalized, logits)
     if params.presence_penalty or params.frequency_penalty:
         logits = logits - params.presence_penalty * (counts > 0).float() - params.frequency_penalty * counts
+    if params.logit_bias:
+        ids = torch.tensor(list(params.logit_bias), dtype=torch.long)
+        logits = logits.index_add(0, ids, torch.tensor(list(params.logit_bias.values()), dtype=logits.dtype))
     return logits
 
 
@@ -176,8 +188,9 @@ def argmax_rows(logits: torch.Tensor) -> list[int]:
 
 
 def uses_raw_argmax(params: SamplingParams) -> bool:
-    """Greedy with no penalty: the token is the argmax of the raw logits."""
-    penalized = params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty
+    """Greedy with no penalty or bias: the token is the argmax of the raw logits."""
+    penalized = (params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty
+                 or params.logit_bias)
     return params.greedy and not penalized
 
 

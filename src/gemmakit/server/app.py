@@ -21,6 +21,7 @@ from typing import Any, AsyncIterator
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
 
 from ..engine import Engine, EngineBusyError, RequestStream, RequestTimeoutError
 from ..engine.engine import PREFILL_CHUNK
@@ -229,6 +230,11 @@ def create_app(llm, model_name: str | None = None, api_keys: list[str] | None = 
             where = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
             problems.append(f"{where or 'body'}: {e.get('msg')}")
         return _error(400, "invalid request: " + "; ".join(problems), "invalid_request_error")
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:  # unknown route, wrong method
+        return _error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
+                      "invalid_request_error", headers=getattr(exc, "headers", None))
 
     @app.exception_handler(GemmakitError)
     async def _gemmakit_error(_: Request, exc: GemmakitError) -> JSONResponse:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class StreamOptions(BaseModel):
@@ -21,7 +21,7 @@ class SamplingFields(BaseModel):
     top_p: float | None = Field(default=None, gt=0, le=1)
     n: int = Field(default=1, ge=1, le=16)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)  # int64, as OpenAI's
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     # Extras beyond OpenAI's set (as in vLLM)
@@ -29,6 +29,7 @@ class SamplingFields(BaseModel):
     min_p: float | None = Field(default=None, ge=0, le=1)
     repetition_penalty: float | None = Field(default=None, gt=0)
     ignore_eos: bool = False
+    logit_bias: dict[int, float] | None = None  # JSON keys are token ids as strings
     # Seconds the request may take; past it the server stops the generation (408, or an error event).
     timeout: float | None = Field(default=None, gt=0)
 
@@ -39,6 +40,8 @@ class SamplingFields(BaseModel):
             value = getattr(self, name)
             if value is not None:
                 kwargs[name] = value
+        if self.logit_bias:
+            kwargs["logit_bias"] = self.logit_bias
         if self.stop:
             kwargs["stop"] = [self.stop] if isinstance(self.stop, str) else self.stop
         return kwargs
@@ -54,6 +57,16 @@ class ChatCompletionRequest(SamplingFields):
     # Gemma 4 thinking, as transformers' chat_template_kwargs / a direct flag
     enable_thinking: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+    @field_validator("response_format")
+    @classmethod
+    def _plain_text_only(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        # Refused rather than ignored: a client asking for JSON must not silently get free text.
+        if value is not None and value.get("type", "text") != "text":
+            raise ValueError(f"type {value.get('type')!r} is not supported (no constrained decoding yet); "
+                             "leave response_format out or use {'type': 'text'}")
+        return value
 
 
 class CompletionRequest(SamplingFields):
