@@ -136,3 +136,31 @@ def test_engine_refuses_bad_sizes(llm) -> None:
         Engine(llm.model, llm.tokenizer, llm.stop_token_ids, 256, max_batch=65)
     with pytest.raises(InvalidParameterError, match="prefill_chunk=300"):
         Engine(llm.model, llm.tokenizer, llm.stop_token_ids, 256, prefill_chunk=300, prefill_budget=256)
+
+
+@torch.inference_mode()
+def test_a_failing_sequence_ends_alone(tmp_path) -> None:
+    """A sequence whose sampling fails (NaN logits, from a corrupt embedding row here) gets its error; the
+    sequences stepped in the same forwards finish with the tokens they get alone."""
+    import gemmakit
+    from gemmakit.errors import GemmakitError
+    from helpers import write_tiny_gguf
+
+    llm = gemmakit.load(write_tiny_gguf(tmp_path / "tiny.gguf"))
+    poisoned = 270
+    llm.model.embed_tokens.weight[poisoned] = float("nan")
+    good = [list(range(10 + 7 * k, 22 + 7 * k)) for k in range(2)]
+    greedy = SamplingParams.from_kwargs(max_tokens=8, temperature=0, ignore_eos=True)
+    sampled = SamplingParams.from_kwargs(max_tokens=8, temperature=1.0, seed=0, ignore_eos=True)
+    engine = Engine(llm.model, llm.tokenizer, [], 64, max_batch=3)
+    try:
+        alone = [[ev.token_id for ev in engine.submit(p, greedy)] for p in good]
+        bad = engine.submit([2, poisoned] + good[0], sampled)
+        streams = [engine.submit(p, greedy) for p in good]
+        with pytest.raises(GemmakitError, match="not finite"):
+            list(bad)
+        together = [[ev.token_id for ev in s] for s in streams]
+        assert engine.peak_batch >= 2
+    finally:
+        engine.shutdown()
+    assert together == alone and all(len(t) == 8 for t in alone)

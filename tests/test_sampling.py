@@ -128,6 +128,17 @@ def test_logit_bias_bans_and_forces_tokens(llm) -> None:
         llm.generate(prompt, max_tokens=1, logit_bias={llm.config.vocab_size: 1.0})
 
 
+def test_extreme_values_take_their_limits(llm) -> None:
+    """Values at the edge of float range sample what their limit says instead of failing on inf/NaN."""
+    prompt = llm.tokenizer.encode("The capital of France is", add_bos=True)
+    greedy = llm.generate(prompt, max_tokens=6, temperature=0).token_ids
+    assert llm.generate(prompt, max_tokens=6, temperature=1e-300, seed=1).token_ids == greedy
+    assert llm.generate(prompt, max_tokens=6, top_p=1e-300, seed=1).token_ids == greedy
+    # A vanishing repetition penalty makes the seen tokens (with positive logits) the only candidates.
+    boosted = llm.generate(prompt, max_tokens=6, repetition_penalty=1e-300, seed=1).token_ids
+    assert set(boosted) <= set(prompt)
+
+
 def test_repetition_penalty_changes_greedy_output(llm) -> None:
     plain = llm.generate("1, 2, 3, 4,", max_tokens=16, temperature=0)
     penalized = llm.generate("1, 2, 3, 4,", max_tokens=16, temperature=0, repetition_penalty=1.5)

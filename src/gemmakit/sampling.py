@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .errors import InvalidParameterError
+from .errors import GemmakitError, InvalidParameterError
 from .quant.kernels import kernels
 
 MAX_LOGPROBS = 20
@@ -146,8 +146,9 @@ def apply_penalties(
 
 
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Temperature, top-k, top-p and min-p on (V,) logits; filtered-out entries become -inf."""
-    logits = logits / params.temperature
+    """Temperature, top-k, top-p and min-p on (V,) logits; filtered-out entries become -inf. The result is
+    shifted so that its largest entry is 0 (the same distribution), which keeps a tiny temperature finite."""
+    logits = (logits - logits.max()) / max(params.temperature, torch.finfo(torch.float32).tiny)
     if params.top_k and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -156,6 +157,7 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         probs = torch.softmax(sorted_logits, dim=-1)
         # Drop a token when the tokens before it already reach top_p (the first token always stays).
         drop_sorted = (probs.cumsum(-1) - probs) >= params.top_p
+        drop_sorted[0] = False  # also when top_p rounds to 0 in float32
         drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     if params.min_p > 0:
@@ -201,10 +203,13 @@ def sample_token(
     """Pick the next token id from (V,) float32 logits (``raw_argmax``: their argmax, when already known)."""
     if raw_argmax is not None and uses_raw_argmax(params):
         return raw_argmax
-    logits = apply_penalties(logits, params, seen, counts)
+    # Extreme penalties may overflow a logit to +inf: FLT_MAX keeps the sums below finite (NaN stays NaN).
+    logits = apply_penalties(logits, params, seen, counts).clamp(max=torch.finfo(torch.float32).max)
     if params.greedy:
         return argmax(logits)
     probs = torch.softmax(filter_logits(logits, params), dim=-1)
+    if not bool(torch.isfinite(probs).all()):
+        raise GemmakitError("sampling failed: the model's logits are not finite (NaN)")
     return int(torch.multinomial(probs, 1, generator=generator))
 
 

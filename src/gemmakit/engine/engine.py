@@ -70,6 +70,10 @@ class _Request:
         return len(self.prompt) + self.sampler.generated - 1  # where next_token goes
 
 
+def _as_gemmakit_error(exc: Exception) -> GemmakitError:
+    return exc if isinstance(exc, GemmakitError) else GemmakitError(f"generation failed: {exc}")
+
+
 def _delivered(item: StreamEvent | Exception) -> StreamEvent:
     """An event from the engine, or the error that ended the request, raised."""
     if isinstance(item, Exception):
@@ -281,8 +285,7 @@ class Engine:
             logger.exception("engine step failed")
             for request in self._rows:
                 if request is not None:
-                    self._emit(request, exc if isinstance(exc, GemmakitError) else
-                               GemmakitError(f"generation failed: {exc}"))
+                    self._emit(request, _as_gemmakit_error(exc))
                     self._free(request)
         return True
 
@@ -333,7 +336,12 @@ class Engine:
         else:
             hints = [None] * len(requests)
         for i, request in enumerate(requests):
-            self._accept(request, logits[i], hints[i])
+            try:
+                self._accept(request, logits[i], hints[i])
+            except Exception as exc:  # one sequence's sampling failure ends that sequence, not the batch
+                logger.warning("sampling failed for one sequence: %s", exc)
+                self._emit(request, _as_gemmakit_error(exc))
+                self._free(request)
 
     def _accept(self, request: _Request, logits: torch.Tensor, raw_argmax: int | None = None) -> None:
         event = request.sampler.step(logits, raw_argmax)
