@@ -116,6 +116,17 @@ def test_logprobs_are_the_models(llm) -> None:
         assert [v for _, v in lp.top] == sorted((v for _, v in lp.top), reverse=True)
 
 
+def test_prompt_logprobs_are_the_models(llm) -> None:
+    prompt = llm.tokenizer.encode("The capital of France is", add_bos=True)
+    out = llm.generate(prompt, max_tokens=1, temperature=0, prompt_logprobs=3)
+    reference = torch.log_softmax(llm.logits(prompt), dim=-1)
+    assert len(out.prompt_logprobs) == len(prompt) and out.prompt_logprobs[0] is None
+    for k, lp in enumerate(out.prompt_logprobs[1:], start=1):
+        assert lp.token_id == prompt[k]
+        assert lp.logprob == pytest.approx(float(reference[k - 1, prompt[k]]), abs=1e-3)
+        assert [i for i, _ in lp.top] == torch.topk(reference[k - 1], 3).indices.tolist()
+
+
 def test_logit_bias_bans_and_forces_tokens(llm) -> None:
     prompt = llm.tokenizer.encode("The capital of France is", add_bos=True)
     logits = llm.logits(prompt)[-1]

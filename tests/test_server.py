@@ -9,6 +9,7 @@ import time
 import httpx
 import openai
 import pytest
+import torch
 import uvicorn
 
 from gemmakit.server import create_app
@@ -110,6 +111,46 @@ def test_n_seed_logprobs_and_stop(client) -> None:
     stop = full.text.strip().split(" ")[1]
     cut = client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", max_tokens=12, temperature=0, stop=[stop])
     assert cut.choices[0].finish_reason == "stop" and cut.choices[0].text == full.text[: full.text.index(stop)]
+
+
+def test_batch_of_prompts(llm, client) -> None:
+    """A list of prompts: each prompt's n choices in turn, as OpenAI orders them; usage sums the prompts."""
+    prompts = ["The capital of France is", "Once upon a time"]
+    out = client.completions.create(model=MODEL, prompt=prompts, n=2, max_tokens=5, temperature=0)
+    alone = [llm.generate(p, max_tokens=5, temperature=0).text for p in prompts]
+    assert [c.index for c in out.choices] == [0, 1, 2, 3]
+    assert [c.text for c in out.choices] == [alone[0], alone[0], alone[1], alone[1]]
+    assert out.usage.prompt_tokens == sum(len(llm.tokenizer.encode(p, add_bos=True)) for p in prompts)
+    assert out.usage.completion_tokens == 20
+    by_ids = client.completions.create(model=MODEL, prompt=[llm.tokenizer.encode(p, add_bos=True) for p in prompts],
+                                       max_tokens=5, temperature=0)
+    assert [c.text for c in by_ids.choices] == alone
+    with pytest.raises(openai.BadRequestError, match="at most 64"):
+        client.completions.create(model=MODEL, prompt=["a"] * 5, n=16, max_tokens=1)
+
+
+def test_echo_with_logprobs_scores_the_prompt(llm, client) -> None:
+    """OpenAI's echo + logprobs: every prompt token's log-probability given the ones before (the first: None),
+    then the completion's; streamed or not, the same numbers."""
+    prompt = "The capital of France is"
+    ids = llm.tokenizer.encode(prompt, add_bos=True)
+    out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, temperature=0, echo=True, logprobs=2)
+    lp = out.choices[0].logprobs
+    n = len(ids)
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.text_offset) == n + 3
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    reference = torch.log_softmax(llm.logits(ids), dim=-1)
+    for k in range(1, n):
+        assert lp.token_logprobs[k] == pytest.approx(float(reference[k - 1, ids[k]]), abs=1e-3)
+        assert len(lp.top_logprobs[k]) == 2
+    text = out.choices[0].text
+    assert text.startswith(prompt) and "".join(lp.tokens[1:n]) == prompt  # the BOS is not in the text
+    assert all(text[lp.text_offset[k]:].startswith(lp.tokens[k]) for k in range(1, n + 3))
+    chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, temperature=0, echo=True,
+                                            logprobs=2, stream=True))
+    streamed = [v for c in chunks if c.choices and c.choices[0].logprobs for v in c.choices[0].logprobs.token_logprobs]
+    assert streamed == lp.token_logprobs
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == text
 
 
 def test_logit_bias(llm, client) -> None:

@@ -35,6 +35,9 @@ class StreamEvent:
     finish_reason: str | None = None
     # True when token_id is the end-of-turn / end-of-sequence token that ended generation (not content).
     stop_token: bool = False
+    # On the first event of a request that asked for them (SamplingParams.prompt_logprobs): one entry per
+    # prompt token, None for the first.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass
@@ -57,6 +60,7 @@ class Completion:
     usage: Usage
     logprobs: list[TokenLogprob] | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # see StreamEvent.prompt_logprobs
     # Gemma 4 chat: the thought channel, kept apart from `text`, and parsed tool calls (OpenAI shape).
     reasoning: str | None = None
     tool_calls: list[dict] | None = None
@@ -102,15 +106,38 @@ class StopStringMatcher:
         return out
 
 
+class PromptScorer:
+    """The log-probability of each prompt token given the ones before it, gathered as the prompt's hidden states
+    come out of the model piece by piece (OpenAI's echo + logprobs, vLLM's prompt_logprobs)."""
+
+    ROWS = 16  # hidden states per head call: bounds the logits held at once to ROWS x vocabulary
+
+    def __init__(self, model: Gemma, prompt_ids: Sequence[int], n_top: int) -> None:
+        self.model, self.ids, self.n_top = model, list(prompt_ids), n_top
+        self.logprobs: list[TokenLogprob | None] = [None]  # the first token has no context
+
+    def add(self, start: int, hidden: torch.Tensor) -> None:
+        """Hidden states (T, E) of prompt positions start .. start + T - 1 (after the final norm)."""
+        following = self.ids[start + 1 : start + 1 + hidden.shape[0]]  # the last prompt token predicts no prompt
+        for s in range(0, len(following), self.ROWS):
+            rows = hidden[s : min(s + self.ROWS, len(following))].unsqueeze(1)  # (r, 1, E): one-token rows
+            logits = self.model.logits(rows)[:, 0]
+            self.logprobs += [token_logprob(logits[i], following[s + i], self.n_top) for i in range(rows.shape[0])]
+
+
 @torch.inference_mode()
-def prefill(model: Gemma, ids: Sequence[int], cache: KVCache, chunk: int = PREFILL_CHUNK) -> torch.Tensor:
-    """Run the prompt through the model in chunks; returns the logits (V,) after its last token."""
+def prefill(model: Gemma, ids: Sequence[int], cache: KVCache, chunk: int = PREFILL_CHUNK,
+            scorer: PromptScorer | None = None) -> torch.Tensor:
+    """Run the prompt through the model in chunks; returns the logits (V,) after its last token. A scorer
+    gets every chunk's hidden states."""
     tokens = torch.tensor([list(ids)], dtype=torch.long)
     hidden = None
     for start in range(0, tokens.shape[1], chunk):
         piece = tokens[:, start : start + chunk]
         positions = torch.arange(start, start + piece.shape[1]).unsqueeze(0)
         hidden = model(piece, positions, cache)
+        if scorer is not None:
+            scorer.add(start, hidden[0])
     return model.logits(hidden[0, -1])
 
 
@@ -187,10 +214,13 @@ def generate_events(
     budget = token_budget(len(prompt_ids), params, max_len)
     cache = KVCache(model.config, 1, len(prompt_ids) + budget, dtype=model.activation_dtype)
     sampler = SequenceSampler(tokenizer, prompt_ids, params, stop_token_ids, budget, model.config.vocab_size)
-    logits = prefill(model, prompt_ids, cache)
+    scorer = PromptScorer(model, prompt_ids, params.prompt_logprobs) if params.prompt_logprobs is not None else None
+    logits = prefill(model, prompt_ids, cache, scorer=scorer)
     position = len(prompt_ids)
     while True:
         event = sampler.step(logits)
+        if scorer is not None:
+            event.prompt_logprobs, scorer = scorer.logprobs, None
         yield event
         if event.finish_reason:
             return
@@ -208,12 +238,15 @@ class CompletionBuilder:
         self.texts: list[str] = []
         self.ids: list[int] = []
         self.logprobs: list[TokenLogprob] = []
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None
         self.finish = "length"
 
     def add(self, ev: StreamEvent) -> None:
         if self.first is None:
             self.first = time.perf_counter()
         self.texts.append(ev.text)
+        if ev.prompt_logprobs is not None:
+            self.prompt_logprobs = ev.prompt_logprobs
         if not ev.stop_token:
             self.ids.append(ev.token_id)
             if ev.logprob is not None:
@@ -225,7 +258,8 @@ class CompletionBuilder:
         end = time.perf_counter()
         timings = {"total_s": end - self.start, "first_token_s": (self.first or end) - self.start}
         return Completion("".join(self.texts), self.ids, self.finish, Usage(self.prompt_tokens, len(self.ids)),
-                          self.logprobs if self.want_logprobs else None, timings)
+                          self.logprobs if self.want_logprobs else None, timings,
+                          prompt_logprobs=self.prompt_logprobs)
 
 
 def collect(events: Iterator[StreamEvent], prompt_tokens: int, want_logprobs: bool) -> Completion:

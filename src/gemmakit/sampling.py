@@ -41,6 +41,8 @@ class SamplingParams:
             own log-probability (of the model's raw distribution).
         logit_bias: token id -> a number in [-100, 100] added to that token's logit before each pick (OpenAI's
             logit_bias: -100 in effect bans a token, 100 forces it).
+        prompt_logprobs: None for none, else the number (0-20) of top alternatives to report with the
+            log-probability of each prompt token given the ones before it (the first has none: None).
     """
 
     max_tokens: int | None = 256
@@ -56,6 +58,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     logit_bias: dict[int, float] = field(default_factory=dict)
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -107,10 +110,11 @@ class SamplingParams:
             raise bad("seed", "must be None or an integer in [-2**63, 2**64)")
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
             raise bad("stop", "must be a non-empty string or a list of non-empty strings")
-        if self.logprobs is not None and (
-            isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= MAX_LOGPROBS
-        ):
-            raise bad("logprobs", f"must be None or an integer in [0, {MAX_LOGPROBS}]")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or not 0 <= value <= MAX_LOGPROBS):
+                raise bad(name, f"must be None or an integer in [0, {MAX_LOGPROBS}]")
         if not isinstance(self.logit_bias, dict) or not all(
             isinstance(t, int) and not isinstance(t, bool) and t >= 0 and isinstance(b, (int, float))
             and not isinstance(b, bool) and -100 <= b <= 100 for t, b in self.logit_bias.items()

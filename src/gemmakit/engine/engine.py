@@ -28,7 +28,7 @@ from typing import AsyncIterator, Iterator, Sequence
 import torch
 
 from ..errors import GemmakitError, InvalidParameterError
-from ..generate import SequenceSampler, StreamEvent, token_budget
+from ..generate import PromptScorer, SequenceSampler, StreamEvent, token_budget
 from ..kv_cache import KVCache
 from ..sampling import SamplingParams, argmax_rows, uses_raw_argmax
 
@@ -64,6 +64,7 @@ class _Request:
     cancelled: bool = False
     done: bool = False
     timeout: float | None = None
+    scorer: PromptScorer | None = None  # prompt logprobs, when asked; handed over with the first event
 
     @property
     def position(self) -> int:
@@ -186,6 +187,8 @@ class Engine:
                                   self.model.config.vocab_size)
         deadline = time.monotonic() + timeout if timeout is not None else None
         request = _Request(list(prompt_ids), sampler, deadline, timeout=timeout)
+        if params.prompt_logprobs is not None:
+            request.scorer = PromptScorer(self.model, prompt_ids, params.prompt_logprobs)
         if loop is not None:
             request.loop, request.async_events = loop, asyncio.Queue()
         with self._wake:
@@ -304,6 +307,7 @@ class Engine:
                 request.next_token = None
         self.peak_batch = max(self.peak_batch, len(tokens))
         budget = self.prefill_budget
+        scored: list[tuple[_Request, int, slice]] = []  # prompt pieces to score: first position, their rows
         for request in self._rows:  # then prompt pieces, lowest row first, while the step's budget lasts
             if budget <= 0:
                 break
@@ -311,6 +315,8 @@ class Engine:
                 continue
             start = request.prefilled
             piece = request.prompt[start : start + min(self.prefill_chunk, budget)]
+            if request.scorer is not None:
+                scored.append((request, start, slice(len(tokens), len(tokens) + len(piece))))
             tokens.extend(piece)
             rows.extend([request.row] * len(piece))
             positions.extend(range(start, start + len(piece)))
@@ -322,6 +328,8 @@ class Engine:
             return
         hidden = self.model(torch.tensor(tokens).unsqueeze(1), torch.tensor(positions).unsqueeze(1), self.cache,
                             rows=torch.tensor(rows))  # (N, 1, E)
+        for request, start, piece_rows in scored:
+            request.scorer.add(start, hidden[piece_rows, 0])
         if sampled:
             last = torch.tensor([i for _, i in sampled])
             # (n, 1, E): one-token rows, which the head computes one by one whatever their number (kernel_rows)
@@ -345,6 +353,8 @@ class Engine:
 
     def _accept(self, request: _Request, logits: torch.Tensor, raw_argmax: int | None = None) -> None:
         event = request.sampler.step(logits, raw_argmax)
+        if request.scorer is not None:  # the prompt is done: its logprobs go with the first token
+            event.prompt_logprobs, request.scorer = request.scorer.logprobs, None
         self._emit(request, event)
         if event.finish_reason:
             self._free(request)

@@ -35,6 +35,7 @@ logger = logging.getLogger("gemmakit.server")
 
 DEFAULT_CONTEXT = 8192  # tokens per sequence unless the server is told otherwise (bounded by the model's)
 DEFAULT_KV_CACHE_BYTES = 1 << 30
+MAX_CHOICES = 64  # engine requests one HTTP request may make (prompts x n)
 
 
 class APIError(Exception):
@@ -59,6 +60,32 @@ def _logprob_entry(tokenizer, lp: TokenLogprob, top: int) -> dict[str, Any]:
     entry = item(lp.token_id, lp.logprob)
     entry["top_logprobs"] = [item(i, v) for i, v in lp.top[:top]]
     return entry
+
+
+class CompletionLogprobs:
+    """The logprobs object of a /v1/completions choice (tokens, token_logprobs, top_logprobs, text_offset),
+    built token by token; ``text_offset`` counts characters of the choice's text from its start."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.entries: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        self.offset = 0
+
+    def add(self, tokens: list[tuple[int, TokenLogprob | None]], silent_first: bool = False) -> dict[str, list]:
+        """Append (token id, its logprob or None) pairs and return the entries for just these. ``silent_first``:
+        the first token is not in the text (a BOS that encoding added)."""
+        part: dict[str, list] = {key: [] for key in self.entries}
+        for k, (token_id, lp) in enumerate(tokens):
+            text = self.tokenizer.token_bytes(token_id).decode("utf-8", errors="replace")
+            part["tokens"].append(text)
+            part["token_logprobs"].append(lp.logprob if lp is not None else None)
+            part["top_logprobs"].append({self.tokenizer.decode([t]): v for t, v in lp.top} if lp is not None else None)
+            part["text_offset"].append(self.offset)
+            if not (silent_first and k == 0):
+                self.offset += len(text)
+        for key, values in part.items():
+            self.entries[key] += values
+        return part
 
 
 class ClosingStreamingResponse(StreamingResponse):
@@ -258,14 +285,15 @@ def create_app(llm, model_name: str | None = None, api_keys: list[str] | None = 
             request.state.log = {}
         request.state.log.update(fields)
 
-    def submit(ids: list[int], params: list[SamplingParams], timeout: float | None) -> list[RequestStream]:
-        """Queue one request per choice; all or none (a full queue cancels the ones already queued)."""
-        for p in params:
+    def submit(jobs: list[tuple[list[int], SamplingParams]], timeout: float | None) -> list[RequestStream]:
+        """Queue one engine request per choice (prompt ids, sampling); all or none (a full queue cancels the
+        ones already queued)."""
+        for ids, p in jobs:
             llm.check_fits(len(ids), p, ctx)
         loop = asyncio.get_running_loop()
         streams: list[RequestStream] = []
         try:
-            for p in params:
+            for ids, p in jobs:
                 streams.append(engine.submit(ids, p, timeout, loop))
         except EngineBusyError:
             for st in streams:
@@ -273,14 +301,14 @@ def create_app(llm, model_name: str | None = None, api_keys: list[str] | None = 
             raise
         return streams
 
-    async def complete(streams: list[RequestStream], n_prompt: int, want_logprobs: bool,
+    async def complete(streams: list[RequestStream], prompt_lengths: list[int], want_logprobs: bool,
                        request: Request) -> list[Completion]:
         """Each choice's whole completion. A client that hangs up first cancels its generations (their cache
         rows free at the engine's next step) and the request ends with 499, as a proxy logs it."""
 
         async def collect() -> list[Completion]:
             results = []
-            for st in streams:
+            for st, n_prompt in zip(streams, prompt_lengths):
                 builder = CompletionBuilder(n_prompt, want_logprobs)
                 async for ev in metrics.observe(st, n_prompt):
                     builder.add(ev)
@@ -363,16 +391,17 @@ def create_app(llm, model_name: str | None = None, api_keys: list[str] | None = 
             # OpenAI's default is "until the context is full"; fill what is left after the prompt.
             body.max_tokens = max(ctx - n_prompt, 1)
         note(request, prompt_tokens=n_prompt, n=body.n, **({"messages": body.messages} if log_prompts else {}))
-        streams = submit(ids, [chat_params(body, i) for i in range(body.n)], body.timeout)
+        streams = submit([(ids, chat_params(body, i)) for i in range(body.n)], body.timeout)
         cid, created = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
         if body.stream:
             return ClosingStreamingResponse(_guarded(chat_sse(body, streams, cid, created, n_prompt, request),
                                                      request), media_type="text/event-stream")
-        results = [llm.parse_chat(c) for c in await complete(streams, n_prompt, body.logprobs, request)]
+        results = [llm.parse_chat(c) for c in await complete(streams, [n_prompt] * body.n, body.logprobs,
+                                                              request)]
         note(request, completion_tokens=sum(c.usage.completion_tokens for c in results))
         return {"id": cid, "object": "chat.completion", "created": created, "model": model_id,
                 "choices": [chat_choice(body, i, c) for i, c in enumerate(results)],
-                "usage": usage(results)}
+                "usage": usage(results, n_prompt)}
 
     def chat_choice(body: ChatCompletionRequest, index: int, c: Completion) -> dict[str, Any]:
         message: dict[str, Any] = {"role": "assistant", "content": c.text}
@@ -387,8 +416,7 @@ def create_app(llm, model_name: str | None = None, api_keys: list[str] | None = 
             logprobs = {"content": [_logprob_entry(llm.tokenizer, lp, body.top_logprobs or 0) for lp in c.logprobs]}
         return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish}
 
-    def usage(results: list[Completion]) -> dict[str, int]:
-        prompt = results[0].usage.prompt_tokens
+    def usage(results: list[Completion], prompt: int) -> dict[str, int]:
         completion = sum(c.usage.completion_tokens for c in results)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
@@ -447,56 +475,79 @@ def create_app(llm, model_name: str | None = None, api_keys: list[str] | None = 
     async def completions(body: CompletionRequest, request: Request):
         check_model(body.model)
         cid, created = "cmpl-" + uuid.uuid4().hex, int(time.time())
-        ids = llm.prompt_ids(body.prompt)
-        prompt_text = body.prompt if isinstance(body.prompt, str) else llm.tokenizer.decode(body.prompt)
+        prompts = body.prompt_list()
+        if len(prompts) * body.n > MAX_CHOICES:
+            raise APIError(400, f"{len(prompts)} prompts x n={body.n} make {len(prompts) * body.n} choices; at most "
+                           f"{MAX_CHOICES} per request", param="prompt")
+        ids = [llm.prompt_ids(p) for p in prompts]
+        texts = [p if isinstance(p, str) else llm.tokenizer.decode(p) for p in prompts]
+        # The BOS that encoding a text prompt adds is not in the echoed text.
+        added_bos = [isinstance(p, str) and x[:1] == [llm.tokenizer.bos_id] for p, x in zip(prompts, ids)]
 
-        def params(i: int) -> SamplingParams:
+        def params(choice: int) -> SamplingParams:
             p = body.sampling(body.max_tokens)
             if body.seed is not None:
-                p["seed"] = body.seed + i
+                p["seed"] = body.seed + choice
             if body.logprobs is not None:
                 p["logprobs"] = body.logprobs
+                if body.echo:  # OpenAI's echo + logprobs scores the prompt's tokens too
+                    p["prompt_logprobs"] = body.logprobs
             return SamplingParams.from_kwargs(**p)
 
-        note(request, prompt_tokens=len(ids), n=body.n, **({"prompt": prompt_text} if log_prompts else {}))
-        streams = submit(ids, [params(i) for i in range(body.n)], body.timeout)
+        note(request, prompt_tokens=sum(map(len, ids)), n=body.n,
+             **({"prompt": texts if len(texts) > 1 else texts[0]} if log_prompts else {}))
+        # Choices in OpenAI's order: each prompt's n choices in turn.
+        prompt_of = [k // body.n for k in range(len(prompts) * body.n)]
+        streams = submit([(ids[prompt_of[c]], params(c)) for c in range(len(prompt_of))], body.timeout)
         if body.stream:
-            return ClosingStreamingResponse(_guarded(completion_sse(body, streams, cid, created, prompt_text,
-                                                                    len(ids), request), request),
+            return ClosingStreamingResponse(_guarded(completion_sse(body, streams, cid, created, texts, ids,
+                                                                    added_bos, request), request),
                                             media_type="text/event-stream")
-        results = await complete(streams, len(ids), body.logprobs is not None, request)
+        results = await complete(streams, [len(ids[k]) for k in prompt_of], body.logprobs is not None, request)
         note(request, completion_tokens=sum(c.usage.completion_tokens for c in results))
         choices = []
-        for i, c in enumerate(results):
-            text = (prompt_text if body.echo else "") + c.text
+        for c, result in enumerate(results):
+            k = prompt_of[c]
+            text = (texts[k] if body.echo else "") + result.text
             logprobs = None
-            if body.logprobs is not None and c.logprobs is not None:
-                tokens = [llm.tokenizer.token_bytes(lp.token_id).decode("utf-8", errors="replace") for lp in c.logprobs]
-                logprobs = {
-                    "tokens": tokens,
-                    "token_logprobs": [lp.logprob for lp in c.logprobs],
-                    "top_logprobs": [{llm.tokenizer.decode([t]): v for t, v in lp.top} for lp in c.logprobs],
-                    "text_offset": [len(prompt_text if body.echo else "") + sum(len(t) for t in tokens[:k])
-                                    for k in range(len(tokens))],
-                }
-            choices.append({"index": i, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason})
+            if body.logprobs is not None and result.logprobs is not None:
+                table = CompletionLogprobs(llm.tokenizer)
+                if body.echo:
+                    table.add(list(zip(ids[k], result.prompt_logprobs)), silent_first=added_bos[k])
+                table.add([(lp.token_id, lp) for lp in result.logprobs])
+                logprobs = table.entries
+            choices.append({"index": c, "text": text, "logprobs": logprobs, "finish_reason": result.finish_reason})
         return {"id": cid, "object": "text_completion", "created": created, "model": model_id,
-                "choices": choices, "usage": usage(results)}
+                "choices": choices, "usage": usage(results, sum(map(len, ids)))}
 
     def completion_sse(body: CompletionRequest, streams: list[RequestStream], cid: str, created: int,
-                       prompt_text: str, prompt_tokens: int, request: Request) -> AsyncIterator[str]:
+                       texts: list[str], ids: list[list[int]], added_bos: list[bool],
+                       request: Request) -> AsyncIterator[str]:
         base = {"id": cid, "object": "text_completion", "created": created, "model": model_id}
 
-        async def choice_chunks(index: int, stream: RequestStream, count: dict[str, int]) -> AsyncIterator[str]:
-            if body.echo:
-                yield sse({**base, "choices": [{"index": index, "text": prompt_text, "logprobs": None,
-                                                "finish_reason": None}]})
-            async for ev in metrics.observe(stream, prompt_tokens):
-                count["completion_tokens"] += not ev.stop_token
-                if ev.text or ev.finish_reason:
-                    yield sse({**base, "choices": [{"index": index, "text": ev.text, "logprobs": None,
-                                                    "finish_reason": ev.finish_reason}]})
+        def chunk(index: int, text: str, logprobs: dict[str, Any] | None, finish: str | None = None) -> str:
+            return sse({**base, "choices": [{"index": index, "text": text, "logprobs": logprobs,
+                                             "finish_reason": finish}]})
 
-        return framed(body, streams, base, prompt_tokens, request, choice_chunks)
+        async def choice_chunks(index: int, stream: RequestStream, count: dict[str, int]) -> AsyncIterator[str]:
+            k = index // body.n
+            table = CompletionLogprobs(llm.tokenizer) if body.logprobs is not None else None
+            echo_pending = body.echo
+            if echo_pending and table is None:
+                yield chunk(index, texts[k], None)
+                echo_pending = False
+            async for ev in metrics.observe(stream, len(ids[k])):
+                if echo_pending:  # the prompt's logprobs come with the first generated token
+                    yield chunk(index, texts[k], table.add(list(zip(ids[k], ev.prompt_logprobs)),
+                                                           silent_first=added_bos[k]))
+                    echo_pending = False
+                count["completion_tokens"] += not ev.stop_token
+                logprobs = None
+                if table is not None and ev.logprob is not None and not ev.stop_token:
+                    logprobs = table.add([(ev.token_id, ev.logprob)])
+                if ev.text or ev.finish_reason or logprobs:
+                    yield chunk(index, ev.text, logprobs, ev.finish_reason)
+
+        return framed(body, streams, base, sum(map(len, ids)), request, choice_chunks)
 
     return app

@@ -70,10 +70,16 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[int]
+    prompt: str | list[int] | list[str] | list[list[int]]  # one prompt (text or ids), or a batch of them
     max_tokens: int | None = Field(default=16, ge=1)
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    def prompt_list(self) -> list[str | list[int]]:
+        """The prompts of the request: one, or each of a batch."""
+        if isinstance(self.prompt, str) or all(isinstance(t, int) for t in self.prompt):
+            return [self.prompt]
+        return list(self.prompt)
 
 
 class TokenizeRequest(BaseModel):
