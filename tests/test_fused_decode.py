@@ -2,7 +2,8 @@
 
 Both paths run the same decode steps on the same caches; only the kernels differ. Covered: the default
 quantized Gemma 3 model, and every tiny family of test_families (Gemma 2's soft-cap, Gemma 4's KV sharing,
-K = V, PLE, MoE) in a batch whose rows sit at different positions, one of them padding.
+K = V, PLE, MoE) in a batch whose rows sit at different positions, one of them padding. Then the C loop over
+all layers (csrc/layers.c) against the same fused pieces called from Python, bitwise.
 """
 
 from __future__ import annotations
@@ -16,16 +17,21 @@ from gemmakit.quant import fused
 from test_families import FAMILIES, build
 
 
+def on_and_off(switch: str, fn):
+    """fn() with the switch ``fused.<switch>`` on, then off."""
+    assert getattr(fused, switch)
+    on = fn()
+    setattr(fused, switch, False)
+    try:
+        off = fn()
+    finally:
+        setattr(fused, switch, True)
+    return on, off
+
+
 def run_both(fn):
     """fn() with the fused kernels, then with the PyTorch path."""
-    assert fused.ENABLED
-    with_fused = fn()
-    fused.ENABLED = False
-    try:
-        plain = fn()
-    finally:
-        fused.ENABLED = True
-    return with_fused, plain
+    return on_and_off("ENABLED", fn)
 
 
 @torch.inference_mode()
@@ -79,3 +85,77 @@ def test_bf16_geglu_is_the_float_geglu_rounded() -> None:
     fast = fused.geglu(gate_up)
     assert fast.dtype == torch.bfloat16
     assert torch.equal(fast, fused.geglu(gate_up.float()).to(torch.bfloat16))
+
+
+def run_loops(fn):
+    """fn() with all layers of a decode step in one C call, then with the fused pieces called one by one."""
+    return on_and_off("LAYER_LOOP", fn)
+
+
+def tiny_quantized_model(tmp_path):
+    """The tiny GGUF of helpers.py with Q8_0 matrices: quantized weights (the C layer loop's case) and a sliding
+    window of 8, so decode steps wrap the rings."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, quants
+
+    import gemmakit
+    from helpers import TINY, tiny_tensors, tiny_vocab, write_tiny_gguf
+
+    floats = tiny_tensors(TINY, len(tiny_vocab()[0]), np.random.default_rng(5))
+    mats = {name: a for name, a in floats.items() if a.ndim == 2}
+    q8 = GGMLQuantizationType.Q8_0
+    path = write_tiny_gguf(tmp_path / "q8.gguf", extra={n: quants.quantize(a, q8) for n, a in mats.items()},
+                           raw_types={n: q8 for n in mats})
+    return gemmakit.load(path)
+
+
+@torch.inference_mode()
+def test_layer_loop_is_the_python_loop_bitwise(llm) -> None:
+    """One C call for all layers gives exactly the logits of the per-piece loop: one sequence, and ragged steps of
+    several sequences (decode tokens and prompt pieces together, each in its own cache row)."""
+    from test_ragged import ragged_logits
+
+    ids = llm.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 6, add_bos=True)
+
+    def decode_all() -> torch.Tensor:
+        cache = KVCache(llm.config, 1, 256)
+        prefill(llm.model, ids[:8], cache)
+        assert fused._layer_table(llm.model, cache) is not None  # the C loop covers this model
+        return torch.stack([decode_step(llm.model, ids[t], t, cache) for t in range(8, len(ids))])
+
+    one_call, pieces = run_loops(decode_all)
+    assert torch.equal(one_call, pieces)
+    sequences = {0: ids[:20], 2: ids[3:30], 1: ids[10:19]}
+    plans = {0: [1] * 20, 2: [1, 1, 1] + [1] * 24, 1: [0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1]}
+
+    def ragged() -> dict:
+        return ragged_logits(llm.model, llm.config, plans, sequences, ring_extra=0)
+
+    a, b = run_loops(ragged)
+    assert all(torch.equal(a[row], b[row]) for row in sequences)
+
+
+@torch.inference_mode()
+def test_layer_loop_wraps_rings_and_skips_padding(tmp_path) -> None:
+    """A quantized model with a window of 8: a padded batch decoded past the window, one C call per step, gives
+    exactly the per-piece loop's logits."""
+    llm = tiny_quantized_model(tmp_path)
+    model = llm.model
+    lengths = [13, 6, 0]  # the last row is padding all along
+    ids = list(range(10, 60))
+
+    def decode_rows() -> torch.Tensor:
+        cache = KVCache(llm.config, len(lengths), 64)
+        T = max(lengths)
+        positions = torch.tensor([[t if t < n else -1 for t in range(T)] for n in lengths])
+        model(torch.tensor([ids[:T]] * len(lengths)), positions, cache)
+        assert fused._layer_table(model, cache) is not None
+        out = []
+        for step in range(20):
+            pos = torch.tensor([[n + step] if n else [-1] for n in lengths])
+            tok = torch.tensor([[ids[(n + step) % len(ids)]] for n in lengths])
+            out.append(model.logits(model(tok, pos, cache))[:2, 0])
+        return torch.stack(out)
+
+    one_call, pieces = run_loops(decode_rows)
+    assert torch.isfinite(one_call).all() and torch.equal(one_call, pieces)

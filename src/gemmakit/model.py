@@ -430,6 +430,8 @@ class Gemma(nn.Module):
             (positions[0] == torch.arange(T)).all()
         ):
             masks["causal"] = True
+        if cache is not None and T == 1 and fused.decode_layers(self, x, positions, rope_local, rope_global, cache):
+            return self.norm(x)  # every layer ran in one C call
         stored: dict[int, KV] = {}  # layer index -> keys/values that later shared layers read
         for i, layer in enumerate(self.layers):
             spec = layer.spec

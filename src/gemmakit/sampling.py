@@ -140,7 +140,8 @@ def apply_penalties(
 ) -> torch.Tensor:
     if params.repetition_penalty != 1.0:
         penalized = torch.where(logits > 0, logits / params.repetition_penalty, logits * params.repetition_penalty)
-        logits = torch.where(seen, penalized, logits)
+        # A tiny penalty may overflow a logit to +inf: FLT_MAX keeps the sums after it finite (NaN stays NaN).
+        logits = torch.where(seen, penalized, logits).clamp_(max=torch.finfo(torch.float32).max)
     if params.presence_penalty or params.frequency_penalty:
         logits = logits - params.presence_penalty * (counts > 0).float() - params.frequency_penalty * counts
     if params.logit_bias:
@@ -205,10 +206,9 @@ def sample_token(
     raw_argmax: int | None = None,
 ) -> int:
     """Pick the next token id from (V,) float32 logits (``raw_argmax``: their argmax, when already known)."""
-    if raw_argmax is not None and uses_raw_argmax(params):
-        return raw_argmax
-    # Extreme penalties may overflow a logit to +inf: FLT_MAX keeps the sums below finite (NaN stays NaN).
-    logits = apply_penalties(logits, params, seen, counts).clamp(max=torch.finfo(torch.float32).max)
+    if uses_raw_argmax(params):
+        return raw_argmax if raw_argmax is not None else argmax(logits)
+    logits = apply_penalties(logits, params, seen, counts)
     if params.greedy:
         return argmax(logits)
     probs = torch.softmax(filter_logits(logits, params), dim=-1)

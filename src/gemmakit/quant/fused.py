@@ -10,13 +10,16 @@ paths to each other.
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
 
 from .kernels import kernels
-from .linear import _ptr, kernel_rows
+from .linear import QuantLinear, QuantWeight, _ptr, kernel_rows
 
 SPLIT_SLOTS = 256  # cache slots per split-K range of the decode attention
 ENABLED = True  # tests switch this off to run the plain PyTorch decode path on the same model
+LAYER_LOOP = True  # tests switch this off to run the fused pieces one Python call at a time
 
 
 def bf16_prompt(proj: torch.nn.Module, x: torch.Tensor) -> bool:
@@ -114,3 +117,120 @@ def geglu(gate_up: torch.Tensor) -> torch.Tensor:
     fn = kernels().geglu_bf16 if flat.dtype == torch.bfloat16 else kernels().geglu
     fn(_ptr(flat), _ptr(out), flat.numel() // F2, F2 // 2, torch.get_num_threads())
     return out
+
+
+# -- all decoder layers of a decode step in one call (csrc/layers.c) ---------------------------------------------
+
+_p, _i64, _i32, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
+
+
+class _QMatrix(ctypes.Structure):
+    _fields_ = [("q", _p), ("scale", _p), ("mins", _p), ("N", _i64), ("K", _i64), ("group", _i64), ("flags", _i32)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("qkv", _QMatrix), ("o", _QMatrix), ("gate_up", _QMatrix), ("down", _QMatrix),
+                ("in_norm", _p), ("post_attn_norm", _p), ("pre_ffn_norm", _p), ("post_ffn_norm", _p),
+                ("q_norm_w", _p), ("k_norm_w", _p), ("kc", _p), ("vc", _p), ("slot_pos", _p),
+                ("H", _i64), ("Hkv", _i64), ("D", _i64), ("S1", _i64), ("window", _i64),
+                ("scale", _f32), ("softcap", _f32), ("slots_id", _i32), ("rope_id", _i32)]
+
+
+class _StepSlots(ctypes.Structure):
+    _fields_ = [("slot", _p), ("n_slots", _i64)]
+
+
+class _StepRope(ctypes.Structure):
+    _fields_ = [("cos", _p), ("ssin", _p)]
+
+
+def _qmatrix(proj) -> _QMatrix | None:
+    w = proj.qweight if isinstance(proj, QuantLinear) else None
+    if not isinstance(w, QuantWeight) or w.group not in (16, 32) or w.K % w.group:
+        return None
+    return _QMatrix(w.q.data_ptr(), w.scale.data_ptr(), w.mins.data_ptr() if w.mins is not None else None, w.N, w.K,
+                    w.group, w.kernel_flags)
+
+
+def _norm_ptr(norm) -> int | None:
+    if norm is None:
+        return None
+    w = norm.weight
+    if w is None or w.dtype != torch.float32 or not w.is_contiguous():
+        raise ValueError("norm weight")
+    return w.data_ptr()
+
+
+def _layer_entry(layer, cache_layer, slots_id: int) -> _Layer | None:
+    """The C description of one decoder layer, or None when the layer needs the Python loop."""
+    attn, mlp = layer.self_attn, layer.mlp
+    if (layer.moe or layer.ple or layer.layer_scalar is not None or attn.shared or attn.k_eq_v
+            or getattr(attn, "v_norm", None) is not None or cache_layer is None or attn.qkv_proj is None
+            or mlp.gate_up_proj is None):
+        return None
+    mats = [_qmatrix(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+    if any(m is None for m in mats) or cache_layer.k.dtype != torch.float32:
+        return None
+    try:
+        norms = [_norm_ptr(n) for n in (layer.input_layernorm, layer.post_attention_layernorm,
+                                        layer.pre_feedforward_layernorm, layer.post_feedforward_layernorm,
+                                        attn.q_norm, attn.k_norm)]
+    except ValueError:
+        return None
+    if norms[0] is None or norms[2] is None:
+        return None
+    k = cache_layer.k  # (rows, S1, Hkv, D)
+    return _Layer(*mats, *norms, k.data_ptr(), cache_layer.v.data_ptr(), cache_layer.slots.pos.data_ptr(),
+                  attn.n_heads, attn.n_kv, attn.head_dim, k.shape[1], attn.window or 0, attn.scale,
+                  attn.softcap or 0.0, slots_id, 0 if layer.spec.sliding else 1)
+
+
+def _layer_table(model, cache):
+    """(ctypes array of the layers, the distinct slot tables they use), built once per model and cache; None
+    when some layer needs the Python loop."""
+    cached = getattr(cache, "_fused_layers", None)
+    if cached is not None and cached[0] is model:
+        return cached[1]
+    slot_tables: list = []  # the distinct Slots objects (one per cache size), in the order layers meet them
+    entries: list | None = []
+    for layer, cache_layer in zip(model.layers, cache.layers):
+        entry = None
+        if cache_layer is not None:
+            if not any(t is cache_layer.slots for t in slot_tables):
+                slot_tables.append(cache_layer.slots)
+            slots_id = next(i for i, t in enumerate(slot_tables) if t is cache_layer.slots)
+            entry = _layer_entry(layer, cache_layer, slots_id)
+        if entry is None:
+            entries = None
+            break
+        entries.append(entry)
+    table = ((_Layer * len(entries))(*entries), slot_tables) if entries else None
+    cache._fused_layers = (model, table)
+    return table
+
+
+def decode_layers(model, x: torch.Tensor, positions: torch.Tensor, rope_local, rope_global, cache) -> bool:
+    """Run every decoder layer of a decode step on ``x`` (B, 1, E) in place in one C call (csrc/layers.c), after
+    ``cache.begin``; bitwise what the Python loop over the fused pieces computes. False (nothing done) when this
+    step or model is not one it covers."""
+    if not (LAYER_LOOP and fused_decode_ok(x) and x.is_contiguous()):
+        return False
+    table = _layer_table(model, cache)
+    if table is None:
+        return False
+    layers, slot_tables = table
+    B = x.shape[0]
+    qpos = positions.contiguous()
+    end = int(qpos.max()) + 1  # as LayerCache.visible: the filled prefix, or the whole ring once it wraps
+    index = [t.index.contiguous() for t in slot_tables]
+    steps = (_StepSlots * len(slot_tables))(*[
+        _StepSlots(ix.data_ptr(), t.slots + 1 if t.ring and end > t.slots else end)
+        for t, ix in zip(slot_tables, index)])
+    tables = [(c.contiguous(), s.contiguous()) for c, s in (rope_local, rope_global)]
+    ropes = (_StepRope * 2)(*[_StepRope(c.data_ptr(), s.data_ptr()) for c, s in tables])
+    rows = cache.rows.contiguous() if cache.rows is not None else None
+    err = kernels().decode_layers(layers, len(layers), steps, ropes, x.data_ptr(), B, x.shape[-1], qpos.data_ptr(),
+                                  _ptr(rows), model.config.rms_norm_eps, SPLIT_SLOTS, torch.get_num_threads())
+    if err:
+        raise MemoryError(f"decode_layers failed ({err})")
+    return True

@@ -21,7 +21,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("qgemv.c", "decode.c")]
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("qgemv.c", "decode.c", "layers.c")]
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-lm"]
 
 
@@ -95,4 +95,6 @@ def kernels() -> ctypes.CDLL | None:
     lib.argmax_f32.restype = i64
     lib.argmax_rows.argtypes = [p, i64, i64, p, ctypes.c_int]
     lib.argmax_rows.restype = None
+    lib.decode_layers.argtypes = [p, i64, p, p, p, i64, i64, p, p, f32, i64, ctypes.c_int]
+    lib.decode_layers.restype = ctypes.c_int
     return lib

@@ -1,0 +1,113 @@
+// The decoder layers of one decode step (one token per row) in one call: the same kernels, in the same order
+// and on the same inputs, as the PyTorch-side loop over the fused pieces (model.py with quant/fused.py), so the
+// results are bitwise the same; only the ~150 us of Python per layer around them is gone.
+//
+// Per layer: h = norm(x); q|k|v = h W_qkv; q/k norms, RoPE and the cache write (attn_prep); attention over the
+// visible cache slots (attend_decode); o = attn W_o; x += post_norm(o); h = norm(x); x += post_norm(geglu(h
+// W_gate_up) W_down). Layers without post norms (Gemma 1) skip them. What this does not cover (Gemma 4's
+// per-layer inputs, shared KV, experts, layer scalars; float weights) stays on the Python loop.
+#include <stdint.h>
+#include <stdlib.h>
+
+int qgemv(const int8_t *q, const void *scale, const void *mins, const float *x, float *y, int64_t B, int64_t N,
+          int64_t K, int64_t group, int flags, int threads);
+void rms_norm(const float *x, const float *w, float *out, int64_t rows, int64_t dim, float eps);
+void attn_prep(const float *qkv, int64_t row_stride, int64_t B, int64_t H, int64_t Hkv, int64_t D, int k_eq_v,
+               const float *q_w, int q_norm, const float *k_w, int k_norm, int v_norm, float eps,
+               const float *cos_, const float *ssin, float *q_out, float *kc, float *vc, int64_t S1,
+               const int64_t *slot, const int64_t *rows, int threads);
+void attend_decode(const float *q, const float *kc, const float *vc, const int64_t *slot_pos, const int64_t *qpos,
+                   const int64_t *rows, int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t S1, int64_t n_slots,
+                   int64_t window, float scale, float softcap, float *out, float *scratch, int64_t chunk,
+                   int64_t parts, int threads);
+void geglu(const float *gu, float *out, int64_t rows, int64_t F, int threads);
+
+// A packed quantized matrix (see qgemv.c): N outputs from K inputs.
+typedef struct {
+    const int8_t *q;
+    const void *scale, *mins;
+    int64_t N, K, group;
+    int32_t flags;
+} QMatrix;
+
+// What a layer keeps from step to step (built once per model and cache).
+typedef struct {
+    QMatrix qkv, o, gate_up, down;
+    const float *in_norm, *post_attn_norm, *pre_ffn_norm, *post_ffn_norm;  // post norms may be NULL
+    const float *q_norm_w, *k_norm_w;  // NULL: no q / k norm
+    float *kc, *vc;  // this layer's cache (rows, S1, Hkv, D)
+    const int64_t *slot_pos;  // (rows, S1) position held by each slot of its slot table
+    int64_t H, Hkv, D, S1, window;  // window 0: global attention
+    float scale, softcap;  // softcap 0: none
+    int32_t slots_id, rope_id;  // which StepSlots / StepRope of this step the layer uses
+} Layer;
+
+// Per step, for each slot table: the slot of each token (B,) and how many slots attention scans.
+typedef struct {
+    const int64_t *slot;
+    int64_t n_slots;
+} StepSlots;
+
+// Per step, for each RoPE table: cos and signed sin of each token (B, D).
+typedef struct {
+    const float *cos, *ssin;
+} StepRope;
+
+static int matmul(const QMatrix *w, const float *x, float *y, int64_t B, int threads) {
+    return qgemv(w->q, w->scale, w->mins, x, y, B, w->N, w->K, w->group, w->flags, threads);
+}
+
+static void add_normed(float *x, const float *h, const float *norm_w, float *tmp, int64_t B, int64_t E, float eps) {
+    const float *add = h;
+    if (norm_w) {
+        rms_norm(h, norm_w, tmp, B, E, eps);
+        add = tmp;
+    }
+    for (int64_t i = 0; i < B * E; i++) x[i] = x[i] + add[i];
+}
+
+// x (B, E) in place through layers [0, L). qpos (B,): each token's position; rows (B,) its cache row, or NULL
+// for token b -> row b. chunk: cache slots per split-K range of attention. Returns 0, or nonzero when a
+// buffer could not be allocated or a matmul refused its shape (x is then partly updated).
+int decode_layers(const Layer *layers, int64_t L, const StepSlots *slots, const StepRope *ropes, float *x,
+                  int64_t B, int64_t E, const int64_t *qpos, const int64_t *rows, float eps, int64_t chunk,
+                  int threads) {
+    int64_t width = 0, ffn = 0, attn = 0, scratch_n = 0;
+    for (int64_t l = 0; l < L; l++) {
+        const Layer *ly = &layers[l];
+        if (ly->qkv.N > width) width = ly->qkv.N;
+        if (ly->gate_up.N > ffn) ffn = ly->gate_up.N;
+        if (ly->H * ly->D > attn) attn = ly->H * ly->D;
+        int64_t parts = (slots[ly->slots_id].n_slots + chunk - 1) / chunk;
+        if (parts < 1) parts = 1;
+        if (B * ly->H * parts * (ly->D + 2) > scratch_n) scratch_n = B * ly->H * parts * (ly->D + 2);
+    }
+    float *h = malloc(sizeof(float) * B * E), *tmp = malloc(sizeof(float) * B * E);
+    float *proj = malloc(sizeof(float) * B * (width > ffn ? width : ffn));
+    float *q = malloc(sizeof(float) * B * attn), *att = malloc(sizeof(float) * B * attn);
+    float *act = malloc(sizeof(float) * B * (ffn / 2 > attn ? ffn / 2 : attn));
+    float *scratch = malloc(sizeof(float) * scratch_n);
+    int err = !h || !tmp || !proj || !q || !att || !act || !scratch;
+    for (int64_t l = 0; l < L && !err; l++) {
+        const Layer *ly = &layers[l];
+        const StepSlots *st = &slots[ly->slots_id];
+        const StepRope *rp = &ropes[ly->rope_id];
+        rms_norm(x, ly->in_norm, h, B, E, eps);
+        if ((err = matmul(&ly->qkv, h, proj, B, threads))) break;
+        attn_prep(proj, ly->qkv.N, B, ly->H, ly->Hkv, ly->D, 0, ly->q_norm_w, ly->q_norm_w != NULL, ly->k_norm_w,
+                  ly->k_norm_w != NULL, 0, eps, rp->cos, rp->ssin, q, ly->kc, ly->vc, ly->S1, st->slot, rows,
+                  threads);
+        int64_t parts = (st->n_slots + chunk - 1) / chunk;
+        attend_decode(q, ly->kc, ly->vc, ly->slot_pos, qpos, rows, B, ly->H, ly->Hkv, ly->D, ly->S1, st->n_slots,
+                      ly->window, ly->scale, ly->softcap, att, scratch, chunk, parts < 1 ? 1 : parts, threads);
+        if ((err = matmul(&ly->o, att, h, B, threads))) break;
+        add_normed(x, h, ly->post_attn_norm, tmp, B, E, eps);
+        rms_norm(x, ly->pre_ffn_norm, h, B, E, eps);
+        if ((err = matmul(&ly->gate_up, h, proj, B, threads))) break;
+        geglu(proj, act, B, ly->gate_up.N / 2, threads);
+        if ((err = matmul(&ly->down, act, h, B, threads))) break;
+        add_normed(x, h, ly->post_ffn_norm, tmp, B, E, eps);
+    }
+    free(h), free(tmp), free(proj), free(q), free(att), free(act), free(scratch);
+    return err ? err : 0;
+}
