@@ -92,20 +92,31 @@ def run_loops(fn):
     return on_and_off("LAYER_LOOP", fn)
 
 
-def tiny_quantized_model(tmp_path):
+# What Gemma 1 and 2 lack of the tiny Gemma 3 layout (q/k norms; Gemma 1 also the post norms), and Gemma 2's caps.
+TINY_ARCHS = {
+    "gemma": (("attn_q_norm", "attn_k_norm", "post_attention_norm", "post_ffw_norm"), {}),
+    "gemma2": (("attn_q_norm", "attn_k_norm"), {"gemma2.attn_logit_softcapping": 50.0,
+                                                "gemma2.final_logit_softcapping": 30.0}),
+    "gemma3": ((), {}),
+}
+
+
+def tiny_quantized_model(tmp_path, arch: str = "gemma3"):
     """The tiny GGUF of helpers.py with Q8_0 matrices: quantized weights (the C layer loop's case) and a sliding
-    window of 8, so decode steps wrap the rings."""
+    window of 8 (Gemma 2 and 3), so decode steps wrap the rings."""
     import numpy as np
     from gguf import GGMLQuantizationType, quants
 
     import gemmakit
     from helpers import TINY, tiny_tensors, tiny_vocab, write_tiny_gguf
 
+    missing, metadata = TINY_ARCHS[arch]
     floats = tiny_tensors(TINY, len(tiny_vocab()[0]), np.random.default_rng(5))
     mats = {name: a for name, a in floats.items() if a.ndim == 2}
     q8 = GGMLQuantizationType.Q8_0
-    path = write_tiny_gguf(tmp_path / "q8.gguf", extra={n: quants.quantize(a, q8) for n, a in mats.items()},
-                           raw_types={n: q8 for n in mats})
+    drop = tuple(f"blk.{i}.{name}.weight" for i in range(TINY["layers"]) for name in missing)
+    path = write_tiny_gguf(tmp_path / "q8.gguf", arch=arch, drop=drop, metadata=metadata,
+                           extra={n: quants.quantize(a, q8) for n, a in mats.items()}, raw_types={n: q8 for n in mats})
     return gemmakit.load(path)
 
 
@@ -135,12 +146,14 @@ def test_layer_loop_is_the_python_loop_bitwise(llm) -> None:
     assert all(torch.equal(a[row], b[row]) for row in sequences)
 
 
+@pytest.mark.parametrize("arch", list(TINY_ARCHS))
 @torch.inference_mode()
-def test_layer_loop_wraps_rings_and_skips_padding(tmp_path) -> None:
-    """A quantized model with a window of 8: a padded batch decoded past the window, one C call per step, gives
-    exactly the per-piece loop's logits."""
-    llm = tiny_quantized_model(tmp_path)
+def test_layer_loop_wraps_rings_and_skips_padding(arch, tmp_path) -> None:
+    """Quantized Gemma 1, 2 (soft-capped attention) and 3 with a window of 8: a padded batch decoded past the
+    window, one C call per step, gives exactly the per-piece loop's logits."""
+    llm = tiny_quantized_model(tmp_path, arch)
     model = llm.model
+    assert (llm.config.attn_logit_softcapping is not None) == (arch == "gemma2")
     lengths = [13, 6, 0]  # the last row is padding all along
     ids = list(range(10, 60))
 
