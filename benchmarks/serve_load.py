@@ -56,7 +56,7 @@ def server_command(target: str, args: argparse.Namespace, port: int) -> list[str
     if target == "gemmakit":
         return [sys.executable, "-m", "gemmakit.cli", "serve", "--model", args.model, "--port", str(port),
                 "--threads", str(args.threads), "--max-batch", str(args.max_batch), "--max-waiting", "256",
-                "--context-length", str(CONTEXT), "--model-name", "bench"]
+                "--context-length", str(CONTEXT), "--kv-cache-mib", str(args.kv_cache_mib), "--model-name", "bench"]
     if target == "llamacpp":
         return [sys.executable, "-m", "llama_cpp.server", "--model", args.model, "--host", "127.0.0.1", "--port",
                 str(port), "--n_threads", str(args.threads), "--n_ctx", str(CONTEXT), "--model_alias", "bench"]
@@ -150,6 +150,8 @@ def main() -> int:
     ap.add_argument("--max-batch", type=int, default=16, help="gemmakit's cache rows, llama-server's slots")
     ap.add_argument("--target", default="gemmakit",
                     help=f"comma-separated, of {', '.join(TARGETS)}; 'both' is gemmakit,llamacpp")
+    ap.add_argument("--kv-cache-mib", type=int, default=4096,
+                    help="gemmakit's KV cache budget (a row of 2048 tokens of the default model is ~32 MiB)")
     ap.add_argument("--llama-server", help="path of llama.cpp's llama-server binary")
     ap.add_argument("--rounds", type=int, default=1,
                     help="repeat the client levels; print medians, and each ratio as the median of the rounds' "

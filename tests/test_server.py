@@ -310,6 +310,20 @@ def test_full_queue_gets_429(llm) -> None:
         assert r.status_code == 200
 
 
+def test_kv_budget_bounds_the_rows_and_says_so(llm, caplog) -> None:
+    from gemmakit.engine.engine import PREFILL_CHUNK
+    from gemmakit.kv_cache import KVCache
+
+    row = KVCache.row_bytes(llm.config, 512, llm.model.activation_dtype, ring_extra=PREFILL_CHUNK)
+    with caplog.at_level("WARNING", logger="gemmakit.server"):
+        app = create_app(llm, model_name=MODEL, max_batch=8, context_length=512, kv_cache_bytes=3 * row)
+    try:
+        assert app.state.engine.max_batch == 3
+        assert "holds 3 rows of 512 tokens" in caplog.text and "max_batch=8" in caplog.text
+    finally:
+        app.state.engine.shutdown()
+
+
 def test_batch_invariance(server) -> None:
     """8 different greedy requests sent together get the same tokens as each sent alone."""
     import concurrent.futures

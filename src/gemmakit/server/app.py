@@ -219,6 +219,10 @@ def create_app(llm, model_name: str | None = None, api_keys: list[str] | None = 
         raise InvalidParameterError(
             f"one sequence of {ctx} tokens needs {row / 2**20:.0f} MiB of KV cache, more than the budget of "
             f"{kv_cache_bytes / 2**20:.0f} MiB: lower the context length or raise the budget")
+    if rows < max_batch:
+        logger.warning("the KV cache budget of %.0f MiB holds %d rows of %d tokens (%.0f MiB each), fewer than "
+                       "max_batch=%d: raise the budget or lower the context length to run more at once",
+                       kv_cache_bytes / 2**20, rows, ctx, row / 2**20, max_batch)
     engine = Engine(llm.model, llm.tokenizer, llm.stop_token_ids, ctx, max_batch=rows, max_waiting=max_waiting)
     metrics = Metrics(engine)
 
