@@ -78,6 +78,41 @@ def test_batched_decode_matches_pytorch_path(name, tmp_path) -> None:
     assert torch.isfinite(a).all() and diff <= 1e-4, diff
 
 
+@pytest.mark.parametrize("G,D", [(1, 64), (2, 128), (4, 256), (8, 64), (3, 64), (4, 16)])
+@pytest.mark.parametrize("window,softcap", [(None, None), (5, None), (None, 20.0)])
+def test_decode_attention_matches_softmax(G, D, window, softcap) -> None:
+    """The decode attention kernel (512-bit path for G in 1, 2, 4, 8 and D a multiple of 64, else the portable
+    one) against softmax attention in float64: visible slots only (empty slots, slots past the query and outside
+    the window hold NaN values, which must not leak in), a query at position 0, a padding row."""
+    g = torch.Generator().manual_seed(G * 1000 + D)
+    B, Hkv, S1 = 4, 2, 40
+    H = G * Hkv
+    k = torch.randn(B, S1, Hkv, D, generator=g)
+    v = torch.randn(B, S1, Hkv, D, generator=g)
+    slot_pos = torch.randperm(S1, generator=g).repeat(B, 1)  # slots hold positions in shuffled order
+    slot_pos[:, ::7] = -1  # empty slots
+    q = torch.randn(B, H, D, generator=g)
+    q_pos = torch.tensor([[30], [12], [0], [-1]])
+    scale = D**-0.5
+    visible = (slot_pos >= 0) & (slot_pos <= q_pos)
+    if window is not None:
+        visible &= slot_pos > q_pos - window
+    k[~visible], v[~visible] = float("nan"), float("nan")
+    out = fused.attend(q, k, v, slot_pos, q_pos, window, scale, softcap).view(B, H, D)
+    ref = torch.zeros(B, H, D, dtype=torch.float64)
+    for b in range(B):
+        seen = visible[b].nonzero()[:, 0]
+        if q_pos[b, 0] < 0 or seen.numel() == 0:
+            continue
+        kk = k[b, seen].double().repeat_interleave(G, dim=1)  # (n, H, D)
+        scores = torch.einsum("hd,nhd->hn", q[b].double(), kk) * scale
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
+        ref[b] = torch.einsum("hn,nhd->hd", torch.softmax(scores, -1), v[b, seen].double().repeat_interleave(G, 1))
+    assert torch.isfinite(out).all()
+    assert (out.double() - ref).abs().max().item() <= 1e-5
+
+
 def test_bf16_geglu_is_the_float_geglu_rounded() -> None:
     """The bf16 prompt path's GeGLU gives exactly float32 GeGLU of the widened input, rounded to bfloat16."""
     g = torch.Generator().manual_seed(7)

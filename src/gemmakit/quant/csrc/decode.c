@@ -130,6 +130,128 @@ static void attend_part(const float *qg, const float *kc, const float *vc, const
     }
 }
 
+#if defined(__AVX512F__)
+// exp(x) for 16 floats, as exp8 below (degree-6 Taylor polynomial after x = n ln2 + r; inputs clamped to [-87, 88]).
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(88.f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+
+// attend_part for G (1, 2, 4 or 8, a constant after inlining) query heads and D a multiple of 64, in 512-bit
+// vectors: each key is loaded once for the G dot products (two accumulators per head), the exponentials are
+// vectorized, and the values are summed 64 (G = 8: 32) columns at a time with the G heads' accumulators held in
+// registers across all slots, each value row read once per block of columns.
+static inline __attribute__((always_inline)) void attend_part16(
+    const int G, const float *qg, const float *kc, const float *vc, const int64_t *pos_row, int64_t qp, int64_t b,
+    int64_t kvh, int64_t Hkv, int64_t D, int64_t S1, int64_t s0, int64_t s1, int64_t window, float scale,
+    float softcap, float *p, float *m, float *l, float *acc) {
+    int64_t n = s1 - s0;
+    for (int g = 0; g < G; g++) { m[g] = -INFINITY; l[g] = 0.f; }
+    for (int64_t s = s0; s < s1; s++) {
+        int64_t pos = pos_row[s];
+        int vis = pos >= 0 && pos <= qp && !(window > 0 && pos <= qp - window);
+        if (!vis) {
+            for (int g = 0; g < G; g++) p[g * n + (s - s0)] = -INFINITY;
+            continue;
+        }
+        const float *kv = kc + ((b * S1 + s) * Hkv + kvh) * D;
+        __m512 a0[8], a1[8];
+        for (int g = 0; g < G; g++) a0[g] = a1[g] = _mm512_setzero_ps();
+        for (int64_t i = 0; i < D; i += 32) {
+            __m512 k0 = _mm512_loadu_ps(kv + i), k1 = _mm512_loadu_ps(kv + i + 16);
+            for (int g = 0; g < G; g++) {
+                a0[g] = _mm512_fmadd_ps(_mm512_loadu_ps(qg + g * D + i), k0, a0[g]);
+                a1[g] = _mm512_fmadd_ps(_mm512_loadu_ps(qg + g * D + i + 16), k1, a1[g]);
+            }
+        }
+        for (int g = 0; g < G; g++) {
+            float d = _mm512_reduce_add_ps(_mm512_add_ps(a0[g], a1[g])) * scale;
+            if (softcap > 0.f) d = tanhf(d / softcap) * softcap;
+            if (d > m[g]) m[g] = d;
+            p[g * n + (s - s0)] = d;
+        }
+    }
+    for (int g = 0; g < G; g++) {
+        float *pg = p + g * n;
+        if (m[g] == -INFINITY) {  // nothing visible in this range: zero weights
+            for (int64_t i = 0; i < n; i++) pg[i] = 0.f;
+            continue;
+        }
+        __m512 sum = _mm512_setzero_ps(), mg = _mm512_set1_ps(m[g]);
+        int64_t i = 0;
+        for (; i + 16 <= n; i += 16) {
+            __m512 x = _mm512_loadu_ps(pg + i);
+            __mmask16 seen = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+            __m512 e = _mm512_maskz_mov_ps(seen, exp16(_mm512_sub_ps(x, mg)));
+            _mm512_storeu_ps(pg + i, e);
+            sum = _mm512_add_ps(sum, e);
+        }
+        if (i < n) {
+            __mmask16 tail = (__mmask16)((1u << (n - i)) - 1);
+            __m512 x = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), tail, pg + i);
+            __mmask16 seen = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+            __m512 e = _mm512_maskz_mov_ps(seen, exp16(_mm512_sub_ps(x, mg)));
+            _mm512_mask_storeu_ps(pg + i, tail, e);
+            sum = _mm512_add_ps(sum, e);
+        }
+        l[g] = _mm512_reduce_add_ps(sum);
+    }
+    const int COLS = G > 4 ? 2 : 4;  // 16-column vectors per head and block: G * COLS <= 16 accumulators
+    for (int64_t c = 0; c < D; c += 16 * COLS) {
+        __m512 o[8][4];
+        for (int g = 0; g < G; g++)
+            for (int j = 0; j < COLS; j++) o[g][j] = _mm512_setzero_ps();
+        for (int64_t s = s0; s < s1; s++) {
+            // A slot nobody sees has weight 0 for every head; skip it (its values may be stale, even NaN).
+            int any = 0;
+            for (int g = 0; g < G; g++) any |= p[g * n + (s - s0)] != 0.f;
+            if (!any) continue;
+            const float *vv = vc + ((b * S1 + s) * Hkv + kvh) * D + c;
+            __m512 v[4];
+            for (int j = 0; j < COLS; j++) v[j] = _mm512_loadu_ps(vv + 16 * j);
+            for (int g = 0; g < G; g++) {
+                __m512 w = _mm512_set1_ps(p[g * n + (s - s0)]);
+                for (int j = 0; j < COLS; j++) o[g][j] = _mm512_fmadd_ps(w, v[j], o[g][j]);
+            }
+        }
+        for (int g = 0; g < G; g++)
+            for (int j = 0; j < COLS; j++) _mm512_storeu_ps(acc + g * D + c + 16 * j, o[g][j]);
+    }
+}
+#endif
+
+// attend_part, through the 512-bit version where it applies.
+static void attend_range(const float *qg, const float *kc, const float *vc, const int64_t *pos_row, int64_t qp,
+                         int64_t b, int64_t kvh, int64_t Hkv, int64_t D, int64_t S1, int64_t G, int64_t s0,
+                         int64_t s1, int64_t window, float scale, float softcap, float *p, float *m, float *l,
+                         float *acc) {
+#if defined(__AVX512F__)
+    if (D % 64 == 0) {
+        switch (G) {
+#define PART16(g) attend_part16(g, qg, kc, vc, pos_row, qp, b, kvh, Hkv, D, S1, s0, s1, window, scale, softcap, p, m, l, acc)
+            case 1: PART16(1); return;
+            case 2: PART16(2); return;
+            case 4: PART16(4); return;
+            case 8: PART16(8); return;
+#undef PART16
+        }
+    }
+#endif
+    attend_part(qg, kc, vc, pos_row, qp, b, kvh, Hkv, D, S1, G, s0, s1, window, scale, softcap, p, m, l, acc);
+}
+
 // out (B, H, D) = softmax(scale * q . k, optionally soft-capped, over the visible slots) @ v, one query token
 // per b. kc / vc: (rows, S1, Hkv, D); slot_pos (rows, S1): position held by each slot, -1 if none. Token b reads
 // cache row rows[b] (rows NULL: row b), so the tokens of one step may be several consecutive prompt tokens of
@@ -159,7 +281,7 @@ void attend_decode(const float *q, const float *kc, const float *vc, const int64
                 continue;
             }
             int64_t row = rows ? rows[b] : b;
-            attend_part(q + (b * H + kvh * G) * D, kc, vc, slot_pos + row * S1, qpos[b], row, kvh, Hkv, D, S1, G,
+            attend_range(q + (b * H + kvh * G) * D, kc, vc, slot_pos + row * S1, qpos[b], row, kvh, Hkv, D, S1, G,
                         s0, s1, window, scale, softcap, scores, base, base + G, base + 2 * G);
         }
     }
