@@ -35,6 +35,14 @@ class Slots:
     def slots(self) -> int:
         return self.pos.shape[1] - 1
 
+    def visible_prefix(self, positions: torch.Tensor) -> int:
+        """How many leading slots can hold a token visible to queries at ``positions``: up to the furthest
+        position (slot == position in a linear cache, and in a ring until it wraps), or every slot with the trash
+        slot once the ring has wrapped. Decode kernels then read only the slots in use, not a whole 512-slot ring
+        per row from the first token on."""
+        end = int(positions.max()) + 1 if positions.numel() else 0
+        return self.slots + 1 if self.ring and end > self.slots else end
+
     def begin(self, positions: torch.Tensor, rows: torch.Tensor | None = None) -> None:
         S = self.slots
         T = positions.shape[1]
@@ -95,14 +103,8 @@ class LayerCache:
 
     def visible(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Keys, values and positions the queries at ``positions`` attend over, once their own are written."""
-        s = self.slots
-        # Only the prefix up to the furthest position can hold a visible token: slot == position in a linear
-        # cache, and in a ring too until the ring wraps (slot = position % size). Decode kernels then read only
-        # the slots in use, not a whole 512-slot ring per row from the first token on.
-        end = int(positions.max()) + 1 if positions.numel() else 0
-        if s.ring and end > s.slots:
-            return self.k, self.v, s.pos
-        return self.k[:, :end], self.v[:, :end], s.pos[:, :end]
+        end = self.slots.visible_prefix(positions)
+        return self.k[:, :end], self.v[:, :end], self.slots.pos[:, :end]
 
     def _write(self, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
         index = self.slots.index

@@ -152,13 +152,9 @@ def _qmatrix(proj) -> _QMatrix | None:
                     w.group, w.kernel_flags)
 
 
-def _norm_ptr(norm) -> int | None:
-    if norm is None:
-        return None
+def _f32_weight(norm) -> bool:
     w = norm.weight
-    if w is None or w.dtype != torch.float32 or not w.is_contiguous():
-        raise ValueError("norm weight")
-    return w.data_ptr()
+    return w is not None and w.dtype == torch.float32 and w.is_contiguous()
 
 
 def _layer_entry(layer, cache_layer, slots_id: int) -> _Layer | None:
@@ -171,14 +167,12 @@ def _layer_entry(layer, cache_layer, slots_id: int) -> _Layer | None:
     mats = [_qmatrix(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
     if any(m is None for m in mats) or cache_layer.k.dtype != torch.float32:
         return None
-    try:
-        norms = [_norm_ptr(n) for n in (layer.input_layernorm, layer.post_attention_layernorm,
-                                        layer.pre_feedforward_layernorm, layer.post_feedforward_layernorm,
-                                        attn.q_norm, attn.k_norm)]
-    except ValueError:
+    # The input and pre-MLP norms always run; the others are optional (None: skipped).
+    modules = (layer.input_layernorm, layer.post_attention_layernorm, layer.pre_feedforward_layernorm,
+               layer.post_feedforward_layernorm, attn.q_norm, attn.k_norm)
+    if modules[0] is None or modules[2] is None or not all(_f32_weight(n) for n in modules if n is not None):
         return None
-    if norms[0] is None or norms[2] is None:
-        return None
+    norms = [n.weight.data_ptr() if n is not None else None for n in modules]
     k = cache_layer.k  # (rows, S1, Hkv, D)
     return _Layer(*mats, *norms, k.data_ptr(), cache_layer.v.data_ptr(), cache_layer.slots.pos.data_ptr(),
                   attn.n_heads, attn.n_kv, attn.head_dim, k.shape[1], attn.window or 0, attn.scale,
@@ -221,11 +215,9 @@ def decode_layers(model, x: torch.Tensor, positions: torch.Tensor, rope_local, r
     layers, slot_tables = table
     B = x.shape[0]
     qpos = positions.contiguous()
-    end = int(qpos.max()) + 1  # as LayerCache.visible: the filled prefix, or the whole ring once it wraps
     index = [t.index.contiguous() for t in slot_tables]
-    steps = (_StepSlots * len(slot_tables))(*[
-        _StepSlots(ix.data_ptr(), t.slots + 1 if t.ring and end > t.slots else end)
-        for t, ix in zip(slot_tables, index)])
+    steps = (_StepSlots * len(slot_tables))(*[_StepSlots(ix.data_ptr(), t.visible_prefix(qpos))
+                                              for t, ix in zip(slot_tables, index)])
     tables = [(c.contiguous(), s.contiguous()) for c, s in (rope_local, rope_global)]
     ropes = (_StepRope * 2)(*[_StepRope(c.data_ptr(), s.data_ptr()) for c, s in tables])
     rows = cache.rows.contiguous() if cache.rows is not None else None

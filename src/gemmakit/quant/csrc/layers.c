@@ -53,6 +53,12 @@ typedef struct {
     const float *cos, *ssin;
 } StepRope;
 
+// Split-K ranges attention cuts n_slots into (at least one).
+static int64_t attention_parts(int64_t n_slots, int64_t chunk) {
+    int64_t parts = (n_slots + chunk - 1) / chunk;
+    return parts < 1 ? 1 : parts;
+}
+
 static int matmul(const QMatrix *w, const float *x, float *y, int64_t B, int threads) {
     return qgemv(w->q, w->scale, w->mins, x, y, B, w->N, w->K, w->group, w->flags, threads);
 }
@@ -78,14 +84,13 @@ int decode_layers(const Layer *layers, int64_t L, const StepSlots *slots, const 
         if (ly->qkv.N > width) width = ly->qkv.N;
         if (ly->gate_up.N > ffn) ffn = ly->gate_up.N;
         if (ly->H * ly->D > attn) attn = ly->H * ly->D;
-        int64_t parts = (slots[ly->slots_id].n_slots + chunk - 1) / chunk;
-        if (parts < 1) parts = 1;
-        if (B * ly->H * parts * (ly->D + 2) > scratch_n) scratch_n = B * ly->H * parts * (ly->D + 2);
+        int64_t need = B * ly->H * attention_parts(slots[ly->slots_id].n_slots, chunk) * (ly->D + 2);
+        if (need > scratch_n) scratch_n = need;
     }
     float *h = malloc(sizeof(float) * B * E), *tmp = malloc(sizeof(float) * B * E);
     float *proj = malloc(sizeof(float) * B * (width > ffn ? width : ffn));
     float *q = malloc(sizeof(float) * B * attn), *att = malloc(sizeof(float) * B * attn);
-    float *act = malloc(sizeof(float) * B * (ffn / 2 > attn ? ffn / 2 : attn));
+    float *act = malloc(sizeof(float) * B * (ffn / 2));
     float *scratch = malloc(sizeof(float) * scratch_n);
     int err = !h || !tmp || !proj || !q || !att || !act || !scratch;
     for (int64_t l = 0; l < L && !err; l++) {
@@ -97,9 +102,9 @@ int decode_layers(const Layer *layers, int64_t L, const StepSlots *slots, const 
         attn_prep(proj, ly->qkv.N, B, ly->H, ly->Hkv, ly->D, 0, ly->q_norm_w, ly->q_norm_w != NULL, ly->k_norm_w,
                   ly->k_norm_w != NULL, 0, eps, rp->cos, rp->ssin, q, ly->kc, ly->vc, ly->S1, st->slot, rows,
                   threads);
-        int64_t parts = (st->n_slots + chunk - 1) / chunk;
         attend_decode(q, ly->kc, ly->vc, ly->slot_pos, qpos, rows, B, ly->H, ly->Hkv, ly->D, ly->S1, st->n_slots,
-                      ly->window, ly->scale, ly->softcap, att, scratch, chunk, parts < 1 ? 1 : parts, threads);
+                      ly->window, ly->scale, ly->softcap, att, scratch, chunk, attention_parts(st->n_slots, chunk),
+                      threads);
         if ((err = matmul(&ly->o, att, h, B, threads))) break;
         add_normed(x, h, ly->post_attn_norm, tmp, B, E, eps);
         rms_norm(x, ly->pre_ffn_norm, h, B, E, eps);
@@ -109,5 +114,5 @@ int decode_layers(const Layer *layers, int64_t L, const StepSlots *slots, const 
         add_normed(x, h, ly->post_ffn_norm, tmp, B, E, eps);
     }
     free(h), free(tmp), free(proj), free(q), free(att), free(act), free(scratch);
-    return err ? err : 0;
+    return err;
 }
