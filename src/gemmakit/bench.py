@@ -141,4 +141,13 @@ def run_bench(path: str | None = None, prompt_tokens: int = 512, decode_tokens: 
         "decode_tokens": decode_tokens,
         "decode_tok_s": decode_tokens / decode_s,
         "ttft_s": ttft_s,
+        "kernels": kernels_label(),
     }
+
+
+def kernels_label() -> str:
+    """Which code runs the quantized matmuls: the compiled kernels, or the PyTorch fallback and why."""
+    from .quant.kernels import kernel_status
+
+    status = kernel_status()
+    return "compiled C" if status["available"] else f"PyTorch fallback, much slower ({status['reason']})"

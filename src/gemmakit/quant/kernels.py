@@ -1,7 +1,8 @@
 """The CPU kernels in csrc/, compiled once per machine with the system C compiler and loaded with ctypes.
 
 No PyTorch headers are involved, so a build takes about a second. When no compiler is present (or the build
-fails) :func:`kernels` returns None and callers use the PyTorch fallback; ``GEMMAKIT_NO_KERNELS=1`` forces that.
+fails) :func:`kernels` returns None, logs one warning with the reason, and callers use the (much slower)
+PyTorch fallback; :func:`kernel_status` says which; ``GEMMAKIT_NO_KERNELS=1`` forces that.
 The library is cached under ``$XDG_CACHE_HOME/gemmakit`` (default ``~/.cache/gemmakit``), keyed by the source,
 the compiler flags and the CPU's feature flags (``-march=native`` code is specific to the machine).
 """
@@ -40,36 +41,76 @@ def _cache_dir() -> Path:
     return Path(base) / "gemmakit" / "kernels"
 
 
-def _build(target: Path) -> bool:
+FALLBACK_NOTE = "falling back to PyTorch: quantized models decode much slower (tens of times)"
+
+# Why the kernels are not in use, when they are not (None while they are, or before the first call).
+_unavailable_reason: str | None = None
+
+
+def _build(target: Path) -> str | None:
+    """Compile the kernels into ``target``; None on success, else the reason it failed, in one line."""
+    missing = [str(path) for path in SOURCES if not path.is_file()]
+    if missing:
+        return f"kernel sources missing from the installation: {', '.join(missing)}"
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
-        logger.warning("no C compiler found: using the slower PyTorch path for quantized matmuls")
-        return False
+        return "no C compiler found (install gcc, or set CC)"
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        proc = subprocess.run([compiler, *FLAGS, "-o", str(out), *map(str, SOURCES)], capture_output=True, text=True)
-        if proc.returncode != 0:
-            logger.warning("building the CPU kernels failed (%s); using the PyTorch path", proc.stderr.strip()[:500])
-            return False
+        try:
+            proc = subprocess.run([compiler, *FLAGS, "-o", str(out), *map(str, SOURCES)], capture_output=True,
+                                  text=True)
+        except OSError as exc:
+            return f"cannot run the C compiler {compiler!r}: {exc.strerror or exc}"
+        if proc.returncode != 0 or not out.is_file():
+            said = " ".join((proc.stderr or proc.stdout).split())[:300] or "no output"
+            return f"{compiler} exited with status {proc.returncode}: {said}"
         os.replace(out, target)  # atomic: concurrent builders never see a half-written library
-    return True
+    return None
+
+
+def _unavailable(reason: str) -> None:
+    global _unavailable_reason
+    _unavailable_reason = reason
+    logger.warning("CPU kernels unavailable: %s; %s", reason, FALLBACK_NOTE)
+
+
+def kernel_status() -> dict[str, object]:
+    """Whether the compiled kernels are in use, and if not, why: ``{"available": bool, "reason": str | None}``
+    (shown by ``gemmakit bench`` and the server's ``/health``)."""
+    available = kernels() is not None
+    return {"available": available, "reason": None if available else _unavailable_reason}
 
 
 @lru_cache(maxsize=1)
 def kernels() -> ctypes.CDLL | None:
     """The compiled kernel library, or None when it cannot be built here."""
-    if os.environ.get("GEMMAKIT_NO_KERNELS") == "1" or platform.machine() not in ("x86_64", "AMD64", "aarch64"):
+    global _unavailable_reason
+    if os.environ.get("GEMMAKIT_NO_KERNELS") == "1":
+        _unavailable_reason = "turned off by GEMMAKIT_NO_KERNELS=1"  # asked for: no warning
         return None
-    source = b"".join(path.read_bytes() for path in SOURCES)
+    if platform.machine() not in ("x86_64", "AMD64", "aarch64"):
+        _unavailable(f"no kernels for the {platform.machine()} processor")
+        return None
+    try:
+        source = b"".join(path.read_bytes() for path in SOURCES)
+    except OSError:
+        source = b""  # _build names the missing files
     key = hashlib.sha256(source + " ".join(FLAGS).encode() + _cpu_signature().encode()).hexdigest()[:16]
     target = _cache_dir() / f"qgemv-{key}.so"
-    if not target.exists() and not _build(target):
-        return None
+    if not target.exists():
+        try:
+            failure = _build(target)
+        except OSError as exc:  # e.g. a read-only cache folder
+            failure = f"cannot write {target.parent}: {exc.strerror or exc}"
+        if failure is not None:
+            _unavailable(failure)
+            return None
     try:
         lib = ctypes.CDLL(str(target))
     except OSError as exc:
-        logger.warning("cannot load %s (%s); using the PyTorch path", target, exc)
+        _unavailable(f"cannot load {target}: {exc}")
         return None
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.qgemv.argtypes = [p, p, p, p, p, i64, i64, i64, i64, ctypes.c_int, ctypes.c_int]
