@@ -31,7 +31,7 @@ def test_hf_tokenizer_encodes_decodes_and_guards_control_tokens(tmp_path) -> Non
     assert tok is not None and (tok.bos_id, tok.eos_id) == (2, 1)
     ids = tok.encode("hello world", add_bos=True)
     assert ids == [2, tok.token_id("hello"), tok.token_id("▁world")]
-    assert tok.decode(ids) == "<bos>hello world" and tok.decode(ids, skip_special=True) == "hello world"
+    assert tok.decode(ids) == "<bos>hello world" and tok.decode(ids, skip_special_tokens=True) == "hello world"
     # Byte fallback for characters outside the vocabulary, exact round trip.
     text = "héllo 🤖"
     assert tok.decode(tok.encode(text)) == text

@@ -11,8 +11,11 @@ from gemmakit.errors import InvalidParameterError
 from gemmakit.sampling import SamplingParams, apply_penalties, filter_logits, token_logprob
 
 
+NEUTRAL = {"top_k": 0, "top_p": 1.0}  # filters off (the defaults are Gemma's top_k=64, top_p=0.95)
+
+
 def probs_after(logits, **kw) -> list[float]:
-    p = torch.softmax(filter_logits(torch.tensor(logits), SamplingParams(**kw)), dim=-1)
+    p = torch.softmax(filter_logits(torch.tensor(logits), SamplingParams(**{**NEUTRAL, **kw})), dim=-1)
     return [round(float(x), 4) for x in p]
 
 

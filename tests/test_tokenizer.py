@@ -59,7 +59,7 @@ def test_bos_and_decode_of_control_tokens(tok) -> None:
     ids = tok.encode("Hi", add_bos=True)
     assert ids[0] == tok.bos_id == 2
     assert tok.decode(ids) == "<bos>Hi"
-    assert tok.decode(ids, skip_special=True) == "Hi"
+    assert tok.decode(ids, skip_special_tokens=True) == "Hi"
 
 
 def test_random_unicode_round_trips(tok) -> None:

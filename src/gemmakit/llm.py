@@ -6,6 +6,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from dataclasses import fields
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
@@ -14,9 +15,9 @@ from .chat import Segment, chat_format_for, segments_to_ids, segments_to_text
 from .chat_template import CheckpointChatFormat, find_checkpoint_template
 from .config import GemmaConfig
 from .errors import ContextLengthError, InvalidParameterError
-from .generate import Completion, StreamEvent, collect, generate_events
+from .generate import Completion, StreamEvent, collect, generate_events, token_budget
 from .model import Gemma
-from .sampling import SamplingParams
+from .sampling import SamplingParams, checkpoint_defaults
 from .tokenizer import HFTokenizer, Tokenizer
 from .weights import load_gguf_model, load_hf_model, release_freed_memory
 from .weights.gguf import GGUFFile
@@ -24,6 +25,32 @@ from .weights.gguf import GGUFFile
 logger = logging.getLogger(__name__)
 
 Prompt = str | Sequence[int]
+
+BATCH_KV_BYTES = 1 << 30  # KV cache memory a batch of prompts may take (more prompts than fit wait their turn)
+_SAMPLING_FIELDS = tuple(f.name for f in fields(SamplingParams))
+
+
+class _ModelDefault:
+    """The default of every sampling argument: "whatever ``params`` or the model's defaults say"."""
+
+    def __repr__(self) -> str:
+        return "<model default>"
+
+
+MODEL_DEFAULT = _ModelDefault()
+
+
+def _sampling_args(scope: dict[str, Any]) -> dict[str, Any]:
+    """The sampling arguments among a method's locals (SamplingParams' field names)."""
+    return {name: scope[name] for name in _SAMPLING_FIELDS}
+
+
+def _is_prompt_batch(prompt: Any) -> bool:
+    """A list of prompts (texts or id lists), as opposed to one prompt (a text or a list of ids; an empty list is
+    an empty prompt, refused as such)."""
+    if isinstance(prompt, str) or not isinstance(prompt, Sequence) or len(prompt) == 0:
+        return False
+    return not isinstance(prompt[0], int) or isinstance(prompt[0], bool)
 
 
 def default_model_path() -> Path:
@@ -60,6 +87,7 @@ class LLM:
         path: Path,
         context_length: int,
         chat_template: str | None = None,
+        sampling_defaults: SamplingParams | None = None,
     ) -> None:
         self.model = model
         self._tokenizer = tokenizer
@@ -72,6 +100,9 @@ class LLM:
             controls = [p for i, p in enumerate(tokenizer.pieces) if tokenizer.is_control(i)]
             self.chat_format = CheckpointChatFormat(chat_template, self.chat_format, controls,
                                                     tokenizer.pieces[tokenizer.bos_id], tokenizer.pieces[tokenizer.eos_id])
+        # What a call that sets no sampling argument generates with: gemmakit's defaults (SamplingParams), with
+        # the settings the checkpoint recommends in place of them (see sampling.checkpoint_defaults).
+        self.sampling_defaults = sampling_defaults or SamplingParams()
         self.stop_token_ids = [config.eos_token_id]
         if tokenizer is not None:
             self.stop_token_ids = [tokenizer.token_id(p) for p in self.chat_format.stop_pieces if tokenizer.has_piece(p)]
@@ -88,6 +119,8 @@ class LLM:
         """Token ids of a prompt: text is encoded with BOS; a list of ids is checked and used as given."""
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt, add_bos=True)
+        if not isinstance(prompt, Sequence):
+            raise InvalidParameterError(f"a prompt is a string or a list of token ids, not {type(prompt).__name__}")
         ids = list(prompt)
         vocab = self.config.vocab_size
         if not ids:
@@ -123,43 +156,141 @@ class LLM:
         segments: list[Segment] = self.chat_format.render(messages, add_generation_prompt, tools, enable_thinking)
         return segments_to_ids(segments, self.tokenizer) if tokenize else segments_to_text(segments)
 
-    # -- generation --------------------------------------------------------------------------------------
+    # -- sampling settings ---------------------------------------------------------------------------------
 
-    def stream(self, prompt: Prompt, **sampling: Any) -> Iterator[StreamEvent]:
-        """Generate from a prompt (text or token ids), one :class:`StreamEvent` per token.
+    def sampling_params(self, params: SamplingParams | None = None, **overrides: Any) -> SamplingParams:
+        """The settings one call generates with: ``params`` (default: this model's :attr:`sampling_defaults`)
+        with ``overrides`` applied; arguments left at :data:`MODEL_DEFAULT` are not overrides."""
+        base = params if params is not None else self.sampling_defaults
+        if not isinstance(base, SamplingParams):
+            raise InvalidParameterError(f"params must be a gemmakit.SamplingParams, not {type(base).__name__}")
+        changes = {k: v for k, v in overrides.items() if v is not MODEL_DEFAULT}
+        return base.replace(**changes) if changes else base
+
+    # -- generation --------------------------------------------------------------------------------------
+    # The public methods spell out every sampling argument (editors and help() show them); each one's default,
+    # MODEL_DEFAULT, takes the value from `params` or the model's defaults. `_sampling_args` picks the given ones
+    # out of the method's locals, so the list of names lives in SamplingParams alone.
+
+    def stream(
+        self,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        *,
+        max_tokens: int | None | _ModelDefault = MODEL_DEFAULT,
+        temperature: float | _ModelDefault = MODEL_DEFAULT,
+        top_k: int | _ModelDefault = MODEL_DEFAULT,
+        top_p: float | _ModelDefault = MODEL_DEFAULT,
+        min_p: float | _ModelDefault = MODEL_DEFAULT,
+        repetition_penalty: float | _ModelDefault = MODEL_DEFAULT,
+        presence_penalty: float | _ModelDefault = MODEL_DEFAULT,
+        frequency_penalty: float | _ModelDefault = MODEL_DEFAULT,
+        seed: int | None | _ModelDefault = MODEL_DEFAULT,
+        stop: str | list[str] | None | _ModelDefault = MODEL_DEFAULT,
+        ignore_eos: bool | _ModelDefault = MODEL_DEFAULT,
+        logprobs: int | None | _ModelDefault = MODEL_DEFAULT,
+        logit_bias: dict[int, float] | _ModelDefault = MODEL_DEFAULT,
+        prompt_logprobs: int | None | _ModelDefault = MODEL_DEFAULT,
+    ) -> Iterator[StreamEvent]:
+        """Generate from a prompt (text, BOS added, or token ids used as given), one :class:`StreamEvent` per token.
+
+        ``params`` gives every sampling setting at once; the keyword arguments (see :class:`SamplingParams` for
+        each one's meaning) change single settings of it, or of the model's defaults when ``params`` is None.
 
         Raises (before the first event): InvalidParameterError, ContextLengthError.
         """
-        params = SamplingParams.from_kwargs(**sampling)
+        sampling = self.sampling_params(params, **_sampling_args(locals()))
         ids = self.prompt_ids(prompt)
-        return self._stream_ids(ids, params)
+        return self._stream_ids(ids, sampling)
 
     def _stream_ids(self, ids: list[int], params: SamplingParams) -> Iterator[StreamEvent]:
         self.check_fits(len(ids), params)
         return generate_events(self.model, self.tokenizer, ids, params, self.stop_token_ids, self.context_length)
 
-    def generate(self, prompt: Prompt, **sampling: Any) -> Completion:
-        """Generate a completion for a prompt (text, BOS added, or a list of token ids used as given)."""
-        params = SamplingParams.from_kwargs(**sampling)
-        ids = self.prompt_ids(prompt)
-        return collect(self._stream_ids(ids, params), len(ids), params.logprobs is not None)
+    def generate(
+        self,
+        prompt: Prompt | Sequence[Prompt],
+        params: SamplingParams | None = None,
+        *,
+        max_tokens: int | None | _ModelDefault = MODEL_DEFAULT,
+        temperature: float | _ModelDefault = MODEL_DEFAULT,
+        top_k: int | _ModelDefault = MODEL_DEFAULT,
+        top_p: float | _ModelDefault = MODEL_DEFAULT,
+        min_p: float | _ModelDefault = MODEL_DEFAULT,
+        repetition_penalty: float | _ModelDefault = MODEL_DEFAULT,
+        presence_penalty: float | _ModelDefault = MODEL_DEFAULT,
+        frequency_penalty: float | _ModelDefault = MODEL_DEFAULT,
+        seed: int | None | _ModelDefault = MODEL_DEFAULT,
+        stop: str | list[str] | None | _ModelDefault = MODEL_DEFAULT,
+        ignore_eos: bool | _ModelDefault = MODEL_DEFAULT,
+        logprobs: int | None | _ModelDefault = MODEL_DEFAULT,
+        logit_bias: dict[int, float] | _ModelDefault = MODEL_DEFAULT,
+        prompt_logprobs: int | None | _ModelDefault = MODEL_DEFAULT,
+    ) -> Completion | list[Completion]:
+        """Complete a prompt, or each prompt of a list.
+
+        A prompt is text (BOS added) or a list of token ids (used as given). A list of prompts (texts or id
+        lists) runs as one batch through the continuous-batching engine and returns one :class:`Completion` per
+        prompt, in order; a single prompt returns a single Completion. Sampling arguments: as :meth:`stream`.
+        """
+        sampling = self.sampling_params(params, **_sampling_args(locals()))
+        if _is_prompt_batch(prompt):
+            return self._generate_batch(list(prompt), sampling)
+        ids = self.prompt_ids(prompt)  # type: ignore[arg-type]
+        return collect(self._stream_ids(ids, sampling), len(ids), sampling.logprobs is not None)
+
+    def _generate_batch(self, prompts: list[Prompt], params: SamplingParams) -> list[Completion]:
+        """Run prompts together through an :class:`~gemmakit.engine.Engine` sized for them, its KV cache
+        bounded by BATCH_KV_BYTES (prompts beyond the rows that fit wait for a free one)."""
+        from .engine import Engine
+        from .engine.engine import MAX_BATCH, PREFILL_CHUNK
+        from .kv_cache import KVCache
+
+        ids = [self.prompt_ids(p) for p in prompts]
+        for x in ids:
+            self.check_fits(len(x), params)
+        longest = max(len(x) + token_budget(len(x), params, self.context_length) for x in ids)
+        row = KVCache.row_bytes(self.config, longest, self.model.activation_dtype, ring_extra=PREFILL_CHUNK)
+        rows = max(1, min(len(ids), MAX_BATCH, BATCH_KV_BYTES // row))
+        engine = Engine(self.model, self.tokenizer, self.stop_token_ids, longest, max_batch=rows,
+                        max_waiting=len(ids))
+        try:
+            streams = [engine.submit(x, params) for x in ids]
+            return [collect(iter(st), len(x), params.logprobs is not None) for st, x in zip(streams, ids)]
+        finally:
+            engine.shutdown()
 
     def chat(
         self,
         messages: Sequence[Mapping[str, Any]],
+        params: SamplingParams | None = None,
+        *,
         tools: Sequence[Mapping[str, Any]] | None = None,
         enable_thinking: bool = False,
-        **sampling: Any,
+        max_tokens: int | None | _ModelDefault = MODEL_DEFAULT,
+        temperature: float | _ModelDefault = MODEL_DEFAULT,
+        top_k: int | _ModelDefault = MODEL_DEFAULT,
+        top_p: float | _ModelDefault = MODEL_DEFAULT,
+        min_p: float | _ModelDefault = MODEL_DEFAULT,
+        repetition_penalty: float | _ModelDefault = MODEL_DEFAULT,
+        presence_penalty: float | _ModelDefault = MODEL_DEFAULT,
+        frequency_penalty: float | _ModelDefault = MODEL_DEFAULT,
+        seed: int | None | _ModelDefault = MODEL_DEFAULT,
+        stop: str | list[str] | None | _ModelDefault = MODEL_DEFAULT,
+        ignore_eos: bool | _ModelDefault = MODEL_DEFAULT,
+        logprobs: int | None | _ModelDefault = MODEL_DEFAULT,
+        logit_bias: dict[int, float] | _ModelDefault = MODEL_DEFAULT,
+        prompt_logprobs: int | None | _ModelDefault = MODEL_DEFAULT,
     ) -> Completion:
-        """Answer the last user message of a conversation.
+        """Answer the last user message of a conversation (sampling arguments: as :meth:`stream`).
 
         On Gemma 4, the thought channel comes back in ``reasoning`` (never in ``text``) and tool calls in
         ``tool_calls`` as OpenAI-style objects (``{"id", "type": "function", "function": {"name", "arguments"}}``
-        with JSON-encoded arguments).
+        with JSON-encoded arguments). ``tools`` (OpenAI function schemas) and ``enable_thinking`` apply to Gemma 4.
         """
-        params = SamplingParams.from_kwargs(**sampling)
+        sampling = self.sampling_params(params, **_sampling_args(locals()))
         ids = self.apply_chat_template(messages, tokenize=True, tools=tools, enable_thinking=enable_thinking)
-        return self.parse_chat(collect(self._stream_ids(ids, params), len(ids), params.logprobs is not None))
+        return self.parse_chat(collect(self._stream_ids(ids, sampling), len(ids), sampling.logprobs is not None))
 
     def parse_chat(self, completion: Completion) -> Completion:
         """Split a finished chat answer into text, ``reasoning`` and OpenAI-style ``tool_calls`` (Gemma 4)."""
@@ -182,15 +313,30 @@ class LLM:
     def chat_stream(
         self,
         messages: Sequence[Mapping[str, Any]],
+        params: SamplingParams | None = None,
+        *,
         tools: Sequence[Mapping[str, Any]] | None = None,
         enable_thinking: bool = False,
-        **sampling: Any,
+        max_tokens: int | None | _ModelDefault = MODEL_DEFAULT,
+        temperature: float | _ModelDefault = MODEL_DEFAULT,
+        top_k: int | _ModelDefault = MODEL_DEFAULT,
+        top_p: float | _ModelDefault = MODEL_DEFAULT,
+        min_p: float | _ModelDefault = MODEL_DEFAULT,
+        repetition_penalty: float | _ModelDefault = MODEL_DEFAULT,
+        presence_penalty: float | _ModelDefault = MODEL_DEFAULT,
+        frequency_penalty: float | _ModelDefault = MODEL_DEFAULT,
+        seed: int | None | _ModelDefault = MODEL_DEFAULT,
+        stop: str | list[str] | None | _ModelDefault = MODEL_DEFAULT,
+        ignore_eos: bool | _ModelDefault = MODEL_DEFAULT,
+        logprobs: int | None | _ModelDefault = MODEL_DEFAULT,
+        logit_bias: dict[int, float] | _ModelDefault = MODEL_DEFAULT,
+        prompt_logprobs: int | None | _ModelDefault = MODEL_DEFAULT,
     ) -> Iterator[StreamEvent]:
         """Stream the answer token by token (raw model text; Gemma 4 output can be split with
-        :class:`gemmakit.chat_gemma4.Gemma4OutputParser`)."""
-        params = SamplingParams.from_kwargs(**sampling)
+        :class:`gemmakit.chat_gemma4.Gemma4OutputParser`). Arguments: as :meth:`chat`."""
+        sampling = self.sampling_params(params, **_sampling_args(locals()))
         ids = self.apply_chat_template(messages, tokenize=True, tools=tools, enable_thinking=enable_thinking)
-        return self._stream_ids(ids, params)
+        return self._stream_ids(ids, sampling)
 
     @torch.inference_mode()
     def logits(self, token_ids: Sequence[int]) -> torch.Tensor:
@@ -246,6 +392,7 @@ def load(
         model, config = load_hf_model(file, dtype)
         tokenizer = HFTokenizer.from_folder(file)
         template = find_checkpoint_template(folder=file)
+        recommended = checkpoint_defaults(generation_config=read_generation_config(file))
     else:
         if dtype is not None:
             raise InvalidParameterError(f"dtype={dtype!r}: for GGUF files choose the precision with quant=")
@@ -255,6 +402,7 @@ def load(
         tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata, str(file))
         release_freed_memory()
         template = find_checkpoint_template(gguf_metadata=gguf.metadata)
+        recommended = checkpoint_defaults(gguf_metadata=gguf.metadata)
     if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
         raise InvalidParameterError(f"{file}: tokenizer has {tokenizer.vocab_size} pieces, model {config.vocab_size}")
     ctx = config.max_position_embeddings
@@ -263,4 +411,13 @@ def load(
             raise InvalidParameterError(f"context_length={context_length}: must be in [1, {ctx}] for this model")
         ctx = context_length
     logger.info("loaded %s (%s, %d layers)", file, config.architecture, config.num_hidden_layers)
-    return LLM(model, tokenizer, config, file, ctx, template)
+    return LLM(model, tokenizer, config, file, ctx, template, SamplingParams(**recommended))
+
+
+def read_generation_config(folder: Path) -> dict[str, Any] | None:
+    """A Hugging Face folder's generation_config.json, or None when it has none or it is not a JSON object."""
+    try:
+        value = json.loads((folder / "generation_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None

@@ -45,10 +45,12 @@ class SamplingParams:
             log-probability of each prompt token given the ones before it (the first has none: None).
     """
 
+    # The defaults are Gemma's recommended settings (its model cards and generation_config.json), the same for the
+    # Python API, the CLI and the server; a checkpoint that ships its own replaces them (checkpoint_defaults).
     max_tokens: int | None = 256
     temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
+    top_k: int = 64
+    top_p: float = 0.95
     min_p: float = 0.0
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
@@ -121,9 +123,48 @@ class SamplingParams:
         ):
             raise bad("logit_bias", "must map token ids (integers >= 0) to numbers in [-100, 100]")
 
+    def replace(self, **changes: Any) -> "SamplingParams":
+        """A copy with some fields changed (validated like a new object; unknown names are an error)."""
+        current = {f.name: getattr(self, f.name) for f in fields(self)}
+        return SamplingParams.from_kwargs(**{**current, **changes})
+
     @property
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
+
+
+# generation_config.json keys -> SamplingParams fields (transformers' names).
+_HF_GENERATION_KEYS = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
+                       "repetition_penalty": "repetition_penalty"}
+# GGUF general.sampling.* keys (llama.cpp's) -> SamplingParams fields.
+_GGUF_SAMPLING_KEYS = {"general.sampling.temp": "temperature", "general.sampling.top_k": "top_k",
+                       "general.sampling.top_p": "top_p", "general.sampling.min_p": "min_p",
+                       "general.sampling.penalty_repeat": "repetition_penalty"}
+
+
+def checkpoint_defaults(generation_config: dict[str, Any] | None = None,
+                        gguf_metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The sampling settings a checkpoint recommends: from a Hugging Face ``generation_config.json`` (its
+    ``do_sample: false`` means greedy) or a GGUF's ``general.sampling.*`` keys. Values of the wrong type or out of
+    range are left out, so a checkpoint can never make loading fail."""
+    found: dict[str, Any] = {}
+    if generation_config:
+        found = {field_name: generation_config[key] for key, field_name in _HF_GENERATION_KEYS.items()
+                 if key in generation_config}
+        if generation_config.get("do_sample") is False:
+            found["temperature"] = 0.0
+    elif gguf_metadata:
+        found = {field_name: gguf_metadata[key] for key, field_name in _GGUF_SAMPLING_KEYS.items()
+                 if key in gguf_metadata}
+    usable = {}
+    for name, value in found.items():
+        value = int(value) if name == "top_k" and isinstance(value, float) and value.is_integer() else value
+        try:
+            SamplingParams.from_kwargs(**{name: value})
+        except InvalidParameterError:
+            continue
+        usable[name] = value
+    return usable
 
 
 def make_generator(seed: int | None) -> torch.Generator:

@@ -92,9 +92,12 @@ class _Vocabulary:
             return pieces.bytes_at(token_id)
         return pieces[token_id].encode("utf-8")
 
-    def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
-        """Text for ``ids``: the exact inverse of ``encode`` (invalid UTF-8 becomes U+FFFD)."""
-        return b"".join(self.token_bytes(int(i), skip_special) for i in ids).decode("utf-8", errors="replace")
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        """Text for ``ids``: the exact inverse of ``encode`` (invalid UTF-8 becomes U+FFFD).
+
+        ``skip_special_tokens`` leaves out control tokens (``<bos>``, ``<end_of_turn>``, ...), as in transformers.
+        """
+        return b"".join(self.token_bytes(int(i), skip_special_tokens) for i in ids).decode("utf-8", errors="replace")
 
 
 class Tokenizer(_Vocabulary):
