@@ -29,6 +29,13 @@ def precise_llm(model_path: Path) -> gemmakit.LLM:
 
 
 @pytest.fixture(scope="session")
+def fp32_llm(model_path: Path) -> gemmakit.LLM:
+    """quant="fp32": every weight dequantized to float32 and multiplied by PyTorch, on every path (no integer
+    kernel, no bf16): the float32 reference for numbers that the kernels round (see README, Speed and memory)."""
+    return gemmakit.load(model_path, quant="fp32")
+
+
+@pytest.fixture(scope="session")
 def hf_model(model_path: Path):
     """transformers' Gemma3ForCausalLM from the same GGUF (dequantized to fp32, eager attention): the reference.
 

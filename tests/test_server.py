@@ -2,49 +2,17 @@
 
 from __future__ import annotations
 
-import socket
-import threading
 import time
 
 import httpx
 import openai
 import pytest
 import torch
-import uvicorn
 
 from gemmakit.server import create_app
+from serving import Server, free_port
 
 MODEL = "gemma3-270m"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, app) -> None:
-        self.port = _free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> "Server":
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            if time.time() > deadline:
-                raise RuntimeError("server did not start")
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +33,8 @@ CHAT = [{"role": "user", "content": "Name a color."}]
 
 def test_models_and_health(server, client) -> None:
     assert [m.id for m in client.models.list().data] == [MODEL]
-    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    assert httpx.get(server.url + "/health").json() == {"status": "ok", "auth": False,
+                                                        "kernels": {"available": True, "reason": None}}
 
 
 def test_chat_completion_matches_api(llm, client) -> None:
@@ -129,7 +98,15 @@ def test_batch_of_prompts(llm, client) -> None:
         client.completions.create(model=MODEL, prompt=["a"] * 5, n=16, max_tokens=1)
 
 
-def test_echo_with_logprobs_scores_the_prompt(llm, client) -> None:
+# The engine scores a prompt as one-token rows through the integer decode kernel, which rounds each matmul input to
+# 16 bits per group (README: decode logits within ~1e-2 of float32). Measured against the float32 reference: at
+# most 1.4e-3 on this 6-token prompt and 8.7e-4 over a 155-token one (Intel Xeon AVX-512); llm.logits on a short
+# prompt takes the same kernel with PyTorch attention and lands up to 2.4e-3 from the engine on that CPU. The bound
+# asserted is the kernel's documented one, against float32 weights and PyTorch matmuls on every CPU.
+ECHO_LOGPROB_BOUND = 1e-2
+
+
+def test_echo_with_logprobs_scores_the_prompt(llm, fp32_llm, client) -> None:
     """OpenAI's echo + logprobs: every prompt token's log-probability given the ones before (the first: None),
     then the completion's; streamed or not, the same numbers."""
     prompt = "The capital of France is"
@@ -139,9 +116,9 @@ def test_echo_with_logprobs_scores_the_prompt(llm, client) -> None:
     n = len(ids)
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.text_offset) == n + 3
     assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
-    reference = torch.log_softmax(llm.logits(ids), dim=-1)
+    reference = torch.log_softmax(fp32_llm.logits(ids), dim=-1)
     for k in range(1, n):
-        assert lp.token_logprobs[k] == pytest.approx(float(reference[k - 1, ids[k]]), abs=1e-3)
+        assert lp.token_logprobs[k] == pytest.approx(float(reference[k - 1, ids[k]]), abs=ECHO_LOGPROB_BOUND)
         assert len(lp.top_logprobs[k]) == 2
     text = out.choices[0].text
     assert text.startswith(prompt) and "".join(lp.tokens[1:n]) == prompt  # the BOS is not in the text
@@ -179,7 +156,6 @@ def test_tokenize_detokenize(llm, server) -> None:
         ({"model": MODEL, "messages": CHAT, "response_format": {"type": "json_object"}}, 400, "json_object"),
         ({"model": MODEL, "messages": []}, 400, "messages"),
         ({"model": MODEL, "messages": [{"role": "assistant", "content": "x"}]}, 400, "out of order"),
-        ({"model": "gpt-9", "messages": CHAT}, 404, "gpt-9"),
     ],
 )
 def test_errors_are_openai_shaped(server, body, status, fragment) -> None:
@@ -205,6 +181,19 @@ def test_context_overflow_says_what_fits(server) -> None:
     assert r.status_code == 400
     error = r.json()["error"]
     assert error["code"] == "context_length_exceeded" and "new tokens fit" in error["message"]
+
+
+def test_any_model_name_is_served_unless_strict(llm, client) -> None:
+    """Clients configured with another model name (most OpenAI code hard-codes one) get an answer, as from Ollama
+    and llama-server; --strict-model-name brings back the 404."""
+    out = client.chat.completions.create(model="gpt-4o-mini", messages=CHAT, max_tokens=2, temperature=0)
+    assert out.model == MODEL and out.choices[0].message.content is not None
+    with Server(create_app(llm, model_name=MODEL, strict_model_name=True)) as s:
+        r = httpx.post(s.url + "/v1/chat/completions", json={"model": "gpt-9", "messages": CHAT, "max_tokens": 2})
+        assert r.status_code == 404 and "gpt-9" in r.json()["error"]["message"]
+        assert r.json()["error"]["code"] == "model_not_found"
+        ok = httpx.post(s.url + "/v1/chat/completions", json={"model": MODEL, "messages": CHAT, "max_tokens": 2})
+        assert ok.status_code == 200
 
 
 def test_auth(llm) -> None:
@@ -250,7 +239,7 @@ def test_serve_command(tmp_path) -> None:
     import subprocess
     import sys
 
-    port = _free_port()
+    port = free_port()
     keys = tmp_path / "keys"
     keys.write_text("k1\n")
     proc = subprocess.Popen([sys.executable, "-m", "gemmakit.cli", "serve", "--port", str(port),

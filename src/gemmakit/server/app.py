@@ -28,8 +28,10 @@ from ..engine.engine import PREFILL_CHUNK
 from ..errors import ContextLengthError, GemmakitError, InvalidParameterError
 from ..generate import Completion, CompletionBuilder, StreamEvent
 from ..kv_cache import KVCache
+from ..quant.kernels import kernel_status
 from ..sampling import SamplingParams, TokenLogprob
 from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from .webui import add_chat_page
 
 logger = logging.getLogger("gemmakit.server")
 
@@ -136,6 +138,8 @@ class Metrics:
         self.requests = Counter("gemmakit_requests", "HTTP requests", ["path", "status"], registry=self.registry)
         self.prompt_tokens = Counter("gemmakit_prompt_tokens", "prompt tokens processed", registry=self.registry)
         self.generated_tokens = Counter("gemmakit_generated_tokens", "tokens generated", registry=self.registry)
+        self.cancelled = Counter("gemmakit_requests_cancelled", "generations the client stopped before they ended",
+                                 registry=self.registry)
         buckets = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
         self.ttft = Histogram("gemmakit_time_to_first_token_seconds", "time to first token", buckets=buckets,
                               registry=self.registry)
@@ -155,7 +159,7 @@ class Metrics:
         """Pass a request's events through, recording latencies and token counts."""
         self.prompt_tokens.inc(prompt_tokens)
         start = last = time.perf_counter()
-        first = True
+        first, finished = True, False
         try:
             async for ev in stream:
                 now = time.perf_counter()
@@ -163,8 +167,14 @@ class Metrics:
                 first, last = False, now
                 if not ev.stop_token:
                     self.generated_tokens.inc()
+                finished = ev.finish_reason is not None
                 yield ev
+        except GemmakitError:
+            finished = True  # ended by an error (reported to the client), not by the client
+            raise
         finally:
+            if not finished:
+                self.cancelled.inc()
             stream.cancel()  # a no-op once finished; frees the row of an abandoned request
 
 
@@ -200,7 +210,8 @@ class RequestLog:
 
 def create_app(llm, model_name: str | None = None, api_keys: list[str] | None = None, max_waiting: int = 64,
                max_batch: int = 8, context_length: int | None = None,
-               kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES, log_prompts: bool = False) -> FastAPI:
+               kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES, log_prompts: bool = False,
+               strict_model_name: bool = False) -> FastAPI:
     """The FastAPI application serving ``llm`` under the model id ``model_name`` (default: the file's stem).
 
     Args:
@@ -209,6 +220,8 @@ def create_app(llm, model_name: str | None = None, api_keys: list[str] | None = 
         context_length: tokens per sequence (default: the model's, at most 8192).
         kv_cache_bytes: memory for the KV cache; it bounds ``max_batch`` rows of ``context_length`` tokens.
         log_prompts: put prompt text in the request log (off: logs carry ids, counts and timings only).
+        strict_model_name: refuse (404) requests that name another model; by default a server of one model
+            answers whatever name a client was configured with, as Ollama and llama-server do.
     """
     model_id = model_name or llm.path.stem
     keys = [k.encode() for k in (api_keys or []) if k]
@@ -234,6 +247,7 @@ def create_app(llm, model_name: str | None = None, api_keys: list[str] | None = 
     app = FastAPI(title="gemmakit", description="OpenAI-compatible API for Gemma models", version="0.1.0",
                   lifespan=lifespan)
     app.state.engine = engine
+    app.state.model_id = model_id
 
     def authorize(request: Request) -> None:
         if not keys:
@@ -246,7 +260,7 @@ def create_app(llm, model_name: str | None = None, api_keys: list[str] | None = 
                            "authentication_error", code="invalid_api_key")
 
     def check_model(name: str | None) -> None:
-        if name is not None and name != model_id:
+        if strict_model_name and name is not None and name != model_id:
             raise APIError(404, f"model {name!r} does not exist; this server serves {model_id!r}",
                            param="model", code="model_not_found")
 
@@ -282,6 +296,7 @@ def create_app(llm, model_name: str | None = None, api_keys: list[str] | None = 
         return _error(500, "internal server error", "server_error")
 
     app.add_middleware(RequestLog, metrics=metrics)
+    add_chat_page(app)
 
     def note(request: Request, **fields: Any) -> None:
         """Add fields to the request's log line."""
@@ -335,8 +350,9 @@ def create_app(llm, model_name: str | None = None, api_keys: list[str] | None = 
         return collecting.result()
 
     @app.get("/health")
-    def health() -> dict[str, str]:
-        return {"status": "ok"}
+    def health() -> dict[str, Any]:
+        # Without the compiled kernels the server still answers, tens of times slower: say so where people look.
+        return {"status": "ok", "auth": bool(keys), "kernels": kernel_status()}
 
     @app.get("/metrics")
     def prometheus_metrics():
@@ -384,7 +400,7 @@ def create_app(llm, model_name: str | None = None, api_keys: list[str] | None = 
             params["seed"] = body.seed + index
         if body.logprobs:
             params["logprobs"] = body.top_logprobs or 0
-        return SamplingParams.from_kwargs(**params)
+        return llm.sampling_params(**params)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat_completions(body: ChatCompletionRequest, request: Request):
@@ -496,7 +512,7 @@ def create_app(llm, model_name: str | None = None, api_keys: list[str] | None = 
                 p["logprobs"] = body.logprobs
                 if body.echo:  # OpenAI's echo + logprobs scores the prompt's tokens too
                     p["prompt_logprobs"] = body.logprobs
-            return SamplingParams.from_kwargs(**p)
+            return llm.sampling_params(**p)
 
         note(request, prompt_tokens=sum(map(len, ids)), n=body.n,
              **({"prompt": texts if len(texts) > 1 else texts[0]} if log_prompts else {}))
