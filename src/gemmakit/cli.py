@@ -1,62 +1,89 @@
-"""The ``gemmakit`` command: run, chat, bench."""
+"""The ``gemmakit`` command: run, chat, serve, bench, models, show.
+
+Every flag is checked before the model loads (a load takes seconds), so a typo costs nothing. Answers go to
+stdout; the spinner, statistics, logprobs and errors go to stderr, so ``gemmakit run ... > out.txt`` keeps only
+the text.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import threading
 from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Any, Iterator
 
-from .errors import GemmakitError
+from . import __version__
+from .errors import GemmakitError, InvalidParameterError
+from .sampling import SamplingParams
+
+SAMPLING_FLAGS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                  "frequency_penalty", "seed", "stop", "ignore_eos", "logprobs")
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", "-m", help="path of a GGUF file (default: bundled Gemma 3 270M base model)")
-    p.add_argument("--threads", "-t", type=int, help="CPU threads (default: all cores)")
-    p.add_argument("--context-length", type=int, help="most tokens per sequence (default: the model's maximum)")
+def _verbose_parent() -> argparse.ArgumentParser:
+    """-v/--verbose, accepted before or after the subcommand (SUPPRESS: a subcommand's absent flag does not
+    reset one given before it)."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS,
+                        help="log progress to stderr")
+    return parent
+
+
+def _add_model_args(p: argparse.ArgumentParser, context_default: str = "the model's maximum") -> None:
+    p.add_argument("--model", "-m", help="a GGUF file, a Hugging Face model folder, or the name of one in the "
+                                         "models folder (see `gemmakit models`); default: the bundled Gemma 3 270M")
+    p.add_argument("--threads", "-t", type=int, help=f"CPU threads, 1-{os.cpu_count()} (default: all cores)")
+    p.add_argument("--context-length", "-c", type=int, help=f"most tokens per sequence (default: {context_default})")
     p.add_argument("--quant", default="auto", choices=["auto", "int8", "fp32", "bf16"],
                    help="GGUF weights in memory: auto/int8 keep them quantized (default), fp32/bf16 dequantize")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("sampling")
-    g.add_argument("--max-tokens", "-n", type=int, default=256, help="most new tokens (default 256)")
-    g.add_argument("--temperature", type=float, default=1.0, help="0 for greedy (default 1.0)")
-    g.add_argument("--top-k", type=int, default=64, help="0 disables (default 64, Gemma's recommendation)")
-    g.add_argument("--top-p", type=float, default=0.95, help="default 0.95")
-    g.add_argument("--min-p", type=float, default=0.0)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--presence-penalty", type=float, default=0.0)
-    g.add_argument("--frequency-penalty", type=float, default=0.0)
-    g.add_argument("--seed", type=int)
-    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    g.add_argument("--ignore-eos", action="store_true")
-    g.add_argument("--logprobs", type=int, help="report each token's logprob and this many alternatives")
+    d = SamplingParams  # the defaults shown are SamplingParams' own: one table for CLI, API and server
+    g = p.add_argument_group("sampling (defaults: the model's recommended settings, else gemmakit's shown here)")
+    g.add_argument("--max-tokens", "-n", type=int, help=f"most new tokens (default {d.max_tokens})")
+    g.add_argument("--temperature", "--temp", type=float, help=f"0 for greedy (default {d.temperature})")
+    g.add_argument("--top-k", type=int, help=f"0 disables (default {d.top_k})")
+    g.add_argument("--top-p", type=float, help=f"1 disables (default {d.top_p})")
+    g.add_argument("--min-p", type=float, help=f"0 disables (default {d.min_p})")
+    g.add_argument("--repetition-penalty", type=float, help=f"1 disables (default {d.repetition_penalty})")
+    g.add_argument("--presence-penalty", type=float, help=f"default {d.presence_penalty}")
+    g.add_argument("--frequency-penalty", type=float, help=f"default {d.frequency_penalty}")
+    g.add_argument("--seed", "-s", type=int, help="seed of the random draws (default: a fresh one each run)")
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true", default=None, help="keep going past end of text")
+    g.add_argument("--logprobs", type=int, help="show each token's logprob and this many alternatives (0-20)")
 
 
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "max_tokens": args.max_tokens,
-        "temperature": args.temperature,
-        "top_k": args.top_k,
-        "top_p": args.top_p,
-        "min_p": args.min_p,
-        "repetition_penalty": args.repetition_penalty,
-        "presence_penalty": args.presence_penalty,
-        "frequency_penalty": args.frequency_penalty,
-        "seed": args.seed,
-        "stop": args.stop,
-        "ignore_eos": args.ignore_eos,
-        "logprobs": args.logprobs,
-    }
+    """The sampling flags the user gave (the rest stay the model's defaults), checked now: before loading."""
+    given = {name: getattr(args, name) for name in SAMPLING_FLAGS if getattr(args, name, None) is not None}
+    for name, value in given.items():
+        try:
+            SamplingParams.from_kwargs(**{name: value})
+        except InvalidParameterError as exc:
+            raise InvalidParameterError(f"--{name.replace('_', '-')}: {exc}") from None
+    return given
+
+
+def _check_model_args(args: argparse.Namespace) -> None:
+    """Flag values that can be checked without the model."""
+    cpus = os.cpu_count() or 1
+    if args.threads is not None and not 1 <= args.threads <= cpus:
+        raise InvalidParameterError(f"--threads {args.threads}: must be in [1, {cpus}] (this machine has {cpus} "
+                                    "CPUs; more threads than CPUs only slows every one of them down)")
+    if args.context_length is not None and args.context_length < 1:
+        raise InvalidParameterError(f"--context-length {args.context_length}: must be a positive number of tokens")
 
 
 @contextmanager
 def _spinner(message: str, delay: float = 0.3) -> Iterator[None]:
-    """Show a spinner on stderr (a terminal only) if the block takes longer than ``delay`` seconds."""
+    """Show a spinner on stderr (a terminal only) if the block takes longer than ``delay`` seconds; its line is
+    cleared before the block's result is printed."""
     done = threading.Event()
 
     def spin() -> None:
@@ -84,9 +111,18 @@ def _spinner(message: str, delay: float = 0.3) -> Iterator[None]:
 
 def _load(args: argparse.Namespace):
     from . import load
+    from .catalog import resolve_model
 
-    with _spinner("Loading model"):
-        return load(args.model, context_length=args.context_length, threads=args.threads, quant=args.quant)
+    # With -v the log says what loading does; a spinner would scribble over its lines.
+    quiet = getattr(args, "verbose", False)
+    with _spinner("Loading model") if not quiet else _no_spinner():
+        return load(resolve_model(args.model), context_length=args.context_length, threads=args.threads,
+                    quant=args.quant)
+
+
+@contextmanager
+def _no_spinner() -> Iterator[None]:
+    yield
 
 
 def _completion_json(c) -> dict[str, Any]:
@@ -102,30 +138,197 @@ def _completion_json(c) -> dict[str, Any]:
     return out
 
 
+def _read_prompt(args: argparse.Namespace) -> str:
+    """The prompt argument, or standard input when it is ``-`` or left out (and input is not a terminal)."""
+    if args.prompt is not None and args.prompt != "-":
+        return args.prompt
+    if args.prompt is None and sys.stdin.isatty():
+        raise InvalidParameterError("give a prompt: gemmakit run \"...\", or pipe one in (echo ... | gemmakit run -)")
+    text = sys.stdin.read()
+    if not text.strip():
+        raise InvalidParameterError("the prompt read from standard input is empty")
+    return text.rstrip("\n")
+
+
+class RunStats:
+    """Counts for the statistics line after an answer (llama.cpp prints one too)."""
+
+    def __init__(self) -> None:
+        import time
+
+        self._clock = time.perf_counter
+        self.start = self._clock()
+        self.first: float | None = None
+        self.tokens = 0
+        self.finish: str | None = None
+        self.logprobs: list[Any] = []
+
+    def add(self, event) -> None:
+        if self.first is None:
+            self.first = self._clock()
+        self.tokens += not event.stop_token
+        self.finish = event.finish_reason or self.finish
+        if event.logprob is not None and not event.stop_token:
+            self.logprobs.append(event.logprob)
+
+    def line(self, prompt_tokens: int) -> str:
+        end = self._clock()
+        first = (self.first or end) - self.start
+        rate = (self.tokens - 1) / (end - self.first) if self.first is not None and self.tokens > 1 and \
+            end > self.first else 0.0
+        return (f"[{prompt_tokens} prompt tokens, {self.tokens} generated, {rate:.1f} tok/s, "
+                f"first token after {first:.2f} s, {end - self.start:.2f} s in all]")
+
+
+def _limit_marker(stats: RunStats, max_tokens: int | None) -> str | None:
+    """The line that says the token limit cut the answer, or None when it ended by itself."""
+    if stats.finish != "length":
+        return None
+    limit = f"the {max_tokens}-token limit" if max_tokens is not None else "the context length"
+    return f"[answer cut at {limit}: raise --max-tokens/-n for more]"
+
+
+def _logprob_table(tokenizer, logprobs: list[Any]) -> str:
+    """Each generated token with its log-probability and the alternatives, one line each."""
+    lines = [f"{'token':<20} {'logprob':>9}  alternatives"]
+    for lp in logprobs:
+        token = json.dumps(tokenizer.decode([lp.token_id]), ensure_ascii=False)
+        top = ", ".join(f"{json.dumps(tokenizer.decode([i]), ensure_ascii=False)} {v:.3f}" for i, v in lp.top)
+        lines.append(f"{token:<20} {lp.logprob:>9.4f}  {top}")
+    return "\n".join(lines)
+
+
+def _report(llm, stats: RunStats, prompt_tokens: int, params: SamplingParams) -> None:
+    """What follows an answer on stderr: logprobs when asked, the limit marker, the statistics line."""
+    if stats.logprobs:
+        print(_logprob_table(llm.tokenizer, stats.logprobs), file=sys.stderr)
+    marker = _limit_marker(stats, params.max_tokens)
+    if marker:
+        print(marker, file=sys.stderr)
+    print(stats.line(prompt_tokens), file=sys.stderr)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    llm = _load(args)
+    prompt = _read_prompt(args)
     sampling = _sampling(args)
+    _check_model_args(args)
+    llm = _load(args)
+    params = llm.sampling_params(**sampling)
     if args.json:
-        print(json.dumps(_completion_json(llm.generate(args.prompt, **sampling)), ensure_ascii=False))
+        print(json.dumps(_completion_json(llm.generate(prompt, params)), ensure_ascii=False))
         return 0
-    sys.stdout.write(args.prompt)
-    finish = None
-    for ev in llm.stream(args.prompt, **sampling):
-        sys.stdout.write(ev.text)
+    ids = llm.prompt_ids(prompt)
+    events = llm.stream(ids, params)  # raises (too long, ...) before anything is printed
+    stats = RunStats()
+    sys.stdout.write(prompt)
+    try:
+        for ev in events:
+            stats.add(ev)
+            sys.stdout.write(ev.text)
+            sys.stdout.flush()
+    finally:
+        sys.stdout.write("\n")
         sys.stdout.flush()
-        finish = ev.finish_reason
-    sys.stdout.write("\n")
-    if args.verbose:
-        print(f"[finish_reason: {finish}]", file=sys.stderr)
+    _report(llm, stats, len(ids), params)
     return 0
 
 
+CHAT_HELP = """commands:
+  /help              this list
+  /system [TEXT]     set the system prompt (no TEXT: show it); clears the conversation
+  /clear, /reset     forget the conversation
+  /bye, /quit, /exit leave (Ctrl-D too)
+Up/Down recall earlier lines; Ctrl-C stops an answer."""
+
+
+class ChatSession:
+    """The state of ``gemmakit chat``: the system prompt and the conversation so far."""
+
+    def __init__(self, llm, params: SamplingParams, system: str | None) -> None:
+        self.llm, self.params, self.system = llm, params, system
+        self.history: list[dict[str, str]] = []
+
+    def command(self, line: str) -> bool:
+        """Handle a /command; False when it asks to leave."""
+        name, _, rest = line.partition(" ")
+        if name in ("/bye", "/quit", "/exit"):
+            return False
+        if name == "/help":
+            print(CHAT_HELP, file=sys.stderr)
+        elif name in ("/clear", "/reset"):
+            self.history.clear()
+            print("(conversation cleared)", file=sys.stderr)
+        elif name == "/system":
+            if rest.strip():
+                self.system = rest.strip()
+                self.history.clear()
+                print("(system prompt set; conversation cleared)", file=sys.stderr)
+            else:
+                print(f"(system prompt: {self.system!r})", file=sys.stderr)
+        else:
+            print(f"unknown command {name}: /help lists them", file=sys.stderr)
+        return True
+
+    def answer(self, text: str) -> None:
+        """Send a user message and stream the reply to stdout."""
+        messages = ([{"role": "system", "content": self.system}] if self.system else []) + self.history
+        messages.append({"role": "user", "content": text})
+        reply: list[str] = []
+        stats = RunStats()
+        try:
+            events = self.llm.chat_stream(messages, self.params)
+            for ev in events:
+                stats.add(ev)
+                sys.stdout.write(ev.text)
+                sys.stdout.flush()
+                reply.append(ev.text)
+        except GemmakitError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return
+        except KeyboardInterrupt:
+            print("\n(interrupted)", file=sys.stderr)
+        sys.stdout.write("\n")
+        self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": "".join(reply)}]
+        marker = _limit_marker(stats, self.params.max_tokens)
+        if marker:
+            print(marker, file=sys.stderr)
+
+
+def _enable_line_editing() -> None:
+    """Line editing and Up/Down history for input() (GNU readline where Python has it), kept across sessions
+    in the gemmakit cache folder."""
+    try:
+        import atexit
+        import readline
+    except ImportError:  # e.g. Windows without pyreadline: plain input
+        return
+    from .catalog import models_dir
+
+    history = models_dir().parent / "chat_history"
+    try:
+        readline.read_history_file(history)
+    except OSError:
+        pass
+    readline.set_history_length(1000)
+
+    def save() -> None:
+        try:
+            history.parent.mkdir(parents=True, exist_ok=True)
+            readline.write_history_file(history)
+        except OSError:
+            pass
+
+    atexit.register(save)
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
-    llm = _load(args)
     sampling = _sampling(args)
-    system = [{"role": "system", "content": args.system}] if args.system else []
-    history: list[dict[str, str]] = []
-    print("Chat with the model. /reset clears the conversation, /exit quits.", file=sys.stderr)
+    _check_model_args(args)
+    llm = _load(args)
+    session = ChatSession(llm, llm.sampling_params(**sampling), args.system)
+    if sys.stdin.isatty():
+        _enable_line_editing()
+    print("Chat with the model. /help lists the commands, /bye leaves.", file=sys.stderr)
     if llm.path.name.startswith("gemma-3-270m"):
         print("Note: the bundled Gemma 3 270M is a small base model (not chat-tuned): expect rough chat answers.",
               file=sys.stderr)
@@ -136,35 +339,19 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print(file=sys.stderr)
             return 0
         text = line.strip()
-        if text in ("/exit", "/quit"):
-            return 0
-        if text == "/reset":
-            history.clear()
-            print("(conversation cleared)", file=sys.stderr)
-            continue
-        if not text:
-            continue
-        history.append({"role": "user", "content": text})
-        reply = []
-        try:
-            for ev in llm.chat_stream(system + history, **sampling):
-                sys.stdout.write(ev.text)
-                sys.stdout.flush()
-                reply.append(ev.text)
-        except GemmakitError as exc:
-            history.pop()
-            print(f"error: {exc}", file=sys.stderr)
-            continue
-        except KeyboardInterrupt:
-            print("\n(interrupted)", file=sys.stderr)
-        sys.stdout.write("\n")
-        history.append({"role": "assistant", "content": "".join(reply)})
+        if text.startswith("/"):
+            if not session.command(text):
+                return 0
+        elif text:
+            session.answer(text)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
+    from .catalog import resolve_model
 
-    result = run_bench(args.model, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,
+    _check_model_args(args)
+    result = run_bench(resolve_model(args.model), prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,
                        threads=args.threads, random_weights=args.random_weights, quant=args.quant)
     if args.json:
         print(json.dumps(result))
@@ -174,25 +361,109 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    import logging
+def _human_size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
 
-    import uvicorn
 
-    from .errors import InvalidParameterError
-    from .server import create_app
+def cmd_models(args: argparse.Namespace) -> int:
+    from .catalog import list_models, models_dir
 
+    entries = list_models()
+    if args.json:
+        print(json.dumps([{**asdict(e), "path": str(e.path)} for e in entries]))
+        return 0
+    print(f"{'NAME':<28} {'SIZE':>9}  PATH")
+    for e in entries:
+        print(f"{e.name:<28} {_human_size(e.size):>9}  {e.path}")
+        if "package_chunks" in e.extra:
+            print(f"{'':<28} {_human_size(e.extra['package_bytes']):>9}  (package copy it is assembled from: "
+                  f"{os.path.dirname(os.path.dirname(e.extra['package_chunks'][0]))})")
+    print(f"\nmodels folder: {models_dir()} (put GGUF files or Hugging Face folders there to use them by name)")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from .catalog import describe_model, resolve_model
+
+    info = describe_model(resolve_model(args.model_arg or args.model))
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    template = info.pop("chat_template")
+    for key, value in info.items():
+        if key == "parameters" and value:
+            value = f"{value / 1e6:.1f} M"
+        elif key == "size":
+            value = _human_size(value)
+        elif isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in value.items())
+        print(f"{key:>18}: {value}")
+    if args.template:
+        print(template or "(no chat template in the file: the family's built-in format is used)")
+    else:
+        first = (template or "").strip().splitlines()
+        print(f"{'chat_template':>18}: " + (f"{len(template)} characters, starts {first[0][:60]!r} "
+                                            "(--template prints it)" if first else "none (the family's built-in)"))
+    return 0
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Fail now, not after loading the model, when the address cannot be listened on."""
+    import socket
+
+    if not 0 < port < 65536:
+        raise InvalidParameterError(f"--port {port}: must be in [1, 65535]")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise InvalidParameterError(f"--host {host}: {exc.strerror}") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise InvalidParameterError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+
+
+def _read_keys(args: argparse.Namespace) -> list[str]:
     keys = list(args.api_key or [])
     if args.api_keys_file:
         try:
-            keys += [line.strip() for line in open(args.api_keys_file) if line.strip()]
+            with open(args.api_keys_file) as f:
+                keys += [line.strip() for line in f if line.strip()]
         except OSError as exc:
             raise InvalidParameterError(f"--api-keys-file {args.api_keys_file}: {exc.strerror}") from None
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return keys
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    try:
+        import uvicorn
+
+        from .server import create_app
+    except ImportError as exc:
+        raise InvalidParameterError(f"the server needs its extra packages ({exc.name} is missing): "
+                                    "pip install 'gemmakit[server]'") from None
+    keys = _read_keys(args)
+    _check_model_args(args)
+    _check_port_free(args.host, args.port)
     llm = _load(args)
+    # Logging starts after the load: its lines never land on the spinner's line.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(llm, model_name=args.model_name, api_keys=keys, max_batch=args.max_batch,
                      max_waiting=args.max_waiting, context_length=args.context_length,
-                     kv_cache_bytes=args.kv_cache_mib * 2**20, log_prompts=args.log_prompts)
+                     kv_cache_bytes=args.kv_cache_mib * 2**20, log_prompts=args.log_prompts,
+                     strict_model_name=args.strict_model_name)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"Serving {app.state.model_id} at http://{host}:{args.port}/v1 (chat page: http://{host}:{args.port}/)",
+          file=sys.stderr, flush=True)
     # The engine thread and the event loop share the GIL. When a kernel call returns, the engine waits for the
     # loop to let go of it, by default up to 5 ms (the switch interval) while the loop writes a step's chunks;
     # 1 ms keeps that wait short next to a ~15-60 ms step.
@@ -201,31 +472,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gemmakit", description="Run Gemma models locally.")
-    parser.add_argument("--verbose", "-v", action="store_true", help="log progress to stderr")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    run = sub.add_parser("run", help="complete a prompt, streaming the answer to stdout")
-    run.add_argument("prompt")
-    run.add_argument("--json", action="store_true", help="print one JSON completion instead of streaming")
-    _add_model_args(run)
-    _add_sampling_args(run)
-    run.set_defaults(func=cmd_run)
-
-    chat = sub.add_parser("chat", help="interactive multi-turn chat (/reset, /exit)")
-    chat.add_argument("--system", help="system prompt")
-    _add_model_args(chat)
-    _add_sampling_args(chat)
-    chat.set_defaults(func=cmd_chat)
-
-    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
-    _add_model_args(serve)
+def _add_serve_parser(sub, parent: argparse.ArgumentParser) -> None:
+    serve = sub.add_parser("serve", parents=[parent], help="OpenAI-compatible HTTP server and chat page")
+    _add_model_args(serve, context_default="8192, or the model's maximum if smaller")
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", "-p", type=int, default=8000)
     serve.add_argument("--api-key", action="append", help="require this bearer key (repeatable)")
     serve.add_argument("--api-keys-file", help="file with one accepted key per line")
-    serve.add_argument("--model-name", help="model id clients use (default: the file name)")
+    serve.add_argument("--model-name", help="model id the server reports (default: the file name)")
+    serve.add_argument("--strict-model-name", action="store_true",
+                       help="answer only requests naming --model-name (default: any name, as Ollama and "
+                            "llama-server do with one model)")
     serve.add_argument("--max-batch", type=int, default=8,
                        help="sequences generating at once, 1-64 (default 8); each holds a KV cache row")
     serve.add_argument("--max-waiting", type=int, default=64,
@@ -235,7 +492,29 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-prompts", action="store_true", help="include prompt text in the request log")
     serve.set_defaults(func=cmd_serve)
 
-    bench = sub.add_parser("bench", help="measure load time, memory, prefill and decode speed")
+
+def build_parser() -> argparse.ArgumentParser:
+    parent = _verbose_parent()
+    parser = argparse.ArgumentParser(prog="gemmakit", description="Run Gemma models locally.", parents=[parent])
+    parser.add_argument("--version", "-V", action="version", version=f"gemmakit {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", parents=[parent], help="complete a prompt, streaming the answer to stdout")
+    run.add_argument("prompt", nargs="?", help="the prompt; '-' or none reads it from standard input")
+    run.add_argument("--json", action="store_true", help="print one JSON completion instead of streaming")
+    _add_model_args(run)
+    _add_sampling_args(run)
+    run.set_defaults(func=cmd_run)
+
+    chat = sub.add_parser("chat", parents=[parent], help="interactive multi-turn chat (/help for commands)")
+    chat.add_argument("--system", help="system prompt")
+    _add_model_args(chat)
+    _add_sampling_args(chat)
+    chat.set_defaults(func=cmd_chat)
+
+    _add_serve_parser(sub, parent)
+
+    bench = sub.add_parser("bench", parents=[parent], help="measure load time, memory, prefill and decode speed")
     _add_model_args(bench)
     bench.add_argument("--prompt-tokens", type=int, default=512)
     bench.add_argument("--decode-tokens", type=int, default=64)
@@ -243,19 +522,31 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--random-weights", metavar="CONFIG",
                        help="benchmark a published shape with random weights instead of a file (e2b)")
     bench.set_defaults(func=cmd_bench)
+
+    models = sub.add_parser("models", parents=[parent], help="list the default model and the models folder")
+    models.add_argument("--json", action="store_true")
+    models.set_defaults(func=cmd_models)
+
+    show = sub.add_parser("show", parents=[parent], help="architecture, quantization, context, chat template")
+    show.add_argument("model_arg", nargs="?", metavar="MODEL", help="path or name (default: the bundled model)")
+    show.add_argument("--model", "-m", help=argparse.SUPPRESS)
+    show.add_argument("--template", action="store_true", help="print the whole chat template")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(func=cmd_show)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.verbose:
+    if getattr(args, "verbose", False):
         import logging
 
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
     except GemmakitError as exc:
+        sys.stdout.flush()
         print(f"gemmakit: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
