@@ -64,10 +64,10 @@ def write_tiny_gguf(
     raw_types: dict[str, GGMLQuantizationType] | None = None,
     seed: int = 0,
     chat_template: str | None = None,
-    metadata: dict[str, float] | None = None,
+    metadata: dict[str, float | int] | None = None,
 ) -> Path:
     """Write a tiny random Gemma 3 GGUF (F32 weights), optionally with tensors dropped, added or misshaped, and
-    extra float metadata (``{key: value}``, e.g. another architecture's soft-caps)."""
+    extra metadata (``{key: value}``: floats as float32, ints as uint32; e.g. another architecture's soft-caps)."""
     cfg = TINY
     pieces, scores, types = tiny_vocab()
     rng = np.random.default_rng(seed)
@@ -101,7 +101,10 @@ def write_tiny_gguf(
     if chat_template is not None:
         w.add_chat_template(chat_template)
     for key, value in (metadata or {}).items():
-        w.add_float32(key, value)
+        if isinstance(value, int):
+            w.add_uint32(key, value)
+        else:
+            w.add_float32(key, value)
     for name, arr in tensors.items():
         raw_type = (raw_types or {}).get(name)
         if raw_type is not None:

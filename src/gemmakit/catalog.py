@@ -18,13 +18,18 @@ from .llm import read_generation_config
 from .sampling import SamplingParams, checkpoint_defaults
 
 
+def cache_dir() -> Path:
+    """gemmakit's folder for what it keeps between runs: ``$XDG_CACHE_HOME/gemmakit`` (default
+    ``~/.cache/gemmakit``): compiled kernels, the chat history, the models folder."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "gemmakit"
+
+
 def models_dir() -> Path:
-    """The folder where ``-m NAME`` finds models by name: ``$GEMMAKIT_MODELS``, else
-    ``$XDG_CACHE_HOME/gemmakit/models`` (default ``~/.cache/gemmakit/models``)."""
+    """The folder where ``-m NAME`` finds models by name: ``$GEMMAKIT_MODELS``, else ``cache_dir()/models``."""
     if os.environ.get("GEMMAKIT_MODELS"):
         return Path(os.environ["GEMMAKIT_MODELS"])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "gemmakit" / "models"
+    return cache_dir() / "models"
 
 
 def resolve_model(name: str | None) -> Path | None:

@@ -302,9 +302,9 @@ def _enable_line_editing() -> None:
         import readline
     except ImportError:  # e.g. Windows without pyreadline: plain input
         return
-    from .catalog import models_dir
+    from .catalog import cache_dir
 
-    history = models_dir().parent / "chat_history"
+    history = cache_dir() / "chat_history"
     try:
         readline.read_history_file(history)
     except OSError:

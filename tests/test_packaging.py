@@ -1,0 +1,77 @@
+"""The wheel as a user installs it: built from this tree, installed into a fresh virtual environment (not the
+editable install the Makefile uses), then run: the C kernels must build from the sources inside the wheel."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import venv
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).parent.parent
+SHIPPED = ["gemmakit/py.typed", "gemmakit/__main__.py", "gemmakit/quant/csrc/qgemv.c", "gemmakit/quant/csrc/decode.c",
+           "gemmakit/quant/csrc/layers.c", "gemmakit/server/static/index.html", "gemmakit/server/static/chat.js",
+           "gemmakit/server/static/chat.css", "gemmakit/server/static/vendor/marked.umd.js",
+           "gemmakit/server/static/vendor/purify.min.js"]
+
+
+def _run(*args: str, env: dict | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
+    proc = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+    assert proc.returncode == 0, f"{args}: {proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+def test_wheel_installs_into_a_fresh_venv_and_generates(tmp_path, llm) -> None:
+    dist = tmp_path / "dist"
+    _run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(dist), str(ROOT))
+    (wheel,) = dist.glob("gemmakit-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert not [name for name in SHIPPED if name not in names]
+    metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("METADATA"))).decode()
+    assert "License-Expression: Apache-2.0" in metadata and "Provides-Extra: server" in metadata
+
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, with_pip=True)
+    python = str(env_dir / "bin" / "python")
+    # torch first, as the README says (here the pinned CPU wheel the Makefile uses), then the wheel with its
+    # dependencies from the package index.
+    _run(python, "-m", "pip", "install", "--quiet", "torch==2.13.0")
+    _run(python, "-m", "pip", "install", "--quiet", str(wheel))
+
+    # A fresh cache: the kernels are compiled from the wheel's own sources, and nothing warns of a fallback.
+    cache = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    prompt = "The capital of France is"
+    out = _run(python, "-m", "gemmakit", "run", prompt, "-n", "8", "--temperature", "0", "--json", env=cache,
+               timeout=300)
+    assert "unavailable" not in out.stderr and "falling back" not in out.stderr, out.stderr
+    assert json.loads(out.stdout)["token_ids"] == llm.generate(prompt, max_tokens=8, temperature=0).token_ids
+    assert list((tmp_path / "cache" / "gemmakit" / "kernels").glob("*.so"))
+    assert "kernels: compiled C" in _run(python, "-m", "gemmakit", "bench", "--prompt-tokens", "16",
+                                         "--decode-tokens", "4", env=cache, timeout=300).stdout
+
+    # Without the [server] extra, serve says what to install (one line, no traceback).
+    serve = subprocess.run([python, "-m", "gemmakit", "serve"], capture_output=True, text=True, timeout=120)
+    assert serve.returncode == 2 and "pip install 'gemmakit[server]'" in serve.stderr
+    assert "Traceback" not in serve.stderr
+
+
+def test_a_failed_kernel_build_warns_once_with_the_reason(tmp_path) -> None:
+    """No compiler: one warning that gives the reason and says decoding is much slower; answers still come."""
+    script = ("import gemmakit, json; llm = gemmakit.load(); "
+              "print(json.dumps(gemmakit.quant.kernels.kernel_status())); "
+              "print(llm.generate('Hi', max_tokens=2, temperature=0).usage.completion_tokens)")
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path), "CC": str(tmp_path / "no-such-cc")}
+    proc = subprocess.run([sys.executable, "-c", "import gemmakit.quant.kernels; " + script], capture_output=True,
+                          text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr
+    status, tokens = proc.stdout.splitlines()
+    assert json.loads(status) == {"available": False,
+                                  "reason": f"cannot run the C compiler {str(tmp_path / 'no-such-cc')!r}: "
+                                            "No such file or directory"}
+    assert tokens == "2"
+    warnings = [line for line in proc.stderr.splitlines() if "CPU kernels unavailable" in line]
+    assert len(warnings) == 1 and "much slower" in warnings[0] and "no-such-cc" in warnings[0]
