@@ -133,3 +133,13 @@ def test_generation_config_defaults() -> None:
     assert checkpoint_defaults(generation_config={"do_sample": False, "temperature": 0.7}) == {"temperature": 0.0}
     assert checkpoint_defaults(generation_config={"top_k": "many", "repetition_penalty": 1.1}) == {
         "repetition_penalty": 1.1}
+
+
+def test_bundled_model_from_package_chunks_equals_the_joined_file(llm, model_path) -> None:
+    """load() with no path maps the package's four chunks as one file: the same model as the joined GGUF."""
+    import torch
+
+    bundled = gemmakit.load()
+    assert not bundled.path.exists() and bundled.path.name == model_path.name
+    ids = llm.tokenizer.encode("The capital of France is", add_bos=True)
+    assert torch.equal(bundled.logits(ids), llm.logits(ids))

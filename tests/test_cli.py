@@ -122,10 +122,18 @@ def test_models_lists_the_default_with_paths_and_sizes(model_path, tmp_path) -> 
     proc = gemmakit_cmd("models", "--json", env={"GEMMAKIT_MODELS": str(tmp_path)})
     assert proc.returncode == 0, proc.stderr
     entries = json.loads(proc.stdout)
-    assert entries[0]["path"] == str(model_path) and entries[0]["size"] == model_path.stat().st_size
-    assert entries[1]["name"] == "mine" and entries[1]["size"] == 104
+    bundled = entries[0]
+    assert bundled["size"] == model_path.stat().st_size == sum(os.path.getsize(p) for p in bundled["extra"]["parts"])
+    assert entries[-1]["name"] == "mine" and entries[-1]["size"] == 104
     text = gemmakit_cmd("models", env={"GEMMAKIT_MODELS": str(tmp_path)}).stdout
-    assert str(model_path) in text and "253.1 MB" in text and str(tmp_path) in text
+    assert bundled["extra"]["parts"][0] in text and "253.1 MB" in text and str(tmp_path) in text
+
+
+def test_the_bundled_model_is_read_in_place(tmp_path) -> None:
+    """A new user's first run reads the model from the package's chunks: no second copy appears on disk."""
+    proc = gemmakit_cmd("run", "Hello", "-n", "2", env={"HOME": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    assert not list(tmp_path.rglob("*.gguf"))
 
 
 def test_show_describes_the_model(model_path) -> None:

