@@ -32,6 +32,15 @@ def test_run_json_matches_api(llm) -> None:
     assert out["finish_reason"] == "length" and out["usage"]["completion_tokens"] == 8
 
 
+def test_same_seed_same_text_in_cli_and_api(llm) -> None:
+    """One set of sampling defaults: a seeded run samples the same tokens from the CLI and the Python API."""
+    proc = gemmakit_cmd("run", "Once upon a time", "-n", "12", "--seed", "5", "--json")
+    assert proc.returncode == 0, proc.stderr
+    api = llm.generate("Once upon a time", max_tokens=12, seed=5)
+    assert json.loads(proc.stdout)["token_ids"] == api.token_ids
+    assert api.token_ids != llm.generate("Once upon a time", max_tokens=12, seed=6).token_ids  # it did sample
+
+
 def test_run_streams_prompt_and_answer_with_stats(llm) -> None:
     prompt = "The capital of France is"
     proc = gemmakit_cmd("run", prompt, "-n", "8", "--temperature", "0")
@@ -180,12 +189,14 @@ def test_chat_has_line_editing_and_history(tmp_path) -> None:
             except OSError:
                 break
 
+    # Each line is typed once the prompt is back: readline has the terminal then (typed earlier, the terminal
+    # itself would echo the keys).
     read_until(b"> ")
     os.write(fd, b"/system first\r")
-    read_until(b"conversation cleared)")
+    read_until(b"conversation cleared)\r\n> ")
     output = b""
     os.write(fd, b"\x1b[A\r")  # Up, Enter: the same line again
-    read_until(b"conversation cleared)")
+    read_until(b"conversation cleared)\r\n> ")
     os.write(fd, b"/bye\r")
     os.waitpid(pid, 0)
     assert b"^[[A" not in output and b"system prompt set" in output

@@ -95,6 +95,7 @@ def test_chat_page(server, browser, tmp_path) -> None:
     assert body["top_p"] == 0.9 and body["seed"] == 7
     assert body["messages"] == [{"role": "system", "content": "Answer in one sentence."},
                                 {"role": "user", "content": "What is the capital of France?"}]
+    expect(page.locator(".message.assistant .content").last).not_to_have_text("", timeout=60_000)
     page.screenshot(path=tmp_path / "2-streaming.png")
     expect(page.locator("#send")).to_be_visible(timeout=120_000)  # the answer is complete
     lengths = sorted(set(page.evaluate("window.answerLengths")) - {0})
@@ -136,8 +137,11 @@ def test_markdown_is_rendered_and_sanitized(server, browser, tmp_path) -> None:
     page.goto(server.url + "/")
     answer = ("Here is **code**:\n\n```python\nprint('hi')\n```\n\n<img src=x onerror=\"window.pwned=1\">"
               "<script>window.pwned=2</script>")
+    tool_call = {"id": "call_0", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
     stored = [{"id": "c1", "title": "Saved", "updated": 1, "messages": [
-        {"role": "user", "content": "<b>not bold</b>"}, {"role": "assistant", "content": answer, "stats": "5 tokens"}]}]
+        {"role": "user", "content": "<b>not bold</b>"},
+        {"role": "assistant", "content": answer, "stats": "5 tokens", "reasoning": "The user wants *code*.",
+         "tool_calls": [tool_call]}]}]
     page.evaluate("s => localStorage.setItem('gemmakit.conversations', s)", json.dumps(stored))
     page.reload()
     expect(page.locator(".message.assistant pre code")).to_have_text("print('hi')")
@@ -146,6 +150,12 @@ def test_markdown_is_rendered_and_sanitized(server, browser, tmp_path) -> None:
     assert page.locator(".message.assistant img[onerror]").count() == 0
     assert page.locator(".message script").count() == 0
     assert page.evaluate("window.pwned") is None
+    # Gemma 4's thought channel shows folded; a tool call shows as a call, not as text of the answer.
+    reasoning = page.locator(".message.assistant details.reasoning")
+    assert reasoning.get_attribute("open") is None
+    expect(reasoning.locator("summary")).to_have_text("Reasoning")
+    expect(reasoning.locator("em")).to_have_text("code")
+    expect(page.locator(".message.assistant .tool-call")).to_have_text('tool call: get_weather({"city": "Paris"})')
     # Phone width: the conversation list is folded away behind its button, the composer fits the screen.
     assert not page.locator("#sidebar").is_visible() or page.locator("#sidebar").bounding_box()["x"] < 0
     box = page.locator("#composer").bounding_box()
