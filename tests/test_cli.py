@@ -13,6 +13,7 @@ import time
 import pytest
 
 import gemmakit
+from helpers import write_tiny_gguf
 from serving import free_port
 
 
@@ -145,7 +146,7 @@ def test_the_bundled_model_is_read_in_place(tmp_path) -> None:
     assert not list(tmp_path.rglob("*.gguf"))
 
 
-def test_show_describes_the_model(model_path) -> None:
+def test_show_describes_the_model(model_path, tmp_path) -> None:
     proc = gemmakit_cmd("show", "--json")
     assert proc.returncode == 0, proc.stderr
     info = json.loads(proc.stdout)
@@ -155,6 +156,10 @@ def test_show_describes_the_model(model_path) -> None:
     assert info["sampling_defaults"]["top_k"] == 64 and info["sampling_defaults"]["top_p"] == 0.95
     text = gemmakit_cmd("show", str(model_path)).stdout
     assert "architecture: gemma3" in text and "parameters: 268.1 M" in text
+    assert "none (the family's built-in)" in text  # this GGUF ships no template: Gemma's own format is used
+    templated = write_tiny_gguf(tmp_path / "t.gguf", chat_template="{{ bos_token }}{% for m in messages %}...")
+    shown = gemmakit_cmd("show", str(templated), "--template")
+    assert shown.returncode == 0 and shown.stdout.rstrip().endswith("{% for m in messages %}...")
 
 
 def test_chat_commands() -> None:
@@ -197,7 +202,7 @@ def test_chat_has_line_editing_and_history(tmp_path) -> None:
     output = b""
     os.write(fd, b"\x1b[A\r")  # Up, Enter: the same line again
     read_until(b"conversation cleared)\r\n> ")
-    os.write(fd, b"/bye\r")
+    os.write(fd, b"/quit\r")
     os.waitpid(pid, 0)
     assert b"^[[A" not in output and b"system prompt set" in output
     assert "/system first" in (tmp_path / "gemmakit" / "chat_history").read_text()
