@@ -187,3 +187,32 @@ def test_argmax_rows_is_torchs() -> None:
     logits[3, 100] = logits[3, 200] = logits[3].max() + 1  # a tie: the first wins
     logits[5, 42] = float("nan")
     assert argmax_rows(logits) == logits.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("kw", [{"top_k": 5}, {"top_k": 5, "top_p": 0.7}, {"top_k": 8, "min_p": 0.2, "temperature": 0.5},
+                                {"top_k": 3, "top_p": 0.95, "temperature": 2.0}])
+def test_sampling_from_top_k_candidates_is_the_full_distribution(kw) -> None:
+    """sample_token filters and draws among top-k's candidates: the same probabilities as the whole vector."""
+    from gemmakit.sampling import top_k_candidates
+
+    logits = torch.randn(500, generator=torch.Generator().manual_seed(0)) * 3
+    low = torch.argsort(logits)[:2].tolist()
+    logits[low] = torch.topk(logits, kw["top_k"]).values[-1]  # two ties with the k-th value: they stay in
+    params = SamplingParams(**{**NEUTRAL, **kw})
+    full = torch.softmax(filter_logits(logits, params), dim=-1)
+    ids = top_k_candidates(logits, params.top_k)
+    assert set(low) <= set(ids.tolist()) and len(ids) == kw["top_k"] + 2
+    part = torch.zeros(500).index_copy(0, ids, torch.softmax(filter_logits(logits[ids], params, top_k_applied=True),
+                                                               dim=-1))
+    assert torch.allclose(part, full, atol=1e-7)
+
+
+def test_nan_logits_fail_the_draw_with_top_k() -> None:
+    from gemmakit.errors import GemmakitError
+    from gemmakit.sampling import make_generator, sample_token
+
+    logits = torch.zeros(300)
+    logits[5] = float("nan")
+    with pytest.raises(GemmakitError, match="not finite"):
+        sample_token(logits, SamplingParams(top_k=10), make_generator(0), torch.zeros(300, dtype=torch.bool),
+                     torch.zeros(300))

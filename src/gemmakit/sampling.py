@@ -191,11 +191,12 @@ def apply_penalties(
     return logits
 
 
-def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+def filter_logits(logits: torch.Tensor, params: SamplingParams, top_k_applied: bool = False) -> torch.Tensor:
     """Temperature, top-k, top-p and min-p on (V,) logits; filtered-out entries become -inf. The result is
-    shifted so that its largest entry is 0 (the same distribution), which keeps a tiny temperature finite."""
+    shifted so that its largest entry is 0 (the same distribution), which keeps a tiny temperature finite.
+    ``top_k_applied``: the logits are already top-k's candidates (see sample_token)."""
     logits = (logits - logits.max()) / max(params.temperature, torch.finfo(torch.float32).tiny)
-    if params.top_k and params.top_k < logits.shape[-1]:
+    if params.top_k and params.top_k < logits.shape[-1] and not top_k_applied:
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if params.top_p < 1.0:
@@ -242,20 +243,40 @@ def uses_raw_argmax(params: SamplingParams) -> bool:
     return params.greedy and not penalized
 
 
+def top_k_candidates(logits: torch.Tensor, top_k: int) -> torch.Tensor | None:
+    """Ids of the entries of (V,) logits that top-k keeps (ties with the k-th value included, as filter_logits
+    keeps them), or None when top-k keeps everything."""
+    if not top_k or top_k >= logits.shape[-1]:
+        return None
+    kth = torch.topk(logits, top_k).values[-1]
+    return (logits >= kth).nonzero().squeeze(1)
+
+
 def sample_token(
     logits: torch.Tensor, params: SamplingParams, generator: torch.Generator, seen: torch.Tensor, counts: torch.Tensor,
     raw_argmax: int | None = None,
 ) -> int:
-    """Pick the next token id from (V,) float32 logits (``raw_argmax``: their argmax, when already known)."""
+    """Pick the next token id from (V,) float32 logits (``raw_argmax``: their argmax, when already known).
+
+    With top-k on, the rest of the filters and the draw work on the k candidates alone: the same distribution as
+    on the whole vocabulary (every other entry has probability 0 there), without sorting 262,144 logits for
+    top-p (~35 ms a token on a 2-core Xeon) or drawing from all of them.
+    """
     if uses_raw_argmax(params):
         return raw_argmax if raw_argmax is not None else argmax(logits)
     logits = apply_penalties(logits, params, seen, counts)
     if params.greedy:
         return argmax(logits)
-    probs = torch.softmax(filter_logits(logits, params), dim=-1)
+    if torch.isnan(logits.max()):  # NaN is the max of any vector that holds one
+        raise GemmakitError("sampling failed: the model's logits are not finite (NaN)")
+    candidates = top_k_candidates(logits, params.top_k)
+    if candidates is not None:
+        logits = logits[candidates]  # (n,), n >= top_k
+    probs = torch.softmax(filter_logits(logits, params, top_k_applied=candidates is not None), dim=-1)
     if not bool(torch.isfinite(probs).all()):
         raise GemmakitError("sampling failed: the model's logits are not finite (NaN)")
-    return int(torch.multinomial(probs, 1, generator=generator))
+    pick = int(torch.multinomial(probs, 1, generator=generator))
+    return int(candidates[pick]) if candidates is not None else pick
 
 
 @dataclass
