@@ -1,0 +1,103 @@
+"""``POST /v1/chat/completions``: OpenAI's chat endpoint, plain and streamed."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+from fastapi import APIRouter, Depends, Request
+
+from ...engine import RequestStream
+from ...generate import Completion
+from ...sampling import SamplingParams, TokenLogprob
+from ..protocol import ChatCompletionRequest
+from ..sse import framed, sse, stream_response
+from ..state import ServerState, authorize, check_model, complete, note, server_state, submit, usage
+
+router = APIRouter()
+
+
+def logprob_entry(tokenizer, lp: TokenLogprob, top: int) -> dict[str, Any]:
+    """One token of a chat choice's ``logprobs.content``: its text, logprob, bytes and top alternatives."""
+
+    def item(token_id: int, value: float) -> dict[str, Any]:
+        raw = tokenizer.token_bytes(token_id)
+        return {"token": raw.decode("utf-8", errors="replace"), "logprob": value, "bytes": list(raw)}
+
+    entry = item(lp.token_id, lp.logprob)
+    entry["top_logprobs"] = [item(i, v) for i, v in lp.top[:top]]
+    return entry
+
+
+def chat_kwargs(body: ChatCompletionRequest) -> dict[str, Any]:
+    thinking = body.enable_thinking
+    if thinking is None and body.chat_template_kwargs:
+        thinking = bool(body.chat_template_kwargs.get("enable_thinking", False))
+    return {"tools": body.tools, "enable_thinking": bool(thinking)}
+
+
+def chat_params(state: ServerState, body: ChatCompletionRequest, index: int) -> SamplingParams:
+    params = body.sampling(body.max_completion_tokens or body.max_tokens)
+    if body.seed is not None:
+        params["seed"] = body.seed + index
+    if body.logprobs:
+        params["logprobs"] = body.top_logprobs or 0
+    return state.llm.sampling_params(**params)
+
+
+@router.post("/v1/chat/completions", dependencies=[Depends(authorize)])
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    state = server_state(request)
+    check_model(state, body.model)
+    ids = state.llm.apply_chat_template(body.messages, tokenize=True, **chat_kwargs(body))
+    n_prompt = len(ids)
+    if body.max_tokens is None and body.max_completion_tokens is None:
+        # OpenAI's default is "until the context is full"; fill what is left after the prompt.
+        body.max_tokens = max(state.context_length - n_prompt, 1)
+    note(request, prompt_tokens=n_prompt, n=body.n, **({"messages": body.messages} if state.log_prompts else {}))
+    streams = submit(state, [(ids, chat_params(state, body, i)) for i in range(body.n)], body.timeout)
+    cid, created = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
+    if body.stream:
+        return stream_response(chat_sse(state, body, streams, cid, created, n_prompt, request), request)
+    finished = await complete(state, streams, [n_prompt] * body.n, body.logprobs, request)
+    results = [state.llm.parse_chat(c) for c in finished]
+    note(request, completion_tokens=sum(c.usage.completion_tokens for c in results))
+    return {"id": cid, "object": "chat.completion", "created": created, "model": state.model_id,
+            "choices": [chat_choice(state, body, i, c) for i, c in enumerate(results)],
+            "usage": usage(results, n_prompt)}
+
+
+def chat_choice(state: ServerState, body: ChatCompletionRequest, index: int, c: Completion) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": c.text}
+    finish = c.finish_reason
+    if c.reasoning:
+        message["reasoning_content"] = c.reasoning
+    if c.tool_calls:
+        message["tool_calls"] = c.tool_calls
+        finish = "tool_calls"
+    logprobs = None
+    if body.logprobs and c.logprobs is not None:
+        top = body.top_logprobs or 0
+        logprobs = {"content": [logprob_entry(state.llm.tokenizer, lp, top) for lp in c.logprobs]}
+    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish}
+
+
+def chat_sse(state: ServerState, body: ChatCompletionRequest, streams: list[RequestStream], cid: str, created: int,
+             prompt_tokens: int, request: Request) -> AsyncIterator[str]:
+    base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": state.model_id}
+
+    async def choice_chunks(index: int, stream: RequestStream, count: dict[str, int]) -> AsyncIterator[str]:
+        yield sse({**base, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
+                                        "logprobs": None, "finish_reason": None}]})
+        async for ev in state.metrics.observe(stream, prompt_tokens):
+            count["completion_tokens"] += not ev.stop_token
+            logprobs = None
+            if body.logprobs and ev.logprob is not None and not ev.stop_token:
+                logprobs = {"content": [logprob_entry(state.llm.tokenizer, ev.logprob, body.top_logprobs or 0)]}
+            delta = {"content": ev.text} if ev.text else {}
+            if delta or logprobs or ev.finish_reason:
+                yield sse({**base, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
+                                                "finish_reason": ev.finish_reason}]})
+
+    return framed(body, streams, base, prompt_tokens, request, choice_chunks)

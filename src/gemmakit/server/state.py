@@ -1,0 +1,118 @@
+"""What every route shares: the served model and its engine (one :class:`ServerState` in ``app.state``), and
+the steps of a generation request that both endpoints take (auth, model name, queueing, collecting)."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request
+
+from ..engine import Engine, EngineBusyError, RequestStream
+from ..generate import Completion, CompletionBuilder
+from ..sampling import SamplingParams
+from .errors import APIError
+from .observability import Metrics
+
+
+@dataclass
+class ServerState:
+    """The served model and how it is served (set once by create_app)."""
+
+    llm: Any  # gemmakit.LLM
+    engine: Engine
+    metrics: Metrics
+    model_id: str
+    context_length: int  # tokens per sequence
+    keys: list[bytes]  # accepted API keys; empty: no auth
+    log_prompts: bool
+    strict_model_name: bool
+
+
+def server_state(request: Request) -> ServerState:
+    return request.app.state.gemmakit
+
+
+def authorize(request: Request) -> None:
+    """Dependency of the protected routes: a valid bearer key when the server has keys."""
+    keys = server_state(request).keys
+    if not keys:
+        return
+    header = request.headers.get("authorization", "")
+    given = header[7:].encode() if header.lower().startswith("bearer ") else b""
+    # Compare against every key in constant time; never log the key.
+    if not any(hmac.compare_digest(given, k) for k in keys):
+        raise APIError(401, "missing or invalid API key (send 'Authorization: Bearer <key>')",
+                       "authentication_error", code="invalid_api_key")
+
+
+def check_model(state: ServerState, name: str | None) -> None:
+    if state.strict_model_name and name is not None and name != state.model_id:
+        raise APIError(404, f"model {name!r} does not exist; this server serves {state.model_id!r}",
+                       param="model", code="model_not_found")
+
+
+def note(request: Request, **fields: Any) -> None:
+    """Add fields to the request's log line."""
+    if not hasattr(request.state, "log"):
+        request.state.log = {}
+    request.state.log.update(fields)
+
+
+def submit(state: ServerState, jobs: list[tuple[list[int], SamplingParams]],
+           timeout: float | None) -> list[RequestStream]:
+    """Queue one engine request per choice (prompt ids, sampling); all or none (a full queue cancels the ones
+    already queued)."""
+    for ids, p in jobs:
+        state.llm.check_fits(len(ids), p, state.context_length)
+    loop = asyncio.get_running_loop()
+    streams: list[RequestStream] = []
+    try:
+        for ids, p in jobs:
+            streams.append(state.engine.submit(ids, p, timeout, loop))
+    except EngineBusyError:
+        for st in streams:
+            st.cancel()
+        raise
+    return streams
+
+
+async def until_disconnected(request: Request) -> None:
+    """Return when the client closes the connection. For a request whose body has been read, the next ASGI
+    message is the server's http.disconnect."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+async def complete(state: ServerState, streams: list[RequestStream], prompt_lengths: list[int], want_logprobs: bool,
+                   request: Request) -> list[Completion]:
+    """Each choice's whole completion. A client that hangs up first cancels its generations (their cache rows
+    free at the engine's next step) and the request ends with 499, as a proxy logs it."""
+
+    async def collect() -> list[Completion]:
+        results = []
+        for st, n_prompt in zip(streams, prompt_lengths):
+            builder = CompletionBuilder(n_prompt, want_logprobs)
+            async for ev in state.metrics.observe(st, n_prompt):
+                builder.add(ev)
+            results.append(builder.build())
+        return results
+
+    collecting = asyncio.ensure_future(collect())
+    hangup = asyncio.ensure_future(until_disconnected(request))
+    try:
+        await asyncio.wait([collecting, hangup], return_when=asyncio.FIRST_COMPLETED)
+        finished = collecting.done()
+    finally:  # also when this handler itself is cancelled
+        hangup.cancel()
+        collecting.cancel()  # a no-op once it has finished
+        for st in streams:
+            st.cancel()
+    if not finished:
+        raise APIError(499, "the client closed the connection before the completion was ready", "client_closed_request")
+    return collecting.result()
+
+
+def usage(results: list[Completion], prompt: int) -> dict[str, int]:
+    completion = sum(c.usage.completion_tokens for c in results)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
