@@ -73,6 +73,8 @@ def test_token_logprob_and_top() -> None:
     "kwargs,fragment",
     [
         ({"temperature": -1}, "temperature"),
+        ({"temperature": float("inf")}, "temperature=inf: must be a finite number"),
+        ({"repetition_penalty": float("inf")}, "repetition_penalty"),
         ({"top_p": 0}, "top_p"),
         ({"top_p": 1.5}, "top_p"),
         ({"top_k": -3}, "top_k"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import httpx
@@ -399,3 +400,45 @@ def test_request_log_line(server, caplog) -> None:
     line = lines[-1]
     assert line["status"] == 200 and line["prompt_tokens"] == 4 and line["completion_tokens"] == 3
     assert "secret" not in json.dumps(lines) and line["ms"] > 0 and len(line["id"]) == 12
+
+
+def test_unknown_paths_do_not_grow_metrics(server) -> None:
+    """Labels come from route templates: 1,000 distinct unknown paths add nothing to /metrics."""
+    def series(text: str) -> list[str]:  # the time series, without their values
+        return [line.rsplit(" ", 1)[0] for line in text.splitlines() if not line.startswith("#")]
+
+    with httpx.Client(base_url=server.url) as http:
+        http.get("/nope-0")
+        http.get("/metrics")
+        before = http.get("/metrics").text
+        for i in range(1000):
+            assert http.get(f"/nope-{i}-" + "x" * 2000).status_code == 404
+        after = http.get("/metrics").text
+    assert series(after) == series(before) and abs(len(after) - len(before)) < 20  # counts grew by a few digits
+    assert 'path="unmatched",status="404"' in after and "nope" not in after
+    assert 'gemmakit_requests_total{path="/metrics",status="200"}' in after
+
+
+@pytest.mark.parametrize("path,body,field", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi \ud800"}]}, "messages.0.content"),
+    ("/v1/completions", {"prompt": "x\udfffy", "max_tokens": 2}, "prompt"),
+    ("/v1/completions", {"prompt": "x", "stop": ["ok", "\ud800"], "max_tokens": 2}, "stop.1"),
+    ("/tokenize", {"prompt": "\ud800"}, "prompt"),
+])
+def test_lone_surrogates_are_a_400_and_the_connection_survives(server, path, body, field) -> None:
+    with httpx.Client(base_url=server.url) as http:
+        first = http.get("/health")
+        r = http.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
+        assert r.status_code == 400, r.text
+        assert field in r.json()["error"]["message"] and "Unicode" in r.json()["error"]["message"]
+        after = http.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 2, "temperature": 0})
+        assert after.status_code == 200
+        # the same keep-alive connection carried all three requests
+        port = {resp.extensions["network_stream"].get_extra_info("client_addr")[1] for resp in (first, r, after)}
+        assert len(port) == 1
+
+
+@pytest.mark.parametrize("raw", [b'{"prompt": "hi", "temperature": 1e309}', b'{"prompt": "hi", "temperature": 2.5}'])
+def test_temperature_in_openais_range(server, raw) -> None:
+    r = httpx.post(server.url + "/v1/completions", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "temperature" in r.json()["error"]["message"]

@@ -9,6 +9,7 @@ OpenAI API reports them, so they do not move with the sampling knobs.
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -86,8 +87,8 @@ class SamplingParams:
 
         def number(name: str) -> float:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-                raise bad(name, "must be a number")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise bad(name, "must be a finite number")
             return float(value)
 
         if self.max_tokens is not None and (

@@ -65,6 +65,13 @@ class Metrics:
             stream.cancel()  # a no-op once finished; frees the row of an abandoned request
 
 
+def route_label(scope) -> str:
+    """The metrics label of a request: its route's template (``/v1/chat/completions``, ``/static``), never the raw
+    path, so that no client can add labels (each unknown path would be a new time series, kept forever)."""
+    route = scope.get("route")
+    return getattr(route, "path", None) or "unmatched"
+
+
 class RequestLog:
     """Pure ASGI middleware: counts each response in the metrics and logs one JSON line per request when its body
     (a whole stream, for SSE) has been sent. Unlike a BaseHTTPMiddleware it does not relay every stream chunk
@@ -88,7 +95,7 @@ class RequestLog:
         try:
             await self.app(scope, receive, send_and_note)
         finally:
-            self.metrics.requests.labels(scope["path"], str(status["code"])).inc()
+            self.metrics.requests.labels(route_label(scope), str(status["code"])).inc()
             line = {"id": uuid.uuid4().hex[:12], "method": scope["method"], "path": scope["path"],
                     "status": status["code"], "ms": round((time.perf_counter() - start) * 1000, 1)}
             line.update(scope.get("state", {}).get("log", {}))

@@ -4,20 +4,57 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MAX_TEMPERATURE = 2.0  # OpenAI's range for temperature is [0, 2]
+
+
+def _first_lone_surrogate(value: Any, where: str) -> str | None:
+    """The field path of the first string holding a lone UTF-16 surrogate (JSON allows "\\ud800"; it is not text
+    and no tokenizer can encode it), or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where
+        return None
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        found = _first_lone_surrogate(item, f"{where}.{key}" if where else str(key))
+        if found is not None:
+            return found
+    return None
+
+
+class TextOnly(BaseModel):
+    """A request body whose strings must be valid Unicode: a lone surrogate is a 400 naming the field, not a
+    tokenizer crash."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        where = _first_lone_surrogate(data, "")
+        if where is not None:
+            raise ValueError(f"{where or 'body'}: text is not valid Unicode (a lone UTF-16 surrogate)")
+        return data
 
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(TextOnly):
     model_config = ConfigDict(extra="ignore")  # unknown OpenAI fields are ignored, known ones are checked
 
     model: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    temperature: float | None = Field(default=None, ge=0)
+    temperature: float | None = Field(default=None, ge=0, le=MAX_TEMPERATURE)
     top_p: float | None = Field(default=None, gt=0, le=1)
     n: int = Field(default=1, ge=1, le=16)
     stop: str | list[str] | None = None
@@ -82,7 +119,7 @@ class CompletionRequest(SamplingFields):
         return list(self.prompt)
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(TextOnly):
     model: str | None = None
     prompt: str | None = None
     messages: list[dict[str, Any]] | None = None
