@@ -442,3 +442,32 @@ def test_lone_surrogates_are_a_400_and_the_connection_survives(server, path, bod
 def test_temperature_in_openais_range(server, raw) -> None:
     r = httpx.post(server.url + "/v1/completions", content=raw, headers={"content-type": "application/json"})
     assert r.status_code == 400 and "temperature" in r.json()["error"]["message"]
+
+
+def test_keys_guard_metrics_and_docs_unless_public(llm) -> None:
+    auth = {"Authorization": "Bearer s3cret"}
+    with Server(create_app(llm, model_name=MODEL, api_keys=["s3cret"])) as s:
+        for path in ("/metrics", "/docs", "/redoc", "/openapi.json", "/v1/models"):
+            r = httpx.get(s.url + path)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", path
+            assert httpx.get(s.url + path, headers=auth).status_code == 200, path
+        for path in ("/health", "/", "/static/chat.js"):  # no data behind them: open
+            assert httpx.get(s.url + path).status_code == 200, path
+    with Server(create_app(llm, model_name=MODEL, api_keys=["s3cret"], public_docs_and_metrics=True)) as s:
+        assert httpx.get(s.url + "/metrics").status_code == 200
+        assert httpx.get(s.url + "/openapi.json").status_code == 200
+        assert httpx.get(s.url + "/v1/models").status_code == 401
+
+
+def test_auth_comes_before_the_body_is_parsed(llm) -> None:
+    with Server(create_app(llm, model_name=MODEL, api_keys=["s3cret"])) as s:
+        bad = httpx.post(s.url + "/v1/chat/completions", content=b"not json",
+                         headers={"content-type": "application/json"})
+        assert bad.status_code == 401  # not 400: nobody without a key learns how the body was judged
+        start = time.perf_counter()
+        big = httpx.post(s.url + "/v1/completions", content=b'{"prompt": "' + b"a" * 20_000_000 + b'"}',
+                         headers={"content-type": "application/json"}, timeout=60)
+        assert big.status_code == 401 and time.perf_counter() - start < 5
+        good = httpx.post(s.url + "/v1/chat/completions", content=b"not json",
+                          headers={"content-type": "application/json", "Authorization": "Bearer s3cret"})
+        assert good.status_code == 400

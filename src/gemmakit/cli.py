@@ -459,7 +459,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(llm, model_name=args.model_name, api_keys=keys, max_batch=args.max_batch,
                      max_waiting=args.max_waiting, context_length=args.context_length,
                      kv_cache_bytes=args.kv_cache_mib * 2**20, log_prompts=args.log_prompts,
-                     strict_model_name=args.strict_model_name)
+                     strict_model_name=args.strict_model_name,
+                     public_docs_and_metrics=args.public_docs_and_metrics)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"Serving {app.state.model_id} at http://{host}:{args.port}/v1 (chat page: http://{host}:{args.port}/)",
           file=sys.stderr, flush=True)
@@ -482,6 +483,9 @@ def _add_serve_parser(sub, parent: argparse.ArgumentParser) -> None:
     serve.add_argument("--strict-model-name", action="store_true",
                        help="answer only requests naming --model-name (default: any name, as Ollama and "
                             "llama-server do with one model)")
+    serve.add_argument("--public-docs-and-metrics", action="store_true",
+                       help="with API keys, leave /metrics and the API docs open (default: they need a key; "
+                            "/health and the chat page are always open)")
     serve.add_argument("--max-batch", type=int, default=8,
                        help="sequences generating at once, 1-64 (default 8); each holds a KV cache row")
     serve.add_argument("--max-waiting", type=int, default=64,

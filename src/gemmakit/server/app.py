@@ -17,6 +17,7 @@ from ..engine import Engine
 from ..engine.engine import PREFILL_CHUNK
 from ..errors import InvalidParameterError
 from ..kv_cache import KVCache
+from .auth import AuthGate
 from .errors import install_error_handlers
 from .observability import Metrics, RequestLog
 from .routes import ROUTERS
@@ -47,7 +48,7 @@ def cache_rows(llm, ctx: int, max_batch: int, kv_cache_bytes: int) -> int:
 def create_app(llm, model_name: str | None = None, api_keys: list[str] | None = None, max_waiting: int = 64,
                max_batch: int = 8, context_length: int | None = None,
                kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES, log_prompts: bool = False,
-               strict_model_name: bool = False) -> FastAPI:
+               strict_model_name: bool = False, public_docs_and_metrics: bool = False) -> FastAPI:
     """The FastAPI application serving ``llm`` under the model id ``model_name`` (default: the file's stem).
 
     Args:
@@ -58,6 +59,8 @@ def create_app(llm, model_name: str | None = None, api_keys: list[str] | None = 
         log_prompts: put prompt text in the request log (off: logs carry ids, counts and timings only).
         strict_model_name: refuse (404) requests that name another model; by default a server of one model
             answers whatever name a client was configured with, as Ollama and llama-server do.
+        public_docs_and_metrics: with API keys set, leave /metrics, /docs, /redoc and /openapi.json open (by
+            default they need a key like the API; /health and the chat page's files are always open).
     """
     ctx = min(llm.context_length, context_length or DEFAULT_CONTEXT)
     rows = cache_rows(llm, ctx, max_batch, kv_cache_bytes)
@@ -77,6 +80,9 @@ def create_app(llm, model_name: str | None = None, api_keys: list[str] | None = 
     app.state.engine = engine
     app.state.model_id = app.state.gemmakit.model_id
     install_error_handlers(app)
+    # The request log is added last, so it is outermost and sees every answer; the key check runs inside it,
+    # before any route reads a body.
+    app.add_middleware(AuthGate, keys=app.state.gemmakit.keys, public_docs_and_metrics=public_docs_and_metrics)
     app.add_middleware(RequestLog, metrics=metrics)
     for router in ROUTERS:
         app.include_router(router)

@@ -4,7 +4,6 @@ the steps of a generation request that both endpoints take (auth, model name, qu
 from __future__ import annotations
 
 import asyncio
-import hmac
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,19 +32,6 @@ class ServerState:
 
 def server_state(request: Request) -> ServerState:
     return request.app.state.gemmakit
-
-
-def authorize(request: Request) -> None:
-    """Dependency of the protected routes: a valid bearer key when the server has keys."""
-    keys = server_state(request).keys
-    if not keys:
-        return
-    header = request.headers.get("authorization", "")
-    given = header[7:].encode() if header.lower().startswith("bearer ") else b""
-    # Compare against every key in constant time; never log the key.
-    if not any(hmac.compare_digest(given, k) for k in keys):
-        raise APIError(401, "missing or invalid API key (send 'Authorization: Bearer <key>')",
-                       "authentication_error", code="invalid_api_key")
 
 
 def check_model(state: ServerState, name: str | None) -> None:

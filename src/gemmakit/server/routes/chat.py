@@ -6,14 +6,14 @@ import time
 import uuid
 from typing import Any, AsyncIterator
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 
 from ...engine import RequestStream
 from ...generate import Completion
 from ...sampling import SamplingParams, TokenLogprob
 from ..protocol import ChatCompletionRequest
 from ..sse import framed, sse, stream_response
-from ..state import ServerState, authorize, check_model, complete, note, server_state, submit, usage
+from ..state import ServerState, check_model, complete, note, server_state, submit, usage
 
 router = APIRouter()
 
@@ -46,7 +46,7 @@ def chat_params(state: ServerState, body: ChatCompletionRequest, index: int) -> 
     return state.llm.sampling_params(**params)
 
 
-@router.post("/v1/chat/completions", dependencies=[Depends(authorize)])
+@router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     state = server_state(request)
     check_model(state, body.model)

@@ -7,7 +7,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 
 from ...engine import RequestStream
 from ...generate import Completion
@@ -15,7 +15,7 @@ from ...sampling import SamplingParams, TokenLogprob
 from ..errors import APIError
 from ..protocol import CompletionRequest
 from ..sse import framed, sse, stream_response
-from ..state import ServerState, authorize, check_model, complete, note, server_state, submit, usage
+from ..state import ServerState, check_model, complete, note, server_state, submit, usage
 
 router = APIRouter()
 
@@ -82,7 +82,7 @@ def completion_params(state: ServerState, body: CompletionRequest, choice: int) 
     return state.llm.sampling_params(**p)
 
 
-@router.post("/v1/completions", dependencies=[Depends(authorize)])
+@router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request):
     state = server_state(request)
     check_model(state, body.model)
