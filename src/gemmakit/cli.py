@@ -460,7 +460,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                      max_waiting=args.max_waiting, context_length=args.context_length,
                      kv_cache_bytes=args.kv_cache_mib * 2**20, log_prompts=args.log_prompts,
                      strict_model_name=args.strict_model_name,
-                     public_docs_and_metrics=args.public_docs_and_metrics)
+                     public_docs_and_metrics=args.public_docs_and_metrics, limits=_limits(args))
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"Serving {app.state.model_id} at http://{host}:{args.port}/v1 (chat page: http://{host}:{args.port}/)",
           file=sys.stderr, flush=True)
@@ -470,6 +470,45 @@ def cmd_serve(args: argparse.Namespace) -> int:
     sys.setswitchinterval(0.001)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
+
+
+LIMIT_HELP = {
+    "max_body_bytes": "request body bytes; more is a 413",
+    "max_header_bytes": "request header bytes; more is a 431",
+    "max_messages": "chat messages in one request",
+    "max_stop": "stop strings in one request",
+    "max_stop_chars": "characters of one stop string",
+    "max_n": "choices (n) of one request",
+    "max_logit_bias": "logit_bias entries of one request",
+    "max_tools": "tools of one request",
+}
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: must be a positive integer")
+    return value
+
+
+def _add_limit_args(serve: argparse.ArgumentParser) -> None:
+    """One flag per ServerLimits field, its default the dataclass's."""
+    from dataclasses import fields
+
+    from .server.limits import ServerLimits
+
+    g = serve.add_argument_group("request limits (past one: HTTP 413/431/400 naming it)")
+    for f in fields(ServerLimits):
+        g.add_argument("--" + f.name.replace("_", "-"), type=_positive, default=f.default,
+                       help=f"{LIMIT_HELP[f.name]} (default {f.default})")
+
+
+def _limits(args: argparse.Namespace):
+    from dataclasses import fields
+
+    from .server.limits import ServerLimits
+
+    return ServerLimits(**{f.name: getattr(args, f.name) for f in fields(ServerLimits)})
 
 
 def _add_serve_parser(sub, parent: argparse.ArgumentParser) -> None:
@@ -493,6 +532,7 @@ def _add_serve_parser(sub, parent: argparse.ArgumentParser) -> None:
     serve.add_argument("--kv-cache-mib", type=int, default=1024,
                        help="KV cache memory (default 1024 MiB); bounds max-batch rows of context-length tokens")
     serve.add_argument("--log-prompts", action="store_true", help="include prompt text in the request log")
+    _add_limit_args(serve)
     serve.set_defaults(func=cmd_serve)
 
 

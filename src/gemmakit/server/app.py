@@ -19,9 +19,10 @@ from ..errors import InvalidParameterError
 from ..kv_cache import KVCache
 from .auth import AuthGate
 from .errors import install_error_handlers
+from .limits import ServerLimits, SizeGate
 from .observability import Metrics, RequestLog
 from .routes import ROUTERS
-from .state import ServerState
+from .state import ServerState, max_piece_bytes
 from .webui import add_chat_page
 
 logger = logging.getLogger("gemmakit.server")
@@ -48,7 +49,8 @@ def cache_rows(llm, ctx: int, max_batch: int, kv_cache_bytes: int) -> int:
 def create_app(llm, model_name: str | None = None, api_keys: list[str] | None = None, max_waiting: int = 64,
                max_batch: int = 8, context_length: int | None = None,
                kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES, log_prompts: bool = False,
-               strict_model_name: bool = False, public_docs_and_metrics: bool = False) -> FastAPI:
+               strict_model_name: bool = False, public_docs_and_metrics: bool = False,
+               limits: ServerLimits | None = None) -> FastAPI:
     """The FastAPI application serving ``llm`` under the model id ``model_name`` (default: the file's stem).
 
     Args:
@@ -61,6 +63,8 @@ def create_app(llm, model_name: str | None = None, api_keys: list[str] | None = 
             answers whatever name a client was configured with, as Ollama and llama-server do.
         public_docs_and_metrics: with API keys set, leave /metrics, /docs, /redoc and /openapi.json open (by
             default they need a key like the API; /health and the chat page's files are always open).
+        limits: what one request may carry (body and header bytes, messages, stop strings, n, ...); see
+            :class:`~gemmakit.server.limits.ServerLimits` for the defaults.
     """
     ctx = min(llm.context_length, context_length or DEFAULT_CONTEXT)
     rows = cache_rows(llm, ctx, max_batch, kv_cache_bytes)
@@ -76,12 +80,15 @@ def create_app(llm, model_name: str | None = None, api_keys: list[str] | None = 
                   lifespan=lifespan)
     app.state.gemmakit = ServerState(llm=llm, engine=engine, metrics=metrics, model_id=model_name or llm.path.stem,
                                      context_length=ctx, keys=[k.encode() for k in (api_keys or []) if k],
-                                     log_prompts=log_prompts, strict_model_name=strict_model_name)
+                                     log_prompts=log_prompts, strict_model_name=strict_model_name,
+                                     limits=limits or ServerLimits(), max_piece_bytes=max_piece_bytes(llm.tokenizer))
     app.state.engine = engine
     app.state.model_id = app.state.gemmakit.model_id
     install_error_handlers(app)
-    # The request log is added last, so it is outermost and sees every answer; the key check runs inside it,
-    # before any route reads a body.
+    # Outermost first: the request log (sees every answer), the key check (401 from the headers: a client without a
+    # key learns nothing, limits included), the size gate (413/431 before a byte of body is read). The last added
+    # is the outermost.
+    app.add_middleware(SizeGate, limits=app.state.gemmakit.limits)
     app.add_middleware(AuthGate, keys=app.state.gemmakit.keys, public_docs_and_metrics=public_docs_and_metrics)
     app.add_middleware(RequestLog, metrics=metrics)
     for router in ROUTERS:

@@ -27,6 +27,13 @@ class APIError(Exception):
         self.headers = headers or {}
 
 
+class BodyTooLarge(Exception):
+    """A request body past the server's limit (limits.SizeGate), found while it was being read."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"request body of {size}+ bytes; this server takes at most {limit} (--max-body-bytes)")
+
+
 def error_response(status: int, message: str, kind: str, param: str | None = None, code: str | None = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:
     body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
@@ -46,6 +53,9 @@ async def _invalid_body(_: Request, exc: RequestValidationError) -> JSONResponse
 
 
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:  # unknown route, wrong method
+    if isinstance(exc.__cause__, BodyTooLarge):  # FastAPI's "error parsing the body", caused by the size limit
+        return error_response(413, str(exc.__cause__), "invalid_request_error", code="request_too_large",
+                              headers={"Connection": "close"})
     return error_response(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
                           "invalid_request_error", headers=getattr(exc, "headers", None))
 

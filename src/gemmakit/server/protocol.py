@@ -56,7 +56,7 @@ class SamplingFields(TextOnly):
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(default=None, ge=0, le=MAX_TEMPERATURE)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    n: int = Field(default=1, ge=1, le=16)
+    n: int = Field(default=1, ge=1)  # at most ServerLimits.max_n
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)  # int64, as OpenAI's
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)

@@ -10,9 +10,11 @@ from typing import Any
 from fastapi import Request
 
 from ..engine import Engine, EngineBusyError, RequestStream
+from ..errors import ContextLengthError
 from ..generate import Completion, CompletionBuilder
 from ..sampling import SamplingParams
 from .errors import APIError
+from .limits import ServerLimits
 from .observability import Metrics
 
 
@@ -28,10 +30,33 @@ class ServerState:
     keys: list[bytes]  # accepted API keys; empty: no auth
     log_prompts: bool
     strict_model_name: bool
+    limits: ServerLimits
+    max_piece_bytes: int = 1  # see max_piece_bytes()
 
 
 def server_state(request: Request) -> ServerState:
     return request.app.state.gemmakit
+
+
+def max_piece_bytes(tokenizer) -> int:
+    """The longest vocabulary piece, in bytes. No token stands for more bytes of text than its piece holds
+    (SentencePiece's "▁" is 3 bytes for a 1-byte space; byte pieces are 6 for 1), so a text of B bytes needs at
+    least B / max_piece_bytes tokens."""
+    pieces = tokenizer.pieces
+    lengths = getattr(pieces, "lengths", None)
+    if lengths is not None:
+        return int(lengths().max())
+    return max(len(p.encode("utf-8", "replace")) for p in pieces)
+
+
+def refuse_hopeless_prompt(state: ServerState, texts: list[str]) -> None:
+    """ContextLengthError, before tokenizing, for texts too long to fit the context whatever their tokens: the
+    tokenizer never spends its time on a prompt that is already known to fail."""
+    n_bytes = sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
+    at_least = n_bytes // state.max_piece_bytes
+    if at_least >= state.context_length:
+        raise ContextLengthError(f"the prompt's {n_bytes} bytes of text make at least {at_least} tokens; the context "
+                                 f"holds {state.context_length}")
 
 
 def check_model(state: ServerState, name: str | None) -> None:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
 
 from ...engine import RequestStream
 from ...generate import Completion
@@ -15,7 +16,8 @@ from ...sampling import SamplingParams, TokenLogprob
 from ..errors import APIError
 from ..protocol import CompletionRequest
 from ..sse import framed, sse, stream_response
-from ..state import ServerState, check_model, complete, note, server_state, submit, usage
+from ..state import (ServerState, check_model, complete, note, refuse_hopeless_prompt, server_state, submit,
+                     usage)
 
 router = APIRouter()
 
@@ -65,6 +67,9 @@ def read_prompts(state: ServerState, body: CompletionRequest) -> PromptBatch:
         raise APIError(400, f"{len(prompts)} prompts x n={body.n} make {len(prompts) * body.n} choices; at most "
                        f"{MAX_CHOICES} per request", param="prompt")
     llm = state.llm
+    for p in prompts:
+        if isinstance(p, str):
+            refuse_hopeless_prompt(state, [p])
     ids = [llm.prompt_ids(p) for p in prompts]
     texts = [p if isinstance(p, str) else llm.tokenizer.decode(p) for p in prompts]
     added_bos = [isinstance(p, str) and x[:1] == [llm.tokenizer.bos_id] for p, x in zip(prompts, ids)]
@@ -86,8 +91,10 @@ def completion_params(state: ServerState, body: CompletionRequest, choice: int) 
 async def completions(body: CompletionRequest, request: Request):
     state = server_state(request)
     check_model(state, body.model)
+    state.limits.check_request(body)
     cid, created = "cmpl-" + uuid.uuid4().hex, int(time.time())
-    batch = read_prompts(state, body)
+    # Tokenizing grows with the input: a worker thread does it, the event loop keeps serving.
+    batch = await run_in_threadpool(read_prompts, state, body)
     note(request, prompt_tokens=sum(map(len, batch.ids)), n=body.n,
          **({"prompt": batch.texts if len(batch.texts) > 1 else batch.texts[0]} if state.log_prompts else {}))
     jobs = [(batch.ids[k], completion_params(state, body, c)) for c, k in enumerate(batch.prompt_of)]
