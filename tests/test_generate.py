@@ -107,3 +107,30 @@ def test_context_overflow_is_a_clear_error(model_path) -> None:
 def test_bad_prompt_ids(llm, prompt) -> None:
     with pytest.raises(InvalidParameterError):
         llm.generate(prompt, max_tokens=1)
+
+
+def _reference_cut(text: str, stops: list[str]) -> str | None:
+    """The text before the earliest stop string (brute force), or None when none occurs."""
+    hits = [text.find(s) for s in stops if s in text]
+    return text[: min(hits)] if hits else None
+
+
+def test_stop_string_matcher_agrees_with_brute_force() -> None:
+    """Random texts fed in random pieces: the output stops as soon as a stop string is complete in the text fed
+    so far, exactly where str.find over every stop string cuts that text; with no stop string, all text comes out."""
+    import random
+
+    rng = random.Random(0)
+    for _ in range(500):
+        stops = ["".join(rng.choice("abc") for _ in range(rng.randint(1, 5))) for _ in range(rng.randint(1, 6))]
+        text = "".join(rng.choice("abcd") for _ in range(rng.randint(0, 30)))
+        m, out, hit, fed, before = StopStringMatcher(stops), "", False, 0, 0
+        while fed < len(text) and not hit:
+            before, fed = fed, fed + rng.randint(1, 4)
+            emitted, hit = m.feed(text[before:fed])
+            out += emitted
+        if hit:
+            assert _reference_cut(text[:before], stops) is None, (stops, text)  # not found too late
+            assert out == _reference_cut(text[:fed], stops), (stops, text, out)
+        else:
+            assert out + m.flush() == text and _reference_cut(text, stops) is None, (stops, text)

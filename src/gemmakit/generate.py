@@ -68,7 +68,8 @@ class Completion:
 
 def partial_suffix_len(text: str, needles: Sequence[str]) -> int:
     """Length of the longest end of ``text`` that is a proper prefix of one of ``needles``: text that must be
-    held back because the next piece may complete a needle."""
+    held back because the next piece may complete a needle (for a few fixed needles; stop strings use
+    :class:`StopStringMatcher`)."""
     best = 0
     for needle in needles:
         for k in range(min(len(needle) - 1, len(text)), 0, -1):
@@ -79,27 +80,57 @@ def partial_suffix_len(text: str, needles: Sequence[str]) -> int:
 
 
 class StopStringMatcher:
-    """Holds back text that could be the start of a stop string and cuts the output at the first match."""
+    """Holds back text that could be the start of a stop string and cuts the output at the first match.
+
+    The stop strings go into one Aho-Corasick automaton (pyahocorasick), so a token's text is searched in one pass
+    whatever their number; the text searched is the new text plus what was held back, shorter than the longest stop
+    string: a token costs O(its text + the longest stop string), not O(stop strings).
+    """
 
     def __init__(self, stops: Sequence[str]) -> None:
         self.stops = list(stops)
         self.pending = ""
+        self.longest = max((len(s) for s in self.stops), default=0)
+        self.automaton = None
+        if self.stops:
+            import ahocorasick
+
+            self.automaton = ahocorasick.Automaton()
+            for stop in self.stops:
+                self.automaton.add_word(stop, len(stop))
+            self.automaton.make_automaton()
 
     def feed(self, text: str) -> tuple[str, bool]:
         """Add text; return (text safe to emit, whether a stop string was found)."""
-        if not self.stops:
+        if self.automaton is None:
             return text, False
         self.pending += text
-        hits = [(self.pending.find(s), s) for s in self.stops]
-        hits = [(i, s) for i, s in hits if i >= 0]
-        if hits:
-            cut = min(i for i, _ in hits)
+        cut = self._first_match(self.pending)
+        if cut is not None:
             out, self.pending = self.pending[:cut], ""
             return out, True
-        hold = partial_suffix_len(self.pending, self.stops)
+        hold = self._held_suffix(self.pending)
         out = self.pending[: len(self.pending) - hold]
         self.pending = self.pending[len(self.pending) - hold :]
         return out, False
+
+    def _first_match(self, text: str) -> int | None:
+        """Where the earliest-starting stop string in ``text`` starts, or None."""
+        first = None
+        for end, length in self.automaton.iter(text):
+            if first is not None and end - self.longest + 1 > first:
+                break  # matches come by end position: none further on can start before `first`
+            start = end - length + 1
+            first = start if first is None else min(first, start)
+        return first
+
+    def _held_suffix(self, text: str) -> int:
+        """Length of the longest end of ``text`` that is a proper prefix of a stop string (the next piece may
+        complete it)."""
+        for k in range(min(self.longest - 1, len(text)), 0, -1):
+            if self.automaton.match(text[-k:]):
+                return k
+        return 0
 
     def flush(self) -> str:
         out, self.pending = self.pending, ""

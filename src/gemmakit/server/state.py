@@ -72,13 +72,31 @@ def note(request: Request, **fields: Any) -> None:
     request.state.log.update(fields)
 
 
-def submit(state: ServerState, jobs: list[tuple[list[int], SamplingParams]],
-           timeout: float | None) -> list[RequestStream]:
+async def submit(state: ServerState, jobs: list[tuple[list[int], SamplingParams]],
+                 timeout: float | None) -> list[RequestStream]:
     """Queue one engine request per choice (prompt ids, sampling); all or none (a full queue cancels the ones
-    already queued)."""
+    already queued). A worker thread does it: setting a request up grows with its input (stop strings). Should
+    this handler be cancelled meanwhile, the requests are cancelled as soon as they exist (none is left running
+    for nobody)."""
+    loop = asyncio.get_running_loop()
+    queued = loop.run_in_executor(None, _submit_all, state, jobs, timeout, loop)
+    try:
+        return await asyncio.shield(queued)
+    except asyncio.CancelledError:
+        queued.add_done_callback(_cancel_streams)
+        raise
+
+
+def _cancel_streams(queued: asyncio.Future) -> None:
+    if not queued.cancelled() and queued.exception() is None:
+        for stream in queued.result():
+            stream.cancel()
+
+
+def _submit_all(state: ServerState, jobs: list[tuple[list[int], SamplingParams]], timeout: float | None,
+                loop: asyncio.AbstractEventLoop) -> list[RequestStream]:
     for ids, p in jobs:
         state.llm.check_fits(len(ids), p, state.context_length)
-    loop = asyncio.get_running_loop()
     streams: list[RequestStream] = []
     try:
         for ids, p in jobs:

@@ -61,7 +61,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         # OpenAI's default is "until the context is full"; fill what is left after the prompt.
         body.max_tokens = max(state.context_length - n_prompt, 1)
     note(request, prompt_tokens=n_prompt, n=body.n, **({"messages": body.messages} if state.log_prompts else {}))
-    streams = submit(state, [(ids, chat_params(state, body, i)) for i in range(body.n)], body.timeout)
+    streams = await submit(state, [(ids, chat_params(state, body, i)) for i in range(body.n)], body.timeout)
     cid, created = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
     if body.stream:
         return stream_response(chat_sse(state, body, streams, cid, created, n_prompt, request), request)

@@ -98,7 +98,7 @@ async def completions(body: CompletionRequest, request: Request):
     note(request, prompt_tokens=sum(map(len, batch.ids)), n=body.n,
          **({"prompt": batch.texts if len(batch.texts) > 1 else batch.texts[0]} if state.log_prompts else {}))
     jobs = [(batch.ids[k], completion_params(state, body, c)) for c, k in enumerate(batch.prompt_of)]
-    streams = submit(state, jobs, body.timeout)
+    streams = await submit(state, jobs, body.timeout)
     if body.stream:
         return stream_response(completion_sse(state, body, streams, cid, created, batch, request), request)
     results = await complete(state, streams, [len(batch.ids[k]) for k in batch.prompt_of], body.logprobs is not None,
