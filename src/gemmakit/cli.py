@@ -447,6 +447,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         import uvicorn
 
         from .server import create_app
+        from .server.lifecycle import GracefulServer
     except ImportError as exc:
         raise InvalidParameterError(f"the server needs its extra packages ({exc.name} is missing): "
                                     "pip install 'gemmakit[server]'") from None
@@ -468,8 +469,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # loop to let go of it, by default up to 5 ms (the switch interval) while the loop writes a step's chunks;
     # 1 ms keeps that wait short next to a ~15-60 ms step.
     sys.setswitchinterval(0.001)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
-    return 0
+    server = GracefulServer(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"),
+                            app.state.gemmakit, args.shutdown_timeout)
+    server.run()
+    return 1 if server.forced else 0
 
 
 LIMIT_HELP = {
@@ -532,6 +535,9 @@ def _add_serve_parser(sub, parent: argparse.ArgumentParser) -> None:
     serve.add_argument("--kv-cache-mib", type=int, default=1024,
                        help="KV cache memory (default 1024 MiB); bounds max-batch rows of context-length tokens")
     serve.add_argument("--log-prompts", action="store_true", help="include prompt text in the request log")
+    serve.add_argument("--shutdown-timeout", type=float, default=30.0,
+                       help="on SIGTERM/Ctrl-C, seconds the running requests may take to finish before they are "
+                            "ended (default 30); a second signal exits at once")
     _add_limit_args(serve)
     serve.set_defaults(func=cmd_serve)
 

@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from ..engine import EngineBusyError, RequestTimeoutError
+from ..engine import EngineBusyError, EngineStoppedError, RequestTimeoutError
 from ..errors import ContextLengthError, GemmakitError
 
 logger = logging.getLogger("gemmakit.server")
@@ -25,6 +25,10 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
         self.headers = headers or {}
+
+
+class ShuttingDownError(GemmakitError):
+    """The server is draining for shutdown: it admits no new generation."""
 
 
 class BodyTooLarge(Exception):
@@ -63,6 +67,8 @@ async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:  # 
 async def _gemmakit_error(_: Request, exc: GemmakitError) -> JSONResponse:
     if isinstance(exc, EngineBusyError):
         return error_response(429, str(exc), "rate_limit_error", headers={"Retry-After": "1"})
+    if isinstance(exc, (ShuttingDownError, EngineStoppedError)):
+        return error_response(503, str(exc), "server_error", code="shutting_down", headers={"Retry-After": "5"})
     if isinstance(exc, RequestTimeoutError):
         return error_response(408, str(exc), "timeout_error", code="request_timeout")
     code = "context_length_exceeded" if isinstance(exc, ContextLengthError) else None

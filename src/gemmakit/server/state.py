@@ -13,7 +13,7 @@ from ..engine import Engine, EngineBusyError, RequestStream
 from ..errors import ContextLengthError
 from ..generate import Completion, CompletionBuilder
 from ..sampling import SamplingParams
-from .errors import APIError
+from .errors import APIError, ShuttingDownError
 from .limits import ServerLimits
 from .observability import Metrics
 
@@ -32,6 +32,7 @@ class ServerState:
     strict_model_name: bool
     limits: ServerLimits
     max_piece_bytes: int = 1  # see max_piece_bytes()
+    draining: bool = False  # shutting down: no new generations (lifecycle.GracefulServer)
 
 
 def server_state(request: Request) -> ServerState:
@@ -78,6 +79,8 @@ async def submit(state: ServerState, jobs: list[tuple[list[int], SamplingParams]
     already queued). A worker thread does it: setting a request up grows with its input (stop strings). Should
     this handler be cancelled meanwhile, the requests are cancelled as soon as they exist (none is left running
     for nobody)."""
+    if state.draining:
+        raise ShuttingDownError("the server is shutting down and takes no new requests; retry on another one")
     loop = asyncio.get_running_loop()
     queued = loop.run_in_executor(None, _submit_all, state, jobs, timeout, loop)
     try:
