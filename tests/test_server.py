@@ -471,3 +471,21 @@ def test_auth_comes_before_the_body_is_parsed(llm) -> None:
         good = httpx.post(s.url + "/v1/chat/completions", content=b"not json",
                           headers={"content-type": "application/json", "Authorization": "Bearer s3cret"})
         assert good.status_code == 400
+
+
+def test_an_unexpected_error_is_a_500_that_keeps_the_connection(llm) -> None:
+    """A bug in a route answers a logged 500 in OpenAI's shape; the keep-alive connection carries the next request
+    (a route that fails is added to a real app for the test: no route of the server fails on purpose)."""
+    app = create_app(llm, model_name=MODEL)
+
+    def broken() -> None:
+        raise RuntimeError("a bug")
+
+    app.add_api_route("/broken", broken)
+    with Server(app) as s, httpx.Client(base_url=s.url) as http:
+        r = http.get("/broken")
+        assert r.status_code == 500 and r.json()["error"]["message"] == "internal server error" and "bug" not in r.text
+        again = http.get("/health")
+        assert again.status_code == 200
+        ports = {x.extensions["network_stream"].get_extra_info("client_addr")[1] for x in (r, again)}
+        assert len(ports) == 1

@@ -143,3 +143,12 @@ def test_limits_table_matches_the_code() -> None:
     table = text[text.index("<!-- server-limits -->"):text.index("<!-- /server-limits -->")]
     rows = {m.group(1): int(m.group(2)) for m in re.finditer(r"^\| `--([\w-]+)` \| `(\d+)` \|", table, re.M)}
     assert rows == {f.name.replace("_", "-"): f.default for f in fields(ServerLimits)}
+
+
+def test_preparing_a_prompt_keeps_to_the_requests_timeout(server) -> None:
+    """Tokenizing 1.4 MB takes seconds: a request with a 0.2 s timeout gets its 408 at the deadline."""
+    start = time.perf_counter()
+    r = httpx.post(server.url + "/v1/completions", timeout=60,
+                   json={"prompt": WORDS[:1_400_000], "max_tokens": 4, "timeout": 0.2})
+    assert r.status_code == 408 and r.json()["error"]["code"] == "request_timeout"
+    assert time.perf_counter() - start < 1.5

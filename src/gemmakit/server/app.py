@@ -18,7 +18,7 @@ from ..engine.engine import PREFILL_CHUNK
 from ..errors import InvalidParameterError
 from ..kv_cache import KVCache
 from .auth import AuthGate
-from .errors import install_error_handlers
+from .errors import CatchAll, install_error_handlers
 from .limits import ServerLimits, SizeGate
 from .observability import Metrics, RequestLog
 from .routes import ROUTERS
@@ -86,8 +86,9 @@ def create_app(llm, model_name: str | None = None, api_keys: list[str] | None = 
     app.state.model_id = app.state.gemmakit.model_id
     install_error_handlers(app)
     # Outermost first: the request log (sees every answer), the key check (401 from the headers: a client without a
-    # key learns nothing, limits included), the size gate (413/431 before a byte of body is read). The last added
-    # is the outermost.
+    # key learns nothing, limits included), the size gate (413/431 before a byte of body is read), the catch-all
+    # (a bug is a 500 that keeps the connection). The last added is the outermost.
+    app.add_middleware(CatchAll)
     app.add_middleware(SizeGate, limits=app.state.gemmakit.limits)
     app.add_middleware(AuthGate, keys=app.state.gemmakit.keys, public_docs_and_metrics=public_docs_and_metrics)
     app.add_middleware(RequestLog, metrics=metrics)

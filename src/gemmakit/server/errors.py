@@ -80,6 +80,35 @@ async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
     return error_response(500, "internal server error", "server_error")
 
 
+class CatchAll:
+    """ASGI middleware: an unexpected exception becomes a logged 500 in OpenAI's shape, and the exception stops
+    here. (Starlette's own 500 handler re-raises it, and uvicorn then drops the connection: a pooled client's next
+    request would fail too.)"""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def noting_send(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, noting_send)
+        except Exception:
+            logger.exception("unhandled error")  # the trace goes to the log, never to the client
+            if started:
+                raise  # a response is half sent: only closing the connection can end it
+            response = error_response(500, "internal server error", "server_error")
+            await response(scope, receive, send)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Answer every error in OpenAI's shape."""
     app.add_exception_handler(APIError, _api_error)

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
+from starlette.concurrency import run_in_threadpool
 
-from ..engine import Engine, EngineBusyError, RequestStream
+from ..engine import Engine, EngineBusyError, RequestStream, RequestTimeoutError
 from ..errors import ContextLengthError
 from ..generate import Completion, CompletionBuilder
 from ..sampling import SamplingParams
@@ -58,6 +59,17 @@ def refuse_hopeless_prompt(state: ServerState, texts: list[str]) -> None:
     if at_least >= state.context_length:
         raise ContextLengthError(f"the prompt's {n_bytes} bytes of text make at least {at_least} tokens; the context "
                                  f"holds {state.context_length}")
+
+
+async def off_loop(timeout: float | None, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` in a worker thread (work that grows with the input: rendering, tokenizing), within
+    the request's ``timeout`` (RequestTimeoutError past it; the thread's result is then dropped)."""
+    work = run_in_threadpool(fn, *args, **kwargs)
+    try:
+        return await asyncio.wait_for(work, timeout) if timeout is not None else await work
+    except asyncio.TimeoutError:
+        raise RequestTimeoutError(f"the request's timeout of {timeout:g} s passed while its prompt was being "
+                                  "prepared") from None
 
 
 def check_model(state: ServerState, name: str | None) -> None:

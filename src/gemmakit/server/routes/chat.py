@@ -7,15 +7,14 @@ import uuid
 from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, Request
-from starlette.concurrency import run_in_threadpool
 
 from ...engine import RequestStream
 from ...generate import Completion
 from ...sampling import SamplingParams, TokenLogprob
 from ..protocol import ChatCompletionRequest
 from ..sse import framed, sse, stream_response
-from ..state import (ServerState, check_model, complete, note, refuse_hopeless_prompt, server_state, submit,
-                     usage)
+from ..state import (ServerState, check_model, complete, note, off_loop, refuse_hopeless_prompt, server_state,
+                     submit, usage)
 
 router = APIRouter()
 
@@ -55,7 +54,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     state.limits.check_request(body)
     refuse_hopeless_prompt(state, [m["content"] for m in body.messages if isinstance(m.get("content"), str)])
     # Rendering and tokenizing grow with the input: a worker thread does them, the event loop keeps serving.
-    ids = await run_in_threadpool(state.llm.apply_chat_template, body.messages, tokenize=True, **chat_kwargs(body))
+    ids = await off_loop(body.timeout, state.llm.apply_chat_template, body.messages, tokenize=True,
+                         **chat_kwargs(body))
     n_prompt = len(ids)
     if body.max_tokens is None and body.max_completion_tokens is None:
         # OpenAI's default is "until the context is full"; fill what is left after the prompt.

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, Request
-from starlette.concurrency import run_in_threadpool
 
 from ...engine import RequestStream
 from ...generate import Completion
@@ -16,8 +15,8 @@ from ...sampling import SamplingParams, TokenLogprob
 from ..errors import APIError
 from ..protocol import CompletionRequest
 from ..sse import framed, sse, stream_response
-from ..state import (ServerState, check_model, complete, note, refuse_hopeless_prompt, server_state, submit,
-                     usage)
+from ..state import (ServerState, check_model, complete, note, off_loop, refuse_hopeless_prompt, server_state,
+                     submit, usage)
 
 router = APIRouter()
 
@@ -94,7 +93,7 @@ async def completions(body: CompletionRequest, request: Request):
     state.limits.check_request(body)
     cid, created = "cmpl-" + uuid.uuid4().hex, int(time.time())
     # Tokenizing grows with the input: a worker thread does it, the event loop keeps serving.
-    batch = await run_in_threadpool(read_prompts, state, body)
+    batch = await off_loop(body.timeout, read_prompts, state, body)
     note(request, prompt_tokens=sum(map(len, batch.ids)), n=body.n,
          **({"prompt": batch.texts if len(batch.texts) > 1 else batch.texts[0]} if state.log_prompts else {}))
     jobs = [(batch.ids[k], completion_params(state, body, c)) for c, k in enumerate(batch.prompt_of)]
