@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException
 
 from ..engine import EngineBusyError, EngineStoppedError, RequestTimeoutError
 from ..errors import ContextLengthError, GemmakitError
+from .limits import BodyTooLarge, LimitExceededError
 
 logger = logging.getLogger("gemmakit.server")
 
@@ -29,13 +30,6 @@ class APIError(Exception):
 
 class ShuttingDownError(GemmakitError):
     """The server is draining for shutdown: it admits no new generation."""
-
-
-class BodyTooLarge(Exception):
-    """A request body past the server's limit (limits.SizeGate), found while it was being read."""
-
-    def __init__(self, size: int, limit: int) -> None:
-        super().__init__(f"request body of {size}+ bytes; this server takes at most {limit} (--max-body-bytes)")
 
 
 def error_response(status: int, message: str, kind: str, param: str | None = None, code: str | None = None,
@@ -67,6 +61,8 @@ async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:  # 
 async def _gemmakit_error(_: Request, exc: GemmakitError) -> JSONResponse:
     if isinstance(exc, EngineBusyError):
         return error_response(429, str(exc), "rate_limit_error", headers={"Retry-After": "1"})
+    if isinstance(exc, LimitExceededError):
+        return error_response(400, str(exc), "invalid_request_error", param=exc.param, code="limit_exceeded")
     if isinstance(exc, (ShuttingDownError, EngineStoppedError)):
         return error_response(503, str(exc), "server_error", code="shutting_down", headers={"Retry-After": "5"})
     if isinstance(exc, RequestTimeoutError):

@@ -8,7 +8,24 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from .errors import APIError, BodyTooLarge
+from ..errors import GemmakitError
+
+# No FastAPI here: the CLI reads ServerLimits for its flags without the [server] extra installed.
+
+
+class LimitExceededError(GemmakitError):
+    """A count in a request past its limit (answered 400 with ``param`` and code ``limit_exceeded``)."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class BodyTooLarge(Exception):
+    """A request body past the server's limit (SizeGate), found while it was being read."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"request body of {size}+ bytes; this server takes at most {limit} (--max-body-bytes)")
 
 
 @dataclass(frozen=True)
@@ -50,8 +67,8 @@ class ServerLimits:
 
 def _at_most(count: int, limit: int, param: str, what: str) -> None:
     if count > limit:
-        raise APIError(400, f"{param}: {count} {what}; this server takes at most {limit} (a server flag sets it)",
-                       param=param, code="limit_exceeded")
+        raise LimitExceededError(f"{param}: {count} {what}; this server takes at most {limit} (a server flag sets "
+                                 "it)", param)
 
 
 def _error_body(message: str, code: str) -> bytes:
