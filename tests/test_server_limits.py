@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import sys
 import threading
 import time
@@ -96,14 +97,17 @@ def test_a_chunked_body_past_the_limit_is_a_413(server) -> None:
 
 
 def test_tokenizing_a_long_prompt_does_not_stall_the_server(server) -> None:
-    """1.4 MB of text is tokenized (it might fit 32768 tokens) in a worker: /health answers within 100 ms and the
-    running stream keeps its pace; the answer is the usual context_length_exceeded."""
+    """1.4 MB of text is tokenized (it might fit 32768 tokens) in a worker: /health keeps answering and the running
+    stream keeps its pace; the answer is the usual context_length_exceeded. On the event loop, /health waited
+    2.0 s here; in a worker, 24-43 ms at worst when run alone, and one poll of 187 ms in the full suite (a
+    collection pause or the 2 cores shared with the engine): the bound is the median, and a worst case far below
+    the stall."""
     text = WORDS[:1_400_000]
     r, seconds, gap, health = _under_load(server, lambda: httpx.post(server.url + "/v1/completions", timeout=120,
                                                                       json={"prompt": text, "max_tokens": 4}))
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
     print(f"/health max {max(health) * 1000:.0f} ms over {len(health)} polls; stream's largest gap {gap:.3f} s")
-    assert max(health) < 0.1, max(health)
+    assert statistics.median(health) < 0.05 and max(health) < 0.5, sorted(health)[-3:]
     assert gap < 0.5, gap
 
 

@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Any, Iterator
@@ -154,10 +155,7 @@ class RunStats:
     """Counts for the statistics line after an answer (llama.cpp prints one too)."""
 
     def __init__(self) -> None:
-        import time
-
-        self._clock = time.perf_counter
-        self.start = self._clock()
+        self.start = time.perf_counter()
         self.first: float | None = None
         self.tokens = 0
         self.finish: str | None = None
@@ -165,17 +163,18 @@ class RunStats:
 
     def add(self, event) -> None:
         if self.first is None:
-            self.first = self._clock()
+            self.first = time.perf_counter()
         self.tokens += not event.stop_token
         self.finish = event.finish_reason or self.finish
         if event.logprob is not None and not event.stop_token:
             self.logprobs.append(event.logprob)
 
     def line(self, prompt_tokens: int) -> str:
-        end = self._clock()
+        end = time.perf_counter()
         first = (self.first or end) - self.start
-        rate = (self.tokens - 1) / (end - self.first) if self.first is not None and self.tokens > 1 and \
-            end > self.first else 0.0
+        # tokens after the first, over the time after it: the decode rate, as llama.cpp reports it
+        decoding = end - self.first if self.first is not None else 0.0
+        rate = (self.tokens - 1) / decoding if self.tokens > 1 and decoding > 0 else 0.0
         return (f"[{prompt_tokens} prompt tokens, {self.tokens} generated, {rate:.1f} tok/s, "
                 f"first token after {first:.2f} s, {end - self.start:.2f} s in all]")
 

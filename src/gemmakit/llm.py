@@ -406,27 +406,17 @@ def load(
         if threads < 1:
             raise InvalidParameterError(f"threads={threads}: must be >= 1")
         torch.set_num_threads(threads)
-    file = Path(path) if path is not None else bundled_model_name()
-    if path is not None and file.is_dir():
+    if path is not None and Path(path).is_dir():
         if quant != "auto" or memory_budget is not None:
             raise InvalidParameterError(
-                f"{file}: quant= and memory_budget= apply to GGUF files; for a Hugging Face folder choose dtype="
+                f"{path}: quant= and memory_budget= apply to GGUF files; for a Hugging Face folder choose dtype="
             )
-        model, config = load_hf_model(file, dtype)
-        tokenizer = HFTokenizer.from_folder(file)
-        template = find_checkpoint_template(folder=file)
-        recommended = checkpoint_defaults(generation_config=read_generation_config(file))
+        loaded = _load_hf_folder(Path(path), dtype)
     else:
         if dtype is not None:
             raise InvalidParameterError(f"dtype={dtype!r}: for GGUF files choose the precision with quant=")
-        gguf = GGUFFile(file) if path is not None else open_bundled_model()
-        file = gguf.path
-        model, config = load_gguf_model(gguf, quant, memory_budget)
-        # After the weights (measured: 40 MB less resident than building it first), its scratch returned.
-        tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata, str(file))
-        release_freed_memory()
-        template = find_checkpoint_template(gguf_metadata=gguf.metadata)
-        recommended = checkpoint_defaults(gguf_metadata=gguf.metadata)
+        loaded = _load_gguf(GGUFFile(path) if path is not None else open_bundled_model(), quant, memory_budget)
+    model, config, tokenizer, file, template, recommended = loaded
     if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
         raise InvalidParameterError(f"{file}: tokenizer has {tokenizer.vocab_size} pieces, model {config.vocab_size}")
     ctx = config.max_position_embeddings
@@ -436,6 +426,24 @@ def load(
         ctx = context_length
     logger.info("loaded %s (%s, %d layers)", file, config.architecture, config.num_hidden_layers)
     return LLM(model, tokenizer, config, file, ctx, template, SamplingParams(**recommended))
+
+
+def _load_hf_folder(folder: Path, dtype: str | None) -> tuple:
+    """(model, config, tokenizer, path, chat template, recommended sampling) of a Hugging Face folder."""
+    model, config = load_hf_model(folder, dtype)
+    tokenizer = HFTokenizer.from_folder(folder)
+    recommended = checkpoint_defaults(generation_config=read_generation_config(folder))
+    return model, config, tokenizer, folder, find_checkpoint_template(folder=folder), recommended
+
+
+def _load_gguf(gguf: GGUFFile, quant: str, memory_budget: int | None) -> tuple:
+    """The same for a GGUF file (or the bundled model's mapped chunks)."""
+    model, config = load_gguf_model(gguf, quant, memory_budget)
+    # After the weights (measured: 40 MB less resident than building it first), its scratch returned.
+    tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata, str(gguf.path))
+    release_freed_memory()
+    template = find_checkpoint_template(gguf_metadata=gguf.metadata)
+    return model, config, tokenizer, gguf.path, template, checkpoint_defaults(gguf_metadata=gguf.metadata)
 
 
 def read_generation_config(folder: Path) -> dict[str, Any] | None:
