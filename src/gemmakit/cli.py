@@ -13,7 +13,7 @@ import os
 import sys
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from typing import Any, Iterator
 
@@ -116,14 +116,9 @@ def _load(args: argparse.Namespace):
 
     # With -v the log says what loading does; a spinner would scribble over its lines.
     quiet = getattr(args, "verbose", False)
-    with _spinner("Loading model") if not quiet else _no_spinner():
+    with _spinner("Loading model") if not quiet else nullcontext():
         return load(resolve_model(args.model), context_length=args.context_length, threads=args.threads,
                     quant=args.quant)
-
-
-@contextmanager
-def _no_spinner() -> Iterator[None]:
-    yield
 
 
 def _completion_json(c) -> dict[str, Any]:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from pathlib import Path
 from dataclasses import fields
+from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch

@@ -226,7 +226,6 @@ async function errorText(response) {
 function setBusy(busy) {
   $("send").hidden = busy;
   $("stop").hidden = !busy;
-  $("input").disabled = false;
 }
 
 async function streamAnswer(conversation, answer) {
