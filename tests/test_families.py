@@ -216,9 +216,11 @@ def write_tiny_vocab(w) -> None:
     w.add_token_types([3, 3, 3, 2] + [6] * 256 + [1] * (VOCAB - 260))
 
 
-def write_gemma4_gguf(ref, gguf_specs, path, split_experts: bool = False, drop: str | None = None) -> None:
+def write_gemma4_gguf(ref, gguf_specs, path, split_experts: bool = False, drop: str | None = None,
+                      vocab=write_tiny_vocab) -> None:
     """The transformers model's weights as a llama.cpp-layout Gemma 4 GGUF (F32). ``split_experts`` writes the
-    experts' gate and up halves as ``ffn_gate_exps`` / ``ffn_up_exps`` instead of one ``ffn_gate_up_exps``."""
+    experts' gate and up halves as ``ffn_gate_exps`` / ``ffn_up_exps`` instead of one ``ffn_gate_up_exps``;
+    ``vocab(writer)`` writes the tokenizer."""
     import numpy as np
     from gguf import GGUFWriter
 
@@ -251,7 +253,7 @@ def write_gemma4_gguf(ref, gguf_specs, path, split_experts: bool = False, drop: 
         w.add_uint32(a + "expert_count", c.num_experts)
         w.add_uint32(a + "expert_used_count", c.top_k_experts)
         w.add_uint32(a + "expert_feed_forward_length", c.moe_intermediate_size)
-    write_tiny_vocab(w)
+    vocab(w)
     # Proportional RoPE as llama.cpp encodes it: divisor 1 for rotated pairs, 1e30 for frozen ones.
     rotated = int(0.25 * 32 // 2)
     w.add_tensor("rope_freqs.weight", np.array([1.0] * rotated + [1e30] * (16 - rotated), dtype=np.float32))

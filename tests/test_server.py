@@ -154,7 +154,9 @@ def test_tokenize_detokenize(llm, server) -> None:
         ({"model": MODEL, "messages": CHAT, "temperature": -1}, 400, "temperature"),
         ({"model": MODEL, "messages": CHAT, "top_p": "high"}, 400, "top_p"),
         ({"model": MODEL, "messages": CHAT, "seed": 2**70}, 400, "seed"),
-        ({"model": MODEL, "messages": CHAT, "response_format": {"type": "json_object"}}, 400, "json_object"),
+        ({"model": MODEL, "messages": CHAT, "response_format": {"type": "xml"}}, 400, "response_format"),
+        ({"model": MODEL, "messages": CHAT, "response_format": {"type": "json_schema", "json_schema": {
+            "name": "x", "schema": {"type": "bogus"}}}}, 400, "invalid json schema"),
         ({"model": MODEL, "messages": []}, 400, "messages"),
         ({"model": MODEL, "messages": [{"role": "assistant", "content": "x"}]}, 400, "out of order"),
     ],

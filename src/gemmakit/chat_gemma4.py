@@ -215,7 +215,8 @@ def _merge_tool_results(messages: Sequence[Message]) -> list[dict[str, Any]]:
 class Gemma4ChatFormat:
     """The Gemma 4 turn format (``<|turn>`` / ``<turn|>``) with thinking and tools."""
 
-    stop_pieces = ("<eos>", "<turn|>")
+    # The model writes <|tool_response> after its calls, expecting the caller's results: the answer ends there.
+    stop_pieces = ("<eos>", "<turn|>", "<|tool_response>")
 
     def prepare_messages(self, messages: Sequence[Message]) -> list[dict[str, Any]]:
         """OpenAI-style input in the reference template's shape (tool results on the calling turn)."""
@@ -315,6 +316,10 @@ class _ArgParser:
             raise ToolCallSyntaxError(f"expected {token!r} at {self.i} in {self.s!r}")
         self.i += len(token)
 
+    def _check_not_at_end(self) -> None:
+        if self.i >= len(self.s):
+            raise ToolCallSyntaxError(f"unexpected end of {self.s!r}")
+
     def value(self) -> Any:
         if self.peek('<|"|>'):
             self.i += 5
@@ -323,12 +328,20 @@ class _ArgParser:
                 raise ToolCallSyntaxError("unterminated string")
             out, self.i = self.s[self.i : end], end + 5
             return out
+        if self.peek("'") or self.peek('"'):  # a model that quotes like JSON or Python: read it as a string
+            quote = self.s[self.i]
+            end = self.s.find(quote, self.i + 1)
+            if end < 0:
+                raise ToolCallSyntaxError("unterminated string")
+            out, self.i = self.s[self.i + 1 : end], end + 1
+            return out
         if self.peek("{"):
             return self.obj()
         if self.peek("["):
             self.i += 1
             items = []
             while not self.peek("]"):
+                self._check_not_at_end()
                 items.append(self.value())
                 if self.peek(","):
                     self.i += 1
@@ -354,13 +367,14 @@ class _ArgParser:
         self.expect("{")
         out: dict[str, Any] = {}
         while not self.peek("}"):
+            self._check_not_at_end()
             if self.peek('<|"|>'):
                 key = self.value()
             else:
                 j = self.s.find(":", self.i)
                 if j < 0:
                     raise ToolCallSyntaxError(f"missing ':' in {self.s!r}")
-                key, self.i = self.s[self.i : j].strip(), j
+                key, self.i = self.s[self.i : j].strip().strip("'\""), j
             self.expect(":")
             out[key] = self.value()
             if self.peek(","):
@@ -399,7 +413,9 @@ class Gemma4OutputParser:
         self.result = ParsedOutput()
         self._buf = ""
         self._mode = "content"  # content | channel_header | thought | tool_call
+        self._header = ""  # the channel's name, as it arrives
         self._call = ""
+        self._late_content = ""  # a tool call that could not be parsed, released as content
 
     def feed(self, text: str) -> tuple[str, str]:
         self._buf += text
@@ -418,16 +434,37 @@ class Gemma4OutputParser:
             content, reasoning = content + c, reasoning + r
             self._buf = self._buf[at + len(marker) :]
             self._on_marker(marker)
+            if self._late_content:
+                content += self._emit_late()
         return content, reasoning
+
+    def _emit_late(self) -> str:
+        late, self._late_content = self._late_content, ""
+        self.result.content += late
+        return late
+
+    def finish_stream(self) -> tuple[str, str]:
+        """At the end of the output: the (content, reasoning) still held back (a partial marker, an unclosed
+        tool call, which is kept as text)."""
+        content, reasoning = "", ""
+        if self._mode == "tool_call":
+            self._late_content += "<|tool_call>" + self._call + self._buf
+            self._buf, self._mode = "", "content"
+        if self._buf and self._mode in ("content", "thought"):
+            content, reasoning = self._emit(self._buf)
+        self._buf = ""
+        return content + self._emit_late(), reasoning
 
     def _emit(self, text: str) -> tuple[str, str]:
         if not text or self._mode == "done":
             return "", ""
         if self._mode == "channel_header":
-            # "<|channel>thought\n" names the channel; what follows is the thought.
-            if "\n" not in text:
+            # "<|channel>thought\n" names the channel; what follows is the thought. Text that is not that name
+            # (a model that skips it) is thought already.
+            self._header += text
+            if len(self._header) < len("thought\n") and "thought\n".startswith(self._header):
                 return "", ""  # still inside the channel name
-            text = text.split("\n", 1)[1]
+            text = self._header.removeprefix("thought\n")
             self._mode = "thought"
         if self._mode == "thought":
             self.result.reasoning += text
@@ -440,22 +477,22 @@ class Gemma4OutputParser:
 
     def _on_marker(self, marker: str) -> None:
         if marker == "<|channel>":
-            self._mode = "channel_header"
+            self._mode, self._header = "channel_header", ""
         elif marker == "<channel|>":
             self._mode = "content"
         elif marker == "<|tool_call>":
             self._mode, self._call = "tool_call", ""
         elif marker == "<tool_call|>":
-            call = parse_tool_call(self._call)
-            self.result.tool_calls.append(call)
             self._mode = "content"
+            try:
+                self.result.tool_calls.append(parse_tool_call(self._call))
+            except ToolCallSyntaxError:  # unreadable even tolerantly: kept as text rather than dropped
+                self._late_content += "<|tool_call>" + self._call + "<tool_call|>"
         else:  # end of turn, or the model writing a tool response itself: stop taking content
             self._mode = "done"
 
     def finish(self) -> ParsedOutput:
-        if self._buf and self._mode in ("content", "thought"):
-            self._emit(self._buf)
-        self._buf = ""
+        self.finish_stream()
         return self.result
 
 

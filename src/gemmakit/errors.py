@@ -53,3 +53,8 @@ class ContextLengthError(GemmakitError, ValueError):
 
 class ModelTooLargeError(GemmakitError):
     """Loading the model would exceed the memory budget; raised before anything large is allocated."""
+
+
+class InvalidGrammarError(InvalidParameterError):
+    """A JSON schema, regex, choice list or grammar given to constrain the output cannot be used; the message
+    names the problem."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -15,9 +15,11 @@ from .errors import InvalidParameterError
 from .kv_cache import KVCache
 from .model import Gemma
 from .sampling import SamplingParams, TokenLogprob, make_generator, sample_token, token_logprob
+from .structured.constraint import OutputRules
 from .tokenizer import StreamDecoder, Tokenizer
 
 PREFILL_CHUNK = 512
+MAX_FORCED = 32  # forced tokens taken in a row (the engine's limit too, so both give the same tokens)
 
 
 @dataclass
@@ -38,6 +40,11 @@ class StreamEvent:
     # On the first event of a request that asked for them (SamplingParams.prompt_logprobs): one entry per
     # prompt token, None for the first.
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    # Chat answers, split as they stream (structured.output): the answer text, the thought text and the tool
+    # calls (OpenAI's shape) this event completes. None on plain completions, where ``text`` is the answer.
+    content: str | None = None
+    reasoning: str | None = None
+    tool_calls: list[dict] | None = None
 
 
 @dataclass
@@ -64,6 +71,9 @@ class Completion:
     # Gemma 4 chat: the thought channel, kept apart from `text`, and parsed tool calls (OpenAI shape).
     reasoning: str | None = None
     tool_calls: list[dict] | None = None
+    # With a JSON schema (response_format): the answer parsed (a dict, list, ..., or an instance of the pydantic
+    # model given); None when the answer did not finish ("length") or is not JSON.
+    parsed: Any = None
 
 
 def partial_suffix_len(text: str, needles: Sequence[str]) -> int:
@@ -188,7 +198,7 @@ class SequenceSampler:
     """
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int], params: SamplingParams,
-                 stop_token_ids: Sequence[int], budget: int, vocab: int) -> None:
+                 stop_token_ids: Sequence[int], budget: int, vocab: int, rules: OutputRules | None = None) -> None:
         if any(t >= vocab for t in params.logit_bias):
             raise InvalidParameterError(f"logit_bias names token ids outside the vocabulary [0, {vocab}): "
                                         f"{sorted(t for t in params.logit_bias if t >= vocab)[:5]}")
@@ -203,13 +213,37 @@ class SequenceSampler:
         self.stopper = StopStringMatcher(params.stop)
         self.stop_ids = set() if params.ignore_eos else set(stop_token_ids)
         self.finished = False
+        # The output's grammar and thinking rules, with this sequence's own progress through them.
+        self.constraint = rules.constraint(tokenizer, sorted(self.stop_ids), vocab) if rules is not None else None
 
-    def step(self, logits: torch.Tensor, raw_argmax: int | None = None) -> StreamEvent:
+    def step(self, logits: torch.Tensor, raw_argmax: int | None = None,
+             bitmask_row: torch.Tensor | None = None) -> StreamEvent:
         """Pick the next token from (V,) float32 logits and turn it into an event. A batch of sequences may pass
-        each row's argmax, computed for all rows at once (used when the sequence is greedy without penalties)."""
+        each row's argmax, computed for all rows at once (used when the sequence is greedy without penalties),
+        and a constrained sequence its grammar's mask when it was computed beside the forward."""
         params = self.params
-        token = sample_token(logits, params, self.generator, self.seen, self.counts, raw_argmax)
-        lp = token_logprob(logits, token, params.logprobs) if params.logprobs is not None else None
+        allowed = self.constraint.allowed(bitmask_row) if self.constraint is not None else None
+        if allowed is None:
+            token = sample_token(logits, params, self.generator, self.seen, self.counts, raw_argmax)
+        else:  # tokens the output's rules forbid cannot be picked; reported logprobs stay the model's own
+            token = sample_token(logits.masked_fill(~allowed, float("-inf")), params, self.generator, self.seen,
+                                 self.counts)
+        return self.take(token, logits)
+
+    def forced_tokens(self, limit: int) -> list[int]:
+        """Up to ``limit`` tokens the grammar allows as the only continuation: they are taken without sampling
+        (:meth:`take`). None when logprobs are asked for (a forced token has no logits of its own here)."""
+        if self.constraint is None or self.params.logprobs is not None:
+            return []
+        return self.constraint.forced_tokens()[: min(limit, self.budget - self.generated)]
+
+    def take(self, token: int, logits: torch.Tensor | None = None) -> StreamEvent:
+        """The event of ``token`` as the next one (sampled from ``logits``, or forced by the grammar)."""
+        params = self.params
+        lp = token_logprob(logits, token, params.logprobs) if params.logprobs is not None and logits is not None \
+            else None
+        if self.constraint is not None:
+            self.constraint.accept(token)
         self.generated += 1
         if token in self.stop_ids:
             self.finished = True
@@ -240,11 +274,13 @@ def generate_events(
     params: SamplingParams,
     stop_token_ids: Sequence[int],
     max_len: int,
+    rules: OutputRules | None = None,
 ) -> Iterator[StreamEvent]:
     """Generate from ``prompt_ids`` until a stop condition; the caller checked that everything fits."""
     budget = token_budget(len(prompt_ids), params, max_len)
     cache = KVCache(model.config, 1, len(prompt_ids) + budget, dtype=model.activation_dtype)
-    sampler = SequenceSampler(tokenizer, prompt_ids, params, stop_token_ids, budget, model.config.vocab_size)
+    sampler = SequenceSampler(tokenizer, prompt_ids, params, stop_token_ids, budget, model.config.vocab_size,
+                              rules)
     scorer = PromptScorer(model, prompt_ids, params.prompt_logprobs) if params.prompt_logprobs is not None else None
     logits = prefill(model, prompt_ids, cache, scorer=scorer)
     position = len(prompt_ids)
@@ -253,10 +289,18 @@ def generate_events(
         if scorer is not None:
             event.prompt_logprobs, scorer = scorer.logprobs, None
         yield event
+        feed = [event.token_id]
+        for forced in sampler.forced_tokens(MAX_FORCED) if not event.finish_reason else []:
+            event = sampler.take(forced)  # as the engine does: forced tokens are not sampled
+            yield event
+            feed.append(forced)
+            if event.finish_reason:
+                break
         if event.finish_reason:
             return
-        logits = decode_step(model, event.token_id, position, cache)
-        position += 1
+        for token in feed:
+            logits = decode_step(model, token, position, cache)
+            position += 1
 
 
 class CompletionBuilder:
@@ -271,11 +315,20 @@ class CompletionBuilder:
         self.logprobs: list[TokenLogprob] = []
         self.prompt_logprobs: list[TokenLogprob | None] | None = None
         self.finish = "length"
+        self.reasoning: list[str] = []
+        self.tool_calls: list[dict] = []
+        self.split = False  # the events carry a chat answer's split (content / reasoning / tool calls)
 
     def add(self, ev: StreamEvent) -> None:
         if self.first is None:
             self.first = time.perf_counter()
-        self.texts.append(ev.text)
+        if ev.content is not None:
+            self.split = True
+            self.texts.append(ev.content)
+            self.reasoning.append(ev.reasoning or "")
+            self.tool_calls += ev.tool_calls or []
+        else:
+            self.texts.append(ev.text)
         if ev.prompt_logprobs is not None:
             self.prompt_logprobs = ev.prompt_logprobs
         if not ev.stop_token:
@@ -288,9 +341,13 @@ class CompletionBuilder:
     def build(self) -> Completion:
         end = time.perf_counter()
         timings = {"total_s": end - self.start, "first_token_s": (self.first or end) - self.start}
-        return Completion("".join(self.texts), self.ids, self.finish, Usage(self.prompt_tokens, len(self.ids)),
-                          self.logprobs if self.want_logprobs else None, timings,
-                          prompt_logprobs=self.prompt_logprobs)
+        completion = Completion("".join(self.texts), self.ids, self.finish, Usage(self.prompt_tokens, len(self.ids)),
+                                self.logprobs if self.want_logprobs else None, timings,
+                                prompt_logprobs=self.prompt_logprobs)
+        if self.split:
+            completion.reasoning = "".join(self.reasoning) or None
+            completion.tool_calls = self.tool_calls or None
+        return completion
 
 
 def collect(events: Iterator[StreamEvent], prompt_tokens: int, want_logprobs: bool) -> Completion:

@@ -20,6 +20,9 @@ from .model import Gemma
 from .sampling import SamplingParams, checkpoint_defaults
 from .tokenizer import HFTokenizer, Tokenizer
 from .weights import load_gguf_model, load_hf_model, release_freed_memory
+from .structured import Grammar, OutputRules, grammars
+from .structured.output import split_chat_events
+from .structured.plan import OutputPlan, plan_chat, thinking_budget
 from .weights.gguf import GGUFFile
 
 logger = logging.getLogger(__name__)
@@ -200,6 +203,10 @@ class LLM:
         prompt: Prompt,
         params: SamplingParams | None = None,
         *,
+        response_format: Any = None,
+        regex: str | None = None,
+        choice: Sequence[str] | None = None,
+        grammar: str | None = None,
         max_tokens: int | None | _ModelDefault = MODEL_DEFAULT,
         temperature: float | _ModelDefault = MODEL_DEFAULT,
         top_k: int | _ModelDefault = MODEL_DEFAULT,
@@ -220,21 +227,40 @@ class LLM:
         ``params`` gives every sampling setting at once; the keyword arguments (see :class:`SamplingParams` for
         each one's meaning) change single settings of it, or of the model's defaults when ``params`` is None.
 
-        Raises (before the first event): InvalidParameterError, ContextLengthError.
+        Output constraints (at most one): ``response_format`` (a JSON schema dict, a pydantic model class, or
+        OpenAI's ``{"type": "json_object"}`` / ``{"type": "json_schema", "json_schema": {"schema": ...}}``),
+        ``regex`` (the output matches it in full), ``choice`` (the output is one of these strings), ``grammar`` (a
+        Lark grammar, llguidance's dialect). Decoding is held to it token by token.
+
+        Raises (before the first event): InvalidParameterError (InvalidGrammarError for a bad constraint),
+        ContextLengthError.
         """
         sampling = self.sampling_params(params, **_sampling_args(locals()))
         ids = self.prompt_ids(prompt)
-        return self._stream_ids(ids, sampling)
+        return self._stream_ids(ids, sampling, self.output_rules(response_format, regex, choice, grammar))
 
-    def _stream_ids(self, ids: list[int], params: SamplingParams) -> Iterator[StreamEvent]:
+    def output_rules(self, response_format: Any = None, regex: str | None = None, choice: Sequence[str] | None = None,
+                     grammar: str | None = None) -> OutputRules | None:
+        """The decoding rules of a plain completion's output constraint (checked against this model's vocabulary),
+        or None without one."""
+        built = grammars.one_of(response_format, regex, choice, grammar)
+        return OutputRules(grammars.checked(built, self.tokenizer)) if built is not None else None
+
+    def _stream_ids(self, ids: list[int], params: SamplingParams, rules: OutputRules | None = None
+                    ) -> Iterator[StreamEvent]:
         self.check_fits(len(ids), params)
-        return generate_events(self.model, self.tokenizer, ids, params, self.stop_token_ids, self.context_length)
+        return generate_events(self.model, self.tokenizer, ids, params, self.stop_token_ids, self.context_length,
+                               rules)
 
     def generate(
         self,
         prompt: Prompt | Sequence[Prompt],
         params: SamplingParams | None = None,
         *,
+        response_format: Any = None,
+        regex: str | None = None,
+        choice: Sequence[str] | None = None,
+        grammar: str | None = None,
         max_tokens: int | None | _ModelDefault = MODEL_DEFAULT,
         temperature: float | _ModelDefault = MODEL_DEFAULT,
         top_k: int | _ModelDefault = MODEL_DEFAULT,
@@ -254,15 +280,19 @@ class LLM:
 
         A prompt is text (BOS added) or a list of token ids (used as given). A list of prompts (texts or id
         lists) runs as one batch through the continuous-batching engine and returns one :class:`Completion` per
-        prompt, in order; a single prompt returns a single Completion. Sampling arguments: as :meth:`stream`.
+        prompt, in order; a single prompt returns a single Completion. Sampling arguments and output constraints: as
+        :meth:`stream`; with a JSON schema the answer comes back parsed in ``Completion.parsed`` too.
         """
         sampling = self.sampling_params(params, **_sampling_args(locals()))
+        rules = self.output_rules(response_format, regex, choice, grammar)
         if _is_prompt_batch(prompt):
-            return self._generate_batch(list(prompt), sampling)
+            return [with_parsed(c, _grammar_of(rules)) for c in self._generate_batch(list(prompt), sampling, rules)]
         ids = self.prompt_ids(prompt)  # type: ignore[arg-type]
-        return collect(self._stream_ids(ids, sampling), len(ids), sampling.logprobs is not None)
+        return with_parsed(collect(self._stream_ids(ids, sampling, rules), len(ids), sampling.logprobs is not None),
+                           _grammar_of(rules))
 
-    def _generate_batch(self, prompts: list[Prompt], params: SamplingParams) -> list[Completion]:
+    def _generate_batch(self, prompts: list[Prompt], params: SamplingParams,
+                        rules: OutputRules | None = None) -> list[Completion]:
         """Run prompts together through an :class:`~gemmakit.engine.Engine` sized for them, its KV cache
         bounded by BATCH_KV_BYTES (prompts beyond the rows that fit wait for a free one)."""
         from .engine import Engine
@@ -278,7 +308,7 @@ class LLM:
         engine = Engine(self.model, self.tokenizer, self.stop_token_ids, longest, max_batch=rows,
                         max_waiting=len(ids))
         try:
-            streams = [engine.submit(x, params) for x in ids]
+            streams = [engine.submit(x, params, rules=rules) for x in ids]
             return [collect(iter(st), len(x), params.logprobs is not None) for st, x in zip(streams, ids)]
         finally:
             engine.shutdown()
@@ -289,7 +319,15 @@ class LLM:
         params: SamplingParams | None = None,
         *,
         tools: Sequence[Mapping[str, Any]] | None = None,
+        tool_choice: Any = None,
+        parallel_tool_calls: bool = True,
         enable_thinking: bool = False,
+        max_reasoning_tokens: int | None = None,
+        reasoning_effort: str | None = None,
+        response_format: Any = None,
+        regex: str | None = None,
+        choice: Sequence[str] | None = None,
+        grammar: str | None = None,
         max_tokens: int | None | _ModelDefault = MODEL_DEFAULT,
         temperature: float | _ModelDefault = MODEL_DEFAULT,
         top_k: int | _ModelDefault = MODEL_DEFAULT,
@@ -307,31 +345,44 @@ class LLM:
     ) -> Completion:
         """Answer the last user message of a conversation (sampling arguments: as :meth:`stream`).
 
-        On Gemma 4, the thought channel comes back in ``reasoning`` (never in ``text``) and tool calls in
+        The thought channel (Gemma 4) comes back in ``reasoning``, never in ``text``, and tool calls in
         ``tool_calls`` as OpenAI-style objects (``{"id", "type": "function", "function": {"name", "arguments"}}``
-        with JSON-encoded arguments). ``tools`` (OpenAI function schemas) and ``enable_thinking`` apply to Gemma 4.
+        with JSON-encoded arguments).
+
+        Args:
+            tools: OpenAI function tools. Gemma 4 calls them in its own notation; Gemma 1-3 through a JSON answer
+                (the tools are explained in the system message; see the README).
+            tool_choice: "auto" (default with tools), "none", "required" (the answer is tool calls, held to the
+                tools' schemas while decoding), or ``{"type": "function", "function": {"name": ...}}``.
+            parallel_tool_calls: whether a forced answer may hold several calls.
+            enable_thinking: Gemma 4's thought channel (off: it cannot open, on any model size).
+            max_reasoning_tokens / reasoning_effort: a budget for the thought channel ("minimal", "low", "medium",
+                "high" or "none"); its closing token is forced when spent. An effort other than "none" turns
+                thinking on.
+            response_format, regex, choice, grammar: an output constraint, as :meth:`stream`; with thinking on it
+                applies from the end of the thought channel.
         """
         sampling = self.sampling_params(params, **_sampling_args(locals()))
-        ids = self.apply_chat_template(messages, tokenize=True, tools=tools, enable_thinking=enable_thinking)
-        return self.parse_chat(collect(self._stream_ids(ids, sampling), len(ids), sampling.logprobs is not None))
+        ids, plan = self.plan_chat(messages, tools, tool_choice, parallel_tool_calls, enable_thinking,
+                                   max_reasoning_tokens, reasoning_effort, response_format, regex, choice, grammar)
+        events = split_chat_events(self._stream_ids(ids, sampling, plan.rules), plan.splitter())
+        return with_parsed(collect(events, len(ids), sampling.logprobs is not None), plan.grammar)
 
-    def parse_chat(self, completion: Completion) -> Completion:
-        """Split a finished chat answer into text, ``reasoning`` and OpenAI-style ``tool_calls`` (Gemma 4)."""
-        if self.config.architecture != "gemma4":
-            return completion
-        from .chat_gemma4 import ToolCallSyntaxError, parse_output
-
-        try:
-            parsed = parse_output(completion.text)
-        except ToolCallSyntaxError:
-            return completion  # leave malformed output as plain text rather than lose it
-        completion.text, completion.reasoning = parsed.content, parsed.reasoning
-        completion.tool_calls = [
-            {"id": f"call_{k}", "type": "function",
-             "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
-            for k, c in enumerate(parsed.tool_calls)
-        ] or None
-        return completion
+    def plan_chat(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None,
+                  tool_choice: Any = None, parallel_tool_calls: bool = True, enable_thinking: bool = False,
+                  max_reasoning_tokens: int | None = None, reasoning_effort: str | None = None,
+                  response_format: Any = None, regex: str | None = None, choice: Sequence[str] | None = None,
+                  grammar: str | None = None) -> tuple[list[int], OutputPlan]:
+        """The prompt ids of a chat request and its :class:`~gemmakit.structured.plan.OutputPlan` (what decoding
+        enforces, how the answer is split). Arguments: as :meth:`chat`."""
+        thinking, budget = thinking_budget(max_reasoning_tokens, reasoning_effort)
+        enable_thinking = enable_thinking if thinking is None else thinking
+        plan = plan_chat(self, messages, grammar=grammars.one_of(response_format, regex, choice, grammar),
+                         tools=tools, tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls,
+                         enable_thinking=enable_thinking, reasoning_budget=budget)
+        ids = self.apply_chat_template(plan.messages, tokenize=True, tools=plan.tools,
+                                       enable_thinking=plan.enable_thinking)
+        return ids, plan
 
     def chat_stream(
         self,
@@ -339,7 +390,15 @@ class LLM:
         params: SamplingParams | None = None,
         *,
         tools: Sequence[Mapping[str, Any]] | None = None,
+        tool_choice: Any = None,
+        parallel_tool_calls: bool = True,
         enable_thinking: bool = False,
+        max_reasoning_tokens: int | None = None,
+        reasoning_effort: str | None = None,
+        response_format: Any = None,
+        regex: str | None = None,
+        choice: Sequence[str] | None = None,
+        grammar: str | None = None,
         max_tokens: int | None | _ModelDefault = MODEL_DEFAULT,
         temperature: float | _ModelDefault = MODEL_DEFAULT,
         top_k: int | _ModelDefault = MODEL_DEFAULT,
@@ -355,11 +414,12 @@ class LLM:
         logit_bias: dict[int, float] | _ModelDefault = MODEL_DEFAULT,
         prompt_logprobs: int | None | _ModelDefault = MODEL_DEFAULT,
     ) -> Iterator[StreamEvent]:
-        """Stream the answer token by token (raw model text; Gemma 4 output can be split with
-        :class:`gemmakit.chat_gemma4.Gemma4OutputParser`). Arguments: as :meth:`chat`."""
+        """Stream the answer token by token. Each event's ``content``, ``reasoning`` and ``tool_calls`` hold its
+        part of the split answer (``text`` is the raw model text). Arguments: as :meth:`chat`."""
         sampling = self.sampling_params(params, **_sampling_args(locals()))
-        ids = self.apply_chat_template(messages, tokenize=True, tools=tools, enable_thinking=enable_thinking)
-        return self._stream_ids(ids, sampling)
+        ids, plan = self.plan_chat(messages, tools, tool_choice, parallel_tool_calls, enable_thinking,
+                                   max_reasoning_tokens, reasoning_effort, response_format, regex, choice, grammar)
+        return split_chat_events(self._stream_ids(ids, sampling, plan.rules), plan.splitter())
 
     @torch.inference_mode()
     def logits(self, token_ids: Sequence[int]) -> torch.Tensor:
@@ -373,6 +433,23 @@ class LLM:
 
     def __repr__(self) -> str:
         return f"LLM({str(self.path)!r}, arch={self.config.architecture}, layers={self.config.num_hidden_layers})"
+
+
+def _grammar_of(rules: OutputRules | None) -> Grammar | None:
+    return rules.grammar if rules is not None else None
+
+
+def with_parsed(completion: Completion, grammar: Grammar | None) -> Completion:
+    """Set ``completion.parsed`` when the answer followed a JSON schema (``grammar``'s) and finished: the JSON
+    value, or an instance of the pydantic model that gave the schema."""
+    if grammar is None or grammar.schema is None or completion.finish_reason != "stop" or completion.tool_calls:
+        return completion
+    try:
+        completion.parsed = (grammar.model.model_validate_json(completion.text) if grammar.model is not None
+                             else json.loads(completion.text))
+    except ValueError:  # pydantic's ValidationError is a ValueError too
+        completion.parsed = None
+    return completion
 
 
 def load(

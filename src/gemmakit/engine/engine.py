@@ -23,14 +23,15 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Iterator, Sequence
+from typing import AsyncIterator, Callable, Iterator, Sequence
 
 import torch
 
 from ..errors import GemmakitError, InvalidParameterError
-from ..generate import PromptScorer, SequenceSampler, StreamEvent, token_budget
+from ..generate import MAX_FORCED, PromptScorer, SequenceSampler, StreamEvent, token_budget
 from ..kv_cache import KVCache
 from ..sampling import SamplingParams, argmax_rows, uses_raw_argmax
+from ..structured import MaskBatch, OutputRules
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ class _Request:
     async_events: asyncio.Queue | None = None
     row: int | None = None
     prefilled: int = 0  # prompt tokens already in the cache
-    next_token: int | None = None  # sampled, not yet run through the model
+    feed: list[int] = field(default_factory=list)  # generated (sampled or forced), not yet run through the model
     cancelled: bool = False
     done: bool = False
     timeout: float | None = None
@@ -68,7 +69,7 @@ class _Request:
 
     @property
     def position(self) -> int:
-        return len(self.prompt) + self.sampler.generated - 1  # where next_token goes
+        return len(self.prompt) + self.sampler.generated - len(self.feed)  # where feed[0] goes
 
 
 def _as_gemmakit_error(exc: Exception) -> GemmakitError:
@@ -152,6 +153,7 @@ class Engine:
         self._stopped = False
         self.steps = 0
         self.peak_batch = 0  # most sequences decoded in one step so far
+        self._masks: MaskBatch | None = None  # made for the first constrained request
         self._thread = threading.Thread(target=self._run, name="gemmakit-engine", daemon=True)
         self._thread.start()
 
@@ -175,16 +177,17 @@ class Engine:
         return self.max_batch * self.context_length
 
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams, timeout: float | None = None,
-               loop: asyncio.AbstractEventLoop | None = None) -> RequestStream:
+               loop: asyncio.AbstractEventLoop | None = None, rules: OutputRules | None = None) -> RequestStream:
         """Queue a request (its prompt must fit the context: the caller checks) and return its event stream.
-        Pass the running event loop as ``loop`` to read the stream with ``async for``.
+        Pass the running event loop as ``loop`` to read the stream with ``async for``, and ``rules`` to hold the
+        output to a grammar (see :mod:`gemmakit.structured`).
 
         Raises:
             EngineBusyError: ``max_waiting`` requests are already waiting.
         """
         budget = token_budget(len(prompt_ids), params, self.context_length)
         sampler = SequenceSampler(self.tokenizer, prompt_ids, params, self.stop_token_ids, budget,
-                                  self.model.config.vocab_size)
+                                  self.model.config.vocab_size, rules)
         deadline = time.monotonic() + timeout if timeout is not None else None
         request = _Request(list(prompt_ids), sampler, deadline, timeout=timeout)
         if params.prompt_logprobs is not None:
@@ -210,6 +213,8 @@ class Engine:
             self._stopped = True
             self._wake.notify()
         self._thread.join(timeout=30)
+        if self._masks is not None:
+            self._masks.close()
 
     # -- the engine thread ------------------------------------------------------------------------------
 
@@ -299,12 +304,14 @@ class Engine:
         positions: list[int] = []
         sampled: list[tuple[_Request, int]] = []  # sequences that get a token now, with their last token's index
         for request in self._rows:  # the next token of every decoding sequence
-            if request is not None and request.next_token is not None and not request.done:
-                tokens.append(request.next_token)
-                rows.append(request.row)
-                positions.append(request.position)
+            if request is not None and request.feed and not request.done:
+                # Its last token, after the tokens a grammar forced (a short piece, read like a prompt's)
+                start = request.position
+                tokens.extend(request.feed)
+                rows.extend([request.row] * len(request.feed))
+                positions.extend(range(start, start + len(request.feed)))
                 sampled.append((request, len(tokens) - 1))
-                request.next_token = None
+                request.feed = []
         self.peak_batch = max(self.peak_batch, len(tokens))
         budget = self.prefill_budget
         scored: list[tuple[_Request, int, slice]] = []  # prompt pieces to score: first position, their rows
@@ -326,6 +333,7 @@ class Engine:
                 sampled.append((request, len(tokens) - 1))
         if not tokens:
             return
+        masks = self._start_masks([r for r, _ in sampled])  # beside the forward, on llguidance's threads
         hidden = self.model(torch.tensor(tokens).unsqueeze(1), torch.tensor(positions).unsqueeze(1), self.cache,
                             rows=torch.tensor(rows))  # (N, 1, E)
         for request, start, piece_rows in scored:
@@ -333,30 +341,56 @@ class Engine:
         if sampled:
             last = torch.tensor([i for _, i in sampled])
             # (n, 1, E): one-token rows, which the head computes one by one whatever their number (kernel_rows)
-            self._accept_all([r for r, _ in sampled], self.model.logits(hidden[last])[:, 0])
+            self._accept_all([r for r, _ in sampled], self.model.logits(hidden[last])[:, 0], masks())
 
-    def _accept_all(self, requests: list[_Request], logits: torch.Tensor) -> None:
-        """Sample each request's next token from its row of (len(requests), V) logits."""
+    def _start_masks(self, requests: list[_Request]) -> Callable[[], dict[int, torch.Tensor]]:
+        """Start computing the grammar masks of the constrained requests among ``requests``; returns a function
+        that waits for them and gives each one's mask row by id(request). Unconstrained requests cost nothing."""
+        constrained = [r for r in requests if r.sampler.constraint is not None
+                       and r.sampler.constraint.grammar_mask_needed]
+        if not constrained:
+            return dict
+        if self._masks is None:
+            self._masks = MaskBatch(self.model.config.vocab_size)
+        future, bitmask = self._masks.start([r.sampler.constraint for r in constrained])
+
+        def wait() -> dict[int, torch.Tensor]:
+            future.result()
+            return {id(r): bitmask[i] for i, r in enumerate(constrained)}
+
+        return wait
+
+    def _accept_all(self, requests: list[_Request], logits: torch.Tensor,
+                    masks: dict[int, torch.Tensor] | None = None) -> None:
+        """Sample each request's next token from its row of (len(requests), V) logits (``masks``: the grammar
+        masks of the constrained ones, by id(request))."""
         greedy = [uses_raw_argmax(r.sampler.params) for r in requests]
         if sum(greedy) > 1:
             hints = argmax_rows(logits)  # one parallel pass over the rows instead of one argmax per sequence
             hints = [h if g else None for h, g in zip(hints, greedy)]
         else:
             hints = [None] * len(requests)
+        masks = masks or {}
         for i, request in enumerate(requests):
             try:
-                self._accept(request, logits[i], hints[i])
+                self._accept(request, logits[i], hints[i], masks.get(id(request)))
             except Exception as exc:  # one sequence's sampling failure ends that sequence, not the batch
                 logger.warning("sampling failed for one sequence: %s", exc)
                 self._emit(request, _as_gemmakit_error(exc))
                 self._free(request)
 
-    def _accept(self, request: _Request, logits: torch.Tensor, raw_argmax: int | None = None) -> None:
-        event = request.sampler.step(logits, raw_argmax)
+    def _accept(self, request: _Request, logits: torch.Tensor, raw_argmax: int | None = None,
+                bitmask_row: torch.Tensor | None = None) -> None:
+        event = request.sampler.step(logits, raw_argmax, bitmask_row)
         if request.scorer is not None:  # the prompt is done: its logprobs go with the first token
             event.prompt_logprobs, request.scorer = request.scorer.logprobs, None
         self._emit(request, event)
+        request.feed = [event.token_id]
+        for forced in request.sampler.forced_tokens(MAX_FORCED) if not event.finish_reason else []:
+            event = request.sampler.take(forced)  # the grammar allows nothing else: no sampling
+            self._emit(request, event)
+            request.feed.append(forced)
+            if event.finish_reason:
+                break
         if event.finish_reason:
             self._free(request)
-        else:
-            request.next_token = event.token_id

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ..errors import InvalidGrammarError
 
 MAX_TEMPERATURE = 2.0  # OpenAI's range for temperature is [0, 2]
 
@@ -84,6 +87,76 @@ class SamplingFields(TextOnly):
         return kwargs
 
 
+class JSONSchemaFormat(BaseModel):
+    name: str = "response"
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+    description: str | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format: free text, any JSON object, or JSON following a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> "ResponseFormat":
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format of type json_schema needs a 'json_schema' object")
+        return self
+
+    def constraint(self) -> dict[str, Any]:
+        """The Python API's output-constraint argument for this format ({} for text)."""
+        if self.type == "text":
+            return {}
+        if self.type == "json_object":
+            return {"response_format": {"type": "json_object"}}
+        return {"response_format": self.json_schema.schema_}
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's structured_outputs: exactly one of a JSON schema, a regex, a list of choices, a Lark grammar."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "StructuredOutputs":
+        given = [k for k in ("json_", "regex", "choice", "grammar", "json_object") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError("give exactly one of json, regex, choice, grammar, json_object")
+        return self
+
+    def constraint(self) -> dict[str, Any]:
+        if self.json_object:
+            return {"response_format": {"type": "json_object"}}
+        if self.json_ is not None:
+            schema = self.json_
+            if isinstance(schema, str):
+                try:
+                    schema = json.loads(schema)
+                except ValueError:
+                    raise InvalidGrammarError("structured_outputs.json: not valid JSON") from None
+            return {"response_format": schema}
+        return {k: getattr(self, k) for k in ("regex", "choice", "grammar") if getattr(self, k) is not None}
+
+
+def output_constraint(body: Any) -> dict[str, Any]:
+    """The output constraint of a request, as the Python API's keyword arguments; both ways at once is an error."""
+    response_format = getattr(body, "response_format", None)
+    found = [x.constraint() for x in (response_format, body.structured_outputs) if x is not None]
+    found = [c for c in found if c]
+    if len(found) > 1:
+        raise InvalidGrammarError("give response_format or structured_outputs, not both")
+    return found[0] if found else {}
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: list[dict[str, Any]] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
@@ -94,16 +167,18 @@ class ChatCompletionRequest(SamplingFields):
     # Gemma 4 thinking, as transformers' chat_template_kwargs / a direct flag
     enable_thinking: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
+    # Gemma 4's thought channel: a token budget, or OpenAI's effort levels mapped onto budgets
+    max_reasoning_tokens: int | None = Field(default=None, ge=0)
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
 
-    @field_validator("response_format")
-    @classmethod
-    def _plain_text_only(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        # Refused rather than ignored: a client asking for JSON must not silently get free text.
-        if value is not None and value.get("type", "text") != "text":
-            raise ValueError(f"type {value.get('type')!r} is not supported (no constrained decoding yet); "
-                             "leave response_format out or use {'type': 'text'}")
-        return value
+    def thinking(self) -> bool:
+        if self.enable_thinking is not None:
+            return self.enable_thinking
+        return bool((self.chat_template_kwargs or {}).get("enable_thinking", False))
 
 
 class CompletionRequest(SamplingFields):
@@ -111,6 +186,8 @@ class CompletionRequest(SamplingFields):
     max_tokens: int | None = Field(default=16, ge=1)
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
 
     def prompt_list(self) -> list[str | list[int]]:
         """The prompts of the request: one, or each of a batch."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
@@ -14,6 +14,8 @@ from ..engine import Engine, EngineBusyError, RequestStream, RequestTimeoutError
 from ..errors import ContextLengthError
 from ..generate import Completion, CompletionBuilder
 from ..sampling import SamplingParams
+from ..structured import OutputRules
+from ..structured.output import ChatOutputSplitter
 from .errors import APIError, ShuttingDownError
 from .limits import ServerLimits
 from .observability import Metrics
@@ -85,9 +87,11 @@ def note(request: Request, **fields: Any) -> None:
     request.state.log.update(fields)
 
 
-async def submit(state: ServerState, jobs: list[tuple[list[int], SamplingParams]],
-                 timeout: float | None) -> list[RequestStream]:
-    """Queue one engine request per choice (prompt ids, sampling); all or none (a full queue cancels the ones
+Job = tuple[list[int], SamplingParams, OutputRules | None]  # prompt ids, sampling, output rules
+
+
+async def submit(state: ServerState, jobs: list[Job], timeout: float | None) -> list[RequestStream]:
+    """Queue one engine request per choice (prompt ids, sampling, output rules); all or none (a full queue cancels the ones
     already queued). A worker thread does it: setting a request up grows with its input (stop strings). Should
     this handler be cancelled meanwhile, the requests are cancelled as soon as they exist (none is left running
     for nobody)."""
@@ -108,14 +112,14 @@ def _cancel_streams(queued: asyncio.Future) -> None:
             stream.cancel()
 
 
-def _submit_all(state: ServerState, jobs: list[tuple[list[int], SamplingParams]], timeout: float | None,
+def _submit_all(state: ServerState, jobs: list[Job], timeout: float | None,
                 loop: asyncio.AbstractEventLoop) -> list[RequestStream]:
-    for ids, p in jobs:
+    for ids, p, _ in jobs:
         state.llm.check_fits(len(ids), p, state.context_length)
     streams: list[RequestStream] = []
     try:
-        for ids, p in jobs:
-            streams.append(state.engine.submit(ids, p, timeout, loop))
+        for ids, p, rules in jobs:
+            streams.append(state.engine.submit(ids, p, timeout, loop, rules))
     except EngineBusyError:
         for st in streams:
             st.cancel()
@@ -129,16 +133,18 @@ async def until_disconnected(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
 async def complete(state: ServerState, streams: list[RequestStream], prompt_lengths: list[int], want_logprobs: bool,
-                   request: Request) -> list[Completion]:
-    """Each choice's whole completion. A client that hangs up first cancels its generations (their cache rows
-    free at the engine's next step) and the request ends with 499, as a proxy logs it."""
+                   request: Request, splitter: Callable[[], ChatOutputSplitter] | None = None) -> list[Completion]:
+    """Each choice's whole completion (a chat answer split by a fresh ``splitter()`` per choice, as streamed
+    answers are). A client that hangs up first cancels its generations (their cache rows free at the engine's next
+    step) and the request ends with 499, as a proxy logs it."""
 
     async def collect() -> list[Completion]:
         results = []
         for st, n_prompt in zip(streams, prompt_lengths):
             builder = CompletionBuilder(n_prompt, want_logprobs)
+            split = splitter() if splitter is not None else None
             async for ev in state.metrics.observe(st, n_prompt):
-                builder.add(ev)
+                builder.add(split.split(ev) if split is not None else ev)
             results.append(builder.build())
         return results
 

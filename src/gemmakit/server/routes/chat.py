@@ -11,7 +11,8 @@ from fastapi import APIRouter, Request
 from ...engine import RequestStream
 from ...generate import Completion
 from ...sampling import SamplingParams, TokenLogprob
-from ..protocol import ChatCompletionRequest
+from ...structured.plan import OutputPlan
+from ..protocol import ChatCompletionRequest, output_constraint
 from ..sse import framed, sse, stream_response
 from ..state import (ServerState, check_model, complete, note, off_loop, refuse_hopeless_prompt, server_state,
                      submit, usage)
@@ -31,11 +32,11 @@ def logprob_entry(tokenizer, lp: TokenLogprob, top: int) -> dict[str, Any]:
     return entry
 
 
-def chat_kwargs(body: ChatCompletionRequest) -> dict[str, Any]:
-    thinking = body.enable_thinking
-    if thinking is None and body.chat_template_kwargs:
-        thinking = bool(body.chat_template_kwargs.get("enable_thinking", False))
-    return {"tools": body.tools, "enable_thinking": bool(thinking)}
+def plan_request(state: ServerState, body: ChatCompletionRequest) -> tuple[list[int], OutputPlan]:
+    """The prompt ids and output plan of a chat request (grammars compile here, in a worker thread)."""
+    return state.llm.plan_chat(body.messages, body.tools, body.tool_choice, body.parallel_tool_calls,
+                               body.thinking(), body.max_reasoning_tokens, body.reasoning_effort,
+                               **output_constraint(body))
 
 
 def chat_params(state: ServerState, body: ChatCompletionRequest, index: int) -> SamplingParams:
@@ -54,19 +55,18 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     state.limits.check_request(body)
     refuse_hopeless_prompt(state, [m["content"] for m in body.messages if isinstance(m.get("content"), str)])
     # Rendering and tokenizing grow with the input: a worker thread does them, the event loop keeps serving.
-    ids = await off_loop(body.timeout, state.llm.apply_chat_template, body.messages, tokenize=True,
-                         **chat_kwargs(body))
+    ids, plan = await off_loop(body.timeout, plan_request, state, body)
     n_prompt = len(ids)
     if body.max_tokens is None and body.max_completion_tokens is None:
         # OpenAI's default is "until the context is full"; fill what is left after the prompt.
         body.max_tokens = max(state.context_length - n_prompt, 1)
     note(request, prompt_tokens=n_prompt, n=body.n, **({"messages": body.messages} if state.log_prompts else {}))
-    streams = await submit(state, [(ids, chat_params(state, body, i)) for i in range(body.n)], body.timeout)
+    streams = await submit(state, [(ids, chat_params(state, body, i), plan.rules) for i in range(body.n)],
+                           body.timeout)
     cid, created = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
     if body.stream:
-        return stream_response(chat_sse(state, body, streams, cid, created, n_prompt, request), request)
-    finished = await complete(state, streams, [n_prompt] * body.n, body.logprobs, request)
-    results = [state.llm.parse_chat(c) for c in finished]
+        return stream_response(chat_sse(state, body, streams, cid, created, n_prompt, request, plan), request)
+    results = await complete(state, streams, [n_prompt] * body.n, body.logprobs, request, plan.splitter)
     note(request, completion_tokens=sum(c.usage.completion_tokens for c in results))
     return {"id": cid, "object": "chat.completion", "created": created, "model": state.model_id,
             "choices": [chat_choice(state, body, i, c) for i, c in enumerate(results)],
@@ -88,21 +88,42 @@ def chat_choice(state: ServerState, body: ChatCompletionRequest, index: int, c: 
     return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish}
 
 
+def tool_call_deltas(calls: list[dict[str, Any]], first_index: int) -> list[dict[str, Any]]:
+    """OpenAI's streamed tool calls: per call, one delta with its index, id, type and name (empty arguments),
+    then one with its arguments."""
+    deltas = []
+    for k, call in enumerate(calls):
+        index = first_index + k
+        deltas.append({"index": index, "id": call["id"], "type": "function",
+                       "function": {"name": call["function"]["name"], "arguments": ""}})
+        deltas.append({"index": index, "function": {"arguments": call["function"]["arguments"]}})
+    return deltas
+
+
 def chat_sse(state: ServerState, body: ChatCompletionRequest, streams: list[RequestStream], cid: str, created: int,
-             prompt_tokens: int, request: Request) -> AsyncIterator[str]:
+             prompt_tokens: int, request: Request, plan: OutputPlan) -> AsyncIterator[str]:
     base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": state.model_id}
 
+    def chunk(index: int, delta: dict[str, Any], logprobs: Any = None, finish: str | None = None) -> str:
+        return sse({**base, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
+                                         "finish_reason": finish}]})
+
     async def choice_chunks(index: int, stream: RequestStream, count: dict[str, int]) -> AsyncIterator[str]:
-        yield sse({**base, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
-                                        "logprobs": None, "finish_reason": None}]})
+        yield chunk(index, {"role": "assistant", "content": ""})
+        splitter, calls = plan.splitter(), 0
         async for ev in state.metrics.observe(stream, prompt_tokens):
+            splitter.split(ev)
             count["completion_tokens"] += not ev.stop_token
             logprobs = None
             if body.logprobs and ev.logprob is not None and not ev.stop_token:
                 logprobs = {"content": [logprob_entry(state.llm.tokenizer, ev.logprob, body.top_logprobs or 0)]}
-            delta = {"content": ev.text} if ev.text else {}
-            if delta or logprobs or ev.finish_reason:
-                yield sse({**base, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
-                                                "finish_reason": ev.finish_reason}]})
+            if ev.reasoning:
+                yield chunk(index, {"reasoning_content": ev.reasoning})
+            for delta in tool_call_deltas(ev.tool_calls or [], calls):
+                yield chunk(index, {"tool_calls": [delta]})
+            calls += len(ev.tool_calls or [])
+            finish = ("tool_calls" if calls else ev.finish_reason) if ev.finish_reason else None
+            if ev.content or logprobs or finish:
+                yield chunk(index, {"content": ev.content} if ev.content else {}, logprobs, finish)
 
     return framed(body, streams, base, prompt_tokens, request, choice_chunks)

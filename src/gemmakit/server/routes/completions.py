@@ -13,7 +13,7 @@ from ...engine import RequestStream
 from ...generate import Completion
 from ...sampling import SamplingParams, TokenLogprob
 from ..errors import APIError
-from ..protocol import CompletionRequest
+from ..protocol import CompletionRequest, output_constraint
 from ..sse import framed, sse, stream_response
 from ..state import (ServerState, check_model, complete, note, off_loop, refuse_hopeless_prompt, server_state,
                      submit, usage)
@@ -96,7 +96,8 @@ async def completions(body: CompletionRequest, request: Request):
     batch = await off_loop(body.timeout, read_prompts, state, body)
     note(request, prompt_tokens=sum(map(len, batch.ids)), n=body.n,
          **({"prompt": batch.texts if len(batch.texts) > 1 else batch.texts[0]} if state.log_prompts else {}))
-    jobs = [(batch.ids[k], completion_params(state, body, c)) for c, k in enumerate(batch.prompt_of)]
+    rules = await off_loop(body.timeout, state.llm.output_rules, **output_constraint(body))
+    jobs = [(batch.ids[k], completion_params(state, body, c), rules) for c, k in enumerate(batch.prompt_of)]
     streams = await submit(state, jobs, body.timeout)
     if body.stream:
         return stream_response(completion_sse(state, body, streams, cid, created, batch, request), request)
