@@ -171,3 +171,36 @@ def test_thinking_never_empties_the_answer() -> None:
     assert out.reasoning == "hmm" and out.content == "The answer is 4."
     plain = parse_output("The answer is 4.")
     assert plain.reasoning == "" and plain.content == "The answer is 4."
+
+
+def test_tolerant_tool_call_parsing() -> None:
+    """Calls as models really write them: Python or JSON quotes instead of <|"|>, namespaced names, quoted keys."""
+    out = parse_output("<|tool_call>call:ns:web:search{query:'cats',\"limit\":3,'safe':true}<tool_call|>")
+    assert out.tool_calls == [{"name": "ns:web:search", "arguments": {"query": "cats", "limit": 3, "safe": True}}]
+    broken = parse_output("Sure.<|tool_call>call:search{q:<|\"|>unterminated<tool_call|>")
+    assert broken.tool_calls == [] and "unterminated" in broken.content  # kept as text, never dropped
+    assert not any(m in broken.content for m in ("<|tool_call>", "<tool_call|>", '<|"|>'))  # but not its markup
+
+
+def test_arguments_are_coerced_to_the_schema() -> None:
+    from gemmakit.structured.tools import coerce_arguments
+
+    schema = {"type": "object", "properties": {"tags": {"type": "array", "items": {"type": "integer"}},
+                                               "opts": {"type": "object"}, "n": {"type": "integer"},
+                                               "x": {"type": "number"}, "ok": {"type": "boolean"},
+                                               "name": {"type": "string"}}}
+    args = {"tags": "[1, 2]", "opts": '{"a": 1}', "n": "7", "x": "2.5", "ok": "true", "name": "42", "extra": "1"}
+    assert coerce_arguments(args, schema) == {"tags": [1, 2], "opts": {"a": 1}, "n": 7, "x": 2.5, "ok": True,
+                                              "name": "42", "extra": "1"}
+    assert coerce_arguments({"n": "seven"}, schema) == {"n": "seven"}  # left as it was when it does not convert
+
+
+def test_reasoning_effort_maps_onto_budgets() -> None:
+    from gemmakit.structured.plan import thinking_budget
+
+    assert thinking_budget(None, None) == (None, None)
+    assert thinking_budget(100, None) == (None, 100)
+    assert thinking_budget(None, "none") == (False, None)
+    assert thinking_budget(None, "low") == (True, 1024)
+    assert thinking_budget(None, "high") == (True, None)
+    assert thinking_budget(50, "medium") == (True, 50)  # an explicit budget wins

@@ -148,3 +148,22 @@ def test_thinking_off_never_opens_the_channel(client, tiny) -> None:
                                        max_tokens=20, logprobs=True)
     assert "<|channel>" not in [t.token for t in r.choices[0].logprobs.content]
     assert not (r.choices[0].message.model_extra or {}).get("reasoning_content")
+
+
+def test_auto_tool_choice_is_free_until_the_model_opens_a_call(client, tiny) -> None:
+    """``auto``: text runs free; the call token (favoured here by a bias, as random weights would rarely pick it)
+    switches the tools' grammar on for that call, which then validates and comes back parsed, not as text. With
+    parallel_tool_calls off the call token is banned after the first call, and the model's end-of-call token
+    (<|tool_response>, favoured less) ends the answer."""
+    call, response = tiny.tokenizer.token_id("<|tool_call>"), tiny.tokenizer.token_id("<|tool_response>")
+    r = client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER, SEARCH], temperature=1.0, seed=9,
+                                       max_tokens=160, parallel_tool_calls=False,
+                                       logit_bias={str(call): 100, str(response): 50})
+    message = r.choices[0].message
+    no_markup(message.content)
+    assert r.choices[0].finish_reason == "tool_calls" and len(message.tool_calls) == 1
+    for c in message.tool_calls:
+        check_call(c.function.name, c.function.arguments)
+    none = client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER, SEARCH], tool_choice="none",
+                                          temperature=1.0, seed=9, max_tokens=20, logit_bias={str(call): 100})
+    assert not none.choices[0].message.tool_calls  # "none": the call token cannot be picked

@@ -218,3 +218,22 @@ def test_nan_logits_fail_the_draw_with_top_k() -> None:
     with pytest.raises(GemmakitError, match="not finite"):
         sample_token(logits, SamplingParams(top_k=10), make_generator(0), torch.zeros(300, dtype=torch.bool),
                      torch.zeros(300))
+
+
+def test_mask_logits_matches_the_bitmask() -> None:
+    """The C pass that applies a grammar's token mask: -inf exactly where a bit is clear (llguidance's layout,
+    least significant bit first), the rest untouched, the input left as it was."""
+    from gemmakit.sampling import mask_logits
+
+    g = torch.Generator().manual_seed(0)
+    vocab = 1000  # not a multiple of 32: the last word is partial
+    logits = torch.randn(vocab, generator=g)
+    allowed = torch.rand(vocab, generator=g) < 0.3
+    allowed[:64] = True  # whole words of ones (skipped) beside mixed ones
+    padded = torch.zeros(32 * ((vocab + 31) // 32), dtype=torch.int64)
+    padded[:vocab] = allowed.long()
+    words = (padded.view(-1, 32) << torch.arange(32)).sum(1)
+    bits = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    out = mask_logits(logits, bits)
+    assert torch.equal(out, logits.masked_fill(~allowed, float("-inf")))
+    assert torch.isfinite(logits).all()

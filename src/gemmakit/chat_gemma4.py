@@ -447,8 +447,8 @@ class Gemma4OutputParser:
         """At the end of the output: the (content, reasoning) still held back (a partial marker, an unclosed
         tool call, which is kept as text)."""
         content, reasoning = "", ""
-        if self._mode == "tool_call":
-            self._late_content += "<|tool_call>" + self._call + self._buf
+        if self._mode == "tool_call":  # a call cut off by the token limit: its text, not its markup
+            self._late_content += (self._call + self._buf).replace('<|"|>', '"')
             self._buf, self._mode = "", "content"
         if self._buf and self._mode in ("content", "thought"):
             content, reasoning = self._emit(self._buf)
@@ -486,8 +486,8 @@ class Gemma4OutputParser:
             self._mode = "content"
             try:
                 self.result.tool_calls.append(parse_tool_call(self._call))
-            except ToolCallSyntaxError:  # unreadable even tolerantly: kept as text rather than dropped
-                self._late_content += "<|tool_call>" + self._call + "<tool_call|>"
+            except ToolCallSyntaxError:  # unreadable even tolerantly: its text kept (not its markup), not dropped
+                self._late_content += self._call.replace('<|"|>', '"')
         else:  # end of turn, or the model writing a tool response itself: stop taking content
             self._mode = "done"
 

@@ -273,9 +273,11 @@ class ChatSession:
             events = self.llm.chat_stream(messages, self.params)
             for ev in events:
                 stats.add(ev)
-                sys.stdout.write(ev.text)
+                if ev.reasoning:  # Gemma 4's thought channel: beside the answer, never in it
+                    sys.stderr.write(ev.reasoning)
+                sys.stdout.write(ev.content or "")
                 sys.stdout.flush()
-                reply.append(ev.text)
+                reply.append(ev.content or "")
         except GemmakitError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return

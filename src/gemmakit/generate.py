@@ -14,7 +14,7 @@ import torch
 from .errors import InvalidParameterError
 from .kv_cache import KVCache
 from .model import Gemma
-from .sampling import SamplingParams, TokenLogprob, make_generator, sample_token, token_logprob
+from .sampling import SamplingParams, TokenLogprob, make_generator, mask_logits, sample_token, token_logprob
 from .structured.constraint import OutputRules
 from .tokenizer import StreamDecoder, Tokenizer
 
@@ -214,7 +214,9 @@ class SequenceSampler:
         self.stop_ids = set() if params.ignore_eos else set(stop_token_ids)
         self.finished = False
         # The output's grammar and thinking rules, with this sequence's own progress through them.
-        self.constraint = rules.constraint(tokenizer, sorted(self.stop_ids), vocab) if rules is not None else None
+        # (A grammar that can take nothing more ends the sequence even with ignore_eos.)
+        self.constraint = (rules.constraint(tokenizer, sorted(self.stop_ids), vocab, sorted(stop_token_ids))
+                           if rules is not None else None)
 
     def step(self, logits: torch.Tensor, raw_argmax: int | None = None,
              bitmask_row: torch.Tensor | None = None) -> StreamEvent:
@@ -222,12 +224,15 @@ class SequenceSampler:
         each row's argmax, computed for all rows at once (used when the sequence is greedy without penalties),
         and a constrained sequence its grammar's mask when it was computed beside the forward."""
         params = self.params
-        allowed = self.constraint.allowed(bitmask_row) if self.constraint is not None else None
-        if allowed is None:
+        allowed, banned = None, []
+        if self.constraint is not None:
+            allowed, banned = self.constraint.allowed(bitmask_row), self.constraint.banned_now()
+        if allowed is None and not banned:
             token = sample_token(logits, params, self.generator, self.seen, self.counts, raw_argmax)
         else:  # tokens the output's rules forbid cannot be picked; reported logprobs stay the model's own
-            token = sample_token(logits.masked_fill(~allowed, float("-inf")), params, self.generator, self.seen,
-                                 self.counts)
+            masked = mask_logits(logits, allowed) if allowed is not None else logits.clone()
+            masked[banned] = float("-inf")
+            token = sample_token(masked, params, self.generator, self.seen, self.counts)
         return self.take(token, logits)
 
     def forced_tokens(self, limit: int) -> list[int]:
@@ -245,7 +250,7 @@ class SequenceSampler:
         if self.constraint is not None:
             self.constraint.accept(token)
         self.generated += 1
-        if token in self.stop_ids:
+        if token in self.stop_ids or (self.constraint is not None and token in self.constraint.end_ids):
             self.finished = True
             return StreamEvent(self.decoder.flush() + self.stopper.flush(), token, lp, "stop", stop_token=True)
         self.seen[token] = True

@@ -237,6 +237,19 @@ def argmax_rows(logits: torch.Tensor) -> list[int]:
     return [i if i >= 0 else int(torch.argmax(flat[r])) for r, i in enumerate(out.tolist())]
 
 
+def mask_logits(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """A copy of (V,) float32 logits with -inf wherever bit i of the (ceil(V/32),) int32 token mask is clear (the
+    tokens a grammar does not allow; llguidance's layout), in one C pass on CPU."""
+    out = logits.contiguous().clone()
+    bits = bitmask.contiguous()
+    lib = kernels()
+    if lib is not None and out.device.type == "cpu" and out.dtype == torch.float32 and out.dim() == 1:
+        lib.mask_logits(ctypes.c_void_p(out.data_ptr()), ctypes.c_void_p(bits.data_ptr()), out.numel())
+        return out
+    allowed = ((bits.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1).view(-1)[: out.numel()].bool()
+    return out.masked_fill_(~allowed, float("-inf"))
+
+
 def uses_raw_argmax(params: SamplingParams) -> bool:
     """Greedy with no penalty or bias: the token is the argmax of the raw logits."""
     penalized = (params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty
@@ -250,6 +263,8 @@ def top_k_candidates(logits: torch.Tensor, top_k: int) -> torch.Tensor | None:
     if not top_k or top_k >= logits.shape[-1]:
         return None
     kth = torch.topk(logits, top_k).values[-1]
+    if kth == float("-inf"):  # fewer than k tokens allowed (a grammar's mask): the allowed ones, not all 262k
+        return (logits > kth).nonzero().squeeze(1)
     return (logits >= kth).nonzero().squeeze(1)
 
 

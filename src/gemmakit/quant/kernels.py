@@ -136,6 +136,8 @@ def kernels() -> ctypes.CDLL | None:
     lib.argmax_f32.restype = i64
     lib.argmax_rows.argtypes = [p, i64, i64, p, ctypes.c_int]
     lib.argmax_rows.restype = None
+    lib.mask_logits.argtypes = [p, p, i64]
+    lib.mask_logits.restype = None
     lib.decode_layers.argtypes = [p, i64, p, p, p, i64, i64, p, p, f32, i64, ctypes.c_int]
     lib.decode_layers.restype = ctypes.c_int
     return lib

@@ -28,7 +28,12 @@ import torch
 from ..errors import GemmakitError
 from .grammars import Grammar
 
-_SHIFTS = torch.arange(32, dtype=torch.int32)
+
+def _set_bits(bits: torch.Tensor, ids: Sequence[int]) -> None:
+    """Set the bits of token ``ids`` in a (ceil(V/32),) int32 token mask."""
+    for token in ids:
+        word = (int(bits[token >> 5]) & 0xFFFFFFFF) | (1 << (token & 31))
+        bits[token >> 5] = word - (1 << 32) if word >= 1 << 31 else word
 
 
 class ConstraintError(GemmakitError):
@@ -46,6 +51,8 @@ class OutputRules:
             constrained part (Gemma 4 with thinking on). Thinking runs free.
         reasoning_budget: most tokens inside the thought channel; then its closing token is forced.
         banned: tokens never allowed (e.g. the thought channel with thinking off).
+        repeat_trigger: with a trigger, whether the grammar may start again after it is done (several tool
+            calls); when not, the trigger is banned once it has run.
     """
 
     grammar: Grammar | None = None
@@ -54,17 +61,23 @@ class OutputRules:
     thought_close: int | None = None
     reasoning_budget: int | None = None
     banned: frozenset[int] = field(default_factory=frozenset)
+    repeat_trigger: bool = True
 
-    def constraint(self, tokenizer, stop_ids: Sequence[int], vocab: int) -> "OutputConstraint":
-        return OutputConstraint(self, tokenizer, stop_ids, vocab)
+    def constraint(self, tokenizer, stop_ids: Sequence[int], vocab: int,
+                   end_ids: Sequence[int] | None = None) -> "OutputConstraint":
+        return OutputConstraint(self, tokenizer, stop_ids, vocab, end_ids)
 
 
 class OutputConstraint:
     """One sequence's progress through its :class:`OutputRules`."""
 
-    def __init__(self, rules: OutputRules, tokenizer, stop_ids: Sequence[int], vocab: int) -> None:
+    def __init__(self, rules: OutputRules, tokenizer, stop_ids: Sequence[int], vocab: int,
+                 end_ids: Sequence[int] | None = None) -> None:
+        """``stop_ids``: tokens that may end the output wherever the grammar is complete (none with ignore_eos);
+        ``end_ids``: those that end it once the grammar can take nothing more (default: ``stop_ids``)."""
         self.rules, self.vocab = rules, vocab
         self.stop_ids = list(stop_ids)
+        self.end_ids = list(end_ids if end_ids is not None else stop_ids)
         self.matcher = None
         self._tokenizer = tokenizer
         self.state = "free" if rules.grammar is None or rules.trigger is not None else "start"
@@ -72,6 +85,7 @@ class OutputConstraint:
             self.state = "start"
         self.thought_tokens = 0
         self.thought_done = False  # one thought channel, at the start
+        self.triggered = False  # the trigger has started the grammar at least once
         if self.state == "start" and rules.grammar is not None and rules.trigger is None:
             self._start_grammar()
 
@@ -96,42 +110,41 @@ class OutputConstraint:
         self.matcher.unsafe_compute_mask_ptr(bitmask_row.data_ptr(), bitmask_row.numel() * 4)
 
     def allowed(self, bitmask_row: torch.Tensor | None = None) -> torch.Tensor | None:
-        """(V,) bool of the tokens allowed next, or None when every token is. ``bitmask_row``: the grammar's mask,
-        when :attr:`grammar_mask_needed` (filled by :meth:`fill`, here if not given)."""
+        """The tokens allowed next as a token mask ((ceil(V/32),) int32, bit i of word i // 32 set for token i), or
+        None when the rules allow every token but :meth:`banned_now`. ``bitmask_row``: the grammar's mask, when
+        :attr:`grammar_mask_needed` (filled by :meth:`fill`, here if not given); it is completed in place."""
         rules = self.rules
-        if self.state == "thought":  # free, but the channel cannot open again inside itself
+        if self.state == "thought":
             if rules.reasoning_budget is None or self.thought_tokens < rules.reasoning_budget:
-                allowed = self._without_banned(torch.ones(self.vocab, dtype=torch.bool))
-                allowed[rules.thought_open] = False
-                return allowed
-            return self._only([rules.thought_close])
+                return None
+            return self._only([rules.thought_close])  # the budget is spent: the channel closes
         if not self.grammar_mask_needed:
-            return self._without_banned(None)
+            return None
         if bitmask_row is None:
             bitmask_row = torch.full(((self.vocab + 31) // 32,), -1, dtype=torch.int32)
             self.fill(bitmask_row)
-        allowed = ((bitmask_row.unsqueeze(-1) >> _SHIFTS) & 1).view(-1)[: self.vocab].bool()  # (V,)
-        if self.matcher.is_accepting() or self.matcher.is_stopped():
-            allowed[self.stop_ids] = True
-        if self.matcher.is_stopped():  # llguidance leaves its own EOS: only the sequence's stop tokens end it
-            allowed[:] = False
-            allowed[self.stop_ids] = True
+        if self.matcher.is_stopped():  # llguidance leaves its own EOS: only the sequence's end tokens end it
+            return self._only(self.end_ids)
+        extra = list(self.stop_ids) if self.matcher.is_accepting() else []
         if self.state == "start" and rules.thought_open is not None and not self.thought_done:
-            allowed[rules.thought_open] = True
-        return self._without_banned(allowed)
+            extra.append(rules.thought_open)
+        _set_bits(bitmask_row, extra)
+        return bitmask_row
+
+    def banned_now(self) -> list[int]:
+        """Tokens never allowed next, whatever :meth:`allowed` says: the rules' banned ones, and the thought
+        channel's opening inside the channel. A short list: a free sequence pays for these ids alone."""
+        banned = list(self.rules.banned)
+        if self.state == "thought":
+            banned.append(self.rules.thought_open)
+        if self.triggered and not self.rules.repeat_trigger and self.state == "free":
+            banned.append(self.rules.trigger)
+        return banned
 
     def _only(self, ids: Sequence[int]) -> torch.Tensor:
-        allowed = torch.zeros(self.vocab, dtype=torch.bool)
-        allowed[list(ids)] = True
-        return allowed
-
-    def _without_banned(self, allowed: torch.Tensor | None) -> torch.Tensor | None:
-        if not self.rules.banned:
-            return allowed
-        if allowed is None:
-            allowed = torch.ones(self.vocab, dtype=torch.bool)
-        allowed[list(self.rules.banned)] = False
-        return allowed
+        bits = torch.zeros(((self.vocab + 31) // 32,), dtype=torch.int32)
+        _set_bits(bits, ids)
+        return bits
 
     # -- after sampling -------------------------------------------------------------------------------------
 
@@ -150,11 +163,12 @@ class OutputConstraint:
             self.state = "free"
         if self.state == "free":
             if token == rules.trigger and rules.grammar is not None:
+                self.triggered = True
                 self._start_grammar()
                 self.state = "grammar"
                 self._consume(token)
             return
-        if token in self.stop_ids and (self.matcher.is_accepting() or self.matcher.is_stopped()):
+        if token in self.end_ids and (self.matcher.is_accepting() or self.matcher.is_stopped()):
             return  # the sequence ends here
         self.state = "grammar"
         self._consume(token)

@@ -132,5 +132,5 @@ def _plan_gemma4(llm, messages, grammar, tools, tool_choice, forced, functions, 
                             thought_open=ids["<|channel>"] if enable_thinking else None,
                             thought_close=ids["<channel|>"] if enable_thinking else None,
                             reasoning_budget=reasoning_budget if enable_thinking else None,
-                            banned=frozenset(banned))
+                            banned=frozenset(banned), repeat_trigger=parallel)
     return OutputPlan(messages, tools, enable_thinking, rules, answer, "gemma4", declared=tools or [])

@@ -80,7 +80,7 @@ def chat_choice(state: ServerState, body: ChatCompletionRequest, index: int, c: 
         message["reasoning_content"] = c.reasoning
     if c.tool_calls:
         message["tool_calls"] = c.tool_calls
-        finish = "tool_calls"
+        finish = "tool_calls" if finish == "stop" else finish  # a call cut off by max_tokens: "length"
     logprobs = None
     if body.logprobs and c.logprobs is not None:
         top = body.top_logprobs or 0
@@ -122,7 +122,7 @@ def chat_sse(state: ServerState, body: ChatCompletionRequest, streams: list[Requ
             for delta in tool_call_deltas(ev.tool_calls or [], calls):
                 yield chunk(index, {"tool_calls": [delta]})
             calls += len(ev.tool_calls or [])
-            finish = ("tool_calls" if calls else ev.finish_reason) if ev.finish_reason else None
+            finish = "tool_calls" if calls and ev.finish_reason == "stop" else ev.finish_reason
             if ev.content or logprobs or finish:
                 yield chunk(index, {"content": ev.content} if ev.content else {}, logprobs, finish)
 
