@@ -105,9 +105,9 @@ def test_tool_calls_required_and_named(client) -> None:
     check_calls(choice.message.tool_calls, tools)
     named = {"type": "function", "function": {"name": "web.search"}}
     r = client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER, SEARCH], tool_choice=named,
-                                       temperature=0.8, seed=4, max_tokens=96)
+                                       parallel_tool_calls=False, temperature=0.8, seed=4, max_tokens=96)
     calls = r.choices[0].message.tool_calls
-    assert {c.function.name for c in calls} == {"web.search"}
+    assert r.choices[0].finish_reason == "tool_calls" and [c.function.name for c in calls] == ["web.search"]
     check_calls(calls, tools)
 
 

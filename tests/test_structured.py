@@ -177,3 +177,13 @@ def test_forced_tokens_are_not_sampled(llm) -> None:
     c = llm.generate("Invoice:", response_format=schema, temperature=1.0, seed=5)
     value = json.loads(c.text)
     assert value["kind"] == "invoice" and value["currency"] == "EUR" and 0 <= value["total"] <= 9
+
+
+def test_logprobs_leave_constrained_tokens_unchanged(llm) -> None:
+    """With logprobs on, forced tokens come one per step (each with its logprob) instead of in a run; neither way
+    draws for them, so a seeded sampled answer is the same token for token."""
+    schema = SCHEMAS["mixed_record"]
+    plain = llm.generate("A film:", response_format=schema, temperature=0.9, seed=2, max_tokens=48)
+    scored = llm.generate("A film:", response_format=schema, temperature=0.9, seed=2, max_tokens=48, logprobs=0)
+    assert plain.token_ids == scored.token_ids
+    assert [lp.token_id for lp in scored.logprobs] == scored.token_ids

@@ -226,6 +226,9 @@ class SequenceSampler:
         params = self.params
         allowed, banned = None, []
         if self.constraint is not None:
+            forced = self.constraint.forced_tokens()
+            if forced:  # the grammar allows one continuation: taken without a draw, as the engine takes a run of
+                return self.take(forced[0], logits)  # them (so the draws, and the text, match with logprobs on)
             allowed, banned = self.constraint.allowed(bitmask_row), self.constraint.banned_now()
         if allowed is None and not banned:
             token = sample_token(logits, params, self.generator, self.seen, self.counts, raw_argmax)
@@ -236,8 +239,10 @@ class SequenceSampler:
         return self.take(token, logits)
 
     def forced_tokens(self, limit: int) -> list[int]:
-        """Up to ``limit`` tokens the grammar allows as the only continuation: they are taken without sampling
-        (:meth:`take`). None when logprobs are asked for (a forced token has no logits of its own here)."""
+        """Up to ``limit`` tokens the grammar allows as the only continuation: the caller takes them without
+        sampling (:meth:`take`) and runs them through the model together. None when logprobs are asked for: each
+        forced token then comes from its own step, where its logprob is known (:meth:`step` takes it there, also
+        without a draw, so the tokens are the same either way)."""
         if self.constraint is None or self.params.logprobs is not None:
             return []
         return self.constraint.forced_tokens()[: min(limit, self.budget - self.generated)]
