@@ -6,6 +6,7 @@ import re
 import threading
 from typing import Sequence
 
+from ..stringtable import StringTable
 from ..tokenizer import CONTROL, UNKNOWN, UNUSED, USER_DEFINED
 
 # User-defined pieces that are markup rather than text (Gemma 4's <|channel>, <|"|>, <|tool_call>, Gemma 3's
@@ -20,11 +21,15 @@ class _VocabularyView:
 
     def __init__(self, tokenizer) -> None:
         n = tokenizer.vocab_size
-        self.special_token_ids = [i for i in range(n) if _is_special(tokenizer, i)]
-        special = set(self.special_token_ids)
+        types = tokenizer.types
+        self.special_token_ids = [i for i in range(n) if types[i] in (CONTROL, UNKNOWN, UNUSED)
+                                  or (types[i] == USER_DEFINED and _MARKUP.match(tokenizer.pieces[i]))]
         # Special tokens go by their names; llguidance keeps them apart from text by id.
-        self.tokens: Sequence[bytes] = [tokenizer.pieces[i].encode("utf-8") if i in special
-                                        else tokenizer.token_bytes(i) for i in range(n)]
+        self.tokens: Sequence[bytes] = _piece_bytes(tokenizer)
+        for i, raw in getattr(tokenizer, "_byte_pieces", {}).items():
+            self.tokens[i] = raw
+        for i in self.special_token_ids:
+            self.tokens[i] = tokenizer.pieces[i].encode("utf-8")
         self.eos_token_id = tokenizer.eos_id
         self.bos_token_id = tokenizer.bos_id
         self.is_tokenizer_wrapper = True
@@ -42,11 +47,15 @@ class _VocabularyView:
         return [self._byte_ids[b] for b in raw]
 
 
-def _is_special(tokenizer, token_id: int) -> bool:
-    kind = tokenizer.types[token_id]
-    if kind in (CONTROL, UNKNOWN, UNUSED):
-        return True
-    return kind == USER_DEFINED and bool(_MARKUP.match(tokenizer.pieces[token_id]))
+def _piece_bytes(tokenizer) -> list[bytes]:
+    """Every piece's bytes with SentencePiece's "▁" as a space (byte pieces are set apart by the caller): cut
+    from the vocabulary's one blob when it is a StringTable (0.2 s for 262k pieces instead of 1.5)."""
+    pieces = tokenizer.pieces
+    if isinstance(pieces, StringTable):
+        blob, offsets = pieces.blob, pieces.offsets.tolist()
+        raw = [blob[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
+        return [b.replace(b"\xe2\x96\x81", b" ") for b in raw]
+    return [tokenizer.token_bytes(i) for i in range(tokenizer.vocab_size)]
 
 
 def ll_tokenizer(tokenizer):
