@@ -8,7 +8,7 @@
    grammar) on the same GGUF and the same schemas, greedy, one stream at a time, side by side with gemmakit:
    tok/s and how many answers parse and validate (jsonschema).
 
-    python benchmarks/structured.py [--rounds 3] [--tokens 128] [--skip-llamacpp]
+    python benchmarks/structured.py [--rounds 3] [--tokens 128] [--parts compile,masks,throughput,llamacpp]
 """
 
 from __future__ import annotations
@@ -126,6 +126,7 @@ def part_llamacpp(llm, tokens: int) -> None:
         return
     ref = Llama(str(gemmakit.default_model_path()), n_ctx=1024, n_threads=torch.get_num_threads(), verbose=False)
     rows = {"gemmakit": [0, 0, 0, 0.0], "llama.cpp": [0, 0, 0, 0.0]}  # valid, stopped, tokens, seconds
+    invalid: dict[str, list[str]] = {"gemmakit": [], "llama.cpp": []}
     for name, schema in SCHEMAS.items():
         start = time.perf_counter()
         try:
@@ -143,6 +144,8 @@ def part_llamacpp(llm, tokens: int) -> None:
         for key, (t, f, k, s) in (("llama.cpp", (text, finish, n, ref_s)),
                                   ("gemmakit", (ours.text, ours.finish_reason, len(ours.token_ids), our_s))):
             row = rows[key]
+            if not valid(t, schema):
+                invalid[key].append(f"{name} ({f})")
             row[0] += valid(t, schema)
             row[1] += f == "stop"
             row[2] += k
@@ -150,20 +153,25 @@ def part_llamacpp(llm, tokens: int) -> None:
     for key, (ok, stopped, n, s) in rows.items():
         print(f"{key:9s}: {ok}/{len(SCHEMAS)} valid, {stopped} stopped, {n / s:.1f} tok/s over {n} tokens "
               "(one stream, greedy, prompt included in the time)")
+        print(f"           not valid: {', '.join(invalid[key]) or 'none'}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--skip-llamacpp", action="store_true")
+    parser.add_argument("--parts", default="compile,masks,throughput,llamacpp")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
     llm = gemmakit.load()
     print(f"gemmakit {gemmakit.__version__}, torch threads {torch.get_num_threads()}")
-    part_compile(llm)
-    part_masks(llm)
-    part_throughput(llm, args.rounds, args.tokens)
-    if not args.skip_llamacpp:
+    if "compile" in parts:
+        part_compile(llm)
+    if "masks" in parts:
+        part_masks(llm)
+    if "throughput" in parts:
+        part_throughput(llm, args.rounds, args.tokens)
+    if "llamacpp" in parts:
         part_llamacpp(llm, args.tokens)
 
 
