@@ -73,7 +73,7 @@ def engine(llm):
     engine.shutdown()
 
 
-def run_all(llm, engine, jobs):
+def run_all(engine, jobs):
     """(ids, params, rules) per job through one engine, all at once; their finished completions."""
     from gemmakit.generate import collect
 
@@ -89,7 +89,7 @@ def test_every_schema_answer_that_stops_validates(llm, engine) -> None:
                        SamplingParams(temperature=0.8, seed=7, max_tokens=96)):
             jobs.append((ids, params, plan.rules))
             names.append(name)
-    results = run_all(llm, engine, jobs)
+    results = run_all(engine, jobs)
     stopped = 0
     for name, c in zip(names, results):
         if c.finish_reason != "stop":
@@ -155,7 +155,7 @@ def test_constrained_rows_batched_match_alone(llm) -> None:
     try:
         ids_film, ids_zip = llm.prompt_ids("A film:"), llm.prompt_ids("Zip:")
         rules = llm.output_rules(response_format=schema)
-        batched = run_all(llm, engine, [(ids_film, greedy, rules), (ids_film, sampled, rules),
+        batched = run_all(engine, [(ids_film, greedy, rules), (ids_film, sampled, rules),
                                         (ids_film, greedy, None), (ids_zip, sampled, llm.output_rules(regex="[0-9]{5}"))])
     finally:
         engine.shutdown()

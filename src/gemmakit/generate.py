@@ -215,6 +215,7 @@ class SequenceSampler:
         self.finished = False
         # The output's grammar and thinking rules, with this sequence's own progress through them.
         # (A grammar that can take nothing more ends the sequence even with ignore_eos.)
+        self.forced_left = False  # the last run of forced tokens was cut (see forced_tokens)
         self.constraint = (rules.constraint(tokenizer, sorted(self.stop_ids), vocab, sorted(stop_token_ids))
                            if rules is not None else None)
 
@@ -226,7 +227,9 @@ class SequenceSampler:
         params = self.params
         allowed, banned = None, []
         if self.constraint is not None:
-            forced = self.constraint.forced_tokens()
+            # Forced tokens left at the head: with logprobs (taken one per step), or a run cut at its limit. Else
+            # the caller took the whole run after the last sampled token, and there are none to look for.
+            forced = self.constraint.forced_tokens() if params.logprobs is not None or self.forced_left else []
             if forced:  # the grammar allows one continuation: taken without a draw, as the engine takes a run of
                 return self.take(forced[0], logits)  # them (so the draws, and the text, match with logprobs on)
             allowed, banned = self.constraint.allowed(bitmask_row), self.constraint.banned_now()
@@ -245,7 +248,10 @@ class SequenceSampler:
         without a draw, so the tokens are the same either way)."""
         if self.constraint is None or self.params.logprobs is not None:
             return []
-        return self.constraint.forced_tokens()[: min(limit, self.budget - self.generated)]
+        run = self.constraint.forced_tokens()
+        taken = run[: min(limit, self.budget - self.generated)]
+        self.forced_left = len(taken) < len(run)
+        return taken
 
     def take(self, token: int, logits: torch.Tensor | None = None) -> StreamEvent:
         """The event of ``token`` as the next one (sampled from ``logits``, or forced by the grammar)."""

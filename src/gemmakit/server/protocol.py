@@ -112,7 +112,7 @@ class ResponseFormat(BaseModel):
             return {}
         if self.type == "json_object":
             return {"response_format": {"type": "json_object"}}
-        return {"response_format": self.json_schema.schema_}
+        return {"response_format": {"type": "json_schema", "json_schema": {"schema": self.json_schema.schema_}}}
 
 
 class StructuredOutputs(BaseModel):
@@ -143,7 +143,9 @@ class StructuredOutputs(BaseModel):
                     schema = json.loads(schema)
                 except ValueError:
                     raise InvalidGrammarError("structured_outputs.json: not valid JSON") from None
-            return {"response_format": schema}
+            if not isinstance(schema, dict):
+                raise InvalidGrammarError("structured_outputs.json: a JSON schema is an object")
+            return {"response_format": {"type": "json_schema", "json_schema": {"schema": schema}}}
         return {k: getattr(self, k) for k in ("regex", "choice", "grammar") if getattr(self, k) is not None}
 
 

@@ -116,6 +116,9 @@ def lark(text: str, kind: str = "lark") -> Grammar:
     return Grammar(llguidance.LLMatcher.grammar_from_lark(text), kind)
 
 
+_JSON_TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
+
+
 def from_response_format(response_format: Mapping[str, Any] | Any) -> Grammar | None:
     """A grammar from OpenAI's ``response_format`` (``text``, ``json_object``, ``json_schema`` with ``schema``), a
     bare JSON schema dict, or a pydantic model class; None for plain text."""
@@ -131,9 +134,10 @@ def from_response_format(response_format: Mapping[str, Any] | Any) -> Grammar | 
         if not isinstance(spec, Mapping) or not isinstance(spec.get("schema", {}), Mapping):
             raise InvalidGrammarError("response_format json_schema needs a 'json_schema' object with a 'schema'")
         return json_schema(spec.get("schema") or {})
-    if kind is None or kind not in ("json_object", "json_schema", "text"):
+    if kind is None or isinstance(kind, list) or kind in _JSON_TYPES:
         return json_schema(response_format)  # a JSON schema given directly (its "type" is a JSON type)
-    raise InvalidGrammarError(f"response_format type {kind!r} is not one of text, json_object, json_schema")
+    raise InvalidGrammarError(f"response_format type {kind!r} is not one of text, json_object, json_schema (or a "
+                              "JSON schema's type)")
 
 
 def one_of(response_format: Any = None, regex_pattern: str | None = None, choices: Sequence[str] | None = None,
