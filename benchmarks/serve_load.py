@@ -89,12 +89,12 @@ def start(target: str, args: argparse.Namespace) -> tuple[subprocess.Popen, str]
     raise RuntimeError(f"{target} server did not start")
 
 
-def one_client(client: httpx.Client, url: str, i: int, max_tokens: int) -> dict:
+def one_client(client: httpx.Client, url: str, i: int, max_tokens: int, sampling: dict | None = None) -> dict:
     # A plain completion: the bundled model is a base model, and a chat turn may end at once on servers that
-    # cannot be told to ignore end-of-sequence.
+    # cannot be told to ignore end-of-sequence. Greedy unless `sampling` says otherwise.
     body = {"model": "bench", "stream": True, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
             "prompt": f"Here is a short story about {TOPICS[i % len(TOPICS)]}.\n\n",
-            "stream_options": {"include_usage": True}}
+            "stream_options": {"include_usage": True}, **(sampling or {})}
     start = time.perf_counter()
     first, tokens, done = None, 0, False
     try:
@@ -122,13 +122,13 @@ def one_client(client: httpx.Client, url: str, i: int, max_tokens: int) -> dict:
     return {"ttft": (first or time.perf_counter()) - start, "tokens": tokens}
 
 
-def run_round(url: str, clients: int, max_tokens: int) -> dict:
+def run_round(url: str, clients: int, max_tokens: int, sampling: dict | None = None) -> dict:
     # One HTTP client for all the round's threads, made before the clock starts: creating an httpx client takes
     # ~30 ms of Python, which 16 threads creating their own would serialize into the round (and into TTFT).
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     with httpx.Client(limits=limits) as client, concurrent.futures.ThreadPoolExecutor(clients) as pool:
         start = time.perf_counter()
-        results = list(pool.map(lambda i: one_client(client, url, i, max_tokens), range(clients)))
+        results = list(pool.map(lambda i: one_client(client, url, i, max_tokens, sampling), range(clients)))
         wall = time.perf_counter() - start
     ok = [r for r in results if "error" not in r]
     ttfts = sorted(r["ttft"] for r in ok)
@@ -153,6 +153,9 @@ def main() -> int:
     ap.add_argument("--kv-cache-mib", type=int, default=4096,
                     help="gemmakit's KV cache budget (a row of 2048 tokens of the default model is ~32 MiB)")
     ap.add_argument("--llama-server", help="path of llama.cpp's llama-server binary")
+    ap.add_argument("--sampling", type=json.loads, default=None,
+                    help='request fields for sampled runs, e.g. \'{"temperature": 0.8, "top_k": 0, "top_p": 1}\' '
+                         '(default: greedy)')
     ap.add_argument("--rounds", type=int, default=1,
                     help="repeat the client levels; print medians, and each ratio as the median of the rounds' "
                          "own ratios (this machine is shared and noisy)")
@@ -174,7 +177,7 @@ def main() -> int:
         for r in range(args.rounds):
             for n in levels:
                 for target in targets:  # the targets take turns at each level
-                    row = run_round(servers[target][1], n, args.max_tokens)
+                    row = run_round(servers[target][1], n, args.max_tokens, args.sampling)
                     table.setdefault((target, n), []).append(row)
                     print(f"{target:12s} round {r + 1} clients={n:3d}  {row['tok_s']:7.1f} tok/s  TTFT p50 "
                           f"{row['ttft_p50']:6.2f} s  p99 {row['ttft_p99']:6.2f} s  errors {row['errors']} "

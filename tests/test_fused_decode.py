@@ -1,4 +1,4 @@
-"""The fused C decode step (quant/fused.py) against the plain PyTorch path on the same models.
+"""The fused C decode step (kernels/fused.py) against the plain PyTorch path on the same models.
 
 Both paths run the same decode steps on the same caches; only the kernels differ. Covered: the default
 quantized Gemma 3 model, and every tiny family of test_families (Gemma 2's soft-cap, Gemma 4's KV sharing,
@@ -13,7 +13,7 @@ import torch
 
 from gemmakit.generate import decode_step, prefill
 from gemmakit.kv_cache import KVCache
-from gemmakit.quant import fused
+from gemmakit.kernels import fused
 from test_families import FAMILIES, build
 
 

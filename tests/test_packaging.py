@@ -12,8 +12,10 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).parent.parent
-SHIPPED = ["gemmakit/py.typed", "gemmakit/__main__.py", "gemmakit/quant/csrc/qgemv.c", "gemmakit/quant/csrc/decode.c",
-           "gemmakit/quant/csrc/layers.c", "gemmakit/server/static/index.html", "gemmakit/server/static/chat.js",
+SHIPPED = ["gemmakit/py.typed", "gemmakit/__main__.py",
+           *(f"gemmakit/kernels/csrc/{name}" for name in ("qgemv.c", "decode.c", "layers.c", "sample.c", "abi.c",
+                                                          "gemmakit_kernels.h", "vecmath.h")),
+           "gemmakit/server/static/index.html", "gemmakit/server/static/chat.js",
            "gemmakit/server/static/chat.css", "gemmakit/server/static/vendor/marked.umd.js",
            "gemmakit/server/static/vendor/purify.min.js"]
 
@@ -62,10 +64,10 @@ def test_wheel_installs_into_a_fresh_venv_and_generates(tmp_path, llm) -> None:
 def test_a_failed_kernel_build_warns_once_with_the_reason(tmp_path) -> None:
     """No compiler: one warning that gives the reason and says decoding is much slower; answers still come."""
     script = ("import gemmakit, json; llm = gemmakit.load(); "
-              "print(json.dumps(gemmakit.quant.kernels.kernel_status())); "
+              "print(json.dumps(gemmakit.kernels.kernel_status())); "
               "print(llm.generate('Hi', max_tokens=2, temperature=0).usage.completion_tokens)")
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path), "CC": str(tmp_path / "no-such-cc")}
-    proc = subprocess.run([sys.executable, "-c", "import gemmakit.quant.kernels; " + script], capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", "import gemmakit.kernels; " + script], capture_output=True,
                           text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr
     status, tokens = proc.stdout.splitlines()

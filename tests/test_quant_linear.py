@@ -10,7 +10,7 @@ from gguf import quants
 
 import gemmakit
 from gemmakit.errors import ModelTooLargeError
-from gemmakit.quant import kernels as kernels_module
+from gemmakit.kernels import loader as kernels_module
 from gemmakit.quant.ggml import QUANTIZED_TYPES, split, split_packed
 from gemmakit.quant.linear import QuantWeight, pack, set_prefill_dtype
 from test_quant_ggml import random_blocks

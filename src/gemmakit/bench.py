@@ -147,7 +147,7 @@ def run_bench(path: str | None = None, prompt_tokens: int = 512, decode_tokens: 
 
 def kernels_label() -> str:
     """Which code runs the quantized matmuls: the compiled kernels, or the PyTorch fallback and why."""
-    from .quant.kernels import kernel_status
+    from .kernels import kernel_status
 
     status = kernel_status()
     return "compiled C" if status["available"] else f"PyTorch fallback, much slower ({status['reason']})"

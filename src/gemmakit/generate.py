@@ -11,10 +11,10 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from .errors import InvalidParameterError
 from .kv_cache import KVCache
 from .model import Gemma
-from .sampling import SamplingParams, TokenLogprob, make_generator, mask_logits, sample_token, token_logprob
+from .errors import GemmakitError, InvalidParameterError
+from .sampling import DrawSpec, SamplingParams, TokenHistory, TokenLogprob, pick_tokens, request_seed, token_logprob
 from .structured.constraint import OutputRules
 from .tokenizer import StreamDecoder, Tokenizer
 
@@ -205,10 +205,9 @@ class SequenceSampler:
         self.params = params
         self.budget = budget  # tokens this sequence may still add (max_tokens and the context both bound it)
         self.generated = 0
-        self.generator = make_generator(params.seed)
-        self.seen = torch.zeros(vocab, dtype=torch.bool)
-        self.seen[torch.tensor(list(prompt_ids), dtype=torch.long)] = True
-        self.counts = torch.zeros(vocab, dtype=torch.float32)
+        self.seed = request_seed(params.seed)
+        self.draws = 0  # picks made so far: the counter of the draw's random number
+        self.history = TokenHistory(prompt_ids, params)
         self.decoder = StreamDecoder(tokenizer)
         self.stopper = StopStringMatcher(params.stop)
         self.stop_ids = set() if params.ignore_eos else set(stop_token_ids)
@@ -219,27 +218,32 @@ class SequenceSampler:
         self.constraint = (rules.constraint(tokenizer, sorted(self.stop_ids), vocab, sorted(stop_token_ids))
                            if rules is not None else None)
 
-    def step(self, logits: torch.Tensor, raw_argmax: int | None = None,
-             bitmask_row: torch.Tensor | None = None) -> StreamEvent:
-        """Pick the next token from (V,) float32 logits and turn it into an event. A batch of sequences may pass
-        each row's argmax, computed for all rows at once (used when the sequence is greedy without penalties),
-        and a constrained sequence its grammar's mask when it was computed beside the forward."""
-        params = self.params
+    def step(self, logits: torch.Tensor, bitmask_row: torch.Tensor | None = None) -> StreamEvent:
+        """Pick the next token from (V,) float32 logits and turn it into an event (``bitmask_row``: the grammar's
+        mask, when it was computed beside the forward). The engine does the same for a batch: :meth:`prepare`
+        for each row, one :func:`pick_tokens` for all, then :meth:`take`."""
+        plan = self.prepare(bitmask_row)
+        if isinstance(plan, int):
+            return self.take(plan, logits)
+        (token,) = pick_tokens(logits.unsqueeze(0), [plan])
+        if isinstance(token, GemmakitError):
+            raise token
+        return self.take(token, logits)
+
+    def prepare(self, bitmask_row: torch.Tensor | None = None) -> int | DrawSpec:
+        """What the next pick is: a token the grammar forces (taken without a draw), or the :class:`DrawSpec` of
+        a draw (counted, so each draw of the sequence gets its own random number)."""
         allowed, banned = None, []
         if self.constraint is not None:
             # Forced tokens left at the head: with logprobs (taken one per step), or a run cut at its limit. Else
             # the caller took the whole run after the last sampled token, and there are none to look for.
-            forced = self.constraint.forced_tokens() if params.logprobs is not None or self.forced_left else []
+            forced = (self.constraint.forced_tokens() if self.params.logprobs is not None or self.forced_left
+                      else [])
             if forced:  # the grammar allows one continuation: taken without a draw, as the engine takes a run of
-                return self.take(forced[0], logits)  # them (so the draws, and the text, match with logprobs on)
+                return forced[0]  # them (so the draws, and the text, match with logprobs on)
             allowed, banned = self.constraint.allowed(bitmask_row), self.constraint.banned_now()
-        if allowed is None and not banned:
-            token = sample_token(logits, params, self.generator, self.seen, self.counts, raw_argmax)
-        else:  # tokens the output's rules forbid cannot be picked; reported logprobs stay the model's own
-            masked = mask_logits(logits, allowed) if allowed is not None else logits.clone()
-            masked[banned] = float("-inf")
-            token = sample_token(masked, params, self.generator, self.seen, self.counts)
-        return self.take(token, logits)
+        self.draws += 1
+        return DrawSpec(self.params, self.history, self.seed, self.draws - 1, allowed, list(banned))
 
     def forced_tokens(self, limit: int) -> list[int]:
         """Up to ``limit`` tokens the grammar allows as the only continuation: the caller takes them without
@@ -264,8 +268,7 @@ class SequenceSampler:
         if token in self.stop_ids or (self.constraint is not None and token in self.constraint.end_ids):
             self.finished = True
             return StreamEvent(self.decoder.flush() + self.stopper.flush(), token, lp, "stop", stop_token=True)
-        self.seen[token] = True
-        self.counts[token] += 1
+        self.history.add(token)
         text, hit = self.stopper.feed(self.decoder.add(token))
         if hit:
             self.finished = True

@@ -15,7 +15,7 @@ from torch import nn
 
 from .config import GemmaConfig, LayerSpec
 from .kv_cache import KVCache
-from .quant import fused
+from .kernels import fused
 from .quant.linear import fast_rms_norm
 
 
@@ -154,7 +154,7 @@ class Attention(nn.Module):
 
     def _decode_fused(self, x: torch.Tensor, positions: torch.Tensor, rope, cache: KVCache,
                       shared_kv: KV | None) -> tuple[torch.Tensor, KV]:
-        """One token per row through the fused C kernels (quant/fused.py): the same math as the path above."""
+        """One token per row through the fused C kernels (kernels/fused.py): the same math as the path above."""
         B = x.shape[0]
         own = None if self.shared else cache.layers[self.layer]
         k_norm = getattr(self, "k_norm", None)

@@ -1,9 +1,14 @@
 """Sampling parameters and the logits -> token step.
 
 Order of operations (vLLM's): repetition penalty (prompt and output tokens), presence and frequency penalties
-(output tokens), temperature, top-k, top-p, min-p, then a draw from the remaining distribution. Temperature 0
-is greedy. Reported log-probabilities are those of the model itself (log-softmax of the raw logits), as the
-OpenAI API reports them, so they do not move with the sampling knobs.
+(output tokens), logit bias, temperature, top-k, top-p, min-p, then a draw from the remaining distribution.
+Temperature 0 is greedy. Reported log-probabilities are those of the model itself (log-softmax of the raw
+logits), as the OpenAI API reports them, so they do not move with the sampling knobs.
+
+The step runs in C (kernels/csrc/sample.c: one call for every row of a decode step, rows in parallel), with the
+PyTorch functions below as its reference and fallback. The draw is an inverse CDF over the token ids with one
+uniform number from a counter-based generator keyed by the request's seed and its draw count, so a seed gives the
+same tokens alone or batched, in C or in PyTorch.
 """
 
 from __future__ import annotations
@@ -12,12 +17,13 @@ import ctypes
 import math
 import os
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
 from .errors import GemmakitError, InvalidParameterError
-from .quant.kernels import kernels
+from .kernels import kernels
+from .kernels.abi import struct
 
 MAX_LOGPROBS = 20
 
@@ -168,10 +174,86 @@ def checkpoint_defaults(generation_config: dict[str, Any] | None = None,
     return usable
 
 
-def make_generator(seed: int | None) -> torch.Generator:
-    g = torch.Generator()
-    g.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
-    return g
+_MASK64 = (1 << 64) - 1
+
+
+def request_seed(seed: int | None) -> int:
+    """The 64-bit key of a request's draws: its seed (negative seeds wrap), or a random one."""
+    return (seed & _MASK64) if seed is not None else int.from_bytes(os.urandom(8), "little")
+
+
+def uniform(seed: int, counter: int) -> float:
+    """The draw's number in [0, 1) for (seed, counter): SplitMix64 at step counter + 1, as the C sampler."""
+    z = (seed + (counter + 1) * 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return ((z ^ (z >> 31)) >> 11) * 2.0**-53
+
+
+class TokenHistory:
+    """The tokens the penalties look at, kept sparse (the C sampler reads them as arrays): the distinct tokens
+    of the prompt and the output (repetition penalty) and how often each output token was generated (presence
+    and frequency penalties). Only what the request's penalties use is kept."""
+
+    def __init__(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
+        self.track_seen = params.repetition_penalty != 1.0
+        self.track_counts = bool(params.presence_penalty or params.frequency_penalty)
+        distinct = sorted(set(prompt_ids)) if self.track_seen else []
+        self._seen_index = {t: i for i, t in enumerate(distinct)}
+        self.seen_ids = torch.tensor(distinct + [0] * max(16, len(distinct)), dtype=torch.int64)
+        self._count_index: dict[int, int] = {}
+        self.count_ids = torch.zeros(16, dtype=torch.int64)
+        self.counts = torch.zeros(16, dtype=torch.float32)
+
+    @property
+    def n_seen(self) -> int:
+        return len(self._seen_index)
+
+    @property
+    def n_counts(self) -> int:
+        return len(self._count_index)
+
+    def add(self, token: int) -> None:
+        """Record a generated token."""
+        if self.track_seen and token not in self._seen_index:
+            self.seen_ids = _append(self.seen_ids, self.n_seen, token)
+            self._seen_index[token] = self.n_seen
+        if self.track_counts:
+            at = self._count_index.get(token)
+            if at is None:
+                at = self._count_index[token] = len(self._count_index)
+                self.count_ids = _append(self.count_ids, at, token)
+                self.counts = _append(self.counts, at, 0.0)
+            self.counts[at] += 1
+
+    def dense(self, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(seen (V,) bool, counts (V,) float32) for the PyTorch reference."""
+        seen = torch.zeros(vocab, dtype=torch.bool)
+        seen[self.seen_ids[: self.n_seen]] = True
+        counts = torch.zeros(vocab, dtype=torch.float32)
+        counts[self.count_ids[: self.n_counts]] = self.counts[: self.n_counts]
+        return seen, counts
+
+
+def _append(buffer: torch.Tensor, at: int, value: float) -> torch.Tensor:
+    """buffer[at] = value, doubling the buffer when full (amortized O(1) per token)."""
+    if at >= buffer.numel():
+        buffer = torch.cat([buffer, torch.zeros_like(buffer)])
+    buffer[at] = value
+    return buffer
+
+
+@dataclass
+class DrawSpec:
+    """Everything one row's pick needs besides its logits: the knobs, the penalty history, the output rules'
+    mask (``bitmask``: (ceil(V/32),) int32, bit set = allowed) and bans, and the draw's (seed, counter)."""
+
+    params: SamplingParams
+    history: TokenHistory
+    seed: int
+    counter: int
+    bitmask: torch.Tensor | None = None
+    banned: list[int] = field(default_factory=list)
 
 
 def apply_penalties(
@@ -225,18 +307,6 @@ def argmax(logits: torch.Tensor) -> int:
     return int(torch.argmax(logits))
 
 
-def argmax_rows(logits: torch.Tensor) -> list[int]:
-    """:func:`argmax` of every row of (B, V) logits, the rows in parallel (one C call for a decode step)."""
-    lib = kernels()
-    if lib is None or logits.device.type != "cpu" or logits.dtype != torch.float32 or logits.dim() != 2:
-        return [argmax(row) for row in logits]
-    flat = logits.contiguous()
-    out = torch.empty(flat.shape[0], dtype=torch.int64)
-    lib.argmax_rows(ctypes.c_void_p(flat.data_ptr()), flat.shape[0], flat.shape[1], ctypes.c_void_p(out.data_ptr()),
-                    torch.get_num_threads())
-    return [i if i >= 0 else int(torch.argmax(flat[r])) for r, i in enumerate(out.tolist())]
-
-
 def mask_logits(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
     """A copy of (V,) float32 logits with -inf wherever bit i of the (ceil(V/32),) int32 token mask is clear (the
     tokens a grammar does not allow; llguidance's layout), in one C pass on CPU."""
@@ -250,13 +320,6 @@ def mask_logits(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
     return out.masked_fill_(~allowed, float("-inf"))
 
 
-def uses_raw_argmax(params: SamplingParams) -> bool:
-    """Greedy with no penalty or bias: the token is the argmax of the raw logits."""
-    penalized = (params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty
-                 or params.logit_bias)
-    return params.greedy and not penalized
-
-
 def top_k_candidates(logits: torch.Tensor, top_k: int) -> torch.Tensor | None:
     """Ids of the entries of (V,) logits that top-k keeps (ties with the k-th value included, as filter_logits
     keeps them), or None when top-k keeps everything."""
@@ -268,18 +331,14 @@ def top_k_candidates(logits: torch.Tensor, top_k: int) -> torch.Tensor | None:
     return (logits >= kth).nonzero().squeeze(1)
 
 
-def sample_token(
-    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator, seen: torch.Tensor, counts: torch.Tensor,
-    raw_argmax: int | None = None,
-) -> int:
-    """Pick the next token id from (V,) float32 logits (``raw_argmax``: their argmax, when already known).
+def sample_token(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor, counts: torch.Tensor,
+                 u: float) -> int:
+    """The reference pick (PyTorch) of the next token from (V,) float32 logits, ``u`` the draw's uniform number.
 
     With top-k on, the rest of the filters and the draw work on the k candidates alone: the same distribution as
-    on the whole vocabulary (every other entry has probability 0 there), without sorting 262,144 logits for
-    top-p (~35 ms a token on a 2-core Xeon) or drawing from all of them.
+    on the whole vocabulary (every other entry has probability 0 there). The draw is the first token, in id
+    order, whose cumulative probability passes ``u`` (what the C sampler computes).
     """
-    if uses_raw_argmax(params):
-        return raw_argmax if raw_argmax is not None else argmax(logits)
     logits = apply_penalties(logits, params, seen, counts)
     if params.greedy:
         return argmax(logits)
@@ -291,8 +350,64 @@ def sample_token(
     probs = torch.softmax(filter_logits(logits, params, top_k_applied=candidates is not None), dim=-1)
     if not bool(torch.isfinite(probs).all()):
         raise GemmakitError("sampling failed: the model's logits are not finite (NaN)")
-    pick = int(torch.multinomial(probs, 1, generator=generator))
+    cumulative = probs.double().cumsum(0)
+    pick = int(torch.searchsorted(cumulative, u * float(cumulative[-1]), right=True))
+    pick = min(pick, int(probs.nonzero()[-1]))  # rounding past the end: the last token with probability
     return int(candidates[pick]) if candidates is not None else pick
+
+
+def reference_token(logits: torch.Tensor, spec: DrawSpec) -> int:
+    """:func:`sample_token` for one :class:`DrawSpec`, the output rules' mask and bans applied first."""
+    if spec.bitmask is not None or spec.banned:
+        logits = mask_logits(logits, spec.bitmask) if spec.bitmask is not None else logits.clone()
+        logits[spec.banned] = float("-inf")
+    seen, counts = spec.history.dense(logits.shape[-1])
+    return sample_token(logits, spec.params, seen, counts, uniform(spec.seed, spec.counter))
+
+
+def _sample_row(spec: DrawSpec, keep: list[torch.Tensor]) -> ctypes.Structure:
+    """The C sampler's SampleRow for ``spec``; the arrays it points into are appended to ``keep``, which the
+    caller holds until the call returns."""
+    p, h = spec.params, spec.history
+    bias_ids = bias = banned = None
+    if p.logit_bias:
+        keep += [torch.tensor(list(p.logit_bias), dtype=torch.int64),
+                 torch.tensor(list(p.logit_bias.values()), dtype=torch.float32)]
+        bias_ids, bias = keep[-2].data_ptr(), keep[-1].data_ptr()
+    if spec.banned:
+        keep.append(torch.tensor(spec.banned, dtype=torch.int64))
+        banned = keep[-1].data_ptr()
+    return struct("SampleRow")(
+        p.temperature, p.top_p, p.min_p, p.top_k, p.repetition_penalty, p.presence_penalty, p.frequency_penalty,
+        h.seen_ids.data_ptr(), h.n_seen, h.count_ids.data_ptr(), h.counts.data_ptr(), h.n_counts,
+        bias_ids, bias, len(p.logit_bias), banned, len(spec.banned),
+        spec.bitmask.data_ptr() if spec.bitmask is not None else None, spec.seed, spec.counter)
+
+
+def pick_tokens(logits: torch.Tensor, specs: Sequence[DrawSpec]) -> list[int | GemmakitError]:
+    """The next token of each row of (n, V) float32 logits, in one C call for all rows (in parallel); a row the C
+    sampler cannot take (non-finite logits, nothing allowed, no kernels) goes through :func:`reference_token`,
+    and its error, if any, is returned in its place (one row's failure is not the batch's)."""
+    lib = kernels()
+    picks: list[int | GemmakitError | None] = [None] * len(specs)
+    if lib is not None and logits.device.type == "cpu" and logits.dtype == torch.float32 and specs:
+        flat = logits.contiguous()
+        for spec in specs:
+            if spec.bitmask is not None:
+                spec.bitmask = spec.bitmask.contiguous()
+        keep: list[torch.Tensor] = []
+        rows = (struct("SampleRow") * len(specs))(*[_sample_row(spec, keep) for spec in specs])
+        out = torch.empty(len(specs), dtype=torch.int64)
+        lib.sample_rows(ctypes.c_void_p(flat.data_ptr()), len(specs), flat.shape[-1], rows,
+                        ctypes.c_void_p(out.data_ptr()), torch.get_num_threads())
+        picks = [t if t >= 0 else None for t in out.tolist()]
+    for i, spec in enumerate(specs):
+        if picks[i] is None:
+            try:
+                picks[i] = reference_token(logits[i], spec)
+            except GemmakitError as exc:
+                picks[i] = exc
+    return picks  # type: ignore[return-value]
 
 
 @dataclass

@@ -6,7 +6,7 @@ sequences still reading their prompts (up to ``prefill_budget`` tokens, at most 
 then samples a token for each sequence that decoded or finished its prompt, from one call of the head.
 
 A sequence's arithmetic does not depend on its neighbours: in a ragged forward every token is a row of its own
-(the matmul kernels compute each row the same way whatever the batch, see quant/csrc; attention reads only the
+(the matmul kernels compute each row the same way whatever the batch, see kernels/csrc; attention reads only the
 token's own cache row; norms and activations are per row), so greedy output is the same alone or batched, and
 does not depend on how a prompt was cut into pieces either.
 
@@ -30,7 +30,7 @@ import torch
 from ..errors import GemmakitError, InvalidParameterError
 from ..generate import MAX_FORCED, PromptScorer, SequenceSampler, StreamEvent, token_budget
 from ..kv_cache import KVCache
-from ..sampling import SamplingParams, argmax_rows, uses_raw_argmax
+from ..sampling import DrawSpec, SamplingParams, pick_tokens
 from ..structured import MaskBatch, OutputRules
 
 logger = logging.getLogger(__name__)
@@ -362,26 +362,32 @@ class Engine:
 
     def _accept_all(self, requests: list[_Request], logits: torch.Tensor,
                     masks: dict[int, torch.Tensor] | None = None) -> None:
-        """Sample each request's next token from its row of (len(requests), V) logits (``masks``: the grammar
-        masks of the constrained ones, by id(request))."""
-        greedy = [uses_raw_argmax(r.sampler.params) for r in requests]
-        if sum(greedy) > 1:
-            hints = argmax_rows(logits)  # one parallel pass over the rows instead of one argmax per sequence
-            hints = [h if g else None for h, g in zip(hints, greedy)]
-        else:
-            hints = [None] * len(requests)
+        """Pick each request's next token from its row of (len(requests), V) logits (``masks``: the grammar
+        masks of the constrained ones, by id(request)): forced tokens are taken as they are, every other row is
+        drawn in one C call (rows in parallel), greedy ones included."""
         masks = masks or {}
-        for i, request in enumerate(requests):
+        plans: list[int | DrawSpec | Exception] = []
+        for request in requests:
             try:
-                self._accept(request, logits[i], hints[i], masks.get(id(request)))
+                plans.append(request.sampler.prepare(masks.get(id(request))))
+            except Exception as exc:  # e.g. a grammar that broke: this sequence only
+                plans.append(exc)
+        drawn = [i for i, plan in enumerate(plans) if isinstance(plan, DrawSpec)]
+        picks = dict(zip(drawn, pick_tokens(logits[drawn] if len(drawn) < len(requests) else logits,
+                                            [plans[i] for i in drawn])))
+        for i, request in enumerate(requests):
+            token = picks.get(i, plans[i])
+            try:
+                if isinstance(token, Exception):
+                    raise token
+                self._accept(request, logits[i], token)
             except Exception as exc:  # one sequence's sampling failure ends that sequence, not the batch
                 logger.warning("sampling failed for one sequence: %s", exc)
                 self._emit(request, _as_gemmakit_error(exc))
                 self._free(request)
 
-    def _accept(self, request: _Request, logits: torch.Tensor, raw_argmax: int | None = None,
-                bitmask_row: torch.Tensor | None = None) -> None:
-        event = request.sampler.step(logits, raw_argmax, bitmask_row)
+    def _accept(self, request: _Request, logits: torch.Tensor, token: int) -> None:
+        event = request.sampler.take(token, logits)
         if request.scorer is not None:  # the prompt is done: its logprobs go with the first token
             event.prompt_logprobs, request.scorer = request.scorer.logprobs, None
         self._emit(request, event)

@@ -216,7 +216,7 @@ NIBBLE_TYPES = {T.Q4_K}
 
 
 def _split_with_kernel(raw: torch.Tensor, qtype: T, rows: int, K: int):
-    from .kernels import kernels
+    from ..kernels import kernels
 
     lib = kernels()
     if lib is None or qtype not in _KERNEL_SPLIT or K % GGML_QUANT_SIZES[qtype][0]:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import kernels
+from ..kernels import kernels
 
 MAX_KERNEL_ROWS = 16  # a prompt chunk of up to this many tokens multiplies through the integer kernel
 

@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from ...quant.kernels import kernel_status
+from ...kernels import kernel_status
 from ..errors import APIError
 from ..protocol import DetokenizeRequest, TokenizeRequest
 from ..state import check_model, server_state

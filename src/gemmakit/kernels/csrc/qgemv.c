@@ -25,6 +25,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
+
+#include "gemmakit_kernels.h"
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -453,7 +455,6 @@ void dequant_rows(const int8_t *q, const void *scale, const void *mins, int flag
 // RMSNorm over the last dimension of x (rows, dim), float32, out = x / sqrt(mean(x^2) + eps) * w (w may be
 // NULL for a weightless norm). Faster than PyTorch's eager norm at every size measured here (decode: its
 // dispatch overhead; prefill: 118 vs 213 us for 512 x 640).
-void rms_norm_row(const float *x, const float *w, float *out, int64_t dim, float eps);  // decode.c
 
 void rms_norm(const float *x, const float *w, float *out, int64_t rows, int64_t dim, float eps) {
     #pragma omp parallel for schedule(static) if (rows * dim >= 65536)

@@ -1,57 +1,14 @@
 // The decoder layers of one decode step (one token per row) in one call: the same kernels, in the same order
-// and on the same inputs, as the PyTorch-side loop over the fused pieces (model.py with quant/fused.py), so the
+// and on the same inputs, as the PyTorch-side loop over the fused pieces (model.py with kernels/fused.py), so the
 // results are bitwise the same; only the ~150 us of Python per layer around them is gone.
 //
 // Per layer: h = norm(x); q|k|v = h W_qkv; q/k norms, RoPE and the cache write (attn_prep); attention over the
 // visible cache slots (attend_decode); o = attn W_o; x += post_norm(o); h = norm(x); x += post_norm(geglu(h
 // W_gate_up) W_down). Layers without post norms (Gemma 1) skip them. What this does not cover (Gemma 4's
 // per-layer inputs, shared KV, experts, layer scalars; float weights) stays on the Python loop.
-#include <stdint.h>
 #include <stdlib.h>
 
-int qgemv(const int8_t *q, const void *scale, const void *mins, const float *x, float *y, int64_t B, int64_t N,
-          int64_t K, int64_t group, int flags, int threads);
-void rms_norm(const float *x, const float *w, float *out, int64_t rows, int64_t dim, float eps);
-void attn_prep(const float *qkv, int64_t row_stride, int64_t B, int64_t H, int64_t Hkv, int64_t D, int k_eq_v,
-               const float *q_w, int q_norm, const float *k_w, int k_norm, int v_norm, float eps,
-               const float *cos_, const float *ssin, float *q_out, float *kc, float *vc, int64_t S1,
-               const int64_t *slot, const int64_t *rows, int threads);
-void attend_decode(const float *q, const float *kc, const float *vc, const int64_t *slot_pos, const int64_t *qpos,
-                   const int64_t *rows, int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t S1, int64_t n_slots,
-                   int64_t window, float scale, float softcap, float *out, float *scratch, int64_t chunk,
-                   int64_t parts, int threads);
-void geglu(const float *gu, float *out, int64_t rows, int64_t F, int threads);
-
-// A packed quantized matrix (see qgemv.c): N outputs from K inputs.
-typedef struct {
-    const int8_t *q;
-    const void *scale, *mins;
-    int64_t N, K, group;
-    int32_t flags;
-} QMatrix;
-
-// What a layer keeps from step to step (built once per model and cache).
-typedef struct {
-    QMatrix qkv, o, gate_up, down;
-    const float *in_norm, *post_attn_norm, *pre_ffn_norm, *post_ffn_norm;  // post norms may be NULL
-    const float *q_norm_w, *k_norm_w;  // NULL: no q / k norm
-    float *kc, *vc;  // this layer's cache (rows, S1, Hkv, D)
-    const int64_t *slot_pos;  // (rows, S1) position held by each slot of its slot table
-    int64_t H, Hkv, D, S1, window;  // window 0: global attention
-    float scale, softcap;  // softcap 0: none
-    int32_t slots_id, rope_id;  // which StepSlots / StepRope of this step the layer uses
-} Layer;
-
-// Per step, for each slot table: the slot of each token (B,) and how many slots attention scans.
-typedef struct {
-    const int64_t *slot;
-    int64_t n_slots;
-} StepSlots;
-
-// Per step, for each RoPE table: cos and signed sin of each token (B, D).
-typedef struct {
-    const float *cos, *ssin;
-} StepRope;
+#include "gemmakit_kernels.h"
 
 // Split-K ranges attention cuts n_slots into (at least one).
 static int64_t attention_parts(int64_t n_slots, int64_t chunk) {

@@ -5,9 +5,9 @@
 // path for everything else (prefill, GPUs, no compiler) and the tests compare the two.
 #include <stdint.h>
 #include <math.h>
-#ifdef __AVX2__
-#include <immintrin.h>
-#endif
+
+#include "gemmakit_kernels.h"
+#include "vecmath.h"
 
 // out = x / sqrt(mean(x^2) + eps) * w over one row (w may be NULL: a weightless norm). Also used by qgemv.c.
 void rms_norm_row(const float *x, const float *w, float *out, int64_t dim, float eps) {
@@ -131,24 +131,6 @@ static void attend_part(const float *qg, const float *kc, const float *vc, const
 }
 
 #if defined(__AVX512F__)
-// exp(x) for 16 floats, as exp8 below (degree-6 Taylor polynomial after x = n ln2 + r; inputs clamped to [-87, 88]).
-static inline __m512 exp16(__m512 x) {
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(88.f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.f / 720);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-    __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-    return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
-}
-
 // attend_part for G (1, 2, 4 or 8, a constant after inlining) query heads and D a multiple of 64, in 512-bit
 // vectors: each key is loaded once for the G dot products (two accumulators per head), the exponentials are
 // vectorized, and the values are summed 64 (G = 8: 32) columns at a time with the G heads' accumulators held in
@@ -310,27 +292,6 @@ void attend_decode(const float *q, const float *kc, const float *vc, const int64
             }
 }
 
-#ifdef __AVX2__
-// exp(x) for 8 floats: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by its degree-6 Taylor polynomial (relative
-// error ~2e-7), 2^n through the exponent bits. Inputs are clamped to [-87, 88].
-static inline __m256 exp8(__m256 x) {
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.f)), _mm256_set1_ps(88.f));
-    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // ln2 split in two for precision
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.f / 720);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
-#endif
-
 static inline float gelu_tanh_mul(float g, float u) {
     const float k0 = 0.7978845608028654f, k1 = 0.044715f;  // sqrt(2 / pi)
     // tanh(z) = sign(z) (1 - 2 / (exp(2|z|) + 1)); its ~1e-7 absolute error near 0 vanishes in 1 + tanh.
@@ -443,12 +404,6 @@ int64_t argmax_f32(const float *x, int64_t n) {
     for (i = 0; i < n; i++)
         if (x[i] == best) return i;
     return -1;
-}
-
-// argmax_f32 of each row of x (rows, n), rows in parallel; -1 marks a row with a NaN.
-void argmax_rows(const float *x, int64_t rows, int64_t n, int64_t *out, int threads) {
-    #pragma omp parallel for num_threads(threads) schedule(static) if (rows > 1)
-    for (int64_t r = 0; r < rows; r++) out[r] = argmax_f32(x + r * n, n);
 }
 
 // Constrained decoding: x[i] = -inf wherever bit i of the token mask is clear (bit i of bits[i / 32], least

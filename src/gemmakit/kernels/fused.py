@@ -10,12 +10,11 @@ paths to each other.
 
 from __future__ import annotations
 
-import ctypes
-
 import torch
 
-from .kernels import kernels
-from .linear import QuantLinear, QuantWeight, _ptr, kernel_rows
+from .abi import struct
+from .loader import kernels
+from ..quant.linear import QuantLinear, QuantWeight, _ptr, kernel_rows
 
 SPLIT_SLOTS = 256  # cache slots per split-K range of the decode attention
 ENABLED = True  # tests switch this off to run the plain PyTorch decode path on the same model
@@ -121,27 +120,8 @@ def geglu(gate_up: torch.Tensor) -> torch.Tensor:
 
 # -- all decoder layers of a decode step in one call (csrc/layers.c) ---------------------------------------------
 
-_p, _i64, _i32, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
-
-
-class _QMatrix(ctypes.Structure):
-    _fields_ = [("q", _p), ("scale", _p), ("mins", _p), ("N", _i64), ("K", _i64), ("group", _i64), ("flags", _i32)]
-
-
-class _Layer(ctypes.Structure):
-    _fields_ = [("qkv", _QMatrix), ("o", _QMatrix), ("gate_up", _QMatrix), ("down", _QMatrix),
-                ("in_norm", _p), ("post_attn_norm", _p), ("pre_ffn_norm", _p), ("post_ffn_norm", _p),
-                ("q_norm_w", _p), ("k_norm_w", _p), ("kc", _p), ("vc", _p), ("slot_pos", _p),
-                ("H", _i64), ("Hkv", _i64), ("D", _i64), ("S1", _i64), ("window", _i64),
-                ("scale", _f32), ("softcap", _f32), ("slots_id", _i32), ("rope_id", _i32)]
-
-
-class _StepSlots(ctypes.Structure):
-    _fields_ = [("slot", _p), ("n_slots", _i64)]
-
-
-class _StepRope(ctypes.Structure):
-    _fields_ = [("cos", _p), ("ssin", _p)]
+# The C structs, as the header declares them (abi.py builds them from csrc/gemmakit_kernels.h).
+_QMatrix, _Layer, _StepSlots, _StepRope = (struct(name) for name in ("QMatrix", "Layer", "StepSlots", "StepRope"))
 
 
 def _qmatrix(proj) -> _QMatrix | None:

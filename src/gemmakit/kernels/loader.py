@@ -1,10 +1,15 @@
 """The CPU kernels in csrc/, compiled once per machine with the system C compiler and loaded with ctypes.
 
+Every exported function and struct is declared in csrc/gemmakit_kernels.h; abi.py reads that header for the
+ctypes signatures and checks the library's ABI number before anything calls it.
+
 No PyTorch headers are involved, so a build takes about a second. When no compiler is present (or the build
 fails) :func:`kernels` returns None, logs one warning with the reason, and callers use the (much slower)
 PyTorch fallback; :func:`kernel_status` says which; ``GEMMAKIT_NO_KERNELS=1`` forces that.
 The library is cached under ``$XDG_CACHE_HOME/gemmakit`` (default ``~/.cache/gemmakit``), keyed by the source,
 the compiler flags and the CPU's feature flags (``-march=native`` code is specific to the machine).
+``GEMMAKIT_KERNELS_LIB=/path/lib.so`` uses a library built elsewhere (a packager's); one built for another ABI
+number is refused with the reason, and the kernels are then built from the sources as usual.
 """
 
 from __future__ import annotations
@@ -22,8 +27,12 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("qgemv.c", "decode.c", "layers.c")]
-FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-lm"]
+from . import abi
+
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = [CSRC / name for name in ("abi.c", "qgemv.c", "decode.c", "layers.c", "sample.c")]
+HEADERS = [CSRC / name for name in ("gemmakit_kernels.h", "vecmath.h")]
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", f"-I{CSRC}", "-lm"]
 
 
 def _cpu_signature() -> str:
@@ -49,7 +58,7 @@ _unavailable_reason: str | None = None
 
 def _build(target: Path) -> str | None:
     """Compile the kernels into ``target``; None on success, else the reason it failed, in one line."""
-    missing = [str(path) for path in SOURCES if not path.is_file()]
+    missing = [str(path) for path in SOURCES + HEADERS if not path.is_file()]
     if missing:
         return f"kernel sources missing from the installation: {', '.join(missing)}"
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
@@ -83,9 +92,58 @@ def kernel_status() -> dict[str, object]:
     return {"available": available, "reason": None if available else _unavailable_reason}
 
 
+def _load(path: Path) -> tuple[ctypes.CDLL | None, str | None]:
+    """The library at ``path`` with its signatures bound, or why it cannot be used."""
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as exc:
+        return None, f"cannot load {path}: {exc}"
+    problem = abi.bind(lib)
+    return (lib, None) if problem is None else (None, f"refusing {path}: {problem}")
+
+
+def _prebuilt() -> ctypes.CDLL | None:
+    """The library GEMMAKIT_KERNELS_LIB names, when it is set and usable (else a warning says why)."""
+    path = os.environ.get("GEMMAKIT_KERNELS_LIB")
+    if not path:
+        return None
+    lib, problem = _load(Path(path))
+    if problem is not None:
+        logger.warning("GEMMAKIT_KERNELS_LIB: %s; building the kernels from the sources instead", problem)
+    return lib
+
+
+def _built() -> ctypes.CDLL | None:
+    """The library built from this installation's sources (built now when not cached)."""
+    try:
+        source = b"".join(path.read_bytes() for path in SOURCES + HEADERS)
+    except OSError:
+        source = b""  # _build names the missing files
+    key = hashlib.sha256(source + " ".join(FLAGS).encode() + _cpu_signature().encode()).hexdigest()[:16]
+    target = _cache_dir() / f"kernels-{key}.so"
+    for attempt in range(2):
+        if not target.exists():
+            try:
+                failure = _build(target)
+            except OSError as exc:  # e.g. a read-only cache folder
+                failure = f"cannot write {target.parent}: {exc.strerror or exc}"
+            if failure is not None:
+                _unavailable(failure)
+                return None
+        lib, problem = _load(target)
+        if problem is None:
+            return lib
+        if attempt == 0:  # a damaged or stale cached file: build it once more
+            logger.warning("CPU kernels: %s; rebuilding", problem)
+            target.unlink(missing_ok=True)
+    _unavailable(problem)
+    return None
+
+
 @lru_cache(maxsize=1)
 def kernels() -> ctypes.CDLL | None:
-    """The compiled kernel library, or None when it cannot be built here."""
+    """The compiled kernel library with its signatures bound from the header, or None when it cannot be built
+    or loaded here."""
     global _unavailable_reason
     if os.environ.get("GEMMAKIT_NO_KERNELS") == "1":
         _unavailable_reason = "turned off by GEMMAKIT_NO_KERNELS=1"  # asked for: no warning
@@ -93,51 +151,4 @@ def kernels() -> ctypes.CDLL | None:
     if platform.machine() not in ("x86_64", "AMD64", "aarch64"):
         _unavailable(f"no kernels for the {platform.machine()} processor")
         return None
-    try:
-        source = b"".join(path.read_bytes() for path in SOURCES)
-    except OSError:
-        source = b""  # _build names the missing files
-    key = hashlib.sha256(source + " ".join(FLAGS).encode() + _cpu_signature().encode()).hexdigest()[:16]
-    target = _cache_dir() / f"qgemv-{key}.so"
-    if not target.exists():
-        try:
-            failure = _build(target)
-        except OSError as exc:  # e.g. a read-only cache folder
-            failure = f"cannot write {target.parent}: {exc.strerror or exc}"
-        if failure is not None:
-            _unavailable(failure)
-            return None
-    try:
-        lib = ctypes.CDLL(str(target))
-    except OSError as exc:
-        _unavailable(f"cannot load {target}: {exc}")
-        return None
-    p, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.qgemv.argtypes = [p, p, p, p, p, i64, i64, i64, i64, ctypes.c_int, ctypes.c_int]
-    lib.qgemv.restype = ctypes.c_int
-    lib.dequant_rows.argtypes = [p, p, p, ctypes.c_int, p, i64, i64, p, i64, ctypes.c_int, ctypes.c_int]
-    lib.dequant_rows.restype = None
-    lib.rms_norm.argtypes = [p, p, p, i64, i64, ctypes.c_float]
-    lib.rms_norm.restype = None
-    lib.split_blocks.argtypes = [ctypes.c_int, p, i64, i64, p, p, p, ctypes.c_int, ctypes.c_int]
-    lib.split_blocks.restype = ctypes.c_int
-    f32 = ctypes.c_float
-    lib.attn_prep.argtypes = [p, i64, i64, i64, i64, i64, ctypes.c_int, p, ctypes.c_int, p, ctypes.c_int, ctypes.c_int,
-                              f32, p, p, p, p, p, i64, p, p, ctypes.c_int]
-    lib.attn_prep.restype = None
-    lib.attend_decode.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i64, f32, f32, p, p, i64, i64,
-                                  ctypes.c_int]
-    lib.attend_decode.restype = None
-    lib.geglu.argtypes = [p, p, i64, i64, ctypes.c_int]
-    lib.geglu.restype = None
-    lib.geglu_bf16.argtypes = [p, p, i64, i64, ctypes.c_int]
-    lib.geglu_bf16.restype = None
-    lib.argmax_f32.argtypes = [p, i64]
-    lib.argmax_f32.restype = i64
-    lib.argmax_rows.argtypes = [p, i64, i64, p, ctypes.c_int]
-    lib.argmax_rows.restype = None
-    lib.mask_logits.argtypes = [p, p, i64]
-    lib.mask_logits.restype = None
-    lib.decode_layers.argtypes = [p, i64, p, p, p, i64, i64, p, p, f32, i64, ctypes.c_int]
-    lib.decode_layers.restype = ctypes.c_int
-    return lib
+    return _prebuilt() or _built()
