@@ -217,10 +217,11 @@ def write_tiny_vocab(w) -> None:
 
 
 def write_gemma4_gguf(ref, gguf_specs, path, split_experts: bool = False, drop: str | None = None,
-                      vocab=write_tiny_vocab) -> None:
+                      vocab=write_tiny_vocab, qtype: str | None = None) -> None:
     """The transformers model's weights as a llama.cpp-layout Gemma 4 GGUF (F32). ``split_experts`` writes the
     experts' gate and up halves as ``ffn_gate_exps`` / ``ffn_up_exps`` instead of one ``ffn_gate_up_exps``;
-    ``vocab(writer)`` writes the tokenizer."""
+    ``vocab(writer)`` writes the tokenizer; ``qtype`` ("Q8_0", "Q4_1", ...) stores every matrix whose rows are
+    whole 32-blocks in that type, quantized by gguf-py (bit-exact with llama.cpp's quantizer)."""
     import numpy as np
     from gguf import GGUFWriter
 
@@ -273,7 +274,14 @@ def write_gemma4_gguf(ref, gguf_specs, path, split_experts: bool = False, drop: 
             target = LLAMACPP_GEMMA4[name]
         else:
             continue
-        w.add_tensor(target, tensor.detach().float().numpy().copy())
+        array = tensor.detach().float().numpy().copy()
+        if qtype and array.ndim == 2 and array.shape[1] % 32 == 0:
+            from gguf import GGMLQuantizationType, quants
+
+            kind = GGMLQuantizationType[qtype]
+            w.add_tensor(target, quants.quantize(array, kind), raw_dtype=kind)
+            continue
+        w.add_tensor(target, array)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -181,29 +181,85 @@ def test_layer_loop_is_the_python_loop_bitwise(llm) -> None:
     assert all(torch.equal(a[row], b[row]) for row in sequences)
 
 
+def padded_decode(llm, ids: list[int], steps: int = 20) -> torch.Tensor:
+    """Logits of the two real rows of a padded batch (prompts of 13 and 6 tokens, a row of padding all along)
+    decoded ``steps`` tokens past the prompt, one token per row per step; the C layer loop must cover the model."""
+    model, lengths = llm.model, [13, 6, 0]
+    cache = KVCache(llm.config, len(lengths), 64)
+    T = max(lengths)
+    positions = torch.tensor([[t if t < n else -1 for t in range(T)] for n in lengths])
+    model(torch.tensor([ids[:T]] * len(lengths)), positions, cache)
+    assert fused._layer_table(model, cache) is not None
+    out = []
+    for step in range(steps):  # past the window of 8: rings wrap (and shared layers read wrapped rings)
+        pos = torch.tensor([[n + step] if n else [-1] for n in lengths])
+        tok = torch.tensor([[ids[(n + step) % len(ids)]] for n in lengths])
+        out.append(model.logits(model(tok, pos, cache))[:2, 0])
+    return torch.stack(out)
+
+
 @pytest.mark.parametrize("arch", list(TINY_ARCHS))
 @torch.inference_mode()
 def test_layer_loop_wraps_rings_and_skips_padding(arch, tmp_path) -> None:
     """Quantized Gemma 1, 2 (soft-capped attention) and 3 with a window of 8: a padded batch decoded past the
     window, one C call per step, gives exactly the per-piece loop's logits."""
     llm = tiny_quantized_model(tmp_path, arch)
-    model = llm.model
     assert (llm.config.attn_logit_softcapping is not None) == (arch == "gemma2")
-    lengths = [13, 6, 0]  # the last row is padding all along
-    ids = list(range(10, 60))
+    one_call, pieces = run_loops(lambda: padded_decode(llm, list(range(10, 60))))
+    assert torch.isfinite(one_call).all() and torch.equal(one_call, pieces)
+
+
+def tiny_quantized_gemma4(tmp_path, kind: str):
+    """A tiny random Gemma 4 as a llama.cpp GGUF with Q8_0 matrices: E2B-like (per-layer inputs of width 32, KV
+    sharing, double-wide MLP on the shared layers), 31B-like (K = V global layers) or 26B-A4B-like (experts)."""
+    import gemmakit
+    from test_families import build, gemma4, write_gemma4_gguf
+
+    config = gemma4(kind)
+    if kind == "e2b":
+        config.hidden_size_per_layer_input = 32  # whole Q8_0 blocks, so the PLE matrices are quantized too
+    _, ref, llm, ids = build(f"gemma4_{kind}", tmp_path / "hf", factory=lambda: config)
+    path = tmp_path / f"{kind}-q8.gguf"
+    write_gemma4_gguf(ref, llm.config.layers, path, qtype="Q8_0")
+    return gemmakit.load(path), ids
+
+
+@pytest.mark.parametrize("kind", ["e2b", "31b"])
+@torch.inference_mode()
+def test_gemma4_layer_loop_is_the_python_loop_bitwise(kind, tmp_path) -> None:
+    """Gemma 4 on the one-call C loop (per-layer inputs, KV-shared layers reading their owner's cache, K = V,
+    value norms, layer scalars, proportional RoPE on global layers): a padded batch decoded past the window gives
+    exactly the per-piece loop's logits, and those stay within rounding of the plain PyTorch path."""
+    llm, ids = tiny_quantized_gemma4(tmp_path, kind)
 
     def decode_rows() -> torch.Tensor:
-        cache = KVCache(llm.config, len(lengths), 64)
-        T = max(lengths)
-        positions = torch.tensor([[t if t < n else -1 for t in range(T)] for n in lengths])
-        model(torch.tensor([ids[:T]] * len(lengths)), positions, cache)
-        assert fused._layer_table(model, cache) is not None
-        out = []
-        for step in range(20):
-            pos = torch.tensor([[n + step] if n else [-1] for n in lengths])
-            tok = torch.tensor([[ids[(n + step) % len(ids)]] for n in lengths])
-            out.append(model.logits(model(tok, pos, cache))[:2, 0])
-        return torch.stack(out)
+        return padded_decode(llm, ids)
 
     one_call, pieces = run_loops(decode_rows)
     assert torch.isfinite(one_call).all() and torch.equal(one_call, pieces)
+    fused_path, plain = run_both(decode_rows)
+    assert (fused_path - plain).abs().max().item() <= 2e-2
+    assert torch.equal(fused_path.argmax(-1), plain.argmax(-1))
+
+
+@pytest.mark.parametrize("kind", ["e2b", "31b"])
+@torch.inference_mode()
+def test_gemma4_layer_loop_batched_is_alone(kind, tmp_path) -> None:
+    """A sequence through the C loop gives the same logits, bit for bit, alone or in ragged steps with others."""
+    from test_ragged import ragged_logits
+
+    llm, ids = tiny_quantized_gemma4(tmp_path, kind)
+    alone = ragged_logits(llm.model, llm.config, {0: [1] * 20}, {0: ids[:20]}, ring_extra=0)
+    sequences = {0: ids[:20], 2: ids[3:30], 1: ids[10:19]}
+    plans = {0: [1] * 20, 2: [3] + [1] * 24, 1: [0, 0, 2] + [1] * 7}
+    together = ragged_logits(llm.model, llm.config, plans, sequences, ring_extra=0)
+    assert torch.equal(alone[0], together[0])
+
+
+@torch.inference_mode()
+def test_gemma4_experts_stay_on_the_python_loop(tmp_path) -> None:
+    """The mixture-of-experts block has no C loop yet: such a model decodes through the per-piece loop."""
+    llm, ids = tiny_quantized_gemma4(tmp_path, "26b")
+    cache = KVCache(llm.config, 1, 64)
+    prefill(llm.model, ids[:8], cache)
+    assert fused._layer_table(llm.model, cache) is None

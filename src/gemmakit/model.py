@@ -332,7 +332,11 @@ class DecoderLayer(nn.Module):
             h = self.post_feedforward_layernorm(h)
         x = x + h
         if self.ple:
-            g = F.gelu(self.per_layer_input_gate(x), approximate="tanh") * per_layer_input
+            gate = self.per_layer_input_gate(x)
+            if fused.cpu_kernels_ok(gate) and per_layer_input.dtype == torch.float32:
+                g = fused.gelu_mul(gate, per_layer_input)  # the C layer loop's arithmetic (bitwise the same)
+            else:
+                g = F.gelu(gate, approximate="tanh") * per_layer_input
             x = x + self.post_per_layer_input_norm(self.per_layer_projection(g))
         if self.layer_scalar is not None:
             x = x * self.layer_scalar  # scales the whole residual stream
@@ -430,7 +434,8 @@ class Gemma(nn.Module):
             (positions[0] == torch.arange(T)).all()
         ):
             masks["causal"] = True
-        if cache is not None and T == 1 and fused.decode_layers(self, x, positions, rope_local, rope_global, cache):
+        if cache is not None and T == 1 and fused.decode_layers(self, x, positions, rope_local, rope_global, cache,
+                                                                ple):
             return self.norm(x)  # every layer ran in one C call
         stored: dict[int, KV] = {}  # layer index -> keys/values that later shared layers read
         for i, layer in enumerate(self.layers):

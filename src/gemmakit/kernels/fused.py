@@ -108,6 +108,16 @@ def attend(
     return out
 
 
+def gelu_mul(gate: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """gelu_tanh(gate) * other for float32 (..., n) tensors of one shape, with GeGLU's arithmetic (Gemma 4's
+    per-layer input gate; the C layer loop computes it the same way)."""
+    g, u = gate.contiguous(), other.contiguous()
+    out = torch.empty_like(g)
+    n = g.shape[-1]
+    kernels().gelu_mul(_ptr(g), _ptr(u), n, _ptr(out), g.numel() // n, n, torch.get_num_threads())
+    return out
+
+
 def geglu(gate_up: torch.Tensor) -> torch.Tensor:
     """gelu_tanh(gate) * up for a fused (..., 2F) gate|up projection -> (..., F), float32 or bfloat16."""
     F2 = gate_up.shape[-1]
@@ -138,25 +148,35 @@ def _f32_weight(norm) -> bool:
 
 
 def _layer_entry(layer, cache_layer, slots_id: int) -> _Layer | None:
-    """The C description of one decoder layer, or None when the layer needs the Python loop."""
+    """The C description of one decoder layer (``cache_layer``: the cache it reads, its owner's on a KV-shared
+    layer), or None when the layer needs the Python loop."""
     attn, mlp = layer.self_attn, layer.mlp
-    if (layer.moe or layer.ple or layer.layer_scalar is not None or attn.shared or attn.k_eq_v
-            or getattr(attn, "v_norm", None) is not None or cache_layer is None or attn.qkv_proj is None
-            or mlp.gate_up_proj is None):
+    if layer.moe or cache_layer is None or mlp.gate_up_proj is None:
         return None
-    mats = [_qmatrix(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
-    if any(m is None for m in mats) or cache_layer.k.dtype != torch.float32:
+    qkv = attn.q_proj if attn.shared else attn.qkv_proj
+    mats = [_qmatrix(m) for m in (qkv, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+    ple = [_qmatrix(layer.per_layer_input_gate), _qmatrix(layer.per_layer_projection)] if layer.ple else []
+    if any(m is None for m in mats + ple) or cache_layer.k.dtype != torch.float32:
         return None
     # The input and pre-MLP norms always run; the others are optional (None: skipped).
     modules = (layer.input_layernorm, layer.post_attention_layernorm, layer.pre_feedforward_layernorm,
-               layer.post_feedforward_layernorm, attn.q_norm, attn.k_norm)
+               layer.post_feedforward_layernorm, attn.q_norm, getattr(attn, "k_norm", None))
+    if layer.ple:
+        modules += (layer.post_per_layer_input_norm,)
     if modules[0] is None or modules[2] is None or not all(_f32_weight(n) for n in modules if n is not None):
         return None
     norms = [n.weight.data_ptr() if n is not None else None for n in modules]
+    scalar = float(layer.layer_scalar) if layer.layer_scalar is not None else 1.0
     k = cache_layer.k  # (rows, S1, Hkv, D)
-    return _Layer(*mats, *norms, k.data_ptr(), cache_layer.v.data_ptr(), cache_layer.slots.pos.data_ptr(),
-                  attn.n_heads, attn.n_kv, attn.head_dim, k.shape[1], attn.window or 0, attn.scale,
-                  attn.softcap or 0.0, slots_id, 0 if layer.spec.sliding else 1)
+    entry = _Layer(*mats, *norms[:6], k.data_ptr(), cache_layer.v.data_ptr(), cache_layer.slots.pos.data_ptr(),
+                   attn.n_heads, attn.n_kv, attn.head_dim, k.shape[1], attn.window or 0, attn.scale,
+                   attn.softcap or 0.0, slots_id, 0 if layer.spec.sliding else 1, int(attn.shared), int(attn.k_eq_v),
+                   int(getattr(attn, "v_norm", None) is not None), scalar)
+    if layer.ple:
+        P = layer.per_layer_input_gate.out_features
+        entry.ple_gate, entry.ple_proj, entry.ple_norm = ple[0], ple[1], norms[6]
+        entry.ple_offset = layer.spec.index * P
+    return entry
 
 
 def _layer_table(model, cache):
@@ -167,8 +187,10 @@ def _layer_table(model, cache):
         return cached[1]
     slot_tables: list = []  # the distinct Slots objects (one per cache size), in the order layers meet them
     entries: list | None = []
-    for layer, cache_layer in zip(model.layers, cache.layers):
+    for layer in model.layers:
         entry = None
+        owner = layer.spec.kv_source if layer.spec.kv_source is not None else layer.spec.index
+        cache_layer = cache.layers[owner]
         if cache_layer is not None:
             if not any(t is cache_layer.slots for t in slot_tables):
                 slot_tables.append(cache_layer.slots)
@@ -183,10 +205,11 @@ def _layer_table(model, cache):
     return table
 
 
-def decode_layers(model, x: torch.Tensor, positions: torch.Tensor, rope_local, rope_global, cache) -> bool:
+def decode_layers(model, x: torch.Tensor, positions: torch.Tensor, rope_local, rope_global, cache,
+                  ple: torch.Tensor | None = None) -> bool:
     """Run every decoder layer of a decode step on ``x`` (B, 1, E) in place in one C call (csrc/layers.c), after
-    ``cache.begin``; bitwise what the Python loop over the fused pieces computes. False (nothing done) when this
-    step or model is not one it covers."""
+    ``cache.begin`` (``ple``: Gemma 4's per-layer inputs (B, 1, L, P)); bitwise what the Python loop over the
+    fused pieces computes. False (nothing done) when this step or model is not one it covers."""
     if not (LAYER_LOOP and fused_decode_ok(x) and x.is_contiguous()):
         return False
     table = _layer_table(model, cache)
@@ -201,8 +224,10 @@ def decode_layers(model, x: torch.Tensor, positions: torch.Tensor, rope_local, r
     tables = [(c.contiguous(), s.contiguous()) for c, s in (rope_local, rope_global)]
     ropes = (_StepRope * 2)(*[_StepRope(c.data_ptr(), s.data_ptr()) for c, s in tables])
     rows = cache.rows.contiguous() if cache.rows is not None else None
+    ple = ple.contiguous() if ple is not None else None  # (B, 1, L, P): a row of L * P values per token
     err = kernels().decode_layers(layers, len(layers), steps, ropes, x.data_ptr(), B, x.shape[-1], qpos.data_ptr(),
-                                  _ptr(rows), model.config.rms_norm_eps, SPLIT_SLOTS, torch.get_num_threads())
+                                  _ptr(rows), _ptr(ple), ple[0].numel() if ple is not None else 0,
+                                  model.config.rms_norm_eps, SPLIT_SLOTS, torch.get_num_threads())
     if err:
         raise MemoryError(f"decode_layers failed ({err})")
     return True

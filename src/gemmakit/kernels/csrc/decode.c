@@ -376,6 +376,21 @@ void geglu_bf16(const uint16_t *gu, uint16_t *out, int64_t rows, int64_t F, int 
     geglu_rows(gu, out, rows, F, 1, threads);
 }
 
+// out (rows, n) = gelu_tanh(g) * u, with u's rows u_stride apart (Gemma 4's per-layer input gate): the same
+// arithmetic as geglu, so the C layer loop and the PyTorch-side loop agree bit for bit.
+void gelu_mul(const float *g, const float *u, int64_t u_stride, float *out, int64_t rows, int64_t n, int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static) if (rows * n >= 65536)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *gr = g + r * n, *ur = u + r * u_stride;
+        float *o = out + r * n;
+        int64_t i = 0;
+#ifdef __AVX2__
+        for (; i + 8 <= n; i += 8) _mm256_storeu_ps(o + i, geglu8(_mm256_loadu_ps(gr + i), _mm256_loadu_ps(ur + i)));
+#endif
+        for (; i < n; i++) o[i] = gelu_tanh_mul(gr[i], ur[i]);
+    }
+}
+
 // Index of the first largest value of x[0..n), or -1 when x holds a NaN (the caller then asks PyTorch, whose
 // argmax ranks NaN highest). PyTorch's own CPU argmax reads 262144 logits in ~250 us; this takes ~30.
 int64_t argmax_f32(const float *x, int64_t n) {

@@ -13,7 +13,7 @@
 
 #include <stdint.h>
 
-#define GEMMAKIT_KERNELS_ABI 2
+#define GEMMAKIT_KERNELS_ABI 3
 
 // -- structs -------------------------------------------------------------------------------------------------
 
@@ -52,6 +52,15 @@ typedef struct {
     float softcap;  // 0: none
     int32_t slots_id;  // which StepSlots of this step the layer uses
     int32_t rope_id;  // which StepRope
+    // Gemma 4
+    int32_t shared;  // KV sharing: kc, vc, slot_pos are the owner layer's; qkv holds q only; no cache write
+    int32_t k_eq_v;  // the raw key projection is also the value (qkv holds q|k)
+    int32_t v_norm;  // weightless RMSNorm on the values
+    float layer_scalar;  // the residual stream is scaled by it at the end of the layer (1: none)
+    QMatrix ple_gate;  // per-layer input: E -> P (q NULL: the model has none)
+    QMatrix ple_proj;  // P -> E
+    const float *ple_norm;
+    int64_t ple_offset;  // where this layer's P values start in a token's per-layer input row
 } Layer;
 
 // Per decode step, for each slot table: the slot of each token (B,) and how many slots attention scans.
@@ -117,13 +126,14 @@ void attend_decode(const float *q, const float *kc, const float *vc, const int64
                    int64_t parts, int threads);
 void geglu(const float *gu, float *out, int64_t rows, int64_t F, int threads);
 void geglu_bf16(const uint16_t *gu, uint16_t *out, int64_t rows, int64_t F, int threads);
+void gelu_mul(const float *g, const float *u, int64_t u_stride, float *out, int64_t rows, int64_t n, int threads);
 int64_t argmax_f32(const float *x, int64_t n);
 void mask_logits(float *x, const int32_t *bits, int64_t n);
 
 // layers.c: every decoder layer of a decode step in one call.
 int decode_layers(const Layer *layers, int64_t L, const StepSlots *slots, const StepRope *ropes, float *x,
-                  int64_t B, int64_t E, const int64_t *qpos, const int64_t *rows, float eps, int64_t chunk,
-                  int threads);
+                  int64_t B, int64_t E, const int64_t *qpos, const int64_t *rows, const float *ple,
+                  int64_t ple_stride, float eps, int64_t chunk, int threads);
 
 // sample.c: the next token of each row of logits (rows, V).
 int sample_rows(float *logits, int64_t rows, int64_t V, const SampleRow *params, int64_t *out, int threads);
