@@ -39,8 +39,9 @@ def _add_model_args(p: argparse.ArgumentParser, context_default: str = "the mode
                                          "models folder (see `gemmakit models`); default: the bundled Gemma 3 270M")
     p.add_argument("--threads", "-t", type=int, help=f"CPU threads, 1-{os.cpu_count()} (default: all cores)")
     p.add_argument("--context-length", "-c", type=int, help=f"most tokens per sequence (default: {context_default})")
-    p.add_argument("--quant", default="auto", choices=["auto", "int8", "fp32", "bf16"],
-                   help="GGUF weights in memory: auto/int8 keep them quantized (default), fp32/bf16 dequantize")
+    p.add_argument("--quant", default="auto", choices=["auto", "int8", "int4", "fp32", "bf16"],
+                   help="GGUF weights in memory: auto/int8 keep them quantized (default), fp32/bf16 dequantize; "
+                        "a Hugging Face folder: int8/int4 quantize its matrices while loading")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:

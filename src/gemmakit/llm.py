@@ -469,7 +469,9 @@ def load(
         dtype: for HF folders, None (the checkpoint's dtype), "float32", "bfloat16" or "float16".
         quant: for GGUF files, "auto" (default: quantized matrices stay int8 with per-group scales, read by a
             compiled CPU kernel; prompt matmuls in bfloat16 on CPUs with native bf16), "int8" (the same with
-            float32 prompt matmuls), "fp32" or "bf16" (dequantize everything at load).
+            float32 prompt matmuls), "fp32" or "bf16" (dequantize everything at load). For Hugging Face folders,
+            "auto" keeps the float weights (see dtype), "int8" / "int4" quantize the matrices while loading
+            (Q8_0 / Q4_1, the same weights as a GGUF of that type; peak memory near the quantized size).
         memory_budget: bytes the weights may take; a larger model fails with ModelTooLargeError before any
             weight is allocated.
         context_length: most tokens (prompt + generated) per sequence; defaults to the model's maximum.
@@ -484,11 +486,11 @@ def load(
             raise InvalidParameterError(f"threads={threads}: must be >= 1")
         torch.set_num_threads(threads)
     if path is not None and Path(path).is_dir():
-        if quant != "auto" or memory_budget is not None:
+        if quant not in ("auto", "int8", "int4") or memory_budget is not None:
             raise InvalidParameterError(
-                f"{path}: quant= and memory_budget= apply to GGUF files; for a Hugging Face folder choose dtype="
-            )
-        loaded = _load_hf_folder(Path(path), dtype)
+                f"{path}: memory_budget= and quant={quant!r} apply to GGUF files; for a Hugging Face folder choose "
+                "dtype=, or quant='int8' / 'int4'")
+        loaded = _load_hf_folder(Path(path), dtype, None if quant == "auto" else quant)
     else:
         if dtype is not None:
             raise InvalidParameterError(f"dtype={dtype!r}: for GGUF files choose the precision with quant=")
@@ -505,9 +507,9 @@ def load(
     return LLM(model, tokenizer, config, file, ctx, template, SamplingParams(**recommended))
 
 
-def _load_hf_folder(folder: Path, dtype: str | None) -> tuple:
+def _load_hf_folder(folder: Path, dtype: str | None, quant: str | None) -> tuple:
     """(model, config, tokenizer, path, chat template, recommended sampling) of a Hugging Face folder."""
-    model, config = load_hf_model(folder, dtype)
+    model, config = load_hf_model(folder, dtype, quant)
     tokenizer = HFTokenizer.from_folder(folder)
     recommended = checkpoint_defaults(generation_config=read_generation_config(folder))
     return model, config, tokenizer, folder, find_checkpoint_template(folder=folder), recommended

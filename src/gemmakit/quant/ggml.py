@@ -212,7 +212,7 @@ _KERNEL_SPLIT = {T.Q8_0: (32, False), T.Q4_0: (32, False), T.Q5_0: (32, False), 
 # super-block scale by small integers, which float16 cannot always hold, so they stay float32.
 FP16_SCALE_TYPES = {T.Q8_0, T.Q4_0, T.Q5_0, T.Q4_1, T.Q5_1}
 # Formats of unsigned 4-bit values (with mins): packed two to a byte, half the memory of the int8 layout.
-NIBBLE_TYPES = {T.Q4_K}
+NIBBLE_TYPES = {T.Q4_K, T.Q4_1}
 
 
 def _split_with_kernel(raw: torch.Tensor, qtype: T, rows: int, K: int):

@@ -15,7 +15,8 @@ from ..quant.ggml import QUANTIZED_TYPES, SUPPORTED_TYPES, dequantize, split_pac
 from ..quant.linear import (QuantEmbedding, QuantLinear, QuantWeight, cpu_has_native_bf16, fuse_projections,
                             set_prefill_dtype)
 from .gguf import GGUFFile
-from .hf import iter_tensors, read_config, safetensor_files
+from ..quant.convert import QUANT_TYPES, quantizable, quantize_matrix
+from .hf import iter_tensors, read_config, read_rows, safetensor_files, tensor_entries
 from .names import GGUF_CONFIG_TENSORS, gguf_to_gemmakit, hf_to_gemmakit, is_shifted_norm, split_part
 
 logger = logging.getLogger(__name__)
@@ -121,13 +122,8 @@ def load_gguf_model(
     for base, slots in parts.items():
         if all(t is not None for t in slots):
             state[base] = torch.cat(slots, dim=1)  # type: ignore[arg-type]
-    missing = sorted(set(expected) - set(state) - set(quantized))
-    if missing:
-        raise WeightError(f"{gguf.path}: missing tensors for {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
-    for ours, weight in quantized.items():
-        owner, attr = _module_and_attr(model, ours)
-        wrapper = QuantEmbedding if isinstance(getattr(owner, attr), torch.nn.Embedding) else QuantLinear
-        setattr(owner, attr, wrapper(weight))
+    _check_complete(gguf.path, expected, state, quantized)
+    _install_quantized(model, quantized)
     model.load_state_dict(state, assign=True, strict=True)
     # Only the model may hold the weights now: fusing frees the unfused parts, and the trim below can return
     # their pages only if nothing else still references them (measured: 34 MB more resident otherwise).
@@ -164,40 +160,34 @@ def _shared_kv_leftover(config: GemmaConfig, ours: str) -> bool:
     return False
 
 
-def load_hf_model(folder: Path, dtype: str | None = None) -> tuple[Gemma, GemmaConfig]:
+def load_hf_model(folder: Path, dtype: str | None = None, quant: str | None = None) -> tuple[Gemma, GemmaConfig]:
     """Build a model from a Hugging Face folder (config.json + safetensors), in the asked dtype.
 
     ``dtype`` None keeps the checkpoint's own dtype. Norm weights stay float32 (they are tiny and the
-    reference applies them in float32).
+    reference applies them in float32). ``quant`` "int8" / "int4" quantizes the matrices while loading
+    (see :func:`load_hf_quantized`).
 
     Raises:
         ModelNotFoundError, CorruptFileError, UnsupportedModelError, WeightError, InvalidParameterError.
     """
     if dtype is not None and dtype not in DTYPES:
         raise InvalidParameterError(f"dtype={dtype!r}: use None, {', '.join(DTYPES)}")
-    config = config_from_hf(read_config(folder), str(folder / "config.json"))
-    with torch.device("meta"):
-        model = Gemma(config)
-    expected = {name: p for name, p in model.named_parameters()}
-    shift = config.architecture in ("gemma", "gemma2", "gemma3")
+    if quant is not None:
+        if dtype is not None:
+            raise InvalidParameterError(f"dtype={dtype!r} and quant={quant!r}: choose one (with quant=, the "
+                                        "matrices are quantized and the other weights are float32)")
+        return load_hf_quantized(folder, quant)
+    config, model, expected, shift = _empty_hf_model(folder)
     state: dict[str, torch.Tensor] = {}
     for name, tensor, file in iter_tensors(safetensor_files(folder)):
-        ours = hf_to_gemmakit(name, config.architecture)
-        if ours == "" or (ours is not None and _shared_kv_leftover(config, ours)):
+        ours = _hf_target(config, expected, name, tuple(tensor.shape), file)
+        if ours is None:
             continue
-        if ours is None or ours not in expected:
-            raise WeightError(f"{file}: unexpected tensor {name!r} (not part of a {config.architecture} text model)")
-        if tuple(tensor.shape) != tuple(expected[ours].shape):
-            raise WeightError(
-                f"{file}: tensor {name!r} has shape {list(tensor.shape)}, expected {list(expected[ours].shape)}"
-            )
         if is_shifted_norm(ours):
             state[ours] = tensor.float() + 1.0 if shift else tensor.float()
         else:
             state[ours] = tensor.to(DTYPES[dtype]) if dtype else tensor
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        raise WeightError(f"{folder}: missing tensors for {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
+    _check_complete(folder, expected, state)
     if len({t.dtype for n, t in state.items() if not is_shifted_norm(n)}) > 1:
         target = DTYPES[dtype] if dtype else torch.float32
         state = {n: (t if is_shifted_norm(n) else t.to(target)) for n, t in state.items()}
@@ -206,3 +196,67 @@ def load_hf_model(folder: Path, dtype: str | None = None) -> tuple[Gemma, GemmaC
     model.eval()
     return model, config
 
+
+def _empty_hf_model(folder: Path) -> tuple[GemmaConfig, Gemma, dict, bool]:
+    """(config, the model on the meta device, its parameters by name, whether norms are stored as w - 1)."""
+    config = config_from_hf(read_config(folder), str(folder / "config.json"))
+    with torch.device("meta"):
+        model = Gemma(config)
+    return config, model, dict(model.named_parameters()), config.architecture in ("gemma", "gemma2", "gemma3")
+
+
+def _hf_target(config: GemmaConfig, expected: dict, name: str, shape: tuple[int, ...], file: Path) -> str | None:
+    """The parameter a checkpoint tensor fills (None: one to skip), after checking it belongs and fits."""
+    ours = hf_to_gemmakit(name, config.architecture)
+    if ours == "" or (ours is not None and _shared_kv_leftover(config, ours)):
+        return None
+    if ours is None or ours not in expected:
+        raise WeightError(f"{file}: unexpected tensor {name!r} (not part of a {config.architecture} text model)")
+    if shape != tuple(expected[ours].shape):
+        raise WeightError(f"{file}: tensor {name!r} has shape {list(shape)}, expected {list(expected[ours].shape)}")
+    return ours
+
+
+def _check_complete(source, expected, *filled) -> None:
+    missing = sorted(set(expected) - set().union(*filled))
+    if missing:
+        raise WeightError(f"{source}: missing tensors for {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
+
+
+def load_hf_quantized(folder: Path, quant: str) -> tuple[Gemma, GemmaConfig]:
+    """A Hugging Face folder with its matrices quantized while loading: "int8" (Q8_0) or "int4" (Q4_1), the same
+    packed layouts as a GGUF of those types (quant/convert.py). Each matrix is read a slice of rows at a time with
+    file reads (not a memory map), so the peak memory stays near the quantized size, never the bf16 model's. The
+    other weights (norms, scalars, matrices whose rows are not whole 32-blocks) are float32."""
+    if quant not in QUANT_TYPES:
+        raise InvalidParameterError(f"quant={quant!r}: for a Hugging Face folder use 'int8' or 'int4' (or dtype=)")
+    config, model, expected, shift = _empty_hf_model(folder)
+    state: dict[str, torch.Tensor] = {}
+    quantized: dict[str, QuantWeight] = {}
+    for entry in tensor_entries(safetensor_files(folder)):
+        ours = _hf_target(config, expected, entry.name, entry.shape, entry.file)
+        if ours is None:
+            continue
+        owner, attr = _module_and_attr(model, ours)
+        if quantizable(entry.shape) and isinstance(getattr(owner, attr), (torch.nn.Linear, torch.nn.Embedding)):
+            quantized[ours] = quantize_matrix(lambda a, b, e=entry: read_rows(e, a, b), *entry.shape, quant)
+        else:
+            tensor = read_rows(entry).float()
+            state[ours] = tensor + 1.0 if shift and is_shifted_norm(ours) else tensor
+    _check_complete(folder, expected, state, quantized)
+    _install_quantized(model, quantized)
+    model.load_state_dict(state, assign=True, strict=True)
+    del state, quantized
+    fuse_projections(model)
+    release_freed_memory()
+    model.init_buffers()
+    model.eval()
+    return model, config
+
+
+def _install_quantized(model: Gemma, quantized: dict[str, QuantWeight]) -> None:
+    """Put each quantized weight in place of the float module it replaces."""
+    for ours, weight in quantized.items():
+        owner, attr = _module_and_attr(model, ours)
+        wrapper = QuantEmbedding if isinstance(getattr(owner, attr), torch.nn.Embedding) else QuantLinear
+        setattr(owner, attr, wrapper(weight))
