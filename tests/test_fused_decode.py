@@ -209,9 +209,10 @@ def test_layer_loop_wraps_rings_and_skips_padding(arch, tmp_path) -> None:
     assert torch.isfinite(one_call).all() and torch.equal(one_call, pieces)
 
 
-def tiny_quantized_gemma4(tmp_path, kind: str):
-    """A tiny random Gemma 4 as a llama.cpp GGUF with Q8_0 matrices: E2B-like (per-layer inputs of width 32, KV
-    sharing, double-wide MLP on the shared layers), 31B-like (K = V global layers) or 26B-A4B-like (experts)."""
+def tiny_quantized_gemma4(tmp_path, kind: str, qtypes: dict | None = None):
+    """A tiny random Gemma 4 as a llama.cpp GGUF with Q8_0 matrices (``qtypes``: other types for some, see
+    write_gemma4_gguf): E2B-like (per-layer inputs of width 32, KV sharing, double-wide MLP on the shared layers),
+    31B-like (K = V global layers) or 26B-A4B-like (experts)."""
     import gemmakit
     from test_families import build, gemma4, write_gemma4_gguf
 
@@ -220,17 +221,20 @@ def tiny_quantized_gemma4(tmp_path, kind: str):
         config.hidden_size_per_layer_input = 32  # whole Q8_0 blocks, so the PLE matrices are quantized too
     _, ref, llm, ids = build(f"gemma4_{kind}", tmp_path / "hf", factory=lambda: config)
     path = tmp_path / f"{kind}-q8.gguf"
-    write_gemma4_gguf(ref, llm.config.layers, path, qtype="Q8_0")
+    write_gemma4_gguf(ref, llm.config.layers, path, qtype="Q8_0", qtypes=qtypes)
     return gemmakit.load(path), ids
 
 
-@pytest.mark.parametrize("kind", ["e2b", "31b"])
+@pytest.mark.parametrize("kind,qtypes", [("e2b", None), ("31b", None), ("e2b", {"attn_v.weight": "Q4_1"})],
+                         ids=["e2b", "31b", "e2b-unfused-qkv"])
 @torch.inference_mode()
-def test_gemma4_layer_loop_is_the_python_loop_bitwise(kind, tmp_path) -> None:
+def test_gemma4_layer_loop_is_the_python_loop_bitwise(kind, qtypes, tmp_path) -> None:
     """Gemma 4 on the one-call C loop (per-layer inputs, KV-shared layers reading their owner's cache, K = V,
-    value norms, layer scalars, proportional RoPE on global layers): a padded batch decoded past the window gives
+    value norms, layer scalars, proportional RoPE on global layers; q, k and v apart when their formats cannot
+    be stacked, as llama.cpp's Q4_K_M files mix Q4_K and Q6_K): a padded batch decoded past the window gives
     exactly the per-piece loop's logits, and those stay within rounding of the plain PyTorch path."""
-    llm, ids = tiny_quantized_gemma4(tmp_path, kind)
+    llm, ids = tiny_quantized_gemma4(tmp_path, kind, qtypes)
+    assert (llm.model.layers[0].self_attn.qkv_proj is None) == bool(qtypes)
 
     def decode_rows() -> torch.Tensor:
         return padded_decode(llm, ids)

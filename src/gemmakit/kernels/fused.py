@@ -153,10 +153,13 @@ def _layer_entry(layer, cache_layer, slots_id: int) -> _Layer | None:
     attn, mlp = layer.self_attn, layer.mlp
     if layer.moe or cache_layer is None or mlp.gate_up_proj is None:
         return None
-    qkv = attn.q_proj if attn.shared else attn.qkv_proj
+    # q|k|v as one matrix, or (formats that cannot be stacked: Q4_K q and k beside a Q6_K v) q, k and v apart
+    separate = not attn.shared and attn.qkv_proj is None
+    qkv = attn.q_proj if attn.shared or separate else attn.qkv_proj
     mats = [_qmatrix(m) for m in (qkv, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+    kv = [_qmatrix(attn.k_proj)] + ([_qmatrix(attn.v_proj)] if attn.v_proj is not None else []) if separate else []
     ple = [_qmatrix(layer.per_layer_input_gate), _qmatrix(layer.per_layer_projection)] if layer.ple else []
-    if any(m is None for m in mats + ple) or cache_layer.k.dtype != torch.float32:
+    if any(m is None for m in mats + kv + ple) or cache_layer.k.dtype != torch.float32:
         return None
     # The input and pre-MLP norms always run; the others are optional (None: skipped).
     modules = (layer.input_layernorm, layer.post_attention_layernorm, layer.pre_feedforward_layernorm,
@@ -166,12 +169,16 @@ def _layer_entry(layer, cache_layer, slots_id: int) -> _Layer | None:
     if modules[0] is None or modules[2] is None or not all(_f32_weight(n) for n in modules if n is not None):
         return None
     norms = [n.weight.data_ptr() if n is not None else None for n in modules]
-    scalar = float(layer.layer_scalar) if layer.layer_scalar is not None else 1.0
+    scalar = float(layer.layer_scalar.detach()) if layer.layer_scalar is not None else 1.0
     k = cache_layer.k  # (rows, S1, Hkv, D)
     entry = _Layer(*mats, *norms[:6], k.data_ptr(), cache_layer.v.data_ptr(), cache_layer.slots.pos.data_ptr(),
                    attn.n_heads, attn.n_kv, attn.head_dim, k.shape[1], attn.window or 0, attn.scale,
                    attn.softcap or 0.0, slots_id, 0 if layer.spec.sliding else 1, int(attn.shared), int(attn.k_eq_v),
                    int(getattr(attn, "v_norm", None) is not None), scalar)
+    if separate:
+        entry.k_sep = kv[0]
+        if len(kv) > 1:
+            entry.v_sep = kv[1]
     if layer.ple:
         P = layer.per_layer_input_gate.out_features
         entry.ple_gate, entry.ple_proj, entry.ple_norm = ple[0], ple[1], norms[6]

@@ -13,7 +13,7 @@
 
 #include <stdint.h>
 
-#define GEMMAKIT_KERNELS_ABI 3
+#define GEMMAKIT_KERNELS_ABI 4
 
 // -- structs -------------------------------------------------------------------------------------------------
 
@@ -61,6 +61,8 @@ typedef struct {
     QMatrix ple_proj;  // P -> E
     const float *ple_norm;
     int64_t ple_offset;  // where this layer's P values start in a token's per-layer input row
+    QMatrix k_sep;  // q NULL: qkv holds q|k|v fused; else qkv holds q only and k (and v) come from these
+    QMatrix v_sep;  // (projections of different formats, e.g. Q4_K q and k with a Q6_K v, cannot fuse)
 } Layer;
 
 // Per decode step, for each slot table: the slot of each token (B,) and how many slots attention scans.

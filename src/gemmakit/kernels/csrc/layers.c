@@ -45,14 +45,33 @@ static int per_layer_input(const Layer *ly, float *x, const float *ple, int64_t 
     return 0;
 }
 
+// q|k|v rows of h (B, E) into proj: one matmul when fused, else q, k and v apart (q into qbuf, k and v into
+// kvbuf) and then laid side by side, as the Python side concatenates them. Returns the row width, or -1.
+static int64_t project_qkv(const Layer *ly, const float *h, float *proj, float *qbuf, float *kvbuf, int64_t B,
+                           int threads) {
+    if (!ly->k_sep.q) return matmul(&ly->qkv, h, proj, B, threads) ? -1 : ly->qkv.N;
+    int64_t nq = ly->qkv.N, nk = ly->k_sep.N, nv = ly->v_sep.q ? ly->v_sep.N : 0, width = nq + nk + nv;
+    if (matmul(&ly->qkv, h, qbuf, B, threads) || matmul(&ly->k_sep, h, kvbuf, B, threads) ||
+        (nv && matmul(&ly->v_sep, h, kvbuf + B * nk, B, threads)))
+        return -1;
+    for (int64_t b = 0; b < B; b++) {
+        float *row = proj + b * width;
+        for (int64_t i = 0; i < nq; i++) row[i] = qbuf[b * nq + i];
+        for (int64_t i = 0; i < nk; i++) row[nq + i] = kvbuf[b * nk + i];
+        for (int64_t i = 0; i < nv; i++) row[nq + nk + i] = kvbuf[B * nk + b * nv + i];
+    }
+    return width;
+}
+
 // The attention half of a layer: x += post_norm(attention(norm(x)) W_o).
 static int attention_block(const Layer *ly, const StepSlots *st, const StepRope *rp, float *x, float *h, float *tmp,
-                           float *proj, float *q, float *att, float *scratch, int64_t B, int64_t E,
+                           float *proj, float *q, float *att, float *kvbuf, float *scratch, int64_t B, int64_t E,
                            const int64_t *qpos, const int64_t *rows, float eps, int64_t chunk, int threads) {
     rms_norm(x, ly->in_norm, h, B, E, eps);
-    int err = matmul(&ly->qkv, h, proj, B, threads);
-    if (err) return err;
-    attn_prep(proj, ly->qkv.N, B, ly->H, ly->Hkv, ly->D, ly->k_eq_v, ly->q_norm_w, ly->q_norm_w != NULL,
+    int64_t width = project_qkv(ly, h, proj, att, kvbuf, B, threads);
+    if (width < 0) return 1;
+    int err;
+    attn_prep(proj, width, B, ly->H, ly->Hkv, ly->D, ly->k_eq_v, ly->q_norm_w, ly->q_norm_w != NULL,
               ly->k_norm_w, ly->k_norm_w != NULL, ly->v_norm, eps, rp->cos, rp->ssin, q,
               ly->shared ? NULL : ly->kc, ly->shared ? NULL : ly->vc, ly->S1, st->slot, rows, threads);
     attend_decode(q, ly->kc, ly->vc, ly->slot_pos, qpos, rows, B, ly->H, ly->Hkv, ly->D, ly->S1, st->n_slots,
@@ -70,10 +89,13 @@ static int attention_block(const Layer *ly, const StepSlots *st, const StepRope 
 int decode_layers(const Layer *layers, int64_t L, const StepSlots *slots, const StepRope *ropes, float *x,
                   int64_t B, int64_t E, const int64_t *qpos, const int64_t *rows, const float *ple,
                   int64_t ple_stride, float eps, int64_t chunk, int threads) {
-    int64_t width = 0, ffn = 0, attn = 0, scratch_n = 0, P = 0;
+    int64_t width = 0, ffn = 0, attn = 0, scratch_n = 0, P = 0, kv = 1;
     for (int64_t l = 0; l < L; l++) {
         const Layer *ly = &layers[l];
-        if (ly->qkv.N > width) width = ly->qkv.N;
+        int64_t nkv = ly->k_sep.q ? ly->k_sep.N + (ly->v_sep.q ? ly->v_sep.N : 0) : 0;
+        if (ly->qkv.N + nkv > width) width = ly->qkv.N + nkv;
+        if (nkv > kv) kv = nkv;
+        if (ly->qkv.N > attn) attn = ly->qkv.N;
         if (ly->gate_up.N > ffn) ffn = ly->gate_up.N;
         if (ly->H * ly->D > attn) attn = ly->H * ly->D;
         if (ly->ple_gate.q && ly->ple_gate.N > P) P = ly->ple_gate.N;
@@ -85,12 +107,12 @@ int decode_layers(const Layer *layers, int64_t L, const StepSlots *slots, const 
     float *q = malloc(sizeof(float) * B * attn), *att = malloc(sizeof(float) * B * attn);
     float *act = malloc(sizeof(float) * B * (ffn / 2 > P ? ffn / 2 : P));
     float *scratch = malloc(sizeof(float) * scratch_n);
-    float *g = malloc(sizeof(float) * B * (P ? P : 1));
-    int err = !h || !tmp || !proj || !q || !att || !act || !scratch || !g;
+    float *g = malloc(sizeof(float) * B * (P ? P : 1)), *kvbuf = malloc(sizeof(float) * B * kv);
+    int err = !h || !tmp || !proj || !q || !att || !act || !scratch || !g || !kvbuf;
     for (int64_t l = 0; l < L && !err; l++) {
         const Layer *ly = &layers[l];
-        err = attention_block(ly, &slots[ly->slots_id], &ropes[ly->rope_id], x, h, tmp, proj, q, att, scratch, B, E,
-                              qpos, rows, eps, chunk, threads);
+        err = attention_block(ly, &slots[ly->slots_id], &ropes[ly->rope_id], x, h, tmp, proj, q, att, kvbuf, scratch,
+                              B, E, qpos, rows, eps, chunk, threads);
         if (err) break;
         rms_norm(x, ly->pre_ffn_norm, h, B, E, eps);
         if ((err = matmul(&ly->gate_up, h, proj, B, threads))) break;
@@ -102,6 +124,6 @@ int decode_layers(const Layer *layers, int64_t L, const StepSlots *slots, const 
         if (ly->layer_scalar != 1.f)
             for (int64_t i = 0; i < B * E; i++) x[i] = x[i] * ly->layer_scalar;
     }
-    free(h), free(tmp), free(proj), free(q), free(att), free(act), free(scratch), free(g);
+    free(h), free(tmp), free(proj), free(q), free(att), free(act), free(scratch), free(g), free(kvbuf);
     return err;
 }
