@@ -388,7 +388,7 @@ def test_gguf_only_options_are_refused_for_hf_folders(tmp_path) -> None:
     from gemmakit.errors import InvalidParameterError
 
     build("gemma1", tmp_path)
-    with pytest.raises(InvalidParameterError, match="quant= and memory_budget= apply to GGUF files"):
-        gemmakit.load(tmp_path, quant="int8")
+    with pytest.raises(InvalidParameterError, match="quant='bf16' apply to GGUF files"):
+        gemmakit.load(tmp_path, quant="bf16")  # HF folders take dtype=, or int8 / int4 (tests/test_quant_hf.py)
     with pytest.raises(InvalidParameterError, match="apply to GGUF files"):
         gemmakit.load(tmp_path, memory_budget=10**9)

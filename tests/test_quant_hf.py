@@ -65,6 +65,9 @@ def test_quantize_at_load_equals_the_gguf_of_that_type(e2b, quant) -> None:
     layer = quantized.model.layers[0]
     assert layer.self_attn.qkv_proj.qweight.bits == (4 if quant == "int4" else 8)
     assert type(quantized.model.embed_tokens_per_layer).__name__ == "QuantEmbedding"
+    # The GGUF's per-layer-input table stays in the file's map, its rows dequantized from their blocks as
+    # looked up: the same values as the packed copy the folder's load makes.
+    assert type(from_gguf.model.embed_tokens_per_layer).__name__ == "MappedEmbedding"
     assert torch.equal(quantized.logits(ids), from_gguf.logits(ids))
     # And close to the float model: the cost of the format, measured in next-token NLL over the sequence.
     float_logits = llm.logits(ids)

@@ -239,6 +239,26 @@ class QuantEmbedding(nn.Module):
         return self.qweight.matmul(hidden)
 
 
+class MappedEmbedding(nn.Module):
+    """An embedding table read straight from the checkpoint's memory map: the rows a lookup needs are dequantized
+    from their GGML blocks, the table itself is never converted, copied or made resident (Gemma 4's per-layer
+    input table: 262,144 x 8,960 values on E2B, of which a token reads one row)."""
+
+    def __init__(self, raw: torch.Tensor, qtype, shape: tuple[int, int]) -> None:
+        super().__init__()
+        self.raw = raw  # (rows, bytes per row) uint8, a view of the map; not a buffer: nothing copies it
+        self.qtype = qtype
+        self.num_embeddings, self.embedding_dim = shape
+        self.compute_dtype = torch.float32
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (...) -> (..., embedding_dim) float32
+        from .ggml import dequantize
+
+        unique, inverse = torch.unique(ids.reshape(-1), return_inverse=True)
+        rows = dequantize(self.raw[unique], self.qtype, (unique.numel(), self.embedding_dim))
+        return rows[inverse].view(*ids.shape, self.embedding_dim)
+
+
 def concat_weights(weights: list[QuantWeight]) -> QuantWeight | None:
     """Stack matrices with the same input width and group layout into one (one kernel call instead of several)."""
     first = weights[0]

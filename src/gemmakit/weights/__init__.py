@@ -12,8 +12,8 @@ from ..config import GemmaConfig, config_from_gguf, config_from_hf
 from ..errors import InvalidParameterError, ModelTooLargeError, UnsupportedModelError, WeightError
 from ..model import Gemma
 from ..quant.ggml import QUANTIZED_TYPES, SUPPORTED_TYPES, dequantize, split_packed
-from ..quant.linear import (QuantEmbedding, QuantLinear, QuantWeight, cpu_has_native_bf16, fuse_projections,
-                            set_prefill_dtype)
+from ..quant.linear import (MappedEmbedding, QuantEmbedding, QuantLinear, QuantWeight, cpu_has_native_bf16,
+                            fuse_projections, set_prefill_dtype)
 from .gguf import GGUFFile
 from ..quant.convert import QUANT_TYPES, quantizable, quantize_matrix
 from .hf import iter_tensors, read_config, read_rows, safetensor_files, tensor_entries
@@ -30,6 +30,8 @@ def _raw_tensor(gguf: GGUFFile, name: str) -> torch.Tensor:
 
 
 QUANT_MODES = ("auto", "int8", "fp32", "bf16")
+# Tables read a row at a time and never as a whole: they stay in the file's map (quant/linear.MappedEmbedding).
+MAPPED_TABLES = {"embed_tokens_per_layer.weight"}
 
 
 def _module_and_attr(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
@@ -94,6 +96,7 @@ def load_gguf_model(
     expected = {name: p.shape for name, p in model.named_parameters()}
     state: dict[str, torch.Tensor] = {}
     quantized: dict[str, QuantWeight] = {}
+    mapped: set[str] = set()
     parts: dict[str, list[torch.Tensor | None]] = {}  # parameters stored as several tensors, stacked on dim 1
     for name, info in gguf.tensors.items():
         if name in GGUF_CONFIG_TENSORS:
@@ -113,6 +116,11 @@ def load_gguf_model(
         if part:
             slots = parts.setdefault(base, [None] * part[2])
             slots[part[1]] = dequantize(_raw_tensor(gguf, name), info.ggml_type, info.shape, name).to(dtype)
+        elif ours in MAPPED_TABLES and quant in ("auto", "int8"):
+            owner, attr = _module_and_attr(model, ours)
+            setattr(owner, attr, MappedEmbedding(_raw_tensor(gguf, name), info.ggml_type, tuple(info.shape)))
+            mapped.add(ours)
+            continue  # its pages stay mapped (not released): lookups read them
         elif _keeps_quantized(quant, info, ours, model):
             quantized[ours] = QuantWeight.from_packed(*split_packed(_raw_tensor(gguf, name), info.ggml_type, info.shape),
                                                       *info.shape)
@@ -122,7 +130,7 @@ def load_gguf_model(
     for base, slots in parts.items():
         if all(t is not None for t in slots):
             state[base] = torch.cat(slots, dim=1)  # type: ignore[arg-type]
-    _check_complete(gguf.path, expected, state, quantized)
+    _check_complete(gguf.path, expected, state, quantized, mapped)
     _install_quantized(model, quantized)
     model.load_state_dict(state, assign=True, strict=True)
     # Only the model may hold the weights now: fusing frees the unfused parts, and the trim below can return
