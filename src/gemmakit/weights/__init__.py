@@ -78,19 +78,9 @@ def load_gguf_model(
     """
     if quant not in QUANT_MODES:
         raise InvalidParameterError(f"quant={quant!r}: supported modes are {', '.join(QUANT_MODES)}")
-    if memory_budget is not None:
-        need = estimate_bytes(gguf, quant)
-        if need > memory_budget:
-            raise ModelTooLargeError(
-                f"{gguf.path}: the weights need about {need / 2**20:.0f} MiB with quant={quant!r}, more than the "
-                f"memory budget of {memory_budget / 2**20:.0f} MiB"
-            )
+    _check_budget(gguf, quant, memory_budget)
     dtype = torch.bfloat16 if quant == "bf16" else torch.float32
-    rope_freqs = None
-    if "rope_freqs.weight" in gguf.tensors:
-        info = gguf.tensors["rope_freqs.weight"]
-        rope_freqs = dequantize(_raw_tensor(gguf, "rope_freqs.weight"), info.ggml_type, info.shape).tolist()
-    config = config_from_gguf(gguf.metadata, str(gguf.path), gguf.tensors, rope_freqs)
+    config = _gguf_config(gguf)
     with torch.device("meta"):
         model = Gemma(config)
     expected = {name: p.shape for name, p in model.named_parameters()}
@@ -101,18 +91,7 @@ def load_gguf_model(
     for name, info in gguf.tensors.items():
         if name in GGUF_CONFIG_TENSORS:
             continue
-        ours = gguf_to_gemmakit(name)
-        part = split_part(ours) if ours is not None else None
-        base = part[0] if part else ours
-        if base is None or base not in expected:
-            raise WeightError(f"{gguf.path}: unexpected tensor {name!r} (not part of a {config.architecture} model)")
-        want = list(expected[base])
-        if part:
-            want[1] //= part[2]
-        if list(info.shape) != want:
-            raise WeightError(f"{gguf.path}: tensor {name!r} has shape {list(info.shape)}, expected {want}")
-        if info.ggml_type not in SUPPORTED_TYPES:
-            raise UnsupportedModelError(f"{gguf.path}: tensor {name!r} has unsupported type {info.ggml_type.name}")
+        ours, part, base = _gguf_target(gguf, config, expected, name, info)
         if part:
             slots = parts.setdefault(base, [None] * part[2])
             slots[part[1]] = dequantize(_raw_tensor(gguf, name), info.ggml_type, info.shape, name).to(dtype)
@@ -143,6 +122,42 @@ def load_gguf_model(
     model.init_buffers()  # RoPE tables were created on the meta device
     model.eval()
     return model, config
+
+
+def _check_budget(gguf: GGUFFile, quant: str, memory_budget: int | None) -> None:
+    if memory_budget is not None:
+        need = estimate_bytes(gguf, quant)
+        if need > memory_budget:
+            raise ModelTooLargeError(
+                f"{gguf.path}: the weights need about {need / 2**20:.0f} MiB with quant={quant!r}, more than the "
+                f"memory budget of {memory_budget / 2**20:.0f} MiB"
+            )
+
+
+def _gguf_config(gguf: GGUFFile) -> GemmaConfig:
+    rope_freqs = None
+    if "rope_freqs.weight" in gguf.tensors:
+        info = gguf.tensors["rope_freqs.weight"]
+        rope_freqs = dequantize(_raw_tensor(gguf, "rope_freqs.weight"), info.ggml_type, info.shape).tolist()
+    return config_from_gguf(gguf.metadata, str(gguf.path), gguf.tensors, rope_freqs)
+
+
+def _gguf_target(gguf: GGUFFile, config: GemmaConfig, expected: dict, name: str, info) -> tuple:
+    """(our parameter name, its part (name, k, n) when stored in n pieces or None, the parameter it fills), after
+    checking that the tensor belongs to the model, fits its shape and has a supported type."""
+    ours = gguf_to_gemmakit(name)
+    part = split_part(ours) if ours is not None else None
+    base = part[0] if part else ours
+    if base is None or base not in expected:
+        raise WeightError(f"{gguf.path}: unexpected tensor {name!r} (not part of a {config.architecture} model)")
+    want = list(expected[base])
+    if part:
+        want[1] //= part[2]
+    if list(info.shape) != want:
+        raise WeightError(f"{gguf.path}: tensor {name!r} has shape {list(info.shape)}, expected {want}")
+    if info.ggml_type not in SUPPORTED_TYPES:
+        raise UnsupportedModelError(f"{gguf.path}: tensor {name!r} has unsupported type {info.ggml_type.name}")
+    return ours, part, base
 
 
 def release_freed_memory() -> None:
