@@ -162,6 +162,7 @@ def test_layer_loop_is_the_python_loop_bitwise(llm) -> None:
     from test_ragged import ragged_logits
 
     ids = llm.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 6, add_bos=True)
+    assert llm.model.decode_path == fused.LAYER_LOOP_PATH
 
     def decode_all() -> torch.Tensor:
         cache = KVCache(llm.config, 1, 256)
@@ -264,6 +265,8 @@ def test_gemma4_layer_loop_batched_is_alone(kind, tmp_path) -> None:
 def test_gemma4_experts_stay_on_the_python_loop(tmp_path) -> None:
     """The mixture-of-experts block has no C loop yet: such a model decodes through the per-piece loop."""
     llm, ids = tiny_quantized_gemma4(tmp_path, "26b")
+    assert llm.model.decode_path == ("C pieces, layer by layer (layer 0: its mixture-of-experts block has no C loop "
+                                     "yet)")  # decided at load, shown by `gemmakit bench`
     cache = KVCache(llm.config, 1, 64)
     prefill(llm.model, ids[:8], cache)
     assert fused._layer_table(llm.model, cache) is None

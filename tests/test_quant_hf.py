@@ -62,6 +62,8 @@ def test_quantize_at_load_equals_the_gguf_of_that_type(e2b, quant) -> None:
     write_gemma4_gguf(ref, llm.config.layers, path, qtype=QTYPES[quant])
     from_gguf = gemmakit.load(path)
     quantized = gemmakit.load(folder / "hf", quant=quant)
+    assert quantized.model.decode_path == "C layer loop"
+    assert llm.model.decode_path.startswith("C pieces, layer by layer (layer 0: a matrix is not quantized")
     layer = quantized.model.layers[0]
     assert layer.self_attn.qkv_proj.qweight.bits == (4 if quant == "int4" else 8)
     assert type(quantized.model.embed_tokens_per_layer).__name__ == "QuantEmbedding"

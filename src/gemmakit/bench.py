@@ -142,6 +142,7 @@ def run_bench(path: str | None = None, prompt_tokens: int = 512, decode_tokens: 
         "decode_tok_s": decode_tokens / decode_s,
         "ttft_s": ttft_s,
         "kernels": kernels_label(),
+        "decode_path": llm.model.decode_path,
     }
 
 

@@ -371,6 +371,9 @@ class Gemma(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, E, _weight=torch.empty(config.vocab_size, E))
         self.layers = nn.ModuleList(DecoderLayer(config, spec) for spec in config.layers)
         self.norm = RMSNorm(E, config.rms_norm_eps)
+        # How decode steps run (the C layer loop, C pieces per layer, PyTorch), chosen by the loader once the
+        # weights are in place (kernels/fused.choose_decode_path); None until then.
+        self.decode_path: str | None = None
         if config.hidden_size_per_layer_input:
             L, P = config.num_hidden_layers, config.hidden_size_per_layer_input
             self.embed_tokens_per_layer = nn.Embedding(

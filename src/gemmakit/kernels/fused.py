@@ -147,27 +147,54 @@ def _f32_weight(norm) -> bool:
     return w is not None and w.dtype == torch.float32 and w.is_contiguous()
 
 
-def _layer_entry(layer, cache_layer, slots_id: int) -> _Layer | None:
-    """The C description of one decoder layer (``cache_layer``: the cache it reads, its owner's on a KV-shared
-    layer), or None when the layer needs the Python loop."""
+LAYER_LOOP_PATH = "C layer loop"  # Gemma.decode_path when every layer runs in the one-call loop
+
+
+def _layer_parts(layer) -> tuple | str:
+    """What the C loop needs of a layer that the model alone decides: (main matrices, k and v apart, per-layer
+    input matrices, norm modules), or why the layer cannot run there."""
     attn, mlp = layer.self_attn, layer.mlp
-    if layer.moe or cache_layer is None or mlp.gate_up_proj is None:
-        return None
+    if layer.moe:
+        return "its mixture-of-experts block has no C loop yet"
     # q|k|v as one matrix, or (formats that cannot be stacked: Q4_K q and k beside a Q6_K v) q, k and v apart
     separate = not attn.shared and attn.qkv_proj is None
     qkv = attn.q_proj if attn.shared or separate else attn.qkv_proj
     mats = [_qmatrix(m) for m in (qkv, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
     kv = [_qmatrix(attn.k_proj)] + ([_qmatrix(attn.v_proj)] if attn.v_proj is not None else []) if separate else []
     ple = [_qmatrix(layer.per_layer_input_gate), _qmatrix(layer.per_layer_projection)] if layer.ple else []
-    if any(m is None for m in mats + kv + ple) or cache_layer.k.dtype != torch.float32:
-        return None
+    if any(m is None for m in mats + kv + ple):  # gate and up also unfused (float weights) comes here
+        return "a matrix is not quantized in a 16- or 32-group format"
     # The input and pre-MLP norms always run; the others are optional (None: skipped).
     modules = (layer.input_layernorm, layer.post_attention_layernorm, layer.pre_feedforward_layernorm,
                layer.post_feedforward_layernorm, attn.q_norm, getattr(attn, "k_norm", None))
     if layer.ple:
         modules += (layer.post_per_layer_input_norm,)
     if modules[0] is None or modules[2] is None or not all(_f32_weight(n) for n in modules if n is not None):
+        return "a norm weight is not float32"
+    return mats, kv, ple, modules
+
+
+def choose_decode_path(model) -> str:
+    """How the decode steps of a loaded model run, decided once at load (Gemma.decode_path): the one-call C
+    layer loop, the C pieces called layer by layer (with the first layer that keeps it from the loop, and why),
+    or PyTorch without compiled kernels."""
+    if kernels() is None:
+        return "PyTorch (no compiled kernels)"
+    for i, layer in enumerate(model.layers):
+        parts = _layer_parts(layer)
+        if isinstance(parts, str):
+            return f"C pieces, layer by layer (layer {i}: {parts})"
+    return LAYER_LOOP_PATH
+
+
+def _layer_entry(layer, cache_layer, slots_id: int) -> _Layer | None:
+    """The C description of one decoder layer (``cache_layer``: the cache it reads, its owner's on a KV-shared
+    layer), or None when the layer needs the Python loop."""
+    parts = _layer_parts(layer)
+    if isinstance(parts, str) or cache_layer is None or cache_layer.k.dtype != torch.float32:
         return None
+    mats, kv, ple, modules = parts
+    attn, separate = layer.self_attn, bool(kv)
     norms = [n.weight.data_ptr() if n is not None else None for n in modules]
     scalar = float(layer.layer_scalar.detach()) if layer.layer_scalar is not None else 1.0
     k = cache_layer.k  # (rows, S1, Hkv, D)
@@ -189,6 +216,8 @@ def _layer_entry(layer, cache_layer, slots_id: int) -> _Layer | None:
 def _layer_table(model, cache):
     """(ctypes array of the layers, the distinct slot tables they use), built once per model and cache; None
     when some layer needs the Python loop."""
+    if model.decode_path not in (None, LAYER_LOOP_PATH):
+        return None  # decided at load: some layer needs the Python loop
     cached = getattr(cache, "_fused_layers", None)
     if cached is not None and cached[0] is model:
         return cached[1]

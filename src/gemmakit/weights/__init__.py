@@ -10,6 +10,7 @@ import torch
 
 from ..config import GemmaConfig, config_from_gguf, config_from_hf
 from ..errors import InvalidParameterError, ModelTooLargeError, UnsupportedModelError, WeightError
+from ..kernels.fused import choose_decode_path
 from ..model import Gemma
 from ..quant.ggml import QUANTIZED_TYPES, SUPPORTED_TYPES, dequantize, split_packed
 from ..quant.linear import (MappedEmbedding, QuantEmbedding, QuantLinear, QuantWeight, cpu_has_native_bf16,
@@ -119,9 +120,17 @@ def load_gguf_model(
     if quant == "auto" and cpu_has_native_bf16():
         set_prefill_dtype(model, torch.bfloat16)  # int8 keeps float32 prefill matmuls
     release_freed_memory()
-    model.init_buffers()  # RoPE tables were created on the meta device
+    return _ready(model), config
+
+
+def _ready(model: Gemma) -> Gemma:
+    """The last steps of every load: RoPE tables (created on the meta device), eval mode, and the decode path
+    chosen once for the model (kernels/fused.choose_decode_path), logged."""
+    model.init_buffers()
     model.eval()
-    return model, config
+    model.decode_path = choose_decode_path(model)
+    logger.info("decode path: %s", model.decode_path)
+    return model
 
 
 def _check_budget(gguf: GGUFFile, quant: str, memory_budget: int | None) -> None:
@@ -215,9 +224,7 @@ def load_hf_model(folder: Path, dtype: str | None = None, quant: str | None = No
         target = DTYPES[dtype] if dtype else torch.float32
         state = {n: (t if is_shifted_norm(n) else t.to(target)) for n, t in state.items()}
     model.load_state_dict(state, assign=True, strict=True)
-    model.init_buffers()
-    model.eval()
-    return model, config
+    return _ready(model), config
 
 
 def _empty_hf_model(folder: Path) -> tuple[GemmaConfig, Gemma, dict, bool]:
@@ -272,9 +279,7 @@ def load_hf_quantized(folder: Path, quant: str) -> tuple[Gemma, GemmaConfig]:
     del state, quantized
     fuse_projections(model)
     release_freed_memory()
-    model.init_buffers()
-    model.eval()
-    return model, config
+    return _ready(model), config
 
 
 def _install_quantized(model: Gemma, quantized: dict[str, QuantWeight]) -> None:
