@@ -21,6 +21,9 @@ from . import __version__
 from .errors import GemmakitError, InvalidParameterError
 from .sampling import SamplingParams
 
+# `gemmakit quantize --type` (convert.writer.GGUF_TYPES, listed here so --help needs no torch import)
+GGUF_TYPE_CHOICES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K_S", "Q3_K_M",
+                     "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K")
 SAMPLING_FLAGS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
                   "frequency_penalty", "seed", "stop", "ignore_eos", "logprobs")
 
@@ -407,6 +410,29 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .convert import quantize_folder
+
+    cpus = os.cpu_count() or 1
+    if args.threads is not None:
+        if not 1 <= args.threads <= cpus:
+            raise InvalidParameterError(f"--threads {args.threads}: must be in [1, {cpus}]")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+
+    def progress(name: str, done: int, total: int) -> None:
+        print(f"\r[{done}/{total}] {name:<48}", end="" if done < total else "\n", file=sys.stderr, flush=True)
+
+    out = quantize_folder(Path(args.folder), Path(args.output), args.type, progress=progress, threads=args.threads)
+    print(f"wrote {out} ({_human_size(out.stat().st_size)}, {args.type}) in {time.perf_counter() - started:.0f} s",
+          file=sys.stderr)
+    return 0
+
+
 def _check_port_free(host: str, port: int) -> None:
     """Fail now, not after loading the model, when the address cannot be listened on."""
     import socket
@@ -572,6 +598,16 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", parents=[parent], help="list the default model and the models folder")
     models.add_argument("--json", action="store_true")
     models.set_defaults(func=cmd_models)
+
+    quantize = sub.add_parser("quantize", parents=[parent],
+                              help="write a Hugging Face folder as a GGUF in llama.cpp's layout (Q8_0, Q4_K_M, ...)")
+    quantize.add_argument("folder", help="a Hugging Face model folder (config.json, safetensors, tokenizer)")
+    quantize.add_argument("--output", "-o", required=True, help="the GGUF file to write")
+    quantize.add_argument("--type", default="Q8_0", choices=GGUF_TYPE_CHOICES,
+                          help="tensor type (default Q8_0); the K-quant mixes use llama.cpp's quantizer "
+                               "(llama-cpp-python)")
+    quantize.add_argument("--threads", "-t", type=int, help=f"CPU threads, 1-{os.cpu_count()} (default: all cores)")
+    quantize.set_defaults(func=cmd_quantize)
 
     show = sub.add_parser("show", parents=[parent], help="architecture, quantization, context, chat template")
     show.add_argument("model_arg", nargs="?", metavar="MODEL", help="path or name (default: the bundled model)")

@@ -24,7 +24,7 @@ from .stringtable import StringTable, as_string_table
 
 # GGUF token types (llama.cpp) use the same numbering as SentencePiece piece types.
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
-_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>$")
+BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>$")
 
 
 class _Vocabulary:
@@ -286,7 +286,7 @@ def _partition(text: str, specials: list[tuple[str, int]]) -> list[str | int]:
 
 def _piece_bytes(piece: str, ptype: int) -> bytes:
     if ptype == BYTE:
-        m = _BYTE_PIECE.match(piece)
+        m = BYTE_PIECE.match(piece)
         if m:
             return bytes([int(m.group(1), 16)])
     return piece.replace("\u2581", " ").encode("utf-8")
@@ -441,4 +441,4 @@ def _hf_piece_type(piece: str, special: set[str]) -> int:
         return USER_DEFINED
     if piece in special:
         return CONTROL
-    return BYTE if _BYTE_PIECE.match(piece) else NORMAL
+    return BYTE if BYTE_PIECE.match(piece) else NORMAL

@@ -49,11 +49,6 @@ SLICE_VALUES = 1 << 18  # float values quantized at a time: 1 MiB of float32, ~6
 _QUANTIZERS = {"int8": (q8_0_blocks, 8), "int4": (q4_1_blocks, 4)}
 
 
-def quantizable(shape: tuple[int, ...]) -> bool:
-    """Whether a matrix of this shape can be quantized (rows of whole blocks)."""
-    return len(shape) == 2 and shape[1] % BLOCK == 0 and shape[0] > 0
-
-
 def quantize_matrix(read_rows: Callable[[int, int], torch.Tensor], rows: int, K: int, kind: str) -> QuantWeight:
     """The (rows, K) matrix that ``read_rows(start, stop)`` gives slice by slice, as a :class:`QuantWeight` of
     ``kind`` ("int8" or "int4")."""
@@ -70,3 +65,56 @@ def quantize_matrix(read_rows: Callable[[int, int], torch.Tensor], rows: int, K:
             if buffer is not None:
                 buffer[start // 16 : start // 16 + part.shape[0]] = part
     return QuantWeight.from_packed(out[0], out[1], out[2], BLOCK, bits, rows, K)
+
+
+# -- GGUF block bytes ---------------------------------------------------------------------------------------
+
+def q8_0_bytes(x: torch.Tensor) -> torch.Tensor:
+    """Float32 rows (rows, K) as GGUF Q8_0 blocks, (rows, K/32 * 34) uint8: an fp16 scale, then 32 int8."""
+    q, d, _ = q8_0_blocks(x)
+    rows, nb = d.shape
+    return torch.cat([d.contiguous().view(torch.uint8).view(rows, nb, 2),
+                      q.view(torch.uint8).view(rows, nb, BLOCK)], dim=-1).view(rows, -1)
+
+
+def q4_1_bytes(x: torch.Tensor) -> torch.Tensor:
+    """Float32 rows (rows, K) as GGUF Q4_1 blocks, (rows, K/32 * 20) uint8: fp16 scale and min, then 16 bytes
+    whose low nibbles hold values 0-15 and high nibbles values 16-31."""
+    q, d, neg_min = q4_1_blocks(x)
+    assert neg_min is not None
+    rows, nb = d.shape
+    v = q.view(rows, nb, BLOCK).to(torch.uint8)
+    nibbles = v[..., :16] | (v[..., 16:] << 4)
+    return torch.cat([d.contiguous().view(torch.uint8).view(rows, nb, 2),
+                      (-neg_min).contiguous().view(torch.uint8).view(rows, nb, 2), nibbles], dim=-1).view(rows, -1)
+
+
+# Parameters whose rows are whole 32-blocks but that stay float: llama.cpp keeps the MoE router (ffn_gate_inp)
+# in float32 too, since a rounded router can pick other experts.
+KEPT_FLOAT = ("router.proj.weight",)
+# Gemma 4's stacked expert matrices (experts, rows, K): quantized row by row like any matrix.
+EXPERT_MATRICES = ("experts.gate_up_proj", "experts.down_proj")
+
+
+def quantized_parameter(name: str, shape: tuple[int, ...], is_matrix_module: bool) -> bool:
+    """Whether a parameter is stored quantized (GGUF writer and quantize-at-load alike): the weight of a linear
+    or embedding module, or an expert stack, whose rows are whole blocks, and not one of :data:`KEPT_FLOAT`."""
+    if name.endswith(KEPT_FLOAT) or not shape or shape[-1] % BLOCK or 0 in shape:
+        return False
+    if name.endswith(EXPERT_MATRICES):
+        return len(shape) == 3
+    return len(shape) == 2 and is_matrix_module
+
+
+BYTE_PACKERS = {"Q8_0": q8_0_bytes, "Q4_1": q4_1_bytes}
+
+
+def quantized_values(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """``x`` (..., K) rounded through the blocks of ``kind`` ("int8" / "int4") and read back as float32 exactly as
+    the GGUF loader reads those blocks."""
+    from .ggml import dequantize
+    from gguf import GGMLQuantizationType
+
+    qtype = QUANT_TYPES[kind]
+    raw = BYTE_PACKERS[qtype](x.float().reshape(-1, x.shape[-1]).contiguous())
+    return dequantize(raw.reshape(-1), GGMLQuantizationType[qtype], tuple(x.shape))

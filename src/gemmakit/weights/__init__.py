@@ -16,7 +16,7 @@ from ..quant.ggml import QUANTIZED_TYPES, SUPPORTED_TYPES, dequantize, split_pac
 from ..quant.linear import (MappedEmbedding, QuantEmbedding, QuantLinear, QuantWeight, cpu_has_native_bf16,
                             fuse_projections, set_prefill_dtype)
 from .gguf import GGUFFile
-from ..quant.convert import QUANT_TYPES, quantizable, quantize_matrix
+from ..quant.convert import QUANT_TYPES, quantize_matrix, quantized_parameter, quantized_values
 from .hf import iter_tensors, read_config, read_rows, safetensor_files, tensor_entries
 from .names import GGUF_CONFIG_TENSORS, gguf_to_gemmakit, hf_to_gemmakit, is_shifted_norm, split_part
 
@@ -35,7 +35,7 @@ QUANT_MODES = ("auto", "int8", "fp32", "bf16")
 MAPPED_TABLES = {"embed_tokens_per_layer.weight"}
 
 
-def _module_and_attr(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
+def module_and_attr(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
     path, _, leaf = name.rpartition(".")  # "layers.0.self_attn.q_proj.weight" -> module q_proj, leaf "weight"
     owner_path, _, attr = path.rpartition(".")
     return (model.get_submodule(owner_path) if owner_path else model), attr
@@ -47,7 +47,7 @@ def _keeps_quantized(quant: str, info, ours: str, model: torch.nn.Module) -> boo
         return False
     if not ours.endswith(".weight"):
         return False
-    owner, attr = _module_and_attr(model, ours)
+    owner, attr = module_and_attr(model, ours)
     return isinstance(getattr(owner, attr), (torch.nn.Linear, torch.nn.Embedding))
 
 
@@ -97,7 +97,7 @@ def load_gguf_model(
             slots = parts.setdefault(base, [None] * part[2])
             slots[part[1]] = dequantize(_raw_tensor(gguf, name), info.ggml_type, info.shape, name).to(dtype)
         elif ours in MAPPED_TABLES and quant in ("auto", "int8"):
-            owner, attr = _module_and_attr(model, ours)
+            owner, attr = module_and_attr(model, ours)
             setattr(owner, attr, MappedEmbedding(_raw_tensor(gguf, name), info.ggml_type, tuple(info.shape)))
             mapped.add(ours)
             continue  # its pages stay mapped (not released): lookups read them
@@ -110,7 +110,7 @@ def load_gguf_model(
     for base, slots in parts.items():
         if all(t is not None for t in slots):
             state[base] = torch.cat(slots, dim=1)  # type: ignore[arg-type]
-    _check_complete(gguf.path, expected, state, quantized, mapped)
+    check_complete(gguf.path, expected, state, quantized, mapped)
     _install_quantized(model, quantized)
     model.load_state_dict(state, assign=True, strict=True)
     # Only the model may hold the weights now: fusing frees the unfused parts, and the trim below can return
@@ -209,17 +209,17 @@ def load_hf_model(folder: Path, dtype: str | None = None, quant: str | None = No
             raise InvalidParameterError(f"dtype={dtype!r} and quant={quant!r}: choose one (with quant=, the "
                                         "matrices are quantized and the other weights are float32)")
         return load_hf_quantized(folder, quant)
-    config, model, expected, shift = _empty_hf_model(folder)
+    config, model, expected, shift = empty_hf_model(folder)
     state: dict[str, torch.Tensor] = {}
     for name, tensor, file in iter_tensors(safetensor_files(folder)):
-        ours = _hf_target(config, expected, name, tuple(tensor.shape), file)
+        ours = hf_target(config, expected, name, tuple(tensor.shape), file)
         if ours is None:
             continue
         if is_shifted_norm(ours):
             state[ours] = tensor.float() + 1.0 if shift else tensor.float()
         else:
             state[ours] = tensor.to(DTYPES[dtype]) if dtype else tensor
-    _check_complete(folder, expected, state)
+    check_complete(folder, expected, state)
     if len({t.dtype for n, t in state.items() if not is_shifted_norm(n)}) > 1:
         target = DTYPES[dtype] if dtype else torch.float32
         state = {n: (t if is_shifted_norm(n) else t.to(target)) for n, t in state.items()}
@@ -227,7 +227,7 @@ def load_hf_model(folder: Path, dtype: str | None = None, quant: str | None = No
     return _ready(model), config
 
 
-def _empty_hf_model(folder: Path) -> tuple[GemmaConfig, Gemma, dict, bool]:
+def empty_hf_model(folder: Path) -> tuple[GemmaConfig, Gemma, dict, bool]:
     """(config, the model on the meta device, its parameters by name, whether norms are stored as w - 1)."""
     config = config_from_hf(read_config(folder), str(folder / "config.json"))
     with torch.device("meta"):
@@ -235,7 +235,7 @@ def _empty_hf_model(folder: Path) -> tuple[GemmaConfig, Gemma, dict, bool]:
     return config, model, dict(model.named_parameters()), config.architecture in ("gemma", "gemma2", "gemma3")
 
 
-def _hf_target(config: GemmaConfig, expected: dict, name: str, shape: tuple[int, ...], file: Path) -> str | None:
+def hf_target(config: GemmaConfig, expected: dict, name: str, shape: tuple[int, ...], file: Path) -> str | None:
     """The parameter a checkpoint tensor fills (None: one to skip), after checking it belongs and fits."""
     ours = hf_to_gemmakit(name, config.architecture)
     if ours == "" or (ours is not None and _shared_kv_leftover(config, ours)):
@@ -247,7 +247,7 @@ def _hf_target(config: GemmaConfig, expected: dict, name: str, shape: tuple[int,
     return ours
 
 
-def _check_complete(source, expected, *filled) -> None:
+def check_complete(source, expected, *filled) -> None:
     missing = sorted(set(expected) - set().union(*filled))
     if missing:
         raise WeightError(f"{source}: missing tensors for {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
@@ -257,23 +257,28 @@ def load_hf_quantized(folder: Path, quant: str) -> tuple[Gemma, GemmaConfig]:
     """A Hugging Face folder with its matrices quantized while loading: "int8" (Q8_0) or "int4" (Q4_1), the same
     packed layouts as a GGUF of those types (quant/convert.py). Each matrix is read a slice of rows at a time with
     file reads (not a memory map), so the peak memory stays near the quantized size, never the bf16 model's. The
-    other weights (norms, scalars, matrices whose rows are not whole 32-blocks) are float32."""
+    other weights (norms, scalars, the MoE router, matrices whose rows are not whole 32-blocks) are float32."""
     if quant not in QUANT_TYPES:
         raise InvalidParameterError(f"quant={quant!r}: for a Hugging Face folder use 'int8' or 'int4' (or dtype=)")
-    config, model, expected, shift = _empty_hf_model(folder)
+    config, model, expected, shift = empty_hf_model(folder)
     state: dict[str, torch.Tensor] = {}
     quantized: dict[str, QuantWeight] = {}
     for entry in tensor_entries(safetensor_files(folder)):
-        ours = _hf_target(config, expected, entry.name, entry.shape, entry.file)
+        ours = hf_target(config, expected, entry.name, entry.shape, entry.file)
         if ours is None:
             continue
-        owner, attr = _module_and_attr(model, ours)
-        if quantizable(entry.shape) and isinstance(getattr(owner, attr), (torch.nn.Linear, torch.nn.Embedding)):
-            quantized[ours] = quantize_matrix(lambda a, b, e=entry: read_rows(e, a, b), *entry.shape, quant)
-        else:
+        owner, attr = module_and_attr(model, ours)
+        is_matrix = isinstance(getattr(owner, attr), (torch.nn.Linear, torch.nn.Embedding))
+        if not quantized_parameter(ours, entry.shape, is_matrix):
             tensor = read_rows(entry).float()
             state[ours] = tensor + 1.0 if shift and is_shifted_norm(ours) else tensor
-    _check_complete(folder, expected, state, quantized)
+        elif is_matrix:
+            quantized[ours] = quantize_matrix(lambda a, b, e=entry: read_rows(e, a, b), *entry.shape, quant)
+        else:
+            # Expert stacks hold the values their GGUF blocks hold, as float32 until the MoE kernels read packed
+            # experts (the GGUF loader dequantizes them the same way).
+            state[ours] = quantized_values(read_rows(entry), quant)
+    check_complete(folder, expected, state, quantized)
     _install_quantized(model, quantized)
     model.load_state_dict(state, assign=True, strict=True)
     del state, quantized
@@ -285,6 +290,6 @@ def load_hf_quantized(folder: Path, quant: str) -> tuple[Gemma, GemmaConfig]:
 def _install_quantized(model: Gemma, quantized: dict[str, QuantWeight]) -> None:
     """Put each quantized weight in place of the float module it replaces."""
     for ours, weight in quantized.items():
-        owner, attr = _module_and_attr(model, ours)
+        owner, attr = module_and_attr(model, ours)
         wrapper = QuantEmbedding if isinstance(getattr(owner, attr), torch.nn.Embedding) else QuantLinear
         setattr(owner, attr, wrapper(weight))

@@ -66,16 +66,27 @@ def _compile(table: dict[str, str]) -> list[tuple[re.Pattern[str], str]]:
     return rules
 
 
-_GGUF_RULES = _compile(GGUF_TO_GEMMAKIT)
-
-
-def gguf_to_gemmakit(name: str) -> str | None:
-    """Our parameter name for a GGUF tensor name, or None if the table has no row for it."""
-    for pattern, dst in _GGUF_RULES:
+def _apply(rules: list[tuple[re.Pattern[str], str]], name: str) -> str | None:
+    for pattern, dst in rules:
         m = pattern.match(name)
         if m:
             return dst.format(i=m.group("i")) if "i" in m.groupdict() else dst
     return None
+
+
+_GGUF_RULES = _compile(GGUF_TO_GEMMAKIT)
+# gemmakit name -> the GGUF name llama.cpp's converter writes (the parameters split in two above are written whole).
+_GEMMAKIT_RULES = _compile({ours: src for src, ours in GGUF_TO_GEMMAKIT.items() if split_part(ours) is None})
+
+
+def gguf_to_gemmakit(name: str) -> str | None:
+    """Our parameter name for a GGUF tensor name, or None if the table has no row for it."""
+    return _apply(_GGUF_RULES, name)
+
+
+def gemmakit_to_gguf(ours: str) -> str | None:
+    """The GGUF (llama.cpp) tensor name of one of our parameters, or None if the table has no row for it."""
+    return _apply(_GEMMAKIT_RULES, ours)
 
 
 # Hugging Face checkpoints: our module tree mirrors transformers', so a text weight's name is ours behind one of
