@@ -220,8 +220,8 @@ def write_gemma4_gguf(ref, gguf_specs, path, split_experts: bool = False, drop: 
                       vocab=write_tiny_vocab, qtype: str | None = None, qtypes: dict | None = None) -> None:
     """The transformers model's weights as a llama.cpp-layout Gemma 4 GGUF (F32). ``split_experts`` writes the
     experts' gate and up halves as ``ffn_gate_exps`` / ``ffn_up_exps`` instead of one ``ffn_gate_up_exps``;
-    ``vocab(writer)`` writes the tokenizer; ``qtype`` ("Q8_0", "Q4_1", ...) stores every matrix whose rows are
-    whole 32-blocks in that type, quantized by gguf-py (bit-exact with llama.cpp's quantizer); ``qtypes`` maps
+    ``vocab(writer)`` writes the tokenizer; ``qtype`` ("Q8_0", "Q4_1", ...) stores every matrix (and expert stack)
+    whose rows are whole 32-blocks in that type, quantized by gguf-py (bit-exact with llama.cpp's quantizer); ``qtypes`` maps
     a tensor name's ending (``"attn_v.weight"``) to another type for those tensors."""
     import numpy as np
     from gguf import GGUFWriter
@@ -277,7 +277,7 @@ def write_gemma4_gguf(ref, gguf_specs, path, split_experts: bool = False, drop: 
             continue
         array = tensor.detach().float().numpy().copy()
         chosen = next((t for end, t in (qtypes or {}).items() if target.endswith(end)), qtype)
-        if chosen and array.ndim == 2 and array.shape[1] % 32 == 0:
+        if chosen and array.ndim in (2, 3) and array.shape[-1] % 32 == 0:  # 3-D: expert stacks, row by row
             from gguf import GGMLQuantizationType, quants
 
             kind = GGMLQuantizationType[chosen]

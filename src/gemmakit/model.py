@@ -272,7 +272,11 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(n, 2 * F_, E))  # gate rows, then up rows
         self.down_proj = nn.Parameter(torch.empty(n, E, F_))
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                one_token_rows: bool = False) -> torch.Tensor:
+        """x (N, E) the tokens, weights and ids (N, k) their experts -> (N, E). Each expert runs once on all of
+        its tokens. ``one_token_rows``: the tokens are the rows of a decode step (quantized experts use it to keep
+        each row's arithmetic independent of the others)."""
         out = torch.zeros_like(x)  # (N, E)
         for expert in torch.unique(ids).tolist():
             token, slot = torch.where(ids == expert)
@@ -346,7 +350,7 @@ class DecoderLayer(nn.Module):
         # The router reads the un-normalized residual; the experts read their own pre-norm of it.
         flat = residual.reshape(-1, residual.shape[-1])
         weights, ids = self.router(flat)
-        out = self.experts(self.pre_feedforward_layernorm_2(flat), weights, ids)
+        out = self.experts(self.pre_feedforward_layernorm_2(flat), weights, ids, residual.shape[-2] == 1)
         return self.post_feedforward_layernorm_2(out.reshape(residual.shape))
 
 

@@ -107,14 +107,3 @@ def quantized_parameter(name: str, shape: tuple[int, ...], is_matrix_module: boo
 
 
 BYTE_PACKERS = {"Q8_0": q8_0_bytes, "Q4_1": q4_1_bytes}
-
-
-def quantized_values(x: torch.Tensor, kind: str) -> torch.Tensor:
-    """``x`` (..., K) rounded through the blocks of ``kind`` ("int8" / "int4") and read back as float32 exactly as
-    the GGUF loader reads those blocks."""
-    from .ggml import dequantize
-    from gguf import GGMLQuantizationType
-
-    qtype = QUANT_TYPES[kind]
-    raw = BYTE_PACKERS[qtype](x.float().reshape(-1, x.shape[-1]).contiguous())
-    return dequantize(raw.reshape(-1), GGMLQuantizationType[qtype], tuple(x.shape))

@@ -259,6 +259,31 @@ class MappedEmbedding(nn.Module):
         return rows[inverse].view(*ids.shape, self.embedding_dim)
 
 
+class QuantExperts(nn.Module):
+    """Gemma 4's expert stacks with every expert's matrices quantized (a :class:`QuantWeight` each): a decode
+    token reads only its top-k experts' packed rows, and a prompt chunk's tokens are grouped by expert, so each
+    selected expert's weights are read once per step. The arithmetic is :class:`~gemmakit.model.Experts`'s."""
+
+    def __init__(self, gate_up: list[QuantWeight], down: list[QuantWeight]) -> None:
+        super().__init__()
+        self.gate_up = nn.ModuleList(gate_up)  # expert e: (2F, E), gate rows then up rows
+        self.down = nn.ModuleList(down)  # expert e: (E, F)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                one_token_rows: bool = False) -> torch.Tensor:  # (N, E), (N, k), (N, k) -> (N, E)
+        out = torch.zeros_like(x)
+        for expert in torch.unique(ids).tolist():
+            token, slot = torch.where(ids == expert)
+            rows = x[token]
+            if one_token_rows:  # (n, 1, E): through the integer kernel, each row computed alone (batch invariance)
+                rows = rows.unsqueeze(1)
+            gate, up = self.gate_up[expert].matmul(rows).reshape(len(token), -1).chunk(2, dim=-1)
+            h = F.gelu(gate, approximate="tanh") * up
+            y = self.down[expert].matmul(h.unsqueeze(1) if one_token_rows else h).reshape(len(token), -1)
+            out.index_add_(0, token, y * weights[token, slot, None])
+        return out
+
+
 def concat_weights(weights: list[QuantWeight]) -> QuantWeight | None:
     """Stack matrices with the same input width and group layout into one (one kernel call instead of several)."""
     first = weights[0]

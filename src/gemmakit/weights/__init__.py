@@ -13,10 +13,10 @@ from ..errors import InvalidParameterError, ModelTooLargeError, UnsupportedModel
 from ..kernels.fused import choose_decode_path
 from ..model import Gemma
 from ..quant.ggml import QUANTIZED_TYPES, SUPPORTED_TYPES, dequantize, split_packed
-from ..quant.linear import (MappedEmbedding, QuantEmbedding, QuantLinear, QuantWeight, cpu_has_native_bf16,
-                            fuse_projections, set_prefill_dtype)
+from ..quant.linear import (MappedEmbedding, QuantEmbedding, QuantExperts, QuantLinear, QuantWeight,
+                            cpu_has_native_bf16, fuse_projections, set_prefill_dtype)
 from .gguf import GGUFFile
-from ..quant.convert import QUANT_TYPES, quantize_matrix, quantized_parameter, quantized_values
+from ..quant.convert import EXPERT_MATRICES, QUANT_TYPES, quantize_matrix, quantized_parameter
 from .hf import iter_tensors, read_config, read_rows, safetensor_files, tensor_entries
 from .names import GGUF_CONFIG_TENSORS, gguf_to_gemmakit, hf_to_gemmakit, is_shifted_norm, split_part
 
@@ -89,6 +89,7 @@ def load_gguf_model(
     quantized: dict[str, QuantWeight] = {}
     mapped: set[str] = set()
     parts: dict[str, list[torch.Tensor | None]] = {}  # parameters stored as several tensors, stacked on dim 1
+    experts: dict[str, list[QuantWeight]] = {}  # expert stacks kept quantized, one matrix per expert
     for name, info in gguf.tensors.items():
         if name in GGUF_CONFIG_TENSORS:
             continue
@@ -104,14 +105,15 @@ def load_gguf_model(
         elif _keeps_quantized(quant, info, ours, model):
             quantized[ours] = QuantWeight.from_packed(*split_packed(_raw_tensor(gguf, name), info.ggml_type, info.shape),
                                                       *info.shape)
+        elif quant in ("auto", "int8") and info.ggml_type in QUANTIZED_TYPES and ours.endswith(EXPERT_MATRICES):
+            experts[ours] = _expert_weights(_raw_tensor(gguf, name), info.ggml_type, tuple(info.shape))
         else:
             state[ours] = dequantize(_raw_tensor(gguf, name), info.ggml_type, info.shape, name).to(dtype).clone()
         gguf.release(name)
-    for base, slots in parts.items():
-        if all(t is not None for t in slots):
-            state[base] = torch.cat(slots, dim=1)  # type: ignore[arg-type]
-    check_complete(gguf.path, expected, state, quantized, mapped)
+    state |= {base: torch.cat(slots, dim=1) for base, slots in parts.items() if None not in slots}  # type: ignore
+    check_complete(gguf.path, expected, state, quantized, mapped, experts)
     _install_quantized(model, quantized)
+    _install_experts(model, experts, state, dtype)
     model.load_state_dict(state, assign=True, strict=True)
     # Only the model may hold the weights now: fusing frees the unfused parts, and the trim below can return
     # their pages only if nothing else still references them (measured: 34 MB more resident otherwise).
@@ -263,6 +265,7 @@ def load_hf_quantized(folder: Path, quant: str) -> tuple[Gemma, GemmaConfig]:
     config, model, expected, shift = empty_hf_model(folder)
     state: dict[str, torch.Tensor] = {}
     quantized: dict[str, QuantWeight] = {}
+    experts: dict[str, list[QuantWeight]] = {}
     for entry in tensor_entries(safetensor_files(folder)):
         ours = hf_target(config, expected, entry.name, entry.shape, entry.file)
         if ours is None:
@@ -274,17 +277,37 @@ def load_hf_quantized(folder: Path, quant: str) -> tuple[Gemma, GemmaConfig]:
             state[ours] = tensor + 1.0 if shift and is_shifted_norm(ours) else tensor
         elif is_matrix:
             quantized[ours] = quantize_matrix(lambda a, b, e=entry: read_rows(e, a, b), *entry.shape, quant)
-        else:
-            # Expert stacks hold the values their GGUF blocks hold, as float32 until the MoE kernels read packed
-            # experts (the GGUF loader dequantizes them the same way).
-            state[ours] = quantized_values(read_rows(entry), quant)
-    check_complete(folder, expected, state, quantized)
+        else:  # an expert stack (experts, N, K): one packed matrix per expert
+            experts[ours] = [quantize_matrix(lambda a, b, e=entry.part(i): read_rows(e, a, b), *entry.shape[1:], quant)
+                             for i in range(entry.shape[0])]
+    check_complete(folder, expected, state, quantized, experts)
     _install_quantized(model, quantized)
+    _install_experts(model, experts, state, torch.float32)
     model.load_state_dict(state, assign=True, strict=True)
     del state, quantized
     fuse_projections(model)
     release_freed_memory()
     return _ready(model), config
+
+
+def _expert_weights(raw: torch.Tensor, qtype, shape: tuple[int, int, int]) -> list[QuantWeight]:
+    """A GGUF expert stack (experts, N, K) as one packed matrix per expert (each expert's blocks are contiguous)."""
+    n, N, K = shape
+    per_expert = raw.reshape(n, -1)
+    return [QuantWeight.from_packed(*split_packed(per_expert[e], qtype, (N, K)), N, K) for e in range(n)]
+
+
+def _install_experts(model: Gemma, experts: dict[str, list[QuantWeight]], state: dict[str, torch.Tensor],
+                     dtype: torch.dtype) -> None:
+    """Replace each layer's float expert stacks with :class:`QuantExperts` where both of its stacks are quantized;
+    a layer with one float stack (rows not whole blocks, or gate and up stored apart) gets both as float."""
+    for gate_up_name in [n for n in experts if n.endswith(".gate_up_proj")]:
+        down_name = gate_up_name.removesuffix("gate_up_proj") + "down_proj"
+        if down_name in experts:
+            owner, attr = module_and_attr(model, gate_up_name)  # the layer and its "experts" slot
+            setattr(owner, attr, QuantExperts(experts.pop(gate_up_name), experts.pop(down_name)))
+    for name, weights in experts.items():
+        state[name] = torch.stack([w.dequantize() for w in weights]).to(dtype)
 
 
 def _install_quantized(model: Gemma, quantized: dict[str, QuantWeight]) -> None:

@@ -87,6 +87,11 @@ class TensorEntry:
     def nbytes(self) -> int:
         return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
 
+    def part(self, index: int) -> "TensorEntry":
+        """Element ``index`` along the first dimension, as an entry of its own (one expert of a stack)."""
+        size = self.nbytes // self.shape[0]
+        return TensorEntry(f"{self.name}[{index}]", self.dtype, self.shape[1:], self.file, self.offset + index * size)
+
 
 def _entries_of(file: Path) -> list[TensorEntry]:
     try:
