@@ -207,3 +207,16 @@ def test_bad_requests_are_named_and_leave_no_file(gemma3_folder, tmp_path, monke
     with pytest.raises(CorruptFileError):
         quantize_folder(cut, tmp_path / "a.gguf", "Q8_0")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bare", "cut"]
+
+
+def test_keys_round_trip_a_gemma4_without_global_layers() -> None:
+    """A Gemma 4 cut to its first (sliding) layers, as benchmarks/gemma4_shapes.py cuts the 26B-A4B: its keys
+    read back to the same configuration (reading such a file used to fail on the missing global KV-head count)."""
+    from gemmakit.config import SLIDING, config_from_hf
+    from gemmakit.convert.metadata import architecture_keys, check_round_trip
+
+    hf = gemma4("26b").to_dict()
+    hf |= {"num_hidden_layers": 4, "layer_types": [SLIDING] * 4}
+    config = config_from_hf(hf)
+    keys = architecture_keys(config) | {"general.architecture": "gemma4", "tokenizer.ggml.tokens": ["x"] * 300}
+    check_round_trip(config, keys, {f"blk.{i}.attn_k.weight" for i in range(4)}, "cut")

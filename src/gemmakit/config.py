@@ -412,7 +412,7 @@ def _gemma4_from_gguf(meta: dict[str, Any], path: str, common: dict[str, Any], n
         **common,
         intermediate_size=widths[0],
         intermediate_sizes=widths,
-        num_key_value_heads=swa_kv.pop(),
+        num_key_value_heads=next(iter(swa_kv)),
         head_dim=swa_head_dim,
         layer_types=layer_types,
         sliding_window=int(meta[p + "attention.sliding_window"]) if p + "attention.sliding_window" in meta else None,
@@ -423,7 +423,7 @@ def _gemma4_from_gguf(meta: dict[str, Any], path: str, common: dict[str, Any], n
         use_v_norm=True,
         use_layer_scalar=True,
         global_head_dim=global_head_dim,
-        num_global_key_value_heads=full_kv.pop(),
+        num_global_key_value_heads=next(iter(full_kv)),  # the same set as swa_kv when no layer is global
         attention_k_eq_v=k_eq_v,
         hidden_size_per_layer_input=int(meta.get(p + "embedding_length_per_layer_input", 0) or 0),
         vocab_size_per_layer_input=common["vocab_size"],
