@@ -193,7 +193,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt-tokens", type=int, default=512)
-    ap.add_argument("--layers-26b", type=int, default=4, help="layers of the cut 26B-A4B (30 do not fit here)")
+    # Six keeps one global layer (K = V, 512-wide heads): llama.cpp refuses a Gemma 4 file with rope_freqs and no
+    # global layer to read it ("wrong number of tensors").
+    ap.add_argument("--layers-26b", type=int, default=6, help="layers of the cut 26B-A4B (30 do not fit here)")
     ap.add_argument("--keep", action="store_true", help="keep the F16 files")
     ap.add_argument("--prepare", action="store_true", help="only write and quantize the files")
     args = ap.parse_args()
