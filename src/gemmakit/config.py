@@ -242,8 +242,13 @@ def config_from_hf(cfg: dict[str, Any], where: str = "config.json") -> GemmaConf
             rope_scaling_factor=factor, query_pre_attn_scalar=float(t.get("query_pre_attn_scalar", 256)),
             attn_logit_softcapping=t.get("attn_logit_softcapping"),
         )
-    # gemma4
-    layer_types = layer_types or alternating_layer_types(n_layers, 6)
+    return _gemma4_from_hf(t, common, layer_types or alternating_layer_types(n_layers, 6), window, full_rope,
+                           local_rope)
+
+
+def _gemma4_from_hf(t: dict[str, Any], common: dict[str, Any], layer_types: list[str], window: Any,
+                    full_rope: dict[str, Any], local_rope: dict[str, Any]) -> GemmaConfig:
+    """The Gemma 4 part of :func:`config_from_hf`: per-layer head sizes, proportional RoPE, PLE, sharing, MoE."""
     return GemmaConfig(
         **common, layer_types=layer_types, sliding_window=window,
         rope_theta=float(full_rope.get("rope_theta", 1_000_000.0)),
@@ -341,9 +346,6 @@ def config_from_gguf(meta: dict[str, Any], path: str, tensors: dict[str, Any] | 
         raise CorruptFileError(f"{path}: metadata has no tokenizer.ggml.tokens")
     head_dim = _meta_int(meta, p + "attention.key_length", path) if p + "attention.key_length" in meta else hidden // n_heads
     softcap = meta.get(p + "final_logit_softcapping")
-    window = int(meta[p + "attention.sliding_window"]) if p + "attention.sliding_window" in meta else None
-    scaling = meta.get(p + "rope.scaling.type")
-    factor = float(meta.get(p + "rope.scaling.factor", 1.0)) if scaling == "linear" else 1.0
     common: dict[str, Any] = dict(
         architecture=arch,
         vocab_size=len(tokens),
@@ -358,9 +360,19 @@ def config_from_gguf(meta: dict[str, Any], path: str, tensors: dict[str, Any] | 
         pad_token_id=int(meta.get("tokenizer.ggml.padding_token_id", 0)),
     )
     if arch != "gemma4":
-        if isinstance(n_kv_raw, list) or isinstance(ffn, list):
-            raise UnsupportedModelError(f"{path}: per-layer head counts or widths are not supported for {arch}")
-        common |= dict(intermediate_size=ffn, num_key_value_heads=n_kv_raw, head_dim=head_dim)
+        return _gemma123_from_gguf(meta, path, common, n_kv_raw, ffn, head_dim)
+    return _gemma4_from_gguf(meta, path, common, n_kv_raw, ffn, tensors or {}, rope_freqs)
+
+
+def _gemma123_from_gguf(meta: dict[str, Any], path: str, common: dict[str, Any], n_kv_raw: Any, ffn: Any,
+                        head_dim: int) -> GemmaConfig:
+    """Gemma 1, 2 and 3 from llama.cpp's keys, with the values llama.cpp hard-codes for each."""
+    arch, p = common["architecture"], common["architecture"] + "."
+    n_layers, hidden, n_heads = common["num_hidden_layers"], common["hidden_size"], common["num_attention_heads"]
+    if isinstance(n_kv_raw, list) or isinstance(ffn, list):
+        raise UnsupportedModelError(f"{path}: per-layer head counts or widths are not supported for {arch}")
+    common = common | dict(intermediate_size=ffn, num_key_value_heads=n_kv_raw, head_dim=head_dim)
+    window = int(meta[p + "attention.sliding_window"]) if p + "attention.sliding_window" in meta else None
     if arch == "gemma":
         return GemmaConfig(**common, layer_types=[FULL] * n_layers, sliding_window=None,
                            rope_theta=float(meta.get(p + "rope.freq_base", 10_000.0)),
@@ -373,14 +385,13 @@ def config_from_gguf(meta: dict[str, Any], path: str, tensors: dict[str, Any] | 
         return GemmaConfig(**common, layer_types=alternating_layer_types(n_layers, 2), sliding_window=window,
                            rope_theta=theta, rope_local_base_freq=theta, query_pre_attn_scalar=float(q_scalar),
                            attn_logit_softcapping=meta.get(p + "attn_logit_softcapping"), use_qk_norm=False)
-    if arch == "gemma3":
-        # llama.cpp scales by 1/sqrt(head_dim) except on Gemma 3 27B (62 layers), which uses hidden / heads.
-        q_scalar = hidden / n_heads if n_layers == 62 else head_dim
-        return GemmaConfig(**common, layer_types=alternating_layer_types(n_layers, 6), sliding_window=window,
-                           rope_theta=float(meta.get(p + "rope.freq_base", 1_000_000.0)),
-                           rope_local_base_freq=float(meta.get(p + "rope.freq_base_swa", 10_000.0)),
-                           rope_scaling_factor=factor, query_pre_attn_scalar=float(q_scalar))
-    return _gemma4_from_gguf(meta, path, common, n_kv_raw, ffn, tensors or {}, rope_freqs)
+    # gemma3: llama.cpp scales by 1/sqrt(head_dim) except on Gemma 3 27B (62 layers), which uses hidden / heads.
+    q_scalar = hidden / n_heads if n_layers == 62 else head_dim
+    factor = float(meta.get(p + "rope.scaling.factor", 1.0)) if meta.get(p + "rope.scaling.type") == "linear" else 1.0
+    return GemmaConfig(**common, layer_types=alternating_layer_types(n_layers, 6), sliding_window=window,
+                       rope_theta=float(meta.get(p + "rope.freq_base", 1_000_000.0)),
+                       rope_local_base_freq=float(meta.get(p + "rope.freq_base_swa", 10_000.0)),
+                       rope_scaling_factor=factor, query_pre_attn_scalar=float(q_scalar))
 
 
 def _gemma4_from_gguf(meta: dict[str, Any], path: str, common: dict[str, Any], n_kv_raw: Any, ffn: Any,
