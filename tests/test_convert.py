@@ -151,6 +151,8 @@ def gemma3_folder(tmp_path_factory):
     pieces, _, _ = tiny_vocab()
     _, _, llm, _ = build("gemma3", root / "hf", factory=_vocab_sized(lambda: gemma3(False), len(pieces)))
     write_sentencepiece_model(root / "hf")
+    (root / "hf" / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 0.5,
+                                                                  "top_k": 40, "top_p": 0.9}))
     ids = torch.randint(0, len(pieces), (30,), generator=torch.Generator().manual_seed(2)).tolist()
     return root, llm, ids
 
@@ -163,6 +165,10 @@ def test_gemma3_f32_equals_the_float_folder(gemma3_folder) -> None:
     quantize_folder(root / "hf", path, "F32")
     loaded = gemmakit.load(path)
     assert (loaded.logits(ids) - llm.logits(ids)).abs().max().item() <= 1e-5
+    # generation_config.json's recommended sampling travels as llama.cpp's general.sampling.* keys
+    recommended = loaded.sampling_defaults
+    assert (recommended.temperature, recommended.top_k, recommended.top_p) == (0.5, 40, pytest.approx(0.9))
+    assert GGUFFile(path).metadata["general.sampling.top_k"] == 40
     pieces, scores, types = tiny_vocab()
     meta = GGUFFile(path).metadata
     assert meta["tokenizer.ggml.model"] == "llama" and list(meta["tokenizer.ggml.tokens"]) == pieces

@@ -149,6 +149,11 @@ _GGUF_SAMPLING_KEYS = {"general.sampling.temp": "temperature", "general.sampling
                        "general.sampling.penalty_repeat": "repetition_penalty"}
 
 
+def gguf_sampling_keys(defaults: dict[str, Any]) -> dict[str, Any]:
+    """:func:`checkpoint_defaults`' settings as the ``general.sampling.*`` keys llama.cpp reads (the inverse)."""
+    return {key: defaults[name] for key, name in _GGUF_SAMPLING_KEYS.items() if name in defaults}
+
+
 def checkpoint_defaults(generation_config: dict[str, Any] | None = None,
                         gguf_metadata: dict[str, Any] | None = None) -> dict[str, Any]:
     """The sampling settings a checkpoint recommends: from a Hugging Face ``generation_config.json`` (its

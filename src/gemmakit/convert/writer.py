@@ -26,7 +26,9 @@ import torch
 from ..chat_template import find_checkpoint_template
 from ..config import GemmaConfig
 from ..errors import InvalidParameterError, UnsupportedModelError, WeightError
+from ..llm import read_generation_config
 from ..quant.convert import BYTE_PACKERS, SLICE_VALUES, quantized_parameter
+from ..sampling import checkpoint_defaults, gguf_sampling_keys
 from ..weights import check_complete, empty_hf_model, hf_target, module_and_attr
 from ..weights.hf import TensorEntry, read_rows, safetensor_files, tensor_entries
 from ..weights.names import gemmakit_to_gguf, is_shifted_norm
@@ -135,7 +137,8 @@ def _stored_type(qtype: str, ours: str, shape: tuple[int, ...], is_matrix: bool)
 
 
 def file_keys(folder: Path, config: GemmaConfig, vocab: Vocabulary, qtype: str) -> dict[str, Any]:
-    """Every metadata key of the file: general.*, the architecture's, the tokenizer's, the chat template."""
+    """Every metadata key of the file: general.*, the architecture's, the tokenizer's, the chat template, the
+    recommended sampling."""
     import gguf
 
     keys: dict[str, Any] = {"general.architecture": config.architecture, "general.name": folder.resolve().name,
@@ -146,6 +149,10 @@ def file_keys(folder: Path, config: GemmaConfig, vocab: Vocabulary, qtype: str) 
     template = find_checkpoint_template(folder=folder)
     if template:
         keys["tokenizer.chat_template"] = template
+    # The recommended sampling of generation_config.json, as llama.cpp's converter carries it over.
+    recommended = checkpoint_defaults(generation_config=read_generation_config(folder))
+    keys |= {key: np.int32(value) if key.endswith("top_k") else float(value)
+             for key, value in gguf_sampling_keys(recommended).items()}
     return keys
 
 
@@ -159,6 +166,8 @@ def _add_key(w, key: str, value: Any) -> None:
     """Typed as llama.cpp's converter types them: ints uint32, floats float32, arrays by their first element."""
     if isinstance(value, bool):
         w.add_bool(key, value)
+    elif isinstance(value, np.int32):  # llama.cpp reads general.sampling.top_k as int32
+        w.add_int32(key, int(value))
     elif isinstance(value, int):
         w.add_uint32(key, value)
     elif isinstance(value, float):
