@@ -27,7 +27,7 @@ from ..chat_template import find_checkpoint_template
 from ..config import GemmaConfig
 from ..errors import InvalidParameterError, UnsupportedModelError, WeightError
 from ..llm import read_generation_config
-from ..quant.convert import BYTE_PACKERS, SLICE_VALUES, quantized_parameter
+from ..quant.convert import BYTE_PACKERS, KEPT_FLOAT, SLICE_VALUES, quantized_parameter
 from ..sampling import checkpoint_defaults, gguf_sampling_keys
 from ..weights import check_complete, empty_hf_model, hf_target, module_and_attr
 from ..weights.hf import TensorEntry, read_rows, safetensor_files, tensor_entries
@@ -129,7 +129,7 @@ def _gguf_name(ours: str) -> str:
 def _stored_type(qtype: str, ours: str, shape: tuple[int, ...], is_matrix: bool) -> str:
     """llama.cpp's converter's rule: vectors (norms, scalars) and the MoE router stay F32; matrices take the type
     when their rows are whole blocks (else F32, as quantize-at-load keeps them)."""
-    if len(shape) < 2 or ours.endswith("router.proj.weight"):
+    if len(shape) < 2 or ours.endswith(KEPT_FLOAT):
         return "F32"
     if qtype in ("F32", "F16", "BF16"):
         return qtype
@@ -200,12 +200,12 @@ def _write(path: Path, arch: str, keys: dict[str, Any], tensors: list[PlannedTen
     f = w.fout[0]
     for done, t in enumerate(tensors):
         w.write_padding(f, f.tell())
-        written = 0
+        written, announced = 0, _nbytes(t)
         for chunk in _encoded_chunks(t):
             f.write(chunk)
             written += len(chunk)
-        if written != _nbytes(t):  # an internal invariant: the header announced this size
-            raise RuntimeError(f"{t.name}: wrote {written} bytes, announced {_nbytes(t)}")
+        if written != announced:  # an internal invariant: the header announced this size
+            raise RuntimeError(f"{t.name}: wrote {written} bytes, announced {announced}")
         w.write_padding(f, written)
         if progress:
             progress(t.name, done + 1, len(tensors))
