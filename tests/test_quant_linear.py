@@ -12,7 +12,7 @@ import gemmakit
 from gemmakit.errors import ModelTooLargeError
 from gemmakit.kernels import loader as kernels_module
 from gemmakit.quant.ggml import QUANTIZED_TYPES, split, split_packed
-from gemmakit.quant.linear import QuantWeight, pack, set_prefill_dtype
+from gemmakit.quant.linear import QuantWeight, expand_two_level, pack, set_prefill_dtype
 from test_quant_ggml import random_blocks
 
 
@@ -132,14 +132,21 @@ def test_kernel_split_equals_reference_split(qtype: T, monkeypatch) -> None:
     finally:
         monkeypatch.delenv("GEMMAKIT_NO_KERNELS")
         kernels_module.kernels.cache_clear()
-    assert torch.equal(fast[0], ref[0]) and torch.equal(fast[1], ref[1]) and fast[3:] == ref[3:]
-    assert (fast[2] is None) == (ref[2] is None) and (fast[2] is None or torch.equal(fast[2], ref[2]))
-    # Formats with one fp16 scale per block keep it as float16 (exact); K-quants' products stay float32.
-    assert fast[1].dtype == (torch.float16 if qtype in (T.Q8_0, T.Q4_0, T.Q5_0) else torch.float32)
+    # Formats with one fp16 scale per block keep it as float16 (exact); K-quants keep ggml's two factors (the
+    # fp16 super-block scale as float32, the 6- or 8-bit sub-scale as int8), whose products are the reference's.
+    two_level = qtype in (T.Q4_K, T.Q6_K)
+    assert fast[1].dtype == (torch.uint8 if two_level else torch.float16)
+    flat = lambda t: expand_two_level(t, fast[3]) if two_level and t is not None else t  # noqa: E731
+    assert torch.equal(fast[0], ref[0]) and torch.equal(flat(fast[1]), ref[1]) and fast[3:] == ref[3:]
+    assert (fast[2] is None) == (ref[2] is None) and (fast[2] is None or torch.equal(flat(fast[2]), ref[2]))
+    if two_level:  # 0.09 (Q4_K) / 0.08 (Q6_K) bytes of scales and mins per weight instead of 0.25
+        nbytes = lambda t: t.nbytes if t is not None else 0  # noqa: E731
+        assert nbytes(fast[1]) + nbytes(fast[2]) < 0.4 * (nbytes(ref[1]) + nbytes(ref[2]))
     # Rows that do not fill the last block of 16 are padded with zeros.
     padded = split_packed(raw[:37], qtype, (37, K))
     want = pack(*split(raw[:37], qtype, (37, K))[:3], bits=padded[4])
     assert padded[4] == (4 if qtype == T.Q4_K else 8)  # Q4_K's unsigned 4-bit values: two to a byte
+    padded = (padded[0], flat(padded[1]), flat(padded[2]))
     assert all((a is None and b is None) or torch.equal(a.float(), b.float()) for a, b in zip(padded, want))
 
 

@@ -208,33 +208,38 @@ SPLIT_ROWS = 8192  # rows converted at a time: bounds the temporaries of the bit
 # The C kernel converts these formats in one pass (the PyTorch splitters above stay the reference).
 _KERNEL_SPLIT = {T.Q8_0: (32, False), T.Q4_0: (32, False), T.Q5_0: (32, False), T.Q4_K: (32, True),
                  T.Q6_K: (16, False)}
-# Formats whose block scale (and min) is one fp16 number: packed as float16, exactly. K-quants multiply an fp16
-# super-block scale by small integers, which float16 cannot always hold, so they stay float32.
+# Formats whose block scale (and min) is one fp16 number: packed as float16, exactly.
 FP16_SCALE_TYPES = {T.Q8_0, T.Q4_0, T.Q5_0, T.Q4_1, T.Q5_1}
+# K-quants multiply an fp16 super-block scale by small integers, which float16 cannot always hold: the C
+# converter keeps both factors (two-level scales, see linear.KS_COLS); the PyTorch splitters give float32 products.
+TWO_LEVEL_TYPES = {T.Q4_K, T.Q6_K}
 # Formats of unsigned 4-bit values (with mins): packed two to a byte, half the memory of the int8 layout.
 NIBBLE_TYPES = {T.Q4_K, T.Q4_1}
 
 
 def _split_with_kernel(raw: torch.Tensor, qtype: T, rows: int, K: int):
     from ..kernels import kernels
+    from .linear import KS_COLS, two_level_bytes
 
     lib = kernels()
-    if lib is None or qtype not in _KERNEL_SPLIT or K % GGML_QUANT_SIZES[qtype][0]:
+    block_size = GGML_QUANT_SIZES[qtype][0]
+    if lib is None or qtype not in _KERNEL_SPLIT or K % block_size:
         return None
     import ctypes
 
     group, affine = _KERNEL_SPLIT[qtype]
-    block_size, type_size = GGML_QUANT_SIZES[qtype]
     raw = raw.contiguous()
     blocks = (rows + 15) // 16
-    alloc = torch.zeros if rows % 16 else torch.empty  # padding rows must read as zeros
     bits = 4 if qtype in NIBBLE_TYPES else 8
-    q = alloc(blocks, bits * 2 * K, dtype=torch.uint8 if bits == 4 else torch.int8)
-    scale = alloc(blocks, 16 * (K // group), dtype=torch.float16 if qtype in FP16_SCALE_TYPES else torch.float32)
-    mins = alloc(blocks, 16 * (K // group), dtype=torch.float32) if affine else None
+    q = torch.empty(blocks, bits * 2 * K, dtype=torch.uint8 if bits == 4 else torch.int8)
+    if qtype in TWO_LEVEL_TYPES:  # the converter writes every byte, padding rows as zeros
+        scale = torch.empty(blocks, K // KS_COLS * two_level_bytes(group), dtype=torch.uint8)
+    else:
+        scale = torch.empty(blocks, 16 * (K // group), dtype=torch.float16)
+    mins = torch.empty_like(scale) if affine else None
     ptr = lambda t: ctypes.c_void_p(t.data_ptr()) if t is not None else None  # noqa: E731
-    status = lib.split_blocks(int(qtype), ptr(raw), rows * K // block_size, K, ptr(q), ptr(scale), ptr(mins),
-                              int(bits == 4), torch.get_num_threads())
+    status = lib.split_blocks(int(qtype), ptr(raw), rows, K, ptr(q), ptr(scale), ptr(mins), int(bits == 4),
+                              torch.get_num_threads())
     return (q, scale, mins, group, bits) if status == 0 else None
 
 

@@ -1,6 +1,7 @@
-"""Weights that stay quantized in memory: int8 values with a float32 scale (and min) per group of 16 or 32.
+"""Weights that stay quantized in memory: int8 (or 4-bit) values with a scale (and min) per group of 16 or 32.
 
-Every GGML quant type maps onto this layout exactly (see ggml.split). Small batches (decode: up to 16 rows)
+Every GGML quant type maps onto this layout exactly (see ggml.split); K-quants keep ggml's two factors of each
+scale (see :func:`two_level_bytes`). Small batches (decode: up to 16 rows)
 multiply straight from int8 with the C kernel, reading the weight once for all rows; larger ones (prefill)
 dequantize the weight to float32 and use PyTorch's matmul.
 """
@@ -16,6 +17,23 @@ from torch import nn
 from ..kernels import kernels
 
 MAX_KERNEL_ROWS = 16  # a prompt chunk of up to this many tokens multiplies through the integer kernel
+KS_COLS = 256  # columns per super-scale in the two-level scale layout of K-quants (csrc/qgemv.c)
+
+
+def two_level_bytes(group: int) -> int:
+    """Bytes of one 16-row block's two-level scales for KS_COLS columns: 16 float32 super-scales, then 16 int8
+    sub-scales for each of the KS_COLS / group groups."""
+    return 64 + 16 * (KS_COLS // group)
+
+
+def expand_two_level(packed: torch.Tensor, group: int) -> torch.Tensor:
+    """Two-level scales (blocks, S * two_level_bytes) uint8 -> the flat packed layout (blocks, 16 * G) float32,
+    each scale the super-scale times the sub-scale in float32, as the kernels compute it."""
+    blocks = packed.shape[0]
+    chunks = packed.view(blocks, -1, two_level_bytes(group))  # (blocks, S, bytes)
+    super_ = chunks[..., :64].contiguous().view(torch.float32)  # (blocks, S, 16 rows)
+    sub = chunks[..., 64:].contiguous().view(torch.int8).view(blocks, chunks.shape[1], KS_COLS // group, 16)
+    return (super_.unsqueeze(2) * sub.float()).reshape(blocks, -1)  # [block][group][row]
 
 
 def kernel_rows(x: torch.Tensor) -> bool:
@@ -48,9 +66,10 @@ def _round16(n: int) -> int:
 
 def pack(q: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor | None, bits: int = 8) -> tuple[torch.Tensor, ...]:
     """Row-major (N, K) int8 values and (N, G) scales/mins -> the kernel's packed layout (csrc/qgemv.c):
-    q (N16 / 16, 16 * K) with 16 rows x 2 columns per 32 bytes (bits=8), or (N16 / 16, 8 * K) uint8 with the
-    two columns of a row as the nibbles of one byte (bits=4, values 0..15); scales (N16 / 16, 16 * G) as
-    [group][row]. N16 is N rounded up to a multiple of 16 (the padding rows are zero)."""
+    q (N16 / 16, 16 * K) with 16 rows x 2 columns per 32 bytes (bits=8), or (N16 / 16, 8 * K) uint8 with
+    16 rows x 4 columns per 32 bytes, columns 4i + e and 4i + 2 + e of a row as the nibbles of one byte (bits=4,
+    values 0..15); scales (N16 / 16, 16 * G) as [group][row]. N16 is N rounded up to a multiple of 16 (the
+    padding rows are zero)."""
     N, K = q.shape
     G = scale.shape[1]
     pad = _round16(N) - N
@@ -59,11 +78,11 @@ def pack(q: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor | None, bits: 
     def rows_padded(t: torch.Tensor) -> torch.Tensor:
         return F.pad(t, (0, 0, 0, pad)) if pad else t
 
-    pairs = rows_padded(q).view(blocks, 16, K // 2, 2).permute(0, 2, 1, 3)  # (blocks, K/2, 16 rows, 2 columns)
-    if bits == 4:
-        nibbles = pairs.to(torch.uint8)
-        qp = (nibbles[..., 0] | (nibbles[..., 1] << 4)).reshape(blocks, 8 * K).contiguous()
+    if bits == 4:  # (blocks, K/4, 16 rows, e, nibble): column 4i + 2 * nibble + e
+        quads = rows_padded(q).view(blocks, 16, K // 4, 2, 2).permute(0, 2, 1, 4, 3).to(torch.uint8)
+        qp = (quads[..., 0] | (quads[..., 1] << 4)).reshape(blocks, 8 * K).contiguous()
     else:
+        pairs = rows_padded(q).view(blocks, 16, K // 2, 2).permute(0, 2, 1, 3)  # (blocks, K/2, 16 rows, 2 columns)
         qp = pairs.reshape(blocks, 16 * K).contiguous()
 
     def scales(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -80,11 +99,11 @@ def unpack(qp: torch.Tensor, sp: torch.Tensor, mp: torch.Tensor | None, N: int, 
     blocks = qp.shape[0]
     G = sp.shape[1] // 16
     if bits == 4:
-        b = qp.view(torch.uint8).view(blocks, K // 2, 16)
-        pairs = torch.stack([b & 15, b >> 4], dim=-1).to(torch.int8)
+        b = qp.view(torch.uint8).view(blocks, K // 4, 16, 2)
+        quads = torch.stack([b & 15, b >> 4], dim=-1).to(torch.int8)  # (blocks, K/4, 16 rows, e, nibble)
+        q = quads.permute(0, 2, 1, 4, 3).reshape(blocks * 16, K)[:N]
     else:
-        pairs = qp.view(blocks, K // 2, 16, 2)
-    q = pairs.permute(0, 2, 1, 3).reshape(blocks * 16, K)[:N]
+        q = qp.view(blocks, K // 2, 16, 2).permute(0, 2, 1, 3).reshape(blocks * 16, K)[:N]
 
     def scales(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.view(blocks, G, 16).permute(0, 2, 1).reshape(blocks * 16, G)[:N]
@@ -92,9 +111,20 @@ def unpack(qp: torch.Tensor, sp: torch.Tensor, mp: torch.Tensor | None, N: int, 
     return q, scales(sp), scales(mp)
 
 
+def unpack_weight(w: QuantWeight) -> tuple[torch.Tensor, ...]:
+    """A :class:`QuantWeight`'s row-major q (N, K) int8, scale (N, G) and mins (N, G) or None, whatever the scale
+    layout (two-level scales come back as their float32 products)."""
+    sp, mp = w.scale, w.mins
+    if w.two_level:
+        sp = expand_two_level(sp, w.group)
+        mp = expand_two_level(mp, w.group) if mp is not None else None
+    return unpack(w.q, sp, mp, w.N, w.K, w.bits)
+
+
 class QuantWeight(nn.Module):
     """A (N, K) matrix of int8 values (``bits=8``) or unsigned 4-bit ones (``bits=4``), with a float32 or
-    float16 scale (and optional min) per group of 16 or 32 weights, kept in the packed layout of csrc/qgemv.c.
+    float16 scale (and optional min) per group of 16 or 32 weights, or two-level K-quant scales (see
+    :attr:`two_level`), kept in the packed layout of csrc/qgemv.c.
     Build it from row-major values with ``QuantWeight(q, scale, mins, group, bits)`` or, without a row-major
     copy, with :meth:`from_packed`."""
 
@@ -127,10 +157,16 @@ class QuantWeight(nn.Module):
         return torch.Size((self.N, self.K))
 
     @property
+    def two_level(self) -> bool:
+        """Whether the scales (and mins) are two-level (K-quants: a float32 per row and KS_COLS columns times an
+        int8 per group, held as raw bytes) rather than one float per group."""
+        return self.scale.dtype == torch.uint8
+
+    @property
     def kernel_flags(self) -> int:
         """The C kernels' format flags: bit 0 float16 scales and mins (exact for formats with fp16 block
-        scales; else float32), bit 1 4-bit values."""
-        return int(self.scale.dtype == torch.float16) | (2 if self.bits == 4 else 0)
+        scales; else float32), bit 1 4-bit values, bit 2 two-level scales."""
+        return int(self.scale.dtype == torch.float16) | (2 if self.bits == 4 else 0) | (4 if self.two_level else 0)
 
     @property
     def nbytes(self) -> int:
@@ -146,7 +182,7 @@ class QuantWeight(nn.Module):
             lib.dequant_rows(_ptr(self.q), _ptr(self.scale), _ptr(self.mins), self.kernel_flags, _ptr(out), self.K,
                              self.group, _ptr(ids), n_rows, int(dtype == torch.bfloat16), torch.get_num_threads())
             return out
-        q, scale, mins = unpack(self.q, self.scale, self.mins, self.N, self.K, self.bits)
+        q, scale, mins = unpack_weight(self)
         if rows is not None:
             q, scale = q[rows.reshape(-1)], scale[rows.reshape(-1)]
             mins = mins[rows.reshape(-1)] if mins is not None else None
@@ -288,10 +324,14 @@ def concat_weights(weights: list[QuantWeight]) -> QuantWeight | None:
     """Stack matrices with the same input width and group layout into one (one kernel call instead of several)."""
     first = weights[0]
     if any(w.group != first.group or (w.mins is None) != (first.mins is None) or w.shape[1] != first.shape[1]
-           or w.bits != first.bits for w in weights):
+           or w.bits != first.bits or w.two_level != first.two_level for w in weights):
         return None
     if any(w.N % 16 for w in weights):
         return None  # padding rows would land inside the stacked matrix
+    if first.two_level:  # blocks of 16 rows stack as they are
+        mins = torch.cat([w.mins for w in weights]) if first.mins is not None else None
+        return QuantWeight.from_packed(torch.cat([w.q for w in weights]), torch.cat([w.scale for w in weights]),
+                                       mins, first.group, first.bits, sum(w.N for w in weights), first.K)
     # Mixed float16 / float32 scales stack as float32 (exact).
     dtype = torch.float16 if all(w.scale.dtype == torch.float16 for w in weights) else torch.float32
     mins = torch.cat([w.mins.to(dtype) for w in weights]) if first.mins is not None else None

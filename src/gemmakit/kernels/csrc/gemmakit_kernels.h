@@ -13,11 +13,12 @@
 
 #include <stdint.h>
 
-#define GEMMAKIT_KERNELS_ABI 4
+#define GEMMAKIT_KERNELS_ABI 5
 
 // -- structs -------------------------------------------------------------------------------------------------
 
-// A packed quantized matrix (see qgemv.c): N outputs from K inputs.
+// A packed quantized matrix (see qgemv.c): N outputs from K inputs. flags: bit 0 float16 scales and mins,
+// bit 1 4-bit values, bit 2 two-level scales (K-quants: a float per row and 256 columns times an int8 per group).
 typedef struct {
     const int8_t *q;
     const void *scale;
@@ -112,7 +113,7 @@ int qgemv(const int8_t *q, const void *scale, const void *mins, const float *x, 
           int64_t K, int64_t group, int flags, int threads);
 void dequant_rows(const int8_t *q, const void *scale, const void *mins, int flags, void *out, int64_t K,
                   int64_t group, const int64_t *row_ids, int64_t n_rows, int bf16, int threads);
-int split_blocks(int qtype, const uint8_t *raw, int64_t n_blocks, int64_t K, int8_t *q, void *scale, float *mins,
+int split_blocks(int qtype, const uint8_t *raw, int64_t N, int64_t K, int8_t *q, void *scale, void *mins,
                  int nibbles, int threads);
 void rms_norm(const float *x, const float *w, float *out, int64_t rows, int64_t dim, float eps);
 void rms_norm_row(const float *x, const float *w, float *out, int64_t dim, float eps);

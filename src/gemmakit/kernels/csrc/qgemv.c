@@ -12,9 +12,20 @@
 // of x broadcast to every lane: each instruction does 32 multiply-adds for 16 outputs with no per-row horizontal
 // sums, and the weights are read once for every row of x.
 //
-// 4-bit formats of unsigned values (Q4_K) keep the same order with two values per byte, 16 bytes per 16 rows x 2
-// columns: byte n % 16 holds column k (even) in its low nibble and k + 1 in its high nibble. The kernels'
-// `flags`: bit 0 = float16 scales and mins, bit 1 = 4-bit values.
+// 4-bit formats of unsigned values (Q4_K) go by quads of columns, 32 bytes per 16 rows x 4 columns: byte
+// 2 * (n % 16) + (k % 2) holds column k in its low nibble when k % 4 < 2, in its high nibble otherwise:
+//     q[((n / 16) * (K / 4) + k / 4) * 32 + (n % 16) * 2 + k % 2] >> (4 * ((k / 2) % 2)) & 15
+// so one 32-byte load, zero-extended to 16 bits, is the 16 rows x 2 columns of two pairs at once: its low
+// nibbles (an and) are the first pair, its high nibbles (a shift) the second, 3 instructions for 64 weights
+// where unpacking a pair at a time took 5 for 32 (decode of 4-bit weights is bound by instructions, not bytes,
+// on CPUs without VNNI). The kernels'
+// `flags`: bit 0 = float16 scales and mins, bit 1 = 4-bit values, bit 2 = two-level scales.
+//
+// Two-level scales (K-quants, whose group scale is ggml's fp16 super-block scale times a 6- or 8-bit integer):
+// per 16-row block and per 256 columns, 16 float32 super-scales (one per row), then for each of the 256 / group
+// groups 16 int8 sub-scales (one per row); scale = super * sub, the product ggml's dequantizer takes. Q4_K's
+// scales and mins cost 0.09 bytes a weight this way instead of 0.25 as floats per group (Q6_K: 0.08 vs 0.25),
+// and decode reads every byte of them each step.
 //
 // x is rounded to 16-bit integers per group (scale max|x| / 32767; relative error <= 1.5e-5 of the group's
 // largest value), so the group dot products are exact integer sums (at most 32 * 32767 * 128 < 2^31), scaled in
@@ -36,23 +47,51 @@
 static inline int64_t qidx(int64_t n, int64_t k, int64_t K) {
     return ((n >> 4) * (K >> 1) + (k >> 1)) * 32 + (n & 15) * 2 + (k & 1);
 }
-static inline int64_t sidx(int64_t n, int64_t g, int64_t G) { return ((n >> 4) * G + g) * 16 + (n & 15); }
 
 static inline float half_to_float(uint16_t h);
 
 // Weight (row j of a 16-row block, column k) from the block's packed values.
 static inline int32_t weight_at(const int8_t *qb, int64_t j, int64_t k, int nib) {
     if (nib) {
-        uint8_t byte = (uint8_t)qb[(k >> 1) * 16 + j];
-        return (k & 1) ? byte >> 4 : byte & 15;
+        uint8_t byte = (uint8_t)qb[(k >> 2) * 32 + j * 2 + (k & 1)];
+        return (k & 2) ? byte >> 4 : byte & 15;
     }
     return qb[(k >> 1) * 32 + j * 2 + (k & 1)];
 }
 
 // Scales and mins are float32, or float16 where that is exact (formats whose block scales are fp16 in the GGUF:
-// Q8_0, Q4_0, Q5_0, ...), which halves their memory and the bytes a decode step reads.
-static inline float scale_at(const void *p, int f16, int64_t i) {
-    return f16 ? half_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+// Q8_0, Q4_0, Q5_0, ...), which halves their memory and the bytes a decode step reads, or two-level (above).
+enum { SCALE_F32 = 0, SCALE_F16 = 1, SCALE_KS = 2 };
+#define KS_COLS 256
+
+static inline int scale_mode(int flags) { return (flags & 4) ? SCALE_KS : (flags & 1) ? SCALE_F16 : SCALE_F32; }
+
+// Groups per 256 columns, as a shift (group 16 or 32; a division here would cost more than the group's dot
+// products), and the bytes of one 16-row block's two-level scales for 256 columns: super-scales, then sub-scales.
+static inline int ks_shift(int64_t group) { return group == 16 ? 4 : 3; }
+static inline int64_t ks_chunk(int64_t group) { return 64 + (16 << ks_shift(group)); }
+
+// The scales (or mins) of the 16-row block nb, whose G = K / group groups follow one another.
+static inline const uint8_t *block_scales(const void *p, int mode, int64_t nb, int64_t K, int64_t group) {
+    if (mode == SCALE_KS) return (const uint8_t *)p + nb * (K / KS_COLS) * ks_chunk(group);
+    return (const uint8_t *)p + nb * (K / group) * 16 * (mode == SCALE_F16 ? 2 : 4);
+}
+
+// Row j's scale for group g, from its block's scales.
+static inline float block_scale(const uint8_t *blk, int mode, int64_t g, int64_t j, int64_t group) {
+    if (mode == SCALE_KS) {
+        const int sh = ks_shift(group);
+        const uint8_t *c = blk + (g >> sh) * ks_chunk(group);
+        float super;
+        memcpy(&super, c + 4 * j, 4);
+        return super * (float)(int8_t)c[64 + (g & ((1 << sh) - 1)) * 16 + j];
+    }
+    return mode == SCALE_F16 ? half_to_float(((const uint16_t *)blk)[g * 16 + j]) : ((const float *)blk)[g * 16 + j];
+}
+
+// Row r's scale for group g, from the whole matrix's scales.
+static inline float group_scale(const void *p, int mode, int64_t r, int64_t g, int64_t K, int64_t group) {
+    return block_scale(block_scales(p, mode, r >> 4, K, group), mode, g, r & 15, group);
 }
 
 // One group of x (16 or 32 values) -> its 16-bit integers, its step (max|x| / 32767) and its float sum.
@@ -153,9 +192,17 @@ static inline int32_t pair_at(const int16_t *p) {
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #define CHUNK 8
-static inline __m512 scale16(const void *p, int f16, int64_t i) {
-    return f16 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i)))
-               : _mm512_loadu_ps((const float *)p + i);
+// The 16 rows' scales of group g (bitwise block_scale's values).
+static inline __m512 scale16(const uint8_t *blk, int mode, int64_t g, int64_t group) {
+    if (mode == SCALE_KS) {
+        const int sh = ks_shift(group);
+        const uint8_t *c = blk + (g >> sh) * ks_chunk(group);
+        const __m128i sub8 = _mm_loadu_si128((const __m128i *)(c + 64 + (g & ((1 << sh) - 1)) * 16));
+        __m512 sub = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sub8));
+        return _mm512_mul_ps(_mm512_loadu_ps((const float *)c), sub);
+    }
+    return mode == SCALE_F16 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)blk + g * 16)))
+                             : _mm512_loadu_ps((const float *)blk + g * 16);
 }
 #if defined(__AVX512VNNI__) && defined(__GNUC__)
 // acc += w . (the int16 pair at p, broadcast), in place. Written as asm because GCC 12 keeps intrinsic
@@ -173,18 +220,23 @@ static inline void dot_pairs(__m512i *acc, __m512i w, const int16_t *p) {
     *acc = _mm512_add_epi32(*acc, _mm512_madd_epi16(w, _mm512_set1_epi32(pair_at(p))));
 }
 #endif
-// One block of 16 output rows for NB rows of x.
-// The 16 rows x 2 columns of pair p as 16-bit values, lane pairs (row, column).
-static inline __attribute__((always_inline)) __m512i pair16(const int8_t *qg, int64_t p, const int NIB) {
-    if (NIB) {  // one byte per row: low nibble, high nibble -> the two 16-bit halves of its 32-bit lane
-        __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(qg + p * 16)));
-        return _mm512_and_si512(_mm512_or_si512(v, _mm512_slli_epi32(v, 12)), _mm512_set1_epi32(0x000F000F));
+// The 16 rows x 2 columns of pairs p and p + 1 (p even) as 16-bit values, lane pairs (row, column).
+static inline __attribute__((always_inline)) void pairs16(const int8_t *qg, int64_t p, const int NIB, __m512i *w0,
+                                                          __m512i *w1) {
+    if (NIB) {
+        __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(qg + p * 16)));
+        *w0 = _mm512_and_si512(v, _mm512_set1_epi16(15));
+        *w1 = _mm512_srli_epi16(v, 4);
+        return;
     }
-    return _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(qg + p * 32)));
+    *w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(qg + p * 32)));
+    *w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(qg + p * 32 + 32)));
 }
 
+// One block of 16 output rows for NB rows of x.
+
 static inline __attribute__((always_inline)) void tile(
-    const int NB, const int NIB, const int8_t *qb, const void *sb, const void *mb, int64_t so, int f16,
+    const int NB, const int NIB, const int8_t *qb, const uint8_t *sb, const uint8_t *mb, int mode,
     const int16_t *xq, const float *xd, const float *xs, float *y, int64_t N, int64_t K, int64_t G, int64_t group,
     int64_t nvalid, const int8_t *pf) {
     __m512 accf[CHUNK];
@@ -195,17 +247,21 @@ static inline __attribute__((always_inline)) void tile(
         for (int b = 0; b < NB; b++) acc[b] = _mm512_setzero_si512();
         const int8_t *qg = qb + g * pairs * (NIB ? 16 : 32);
         const int16_t *xg = xq + g * group;
-        for (int64_t p = 0; p < pairs; p++) {
-            __m512i w = pair16(qg, p, NIB);
+        for (int64_t p = 0; p < pairs; p += 2) {
+            __m512i w0, w1;
+            pairs16(qg, p, NIB, &w0, &w1);
             prefetch_next(pf, qg - qb, p, NIB);
-            for (int b = 0; b < NB; b++) dot_pairs(&acc[b], w, xg + b * K + 2 * p);
+            for (int b = 0; b < NB; b++) {
+                dot_pairs(&acc[b], w0, xg + b * K + 2 * p);
+                dot_pairs(&acc[b], w1, xg + b * K + 2 * p + 2);
+            }
         }
-        __m512 sc = scale16(sb, f16, so + g * 16);
+        __m512 sc = scale16(sb, mode, g, group);
         for (int b = 0; b < NB; b++)
             accf[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[b]), _mm512_mul_ps(sc, _mm512_set1_ps(xd[b * G + g])),
                                       accf[b]);
         if (mb) {
-            __m512 mn = scale16(mb, f16, so + g * 16);
+            __m512 mn = scale16(mb, mode, g, group);
             for (int b = 0; b < NB; b++) accf[b] = _mm512_fnmadd_ps(mn, _mm512_set1_ps(xs[b * G + g]), accf[b]);
         }
     }
@@ -214,18 +270,36 @@ static inline __attribute__((always_inline)) void tile(
 }
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define CHUNK 4
-static inline __m256 scale8(const void *p, int f16, int64_t i) {
-    return f16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)))
-               : _mm256_loadu_ps((const float *)p + i);
+// Rows 8h .. 8h + 7's scales of group g (bitwise block_scale's values).
+static inline __m256 scale8(const uint8_t *blk, int mode, int64_t g, int64_t group, int h) {
+    if (mode == SCALE_KS) {
+        const int sh = ks_shift(group);
+        const uint8_t *c = blk + (g >> sh) * ks_chunk(group);
+        const __m128i sub8 = _mm_loadl_epi64((const __m128i *)(c + 64 + (g & ((1 << sh) - 1)) * 16 + 8 * h));
+        __m256 sub = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sub8));
+        return _mm256_mul_ps(_mm256_loadu_ps((const float *)c + 8 * h), sub);
+    }
+    int64_t i = g * 16 + 8 * h;
+    return mode == SCALE_F16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)blk + i)))
+                             : _mm256_loadu_ps((const float *)blk + i);
 }
-// The same arithmetic with 256-bit vectors: rows 0-7 and 8-15 of the block as two halves.
-static inline __attribute__((always_inline)) __m256i nibble_pairs8(__m128i bytes8) {
-    __m256i v = _mm256_cvtepu8_epi32(bytes8);
-    return _mm256_and_si256(_mm256_or_si256(v, _mm256_slli_epi32(v, 12)), _mm256_set1_epi32(0x000F000F));
+// The same arithmetic with 256-bit vectors: rows 0-7 and 8-15 of the block as two halves. w[h][i]: half h's
+// 8 rows x 2 columns of pair p + i (p even).
+static inline __attribute__((always_inline)) void pairs8(const int8_t *qg, int64_t p, const int NIB, __m256i w[2][2]) {
+    for (int h = 0; h < 2; h++) {
+        if (NIB) {
+            __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(qg + p * 16 + 16 * h)));
+            w[h][0] = _mm256_and_si256(v, _mm256_set1_epi16(15));
+            w[h][1] = _mm256_srli_epi16(v, 4);
+        } else {
+            for (int i = 0; i < 2; i++)
+                w[h][i] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(qg + (p + i) * 32 + 16 * h)));
+        }
+    }
 }
 
 static inline __attribute__((always_inline)) void tile(
-    const int NB, const int NIB, const int8_t *qb, const void *sb, const void *mb, int64_t so, int f16,
+    const int NB, const int NIB, const int8_t *qb, const uint8_t *sb, const uint8_t *mb, int mode,
     const int16_t *xq, const float *xd, const float *xs, float *y, int64_t N, int64_t K, int64_t G, int64_t group,
     int64_t nvalid, const int8_t *pf) {
     __m256 accf[CHUNK][2];
@@ -236,30 +310,24 @@ static inline __attribute__((always_inline)) void tile(
         for (int b = 0; b < NB; b++) acc[b][0] = acc[b][1] = _mm256_setzero_si256();
         const int8_t *qg = qb + g * pairs * (NIB ? 16 : 32);
         const int16_t *xg = xq + g * group;
-        for (int64_t p = 0; p < pairs; p++) {
-            __m256i w0, w1;
+        for (int64_t p = 0; p < pairs; p += 2) {
+            __m256i w[2][2];
             prefetch_next(pf, qg - qb, p, NIB);
-            if (NIB) {
-                __m128i raw = _mm_loadu_si128((const __m128i *)(qg + p * 16));
-                w0 = nibble_pairs8(raw);
-                w1 = nibble_pairs8(_mm_srli_si128(raw, 8));
-            } else {
-                w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(qg + p * 32)));
-                w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(qg + p * 32 + 16)));
-            }
-            for (int b = 0; b < NB; b++) {
-                __m256i xv = _mm256_set1_epi32(pair_at(xg + b * K + 2 * p));
-                acc[b][0] = _mm256_add_epi32(acc[b][0], _mm256_madd_epi16(w0, xv));
-                acc[b][1] = _mm256_add_epi32(acc[b][1], _mm256_madd_epi16(w1, xv));
-            }
+            pairs8(qg, p, NIB, w);
+            for (int b = 0; b < NB; b++)
+                for (int i = 0; i < 2; i++) {
+                    __m256i xv = _mm256_set1_epi32(pair_at(xg + b * K + 2 * (p + i)));
+                    acc[b][0] = _mm256_add_epi32(acc[b][0], _mm256_madd_epi16(w[0][i], xv));
+                    acc[b][1] = _mm256_add_epi32(acc[b][1], _mm256_madd_epi16(w[1][i], xv));
+                }
         }
         for (int h = 0; h < 2; h++) {
-            __m256 sc = scale8(sb, f16, so + g * 16 + 8 * h);
+            __m256 sc = scale8(sb, mode, g, group, h);
             for (int b = 0; b < NB; b++)
                 accf[b][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[b][h]),
                                              _mm256_mul_ps(sc, _mm256_set1_ps(xd[b * G + g])), accf[b][h]);
             if (mb) {
-                __m256 mn = scale8(mb, f16, so + g * 16 + 8 * h);
+                __m256 mn = scale8(mb, mode, g, group, h);
                 for (int b = 0; b < NB; b++)
                     accf[b][h] = _mm256_fnmadd_ps(mn, _mm256_set1_ps(xs[b * G + g]), accf[b][h]);
             }
@@ -274,8 +342,8 @@ static inline __attribute__((always_inline)) void tile(
 }
 #else
 #define CHUNK 1
-static void tile(const int NB, const int NIB, const int8_t *qb, const void *sb, const void *mb, int64_t so,
-                 int f16, const int16_t *xq, const float *xd, const float *xs, float *y, int64_t N, int64_t K,
+static void tile(const int NB, const int NIB, const int8_t *qb, const uint8_t *sb, const uint8_t *mb, int mode,
+                 const int16_t *xq, const float *xd, const float *xs, float *y, int64_t N, int64_t K,
                  int64_t G, int64_t group, int64_t nvalid, const int8_t *pf) {
     (void)NB, (void)pf;
     for (int64_t j = 0; j < nvalid; j++) {
@@ -284,8 +352,8 @@ static void tile(const int NB, const int NIB, const int8_t *qb, const void *sb, 
             int32_t acc = 0;
             for (int64_t k = g * group; k < (g + 1) * group; k++)
                 acc += weight_at(qb, j, k, NIB) * (int32_t)xq[k];
-            accf = fmaf((float)acc, scale_at(sb, f16, so + g * 16 + j) * xd[g], accf);
-            if (mb) accf = fmaf(-scale_at(mb, f16, so + g * 16 + j), xs[g], accf);
+            accf = fmaf((float)acc, block_scale(sb, mode, g, j, group) * xd[g], accf);
+            if (mb) accf = fmaf(-block_scale(mb, mode, g, j, group), xs[g], accf);
         }
         y[j] = accf;
     }
@@ -297,8 +365,8 @@ static void tile(const int NB, const int NIB, const int8_t *qb, const void *sb, 
 // or 32; K a multiple of group. Returns nonzero for shapes it does not handle.
 int qgemv(const int8_t *q, const void *scale, const void *mins, const float *x, float *y, int64_t B, int64_t N,
           int64_t K, int64_t group, int flags, int threads) {
-    const int scale_f16 = flags & 1, nib = (flags >> 1) & 1;
-    if (B < 1 || (group != 16 && group != 32) || K % group) return 1;
+    const int mode = scale_mode(flags), nib = (flags >> 1) & 1;
+    if (B < 1 || (group != 16 && group != 32) || K % group || (mode == SCALE_KS && K % KS_COLS)) return 1;
     int64_t G = K / group;
     int16_t *xq = malloc(sizeof(int16_t) * B * K);
     float *xd = malloc(sizeof(float) * B * G), *xs = malloc(sizeof(float) * B * G);
@@ -316,7 +384,8 @@ int qgemv(const int8_t *q, const void *scale, const void *mins, const float *x, 
     for (int64_t nb = 0; nb < n_blocks; nb++) {
         int64_t n0 = nb * 16, nvalid = N - n0 < 16 ? N - n0 : 16;
         const int8_t *qb = q + (nib ? n0 * K / 2 : n0 * K);
-        const int64_t so = n0 * G;  // the block's first scale
+        const uint8_t *sb = block_scales(scale, mode, nb, K, group);
+        const uint8_t *mb = mins ? block_scales(mins, mode, nb, K, group) : NULL;
         for (int64_t b0 = 0; b0 < B; b0 += CHUNK) {
             int64_t nb_rows = B - b0 < CHUNK ? B - b0 : CHUNK;
             const int16_t *xqb = xq + b0 * K;
@@ -328,17 +397,17 @@ int qgemv(const int8_t *q, const void *scale, const void *mins, const float *x, 
 #define TILE(n, ...) (nib ? tile(n, 1, __VA_ARGS__) : tile(n, 0, __VA_ARGS__))
             switch (nb_rows) {
 #if CHUNK >= 8
-                case 8: TILE(8, qb, scale, mins, so, scale_f16, xqb, xdb, xsb, yb, N, K, G, group, nvalid, pf); break;
-                case 7: TILE(7, qb, scale, mins, so, scale_f16, xqb, xdb, xsb, yb, N, K, G, group, nvalid, pf); break;
-                case 6: TILE(6, qb, scale, mins, so, scale_f16, xqb, xdb, xsb, yb, N, K, G, group, nvalid, pf); break;
-                case 5: TILE(5, qb, scale, mins, so, scale_f16, xqb, xdb, xsb, yb, N, K, G, group, nvalid, pf); break;
+                case 8: TILE(8, qb, sb, mb, mode, xqb, xdb, xsb, yb, N, K, G, group, nvalid, pf); break;
+                case 7: TILE(7, qb, sb, mb, mode, xqb, xdb, xsb, yb, N, K, G, group, nvalid, pf); break;
+                case 6: TILE(6, qb, sb, mb, mode, xqb, xdb, xsb, yb, N, K, G, group, nvalid, pf); break;
+                case 5: TILE(5, qb, sb, mb, mode, xqb, xdb, xsb, yb, N, K, G, group, nvalid, pf); break;
 #endif
 #if CHUNK >= 4
-                case 4: TILE(4, qb, scale, mins, so, scale_f16, xqb, xdb, xsb, yb, N, K, G, group, nvalid, pf); break;
-                case 3: TILE(3, qb, scale, mins, so, scale_f16, xqb, xdb, xsb, yb, N, K, G, group, nvalid, pf); break;
-                case 2: TILE(2, qb, scale, mins, so, scale_f16, xqb, xdb, xsb, yb, N, K, G, group, nvalid, pf); break;
+                case 4: TILE(4, qb, sb, mb, mode, xqb, xdb, xsb, yb, N, K, G, group, nvalid, pf); break;
+                case 3: TILE(3, qb, sb, mb, mode, xqb, xdb, xsb, yb, N, K, G, group, nvalid, pf); break;
+                case 2: TILE(2, qb, sb, mb, mode, xqb, xdb, xsb, yb, N, K, G, group, nvalid, pf); break;
 #endif
-                default: TILE(1, qb, scale, mins, so, scale_f16, xqb, xdb, xsb, yb, N, K, G, group, nvalid, pf); break;
+                default: TILE(1, qb, sb, mb, mode, xqb, xdb, xsb, yb, N, K, G, group, nvalid, pf); break;
             }
 #undef TILE
         }
@@ -357,12 +426,12 @@ static inline void store_values(float v, int bf16, float *of, uint16_t *oh, int6
     }
 }
 
-static void dequant_row(const int8_t *q, const void *scale, const void *mins, int f16, int nib, int64_t r,
+static void dequant_row(const int8_t *q, const void *scale, const void *mins, int mode, int nib, int64_t r,
                         int64_t K, int64_t group, int bf16, float *of, uint16_t *oh) {
     int64_t G = K / group;
     const int8_t *qb = q + (r >> 4) * (nib ? 8 : 16) * K;
     for (int64_t g = 0; g < G; g++) {
-        float s = scale_at(scale, f16, sidx(r, g, G)), m = mins ? scale_at(mins, f16, sidx(r, g, G)) : 0.f;
+        float s = group_scale(scale, mode, r, g, K, group), m = mins ? group_scale(mins, mode, r, g, K, group) : 0.f;
         for (int64_t k = g * group; k < (g + 1) * group; k++)
             store_values(s * (float)weight_at(qb, r & 15, k, nib) - m, bf16, of, oh, k);
     }
@@ -385,30 +454,26 @@ static inline void store16(__m128i w8, float s, float m, int bf16, float *of, ui
 
 // All rows of a 16-row block: each 32 columns of two rows are one gather of 16 (row j, row j + 1) pairs,
 // sorted into the two rows' 32 bytes with a byte shuffle and a qword permute.
-static void dequant_block(const int8_t *q, const void *scale, const void *mins, int f16, int nib, int64_t nb,
+static void dequant_block(const int8_t *q, const void *scale, const void *mins, int mode, int nib, int64_t nb,
                           int64_t nvalid, int64_t K, int64_t group, int bf16, void *out) {
-    int64_t G = K / group;
     const __m512i pair_offsets = _mm512_setr_epi32(0, 8, 16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 96, 104, 112, 120);
     const __m512i split = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15));
     const __m512i rows_apart = _mm512_setr_epi64(0, 2, 4, 6, 1, 3, 5, 7);
-    const __m512i nibble_offsets = _mm512_srli_epi32(pair_offsets, 1);  // 16 bytes per pair
+    const __m256i quad_offsets = _mm256_setr_epi32(0, 32, 64, 96, 128, 160, 192, 224);  // 32 bytes per quad
     const int8_t *qb = q + nb * (nib ? 8 : 16) * K;
     for (int64_t j = 0; j < nvalid; j += 2) {
         int64_t r = nb * 16 + j;
         for (int64_t c = 0; c < K; c += 32) {
             __m512i v;
             if (nib) {
-                // Rows j and j + 1 are bytes j and j + 1 of each pair's 16: gather the 4 bytes around them (never
-                // past the pair), keep each row's byte, and split its nibbles into the two columns.
-                __m512i d = _mm512_i32gather_epi32(nibble_offsets, (const void *)(qb + (c >> 1) * 16 + (j & ~3)), 4);
-                d = _mm512_srli_epi32(d, (unsigned)(j & 3) * 8);
-                __m512i rows[2];
-                for (int h = 0; h < 2; h++) {
-                    __m512i e = _mm512_cvtepu8_epi32(_mm512_cvtepi32_epi8(h ? _mm512_srli_epi32(d, 8) : d));
-                    e = _mm512_and_si512(_mm512_or_si512(e, _mm512_slli_epi32(e, 12)), _mm512_set1_epi32(0x000F000F));
-                    rows[h] = _mm512_castsi256_si512(_mm512_cvtepi16_epi8(e));  // 32 values, column order
-                }
-                v = _mm512_inserti64x4(rows[0], _mm512_castsi512_si256(rows[1]), 1);
+                // Rows j and j + 1 are bytes 2j .. 2j + 3 of each quad's 32: one 4-byte gather per quad, each byte
+                // split into its nibbles, and the nibbles put back in column order, row j then row j + 1.
+                __m256i d = _mm256_i32gather_epi32((const int *)(qb + (c >> 2) * 32 + 2 * j), quad_offsets, 1);
+                __m256i lo = _mm256_and_si256(d, _mm256_set1_epi8(15));
+                __m256i hi = _mm256_and_si256(_mm256_srli_epi32(d, 4), _mm256_set1_epi8(15));
+                __m256i row0 = _mm256_or_si256(_mm256_and_si256(lo, _mm256_set1_epi32(0xFFFF)), _mm256_slli_epi32(hi, 16));
+                __m256i row1 = _mm256_or_si256(_mm256_srli_epi32(lo, 16), _mm256_andnot_si256(_mm256_set1_epi32(0xFFFF), hi));
+                v = _mm512_inserti64x4(_mm512_castsi256_si512(row0), row1, 1);
             } else {
                 v = _mm512_i32gather_epi32(pair_offsets, (const void *)(qb + (c >> 1) * 32 + j * 2), 4);
                 v = _mm512_permutexvar_epi64(rows_apart, _mm512_shuffle_epi8(v, split));
@@ -419,8 +484,8 @@ static void dequant_block(const int8_t *q, const void *scale, const void *mins, 
                 uint16_t *oh = (uint16_t *)out + (r + h) * K + c;
                 for (int half = 0; half < 2; half++) {
                     int64_t g = (c + 16 * half) / group;
-                    float sc = scale_at(scale, f16, sidx(r + h, g, G));
-                    float m = mins ? scale_at(mins, f16, sidx(r + h, g, G)) : 0.f;
+                    float sc = group_scale(scale, mode, r + h, g, K, group);
+                    float m = mins ? group_scale(mins, mode, r + h, g, K, group) : 0.f;
                     __m128i w8 = half ? _mm256_extracti128_si256(w, 1) : _mm256_castsi256_si128(w);
                     store16(w8, sc, m, bf16, of + 16 * half, oh + 16 * half);
                 }
@@ -434,21 +499,21 @@ static void dequant_block(const int8_t *q, const void *scale, const void *mins, 
 // set. row_ids selects rows (an embedding lookup); NULL means rows 0 .. n_rows - 1 (prefill matmuls).
 void dequant_rows(const int8_t *q, const void *scale, const void *mins, int flags, void *out, int64_t K,
                   int64_t group, const int64_t *row_ids, int64_t n_rows, int bf16, int threads) {
-    const int scale_f16 = flags & 1, nib = (flags >> 1) & 1;
+    const int mode = scale_mode(flags), nib = (flags >> 1) & 1;
 #if defined(__AVX512F__) && defined(__AVX512BW__)
     if (!row_ids && K % 32 == 0) {
         int64_t n_blocks = (n_rows + 15) / 16;
         #pragma omp parallel for num_threads(threads) schedule(static)
         for (int64_t nb = 0; nb < n_blocks; nb++) {
             int64_t nvalid = n_rows - nb * 16 < 16 ? n_rows - nb * 16 : 16;
-            dequant_block(q, scale, mins, scale_f16, nib, nb, nvalid, K, group, bf16, out);
+            dequant_block(q, scale, mins, mode, nib, nb, nvalid, K, group, bf16, out);
         }
         return;
     }
 #endif
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t i = 0; i < n_rows; i++)
-        dequant_row(q, scale, mins, scale_f16, nib, row_ids ? row_ids[i] : i, K, group, bf16, (float *)out + i * K,
+        dequant_row(q, scale, mins, mode, nib, row_ids ? row_ids[i] : i, K, group, bf16, (float *)out + i * K,
                     (uint16_t *)out + i * K);
 }
 
@@ -481,82 +546,113 @@ static inline float half_to_float(uint16_t h) {
 
 static inline uint16_t rd16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
 
+// One GGML block -> its int8 values v (bs of them), and its scales: for Q8_0 / Q4_0 / Q5_0 the fp16 bits of d
+// (h16); for Q4_K the super-scales d, dmin and 8 sub-scales and sub-mins; for Q6_K d and 16 sub-scales.
+static void decode_block(int qtype, const uint8_t *blk, int8_t *v, uint16_t *h16, float *d, float *dmin,
+                         int8_t *sub, int8_t *sub_min) {
+    if (qtype == 8) {  // Q8_0: d, 32 x int8
+        *h16 = rd16(blk);
+        memcpy(v, blk + 2, 32);
+    } else if (qtype == 2) {  // Q4_0: d, 16 bytes of nibbles
+        *h16 = rd16(blk);
+        for (int j = 0; j < 16; j++) {
+            v[j] = (int8_t)((blk[2 + j] & 0x0F) - 8);
+            v[j + 16] = (int8_t)((blk[2 + j] >> 4) - 8);
+        }
+    } else if (qtype == 6) {  // Q5_0: d, 32-bit high bits, 16 bytes of nibbles
+        *h16 = rd16(blk);
+        uint32_t qh = (uint32_t)blk[2] | ((uint32_t)blk[3] << 8) | ((uint32_t)blk[4] << 16) | ((uint32_t)blk[5] << 24);
+        for (int j = 0; j < 16; j++) {
+            v[j] = (int8_t)(((blk[6 + j] & 0x0F) | (((qh >> j) & 1) << 4)) - 16);
+            v[j + 16] = (int8_t)(((blk[6 + j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) - 16);
+        }
+    } else if (qtype == 12) {  // Q4_K: d, dmin, 12 bytes of 6-bit scales/mins, 128 bytes of nibbles
+        const uint8_t *s6 = blk + 4, *qs = blk + 16;
+        *d = half_to_float(rd16(blk)), *dmin = half_to_float(rd16(blk + 2));
+        for (int i = 0; i < 8; i++) {
+            if (i < 4) { sub[i] = (int8_t)(s6[i] & 63); sub_min[i] = (int8_t)(s6[i + 4] & 63); }
+            else {
+                sub[i] = (int8_t)((s6[i + 4] & 0x0F) | ((s6[i - 4] >> 6) << 4));
+                sub_min[i] = (int8_t)((s6[i + 4] >> 4) | ((s6[i] >> 6) << 4));
+            }
+        }
+        for (int c = 0; c < 4; c++)
+            for (int l = 0; l < 32; l++) {
+                v[64 * c + l] = (int8_t)(qs[32 * c + l] & 0x0F);
+                v[64 * c + 32 + l] = (int8_t)(qs[32 * c + l] >> 4);
+            }
+    } else {  // Q6_K: 128 bytes low nibbles, 64 bytes high 2-bit pairs, 16 int8 scales, d
+        const uint8_t *ql = blk, *qh = blk + 128;
+        memcpy(sub, blk + 192, 16);
+        *d = half_to_float(rd16(blk + 208));
+        for (int h = 0; h < 2; h++) {
+            const uint8_t *l8 = ql + 64 * h, *h8 = qh + 32 * h;
+            int8_t *o = v + 128 * h;
+            for (int l = 0; l < 32; l++) {
+                o[l] = (int8_t)(((l8[l] & 0x0F) | ((h8[l] & 3) << 4)) - 32);
+                o[l + 32] = (int8_t)(((l8[l + 32] & 0x0F) | (((h8[l] >> 2) & 3) << 4)) - 32);
+                o[l + 64] = (int8_t)(((l8[l] >> 4) | (((h8[l] >> 4) & 3) << 4)) - 32);
+                o[l + 96] = (int8_t)(((l8[l + 32] >> 4) | (((h8[l] >> 6) & 3) << 4)) - 32);
+            }
+        }
+    }
+}
+
+// The 16 rows' values of `width` columns (v[row][column]) into the packed layout at column k0 of block nb.
+static void store_tile(const int8_t v[16][KS_COLS], int64_t width, int nibbles, int8_t *q, int64_t nb, int64_t K,
+                       int64_t k0) {
+    if (nibbles) {  // quads of columns: byte 2j + e holds column 4i + e (low nibble) and 4i + 2 + e (high)
+        for (int64_t i = 0; i < width / 4; i++) {
+            int8_t *dst = q + (nb * (K >> 2) + (k0 >> 2) + i) * 32;
+            for (int j = 0; j < 16; j++)
+                for (int e = 0; e < 2; e++) dst[2 * j + e] = (int8_t)(v[j][4 * i + e] | (v[j][4 * i + 2 + e] << 4));
+        }
+        return;
+    }
+    for (int64_t p = 0; p < width / 2; p++) {
+        int8_t *dst = q + (nb * (K >> 1) + (k0 >> 1) + p) * 32;
+        for (int j = 0; j < 16; j++) dst[2 * j] = v[j][2 * p], dst[2 * j + 1] = v[j][2 * p + 1];
+    }
+}
+
 // qtype: ggml type id (8 Q8_0, 2 Q4_0, 6 Q5_0, 12 Q4_K, 14 Q6_K). Writes the packed layout (see the top of this
-// file) of a matrix with rows of K values; the caller zeroes the padding rows. Returns nonzero for other types.
-int split_blocks(int qtype, const uint8_t *raw, int64_t n_blocks, int64_t K, int8_t *q, void *scale, float *mins,
+// file) of an (N, K) matrix, padding rows (up to a multiple of 16) included as zeros: Q8_0 / Q4_0 / Q5_0 with
+// their fp16 block scales, Q4_K (4-bit values) and Q6_K with two-level scales. Each task converts 16 rows x one
+// block of columns, so every byte of the output is written once and in order. Nonzero for other types.
+int split_blocks(int qtype, const uint8_t *raw, int64_t N, int64_t K, int8_t *q, void *scale, void *mins,
                  int nibbles, int threads) {
     if (nibbles && qtype != 12) return 1;  // 4-bit packing: unsigned 4-bit values (Q4_K) only
     if (qtype != 8 && qtype != 2 && qtype != 6 && qtype != 12 && qtype != 14) return 1;
-    const int64_t bs = (qtype == 12 || qtype == 14) ? 256 : 32, group = qtype == 14 ? 16 : 32, G = K / group;
+    const int ks = qtype == 12 || qtype == 14;
+    const int64_t bs = ks ? KS_COLS : 32, ts = qtype == 8 ? 34 : qtype == 2 ? 18 : qtype == 6 ? 22 : qtype == 12 ? 144 : 210;
+    const int64_t group = qtype == 14 ? 16 : 32, per = bs / group, C = K / bs, n_blocks = (N + 15) / 16;
     if (K % bs) return 1;
     #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t b = 0; b < n_blocks; b++) {
-        int8_t v[256];
-        float sc[16], mn[16] = {0};
-        if (qtype == 8) {  // Q8_0: d, 32 x int8
-            const uint8_t *blk = raw + b * 34;
-            sc[0] = half_to_float(rd16(blk));
-            for (int j = 0; j < 32; j++) v[j] = (int8_t)blk[2 + j];
-        } else if (qtype == 2) {  // Q4_0: d, 16 bytes of nibbles
-            const uint8_t *blk = raw + b * 18;
-            sc[0] = half_to_float(rd16(blk));
-            for (int j = 0; j < 16; j++) {
-                v[j] = (int8_t)((blk[2 + j] & 0x0F) - 8);
-                v[j + 16] = (int8_t)((blk[2 + j] >> 4) - 8);
-            }
-        } else if (qtype == 6) {  // Q5_0: d, 32-bit high bits, 16 bytes of nibbles
-            const uint8_t *blk = raw + b * 22;
-            sc[0] = half_to_float(rd16(blk));
-            uint32_t qh = (uint32_t)blk[2] | ((uint32_t)blk[3] << 8) | ((uint32_t)blk[4] << 16) | ((uint32_t)blk[5] << 24);
-            for (int j = 0; j < 16; j++) {
-                v[j] = (int8_t)(((blk[6 + j] & 0x0F) | (((qh >> j) & 1) << 4)) - 16);
-                v[j + 16] = (int8_t)(((blk[6 + j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) - 16);
-            }
-        } else if (qtype == 12) {  // Q4_K: d, dmin, 12 bytes of 6-bit scales/mins, 128 bytes of nibbles
-            const uint8_t *blk = raw + b * 144, *s6 = blk + 4, *qs = blk + 16;
-            float d = half_to_float(rd16(blk)), dmin = half_to_float(rd16(blk + 2));
-            for (int i = 0; i < 8; i++) {
-                int s, m;
-                if (i < 4) { s = s6[i] & 63; m = s6[i + 4] & 63; }
-                else { s = (s6[i + 4] & 0x0F) | ((s6[i - 4] >> 6) << 4); m = (s6[i + 4] >> 4) | ((s6[i] >> 6) << 4); }
-                sc[i] = d * (float)s;
-                mn[i] = dmin * (float)m;
-            }
-            for (int c = 0; c < 4; c++)
-                for (int l = 0; l < 32; l++) {
-                    v[64 * c + l] = (int8_t)(qs[32 * c + l] & 0x0F);
-                    v[64 * c + 32 + l] = (int8_t)(qs[32 * c + l] >> 4);
-                }
-        } else {  // Q6_K: 128 bytes low nibbles, 64 bytes high 2-bit pairs, 16 int8 scales, d
-            const uint8_t *blk = raw + b * 210, *ql = blk, *qh = blk + 128;
-            const int8_t *s8 = (const int8_t *)(blk + 192);
-            float d = half_to_float(rd16(blk + 208));
-            for (int g = 0; g < 16; g++) sc[g] = d * (float)s8[g];
-            for (int h = 0; h < 2; h++) {
-                const uint8_t *l8 = ql + 64 * h, *h8 = qh + 32 * h;
-                int8_t *o = v + 128 * h;
-                for (int l = 0; l < 32; l++) {
-                    o[l] = (int8_t)(((l8[l] & 0x0F) | ((h8[l] & 3) << 4)) - 32);
-                    o[l + 32] = (int8_t)(((l8[l + 32] & 0x0F) | (((h8[l] >> 2) & 3) << 4)) - 32);
-                    o[l + 64] = (int8_t)(((l8[l] >> 4) | (((h8[l] >> 4) & 3) << 4)) - 32);
-                    o[l + 96] = (int8_t)(((l8[l + 32] >> 4) | (((h8[l] >> 6) & 3) << 4)) - 32);
-                }
+    for (int64_t t = 0; t < n_blocks * C; t++) {
+        const int64_t nb = t / C, c = t % C;
+        int8_t v[16][KS_COLS], sub[16][16], sub_min[16][16];
+        float d[16], dmin[16];
+        uint16_t h16[16];
+        for (int j = 0; j < 16; j++) {
+            int64_t n = nb * 16 + j;
+            if (n < N) {
+                decode_block(qtype, raw + (n * C + c) * ts, v[j], &h16[j], &d[j], &dmin[j], sub[j], sub_min[j]);
+            } else {  // padding row: zero values, zero scales
+                memset(v[j], 0, sizeof v[j]), memset(sub[j], 0, 16), memset(sub_min[j], 0, 16);
+                h16[j] = 0, d[j] = dmin[j] = 0.f;
             }
         }
-        int64_t n = b * bs / K, k0 = b * bs % K;
-        if (nibbles) {  // a block is whole pairs of one row: each byte is written once
-            for (int64_t j = 0; j < bs; j += 2)
-                q[((n >> 4) * (K >> 1) + ((k0 + j) >> 1)) * 16 + (n & 15)] = (int8_t)(v[j] | (v[j + 1] << 4));
-        } else {
-            for (int64_t j = 0; j < bs; j++) q[qidx(n, k0 + j, K)] = v[j];
-        }
-        if (qtype == 8 || qtype == 2 || qtype == 6) {  // one fp16 scale per block: kept as its fp16 bits
-            ((uint16_t *)scale)[sidx(n, k0 / group, G)] = rd16(raw + b * (qtype == 8 ? 34 : qtype == 2 ? 18 : 22));
+        store_tile((const int8_t(*)[KS_COLS])v, bs, nibbles, q, nb, K, c * bs);
+        if (!ks) {  // one fp16 scale per block: kept as its fp16 bits, [block][group][row]
+            memcpy((uint16_t *)scale + (nb * C + c) * 16, h16, sizeof h16);
             continue;
         }
-        for (int64_t g = 0; g < bs / group; g++) {
-            ((float *)scale)[sidx(n, k0 / group + g, G)] = sc[g];
-            if (qtype == 12) mins[sidx(n, k0 / group + g, G)] = mn[g];
+        uint8_t *chunks[2] = {(uint8_t *)scale + (nb * C + c) * ks_chunk(group),
+                              mins ? (uint8_t *)mins + (nb * C + c) * ks_chunk(group) : NULL};
+        for (int which = 0; which < 2 && chunks[which]; which++) {
+            memcpy(chunks[which], which ? dmin : d, 64);
+            for (int64_t g = 0; g < per; g++)
+                for (int j = 0; j < 16; j++) chunks[which][64 + g * 16 + j] = (uint8_t)(which ? sub_min : sub)[j][g];
         }
     }
     return 0;
