@@ -146,25 +146,33 @@ def _read_array(cur: _Cursor, key: str) -> Any:
 
 
 def _read_string_array(cur: _Cursor, key: str, count: int) -> StringTable:
-    """A string array as one blob + offsets (a 262k-piece vocabulary as Python strs would take ~30 MB)."""
+    """A string array as one blob + offsets (a 262k-piece vocabulary as Python strs would take ~30 MB).
+
+    One loop walks the length fields (the only sequential part); the texts between them are then cut out of the
+    buffer with numpy in one step, not appended string by string (0.7 of 1.0 s for Gemma's 262k pieces)."""
     buf, pos, size = cur.buf, cur.pos, cur.size
     unpack = struct.Struct("<Q").unpack_from
-    blob = bytearray()
-    offsets = array("q", [0])
+    first = pos
+    lengths = array("q")
     for i in range(count):
         if pos + 8 > size:
             cur.pos = pos
             cur.need(8, f"string {i} of {key!r}")
         (n,) = unpack(buf, pos)
-        pos += 8
-        if pos + n > size:
-            cur.pos = pos
+        if n > size - pos - 8:
+            cur.pos = pos + 8
             cur.need(n, f"string {i} of {key!r}")
-        blob += buf[pos : pos + n]
-        offsets.append(len(blob))
-        pos += n
+        lengths.append(n)
+        pos += 8 + n
     cur.pos = pos
-    table = StringTable(bytes(blob), np.frombuffer(offsets, dtype=np.int64).copy())
+    sizes = np.frombuffer(lengths, dtype=np.int64)
+    offsets = np.zeros(count + 1, dtype=np.int64)
+    np.cumsum(sizes, out=offsets[1:])
+    region = np.frombuffer(buf, dtype=np.uint8, count=pos - first, offset=first)
+    # the region alternates 8-byte length fields (dropped) and texts (kept)
+    runs = np.stack([np.full(count, 8, dtype=np.int64), sizes], axis=1).reshape(-1)
+    keep = np.repeat(np.tile(np.array([False, True]), count), runs)
+    table = StringTable(region[keep].tobytes(), offsets)
     _check_utf8(table, cur.path, key)
     return table
 

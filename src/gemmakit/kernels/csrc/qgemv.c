@@ -549,7 +549,7 @@ static inline uint16_t rd16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] <
 // One GGML block -> its int8 values v (bs of them), and its scales: for Q8_0 / Q4_0 / Q5_0 the fp16 bits of d
 // (h16); for Q4_K the super-scales d, dmin and 8 sub-scales and sub-mins; for Q6_K d and 16 sub-scales.
 static void decode_block(int qtype, const uint8_t *blk, int8_t *v, uint16_t *h16, float *d, float *dmin,
-                         int8_t *sub, int8_t *sub_min) {
+                         int8_t *sub, int8_t *sub_min, int values) {
     if (qtype == 8) {  // Q8_0: d, 32 x int8
         *h16 = rd16(blk);
         memcpy(v, blk + 2, 32);
@@ -576,7 +576,7 @@ static void decode_block(int qtype, const uint8_t *blk, int8_t *v, uint16_t *h16
                 sub_min[i] = (int8_t)((s6[i + 4] >> 4) | ((s6[i] >> 6) << 4));
             }
         }
-        for (int c = 0; c < 4; c++)
+        for (int c = 0; c < 4 * values; c++)
             for (int l = 0; l < 32; l++) {
                 v[64 * c + l] = (int8_t)(qs[32 * c + l] & 0x0F);
                 v[64 * c + 32 + l] = (int8_t)(qs[32 * c + l] >> 4);
@@ -585,7 +585,7 @@ static void decode_block(int qtype, const uint8_t *blk, int8_t *v, uint16_t *h16
         const uint8_t *ql = blk, *qh = blk + 128;
         memcpy(sub, blk + 192, 16);
         *d = half_to_float(rd16(blk + 208));
-        for (int h = 0; h < 2; h++) {
+        for (int h = 0; h < 2 * values; h++) {
             const uint8_t *l8 = ql + 64 * h, *h8 = qh + 32 * h;
             int8_t *o = v + 128 * h;
             for (int l = 0; l < 32; l++) {
@@ -615,6 +615,53 @@ static void store_tile(const int8_t v[16][KS_COLS], int64_t width, int nibbles, 
     }
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+// The values of 16 rows x 256 columns of a Q4_K (4-bit packing) or Q6_K matrix, straight from the GGML blocks
+// of column block c into the packed layout: each gather takes 4 bytes at the same place of the 16 rows' blocks
+// (row j in lane j), and each result is one 32-byte row of the packed layout (16 rows x 2 bytes). Bitwise the
+// same bytes as decode_block + store_tile, about 10x faster (the load-time conversion of a 26B-A4B's experts).
+static void store_kquant_tile(int qtype, const uint8_t *raw, int64_t N, int64_t C, int64_t c, int64_t nb,
+                              int64_t K, int8_t *q) {
+    const int64_t ts = qtype == 12 ? 144 : 210, rows = N - nb * 16;
+    const __mmask16 live = rows >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << rows) - 1);  // padding rows: 0
+    const __m512i stride = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                              _mm512_set1_epi32((int)(C * ts)));
+    const uint8_t *blk = raw + (nb * 16 * C + c) * ts;  // row nb * 16's block c
+    const __m512i lo4 = _mm512_set1_epi32(0x0F0F0F0F), low16 = _mm512_set1_epi32(0xFFFF);
+#define GATHER(offset) _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, stride, (const void *)(blk + (offset)), 1)
+#define STORE(ptr, lanes) _mm256_storeu_si256((__m256i *)(ptr), _mm512_cvtepi32_epi16(lanes))
+    if (qtype == 12) {  // qs: 4 chunks of 32 bytes, low nibbles columns 64cc + l, high nibbles 64cc + 32 + l
+        int8_t *out = q + (nb * (K >> 2) + (c * KS_COLS >> 2)) * 32;  // quad 0 of the tile
+        for (int cc = 0; cc < 4; cc++)
+            for (int i = 0; i < 8; i++) {  // columns 4i .. 4i + 3 of both halves of chunk cc
+                __m512i dw = GATHER(16 + 32 * cc + 4 * i);
+                __m512i x = _mm512_and_si512(dw, lo4), y = _mm512_andnot_si512(lo4, dw);
+                __m512i low = _mm512_or_si512(x, _mm512_srli_epi32(x, 12));
+                __m512i high = _mm512_or_si512(_mm512_srli_epi32(y, 4), _mm512_srli_epi32(y, 16));
+                STORE(out + (16 * cc + i) * 32, _mm512_and_si512(low, low16));
+                STORE(out + (16 * cc + 8 + i) * 32, _mm512_and_si512(high, low16));
+            }
+    } else {  // Q6_K: two halves of 128 columns; quarter s of a half: ql[(s & 1) * 32 + l] nibble s >> 1, qh shift 2s
+        int8_t *out = q + (nb * (K >> 1) + (c * KS_COLS >> 1)) * 32;  // pair 0 of the tile
+        for (int h = 0; h < 2; h++)
+            for (int sq = 0; sq < 4; sq++)
+                for (int l = 0; l < 32; l += 4) {
+                    __m512i ql = GATHER(64 * h + (sq & 1) * 32 + l), qh = GATHER(128 + 32 * h + l);
+                    __m512i lowbits = _mm512_and_si512(_mm512_srli_epi32(ql, 4 * (sq >> 1)), lo4);
+                    __m512i highbits = _mm512_and_si512(_mm512_srli_epi32(qh, 2 * sq), _mm512_set1_epi32(0x03030303));
+                    __m512i v = _mm512_sub_epi8(_mm512_or_si512(lowbits, _mm512_slli_epi32(highbits, 4)),
+                                                _mm512_set1_epi8(32));
+                    v = _mm512_maskz_mov_epi32(live, v);  // padding rows stay 0, not -32
+                    int64_t col = 128 * h + 32 * sq + l;
+                    STORE(out + (col >> 1) * 32, _mm512_and_si512(v, low16));
+                    STORE(out + ((col >> 1) + 1) * 32, _mm512_srli_epi32(v, 16));
+                }
+    }
+#undef GATHER
+#undef STORE
+}
+#endif
+
 // qtype: ggml type id (8 Q8_0, 2 Q4_0, 6 Q5_0, 12 Q4_K, 14 Q6_K). Writes the packed layout (see the top of this
 // file) of an (N, K) matrix, padding rows (up to a multiple of 16) included as zeros: Q8_0 / Q4_0 / Q5_0 with
 // their fp16 block scales, Q4_K (4-bit values) and Q6_K with two-level scales. Each task converts 16 rows x one
@@ -633,16 +680,22 @@ int split_blocks(int qtype, const uint8_t *raw, int64_t N, int64_t K, int8_t *q,
         int8_t v[16][KS_COLS], sub[16][16], sub_min[16][16];
         float d[16], dmin[16];
         uint16_t h16[16];
+        int vector_values = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+        vector_values = ks && (qtype == 14 || nibbles);
+        if (vector_values) store_kquant_tile(qtype, raw, N, C, c, nb, K, q);
+#endif
         for (int j = 0; j < 16; j++) {
             int64_t n = nb * 16 + j;
             if (n < N) {
-                decode_block(qtype, raw + (n * C + c) * ts, v[j], &h16[j], &d[j], &dmin[j], sub[j], sub_min[j]);
+                decode_block(qtype, raw + (n * C + c) * ts, v[j], &h16[j], &d[j], &dmin[j], sub[j], sub_min[j],
+                             !vector_values);
             } else {  // padding row: zero values, zero scales
                 memset(v[j], 0, sizeof v[j]), memset(sub[j], 0, 16), memset(sub_min[j], 0, 16);
                 h16[j] = 0, d[j] = dmin[j] = 0.f;
             }
         }
-        store_tile((const int8_t(*)[KS_COLS])v, bs, nibbles, q, nb, K, c * bs);
+        if (!vector_values) store_tile((const int8_t(*)[KS_COLS])v, bs, nibbles, q, nb, K, c * bs);
         if (!ks) {  // one fp16 scale per block: kept as its fp16 bits, [block][group][row]
             memcpy((uint16_t *)scale + (nb * C + c) * 16, h16, sizeof h16);
             continue;
