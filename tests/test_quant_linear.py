@@ -199,3 +199,27 @@ def test_kernel_propagates_nan_and_inf() -> None:
     x[1, 5], x[2, 40] = float("nan"), float("inf")
     y = w.matmul(x)
     assert y[1:].isnan().all() and torch.equal(y[0], clean[0])
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K, T.Q8_0], ids=lambda t: t.name)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prompt_matmul_by_slabs_equals_whole_weight(qtype: T, dtype: torch.dtype, monkeypatch) -> None:
+    """Prompt chunks multiply the weight a dequantized slab of rows at a time; the product is the one of the
+    whole dequantized weight (the last slab partial, the slabs starting inside the packed blocks' pointers)."""
+    from gemmakit.quant import linear
+
+    rng = np.random.default_rng(7 + int(qtype))
+    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    N, K = 200, 512
+    raw = torch.from_numpy(random_blocks(qtype, N * K // block_size, rng).reshape(N, -1))
+    weight = QuantWeight.from_packed(*split_packed(raw, qtype, (N, K)), N, K)
+    weight.prefill_dtype = dtype
+    x = torch.randn(40, K, generator=torch.Generator().manual_seed(1))
+    whole = torch.nn.functional.linear(x.to(dtype), weight.dequantize(dtype=dtype))
+    monkeypatch.setattr(linear, "SLAB_MIN_ROWS", 48)
+    monkeypatch.setattr(linear, "SLAB_BYTES", 0)
+    assert linear._slab_rows(K, dtype) == 48 < N  # 5 slabs, the last one 8 rows
+    by_slabs = weight.matmul(x)
+    assert by_slabs.shape == (40, N) and by_slabs.dtype == torch.float32
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert torch.allclose(by_slabs, whole.float(), rtol=tol, atol=tol * float(whole.float().abs().max()))

@@ -9,6 +9,7 @@ dequantize the weight to float32 and use PyTorch's matmul.
 from __future__ import annotations
 
 import ctypes
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -215,9 +216,53 @@ class QuantWeight(nn.Module):
         lead = x.shape[:-1]
         flat = x.reshape(-1, K)
         if self.prefill_dtype == torch.bfloat16 and flat.device.type == "cpu":
-            out = F.linear(flat.to(torch.bfloat16), self.dequantize(dtype=torch.bfloat16))
+            out = self._prefill_matmul(flat.to(torch.bfloat16), torch.bfloat16)
             return (out if x.dtype == torch.bfloat16 else out.float()).view(*lead, -1)
-        return F.linear(flat.float().contiguous(), self.dequantize()).view(*lead, -1)
+        return self._prefill_matmul(flat.float().contiguous(), torch.float32).view(*lead, -1)
+
+    def _prefill_matmul(self, flat: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:  # (M, K) -> (M, N)
+        """A prompt chunk's product, the weight dequantized a slab of rows at a time into this thread's reused
+        buffer (see :func:`_slab`): the dequantized slab is still in cache when the GEMM reads it, and no
+        full-size float copy of the weight is made (E2B's fused gate|up would be 151 MB, mapped fresh and
+        faulted in page by page at every prompt chunk)."""
+        lib = kernels()
+        rows = _slab_rows(self.K, dtype)
+        if lib is None or flat.device.type != "cpu" or rows >= self.N:
+            return F.linear(flat, self.dequantize(dtype=dtype))
+        out = torch.empty(flat.shape[0], self.N, dtype=dtype)
+        slab = _slab(rows * self.K, dtype)
+        for n0 in range(0, self.N, rows):
+            n = min(rows, self.N - n0)
+            weight = slab[: n * self.K].view(n, self.K)
+            lib.dequant_rows(*self._block_pointers(n0 // 16), self.kernel_flags, _ptr(weight), self.K, self.group,
+                             None, n, int(dtype == torch.bfloat16), torch.get_num_threads())
+            out[:, n0 : n0 + n] = F.linear(flat, weight)
+        return out
+
+    def _block_pointers(self, block: int) -> tuple[ctypes.c_void_p, ...]:
+        """q, scale and mins pointers of the packed matrix from its 16-row block ``block`` on (each tensor holds
+        one row of bytes per block)."""
+        return tuple(ctypes.c_void_p(t.data_ptr() + block * t.stride(0) * t.element_size()) if t is not None
+                     else None for t in (self.q, self.scale, self.mins))
+
+
+SLAB_BYTES = 4 << 20  # a dequantized slab of weight rows: fits in L3 beside the GEMM's other operands
+SLAB_MIN_ROWS = 256  # fewer output columns per GEMM call costs more than the slab saves
+_SLABS = threading.local()
+
+
+def _slab_rows(K: int, dtype: torch.dtype) -> int:
+    per_row = K * torch.empty((), dtype=dtype).element_size()
+    return max(SLAB_MIN_ROWS, SLAB_BYTES // per_row // 16 * 16)
+
+
+def _slab(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """This thread's buffer for dequantized weight slabs, grown to the largest asked for and reused."""
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    buffer = getattr(_SLABS, "buffer", None)
+    if buffer is None or buffer.numel() < nbytes:
+        _SLABS.buffer = buffer = torch.empty(nbytes, dtype=torch.uint8)
+    return buffer[:nbytes].view(dtype)
 
 
 def cpu_has_native_bf16() -> bool:
