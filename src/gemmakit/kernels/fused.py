@@ -136,10 +136,7 @@ _QMatrix, _Layer, _StepSlots, _StepRope = (struct(name) for name in ("QMatrix", 
 
 def _qmatrix(proj) -> _QMatrix | None:
     w = proj.qweight if isinstance(proj, QuantLinear) else None
-    if not isinstance(w, QuantWeight) or w.group not in (16, 32) or w.K % w.group:
-        return None
-    return _QMatrix(w.q.data_ptr(), w.scale.data_ptr(), w.mins.data_ptr() if w.mins is not None else None, w.N, w.K,
-                    w.group, w.kernel_flags)
+    return w.qmatrix() if isinstance(w, QuantWeight) else None
 
 
 def _f32_weight(norm) -> bool:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import kernels
+from ..kernels.abi import struct
 
 MAX_KERNEL_ROWS = 16  # a prompt chunk of up to this many tokens multiplies through the integer kernel
 KS_COLS = 256  # columns per super-scale in the two-level scale layout of K-quants (csrc/qgemv.c)
@@ -168,6 +169,15 @@ class QuantWeight(nn.Module):
         """The C kernels' format flags: bit 0 float16 scales and mins (exact for formats with fp16 block
         scales; else float32), bit 1 4-bit values, bit 2 two-level scales."""
         return int(self.scale.dtype == torch.float16) | (2 if self.bits == 4 else 0) | (4 if self.two_level else 0)
+
+    def qmatrix(self):
+        """This matrix as the kernels' QMatrix struct (csrc/gemmakit_kernels.h), or None where the kernels do not
+        take it (a group other than 16 or 32)."""
+        if self.group not in (16, 32) or self.K % self.group:
+            return None
+        return struct("QMatrix")(self.q.data_ptr(), self.scale.data_ptr(),
+                                 self.mins.data_ptr() if self.mins is not None else None, self.N, self.K, self.group,
+                                 self.kernel_flags)
 
     @property
     def nbytes(self) -> int:
@@ -352,6 +362,8 @@ class QuantExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
                 one_token_rows: bool = False) -> torch.Tensor:  # (N, E), (N, k), (N, k) -> (N, E)
+        if one_token_rows and x.dtype == torch.float32 and self._tables() is not None:
+            return self._decode_in_c(x, weights, ids)
         out = torch.zeros_like(x)
         for expert in torch.unique(ids).tolist():
             token, slot = torch.where(ids == expert)
@@ -362,6 +374,28 @@ class QuantExperts(nn.Module):
             h = F.gelu(gate, approximate="tanh") * up
             y = self.down[expert].matmul(h.unsqueeze(1) if one_token_rows else h).reshape(len(token), -1)
             out.index_add_(0, token, y * weights[token, slot, None])
+        return out
+
+
+    def _tables(self) -> tuple | None:
+        """The experts' QMatrix arrays for experts_decode (built once), or None without the kernels."""
+        if not hasattr(self, "_qmatrices"):
+            mats = [[w.qmatrix() for w in ws] for ws in (self.gate_up, self.down)]
+            ok = kernels() is not None and all(m is not None for ms in mats for m in ms)
+            self._qmatrices = tuple((struct("QMatrix") * len(ms))(*ms) for ms in mats) if ok else None
+        return self._qmatrices
+
+    def _decode_in_c(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """A decode step's rows through csrc/decode.c experts_decode: the loop above in one call per layer, each
+        row computed alone (batch invariance), GeGLU by the kernels' own GELU."""
+        gate_up, down = self._tables()
+        x, ids = x.contiguous(), ids.to(torch.int64).contiguous()
+        weights = weights.float().contiguous()
+        out = torch.empty_like(x)
+        err = kernels().experts_decode(gate_up, down, _ptr(x), x.shape[0], x.shape[1], _ptr(ids), _ptr(weights),
+                                       ids.shape[1], _ptr(out), torch.get_num_threads())
+        if err:
+            raise MemoryError(f"experts_decode failed ({err})")
         return out
 
 

@@ -4,6 +4,7 @@
 // these replace the elementwise chains around the matmuls with one call each. The model keeps its PyTorch
 // path for everything else (prefill, GPUs, no compiler) and the tests compare the two.
 #include <stdint.h>
+#include <stdlib.h>
 #include <math.h>
 
 #include "gemmakit_kernels.h"
@@ -433,4 +434,38 @@ void mask_logits(float *x, const int32_t *bits, int64_t n) {
         for (int64_t i = base; i < end; i++)
             if (!((word >> (i - base)) & 1u)) x[i] = neg_inf;
     }
+}
+
+// Gemma 4's experts for the rows of a decode step: row b of out (B, E) is the sum, over its k experts in
+// ascending id order, of weights[b, j] * down_e(geglu(gate_up_e(x_b))), each product computed for that row
+// alone (qgemv with one row), so a row's result does not depend on the others in the step. The order of the
+// sum is the PyTorch loop's (quant/linear.py QuantExperts: experts in ascending order, index_add per expert),
+// with the same float operations. gate_up[e] is (2F, E), gate rows then up rows; down[e] is (E, F).
+int experts_decode(const QMatrix *gate_up, const QMatrix *down, const float *x, int64_t B, int64_t E,
+                   const int64_t *ids, const float *weights, int64_t k, float *out, int threads) {
+    int64_t F = gate_up[ids[0]].N / 2;
+    float *h = malloc(sizeof(float) * 2 * F), *g = malloc(sizeof(float) * F), *y = malloc(sizeof(float) * E);
+    int64_t *order = malloc(sizeof(int64_t) * k);
+    int err = !h || !g || !y || !order ? 2 : 0;
+    for (int64_t b = 0; b < B && !err; b++) {
+        const int64_t *rid = ids + b * k;
+        for (int64_t j = 0; j < k; j++) {  // insertion sort of the row's slots by expert id
+            int64_t i = j;
+            for (; i > 0 && rid[order[i - 1]] > rid[j]; i--) order[i] = order[i - 1];
+            order[i] = j;
+        }
+        float *o = out + b * E;
+        for (int64_t i = 0; i < E; i++) o[i] = 0.f;
+        for (int64_t j = 0; j < k && !err; j++) {
+            const QMatrix *gu = gate_up + rid[order[j]], *dn = down + rid[order[j]];
+            err = qgemv(gu->q, gu->scale, gu->mins, x + b * E, h, 1, gu->N, gu->K, gu->group, gu->flags, threads);
+            if (err) break;
+            geglu_rows(h, g, 1, F, 0, threads);
+            err = qgemv(dn->q, dn->scale, dn->mins, g, y, 1, dn->N, dn->K, dn->group, dn->flags, threads);
+            const float w = weights[b * k + order[j]];
+            for (int64_t i = 0; i < E && !err; i++) o[i] = o[i] + y[i] * w;
+        }
+    }
+    free(h), free(g), free(y), free(order);
+    return err;
 }

@@ -13,7 +13,7 @@
 
 #include <stdint.h>
 
-#define GEMMAKIT_KERNELS_ABI 5
+#define GEMMAKIT_KERNELS_ABI 6
 
 // -- structs -------------------------------------------------------------------------------------------------
 
@@ -131,6 +131,8 @@ void geglu(const float *gu, float *out, int64_t rows, int64_t F, int threads);
 void geglu_bf16(const uint16_t *gu, uint16_t *out, int64_t rows, int64_t F, int threads);
 void gelu_mul(const float *g, const float *u, int64_t u_stride, float *out, int64_t rows, int64_t n, int threads);
 int64_t argmax_f32(const float *x, int64_t n);
+int experts_decode(const QMatrix *gate_up, const QMatrix *down, const float *x, int64_t B, int64_t E,
+                   const int64_t *ids, const float *weights, int64_t k, float *out, int threads);
 void mask_logits(float *x, const int32_t *bits, int64_t n);
 
 // layers.c: every decoder layer of a decode step in one call.
