@@ -443,6 +443,10 @@ void mask_logits(float *x, const int32_t *bits, int64_t n) {
 // with the same float operations. gate_up[e] is (2F, E), gate rows then up rows; down[e] is (E, F).
 int experts_decode(const QMatrix *gate_up, const QMatrix *down, const float *x, int64_t B, int64_t E,
                    const int64_t *ids, const float *weights, int64_t k, float *out, int threads) {
+    if (B < 1 || k < 1) {  // no rows, or no expert for any row: nothing to read, the sum is empty
+        for (int64_t i = 0; i < B * E; i++) out[i] = 0.f;
+        return 0;
+    }
     int64_t F = gate_up[ids[0]].N / 2;
     float *h = malloc(sizeof(float) * 2 * F), *g = malloc(sizeof(float) * F), *y = malloc(sizeof(float) * E);
     int64_t *order = malloc(sizeof(int64_t) * k);
