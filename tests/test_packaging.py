@@ -13,8 +13,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).parent.parent
 SHIPPED = ["gemmakit/py.typed", "gemmakit/__main__.py",
-           *(f"gemmakit/kernels/csrc/{name}" for name in ("qgemv.c", "decode.c", "layers.c", "sample.c", "abi.c",
-                                                          "gemmakit_kernels.h", "vecmath.h")),
+           *(f"gemmakit/kernels/csrc/{name}" for name in ("qgemv.c", "qgemm.c", "decode.c", "layers.c", "sample.c",
+                                                          "abi.c", "gemmakit_kernels.h", "vecmath.h", "qpack.h")),
            "gemmakit/server/static/index.html", "gemmakit/server/static/chat.js",
            "gemmakit/server/static/chat.css", "gemmakit/server/static/vendor/marked.umd.js",
            "gemmakit/server/static/vendor/purify.min.js"]

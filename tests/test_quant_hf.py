@@ -87,8 +87,13 @@ def test_quantized_decode_matches_prefill(e2b) -> None:
     from gemmakit.kernels import fused
     from gemmakit.kv_cache import KVCache
 
+    from gemmakit.quant.linear import set_prefill_dtype
+
     folder, _, _, ids = e2b
     llm = gemmakit.load(folder / "hf", quant="int4")
+    # The prompt pass in float32: by default it rounds x to 8 bits for 4-bit matrices, ~0.5% per product (held
+    # to its own bound in test_quant_linear), which this random model's 10 layers amplify past 2e-2.
+    set_prefill_dtype(llm.model, torch.float32)
     cache = KVCache(llm.config, 1, 64)
     prefill(llm.model, ids[:8], cache)
     assert fused._layer_table(llm.model, cache) is not None

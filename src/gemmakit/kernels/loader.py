@@ -30,8 +30,8 @@ logger = logging.getLogger(__name__)
 from . import abi
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = [CSRC / name for name in ("abi.c", "qgemv.c", "decode.c", "layers.c", "sample.c")]
-HEADERS = [CSRC / name for name in ("gemmakit_kernels.h", "vecmath.h")]
+SOURCES = [CSRC / name for name in ("abi.c", "qgemv.c", "qgemm.c", "decode.c", "layers.c", "sample.c")]
+HEADERS = [CSRC / name for name in ("gemmakit_kernels.h", "vecmath.h", "qpack.h")]
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", f"-I{CSRC}", "-lm"]
 
 

@@ -153,6 +153,7 @@ class QuantWeight(nn.Module):
         # dtype of the prefill matmuls (more than 16 rows); see :func:`set_prefill_dtype`.
         self.prefill_dtype = torch.float32
         self._args: tuple | None = None  # the kernel's fixed arguments (the tensors never move on CPU)
+        self._qmatrix = None  # this matrix as the kernels' struct, built at the first prompt product
 
     @property
     def shape(self) -> torch.Size:
@@ -208,7 +209,8 @@ class QuantWeight(nn.Module):
 
         Decode-sized inputs (:func:`kernel_rows`) go through the C kernel, which rounds x to 16 bits per group of
         ``group`` values (see csrc/qgemv.c); prompt chunks of more rows multiply the dequantized weight with
-        PyTorch in ``prefill_dtype`` (float32, or bfloat16: see :func:`set_prefill_dtype`).
+        PyTorch in ``prefill_dtype`` (float32 or bfloat16), or, for int8 and 4-bit weights, go through the C kernel
+        with x rounded to 8 bits per group (see :func:`set_prefill_dtype`).
         """
         lib = kernels()
         K = x.shape[-1]
@@ -225,10 +227,27 @@ class QuantWeight(nn.Module):
                 return y
         lead = x.shape[:-1]
         flat = x.reshape(-1, K)
+        if self.prefill_dtype == torch.int8 and lib is not None and flat.device.type == "cpu":
+            out = self._prefill_int8(lib, flat.float().contiguous())
+            if out is not None:
+                return out.view(*lead, -1)
         if self.prefill_dtype == torch.bfloat16 and flat.device.type == "cpu":
             out = self._prefill_matmul(flat.to(torch.bfloat16), torch.bfloat16)
             return (out if x.dtype == torch.bfloat16 else out.float()).view(*lead, -1)
         return self._prefill_matmul(flat.float().contiguous(), torch.float32).view(*lead, -1)
+
+    def _prefill_int8(self, lib, flat: torch.Tensor) -> torch.Tensor | None:  # (M, K) float32 -> (M, N) float32
+        """A prompt chunk's product with x rounded to 8 bits per group (csrc/qgemm.c), or None where the kernel
+        does not take this weight (not 4-bit, or a CPU without AVX-512): the caller then runs the float32 GEMM."""
+        if self.bits != 4 or self.group != 32:
+            return None
+        if self._qmatrix is None:
+            self._qmatrix = self.qmatrix()
+        out = torch.empty(flat.shape[0], self.N)
+        if lib.qgemm_int8(ctypes.byref(self._qmatrix), flat.data_ptr(), out.data_ptr(), flat.shape[0],
+                          torch.get_num_threads()) != 0:
+            return None
+        return out
 
     def _prefill_matmul(self, flat: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:  # (M, K) -> (M, N)
         """A prompt chunk's product, the weight dequantized a slab of rows at a time into this thread's reused
@@ -289,8 +308,20 @@ def cpu_has_native_bf16() -> bool:
     return False
 
 
+def fast_prefill_dtype() -> torch.dtype:
+    """The prompt products' dtype a quantized model loads with by default: bfloat16 where the CPU multiplies it
+    natively, else int8 (8-bit activations for 4-bit weights; float32 for the others). See set_prefill_dtype."""
+    return torch.bfloat16 if cpu_has_native_bf16() else torch.int8
+
+
 def set_prefill_dtype(model: nn.Module, dtype: torch.dtype) -> None:
-    """Run every quantized weight's prefill matmuls in ``dtype`` (float32 or bfloat16).
+    """Run every quantized weight's prefill matmuls in ``dtype``: float32, bfloat16, or int8.
+
+    int8 rounds each prompt row to 8 bits per group of 32 (step max|x| / 127, as llama.cpp's Q8 activations)
+    and multiplies it with 4-bit weights in integers (csrc/qgemm.c, AVX-512 CPUs); other weights, and CPUs
+    without AVX-512, keep float32. It makes 4-bit prompt products 1.5-2x faster here (no VNNI); on the default
+    model (4-bit attention outputs) it moves prompt logits by up to 0.8, top-1 agreement 98.4%, mean NLL +0.15%
+    (tests/test_quant_linear.py::test_int8_prefill_tracks_fp32_prefill).
 
     bfloat16 rounds activations and dequantized weights to 8 significant bits before the product (float32
     accumulation). On the default model that moves prompt logits by up to ~0.6 (of |logits| up to ~52) and mean

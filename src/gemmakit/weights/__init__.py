@@ -14,7 +14,7 @@ from ..kernels.fused import choose_decode_path
 from ..model import Gemma
 from ..quant.ggml import QUANTIZED_TYPES, SUPPORTED_TYPES, dequantize, split_packed
 from ..quant.linear import (MappedEmbedding, QuantEmbedding, QuantExperts, QuantLinear, QuantWeight,
-                            cpu_has_native_bf16, fuse_projections, set_prefill_dtype)
+                            fast_prefill_dtype, fuse_projections, set_prefill_dtype)
 from .gguf import GGUFFile
 from ..quant.convert import EXPERT_MATRICES, QUANT_TYPES, quantize_matrix, quantized_parameter
 from .hf import iter_tensors, read_config, read_rows, safetensor_files, tensor_entries
@@ -69,8 +69,9 @@ def load_gguf_model(
     """Build the model described by a GGUF file and fill it with its weights.
 
     ``quant``: "auto" / "int8" keep quantized GGUF matrices as int8 + per-group scales (float tensors stay
-    float32); "fp32" and "bf16" dequantize everything. With "auto" on a CPU with native bfloat16 (AVX-512 BF16,
-    AMX) prompt matmuls run in bfloat16 (about 2.5x faster); "int8" keeps them in float32.
+    float32); "fp32" and "bf16" dequantize everything. With "auto", prompt matmuls run in bfloat16 on a CPU with
+    native bfloat16 (AVX-512 BF16, AMX; about 2.5x faster), elsewhere 4-bit matrices take x rounded to 8 bits
+    (1.5-2x faster; see quant.linear.set_prefill_dtype); "int8" keeps them all in float32.
 
     Raises:
         UnsupportedModelError: unknown architecture or tensor type.
@@ -119,8 +120,8 @@ def load_gguf_model(
     # their pages only if nothing else still references them (measured: 34 MB more resident otherwise).
     del state, quantized, parts
     fuse_projections(model)
-    if quant == "auto" and cpu_has_native_bf16():
-        set_prefill_dtype(model, torch.bfloat16)  # int8 keeps float32 prefill matmuls
+    if quant == "auto":  # quant="int8" keeps float32 prompt products on every CPU
+        set_prefill_dtype(model, fast_prefill_dtype())
     release_freed_memory()
     return _ready(model), config
 
@@ -286,6 +287,7 @@ def load_hf_quantized(folder: Path, quant: str) -> tuple[Gemma, GemmaConfig]:
     model.load_state_dict(state, assign=True, strict=True)
     del state, quantized
     fuse_projections(model)
+    set_prefill_dtype(model, fast_prefill_dtype())  # as a GGUF of the same type loads by default
     release_freed_memory()
     return _ready(model), config
 

@@ -13,7 +13,7 @@
 
 #include <stdint.h>
 
-#define GEMMAKIT_KERNELS_ABI 6
+#define GEMMAKIT_KERNELS_ABI 7
 
 // -- structs -------------------------------------------------------------------------------------------------
 
@@ -117,6 +117,9 @@ int split_blocks(int qtype, const uint8_t *raw, int64_t N, int64_t K, int8_t *q,
                  int nibbles, int threads);
 void rms_norm(const float *x, const float *w, float *out, int64_t rows, int64_t dim, float eps);
 void rms_norm_row(const float *x, const float *w, float *out, int64_t dim, float eps);
+
+// qgemm.c: prompt-sized products of 4-bit weights with x rounded to 8 bits per group (nonzero: not handled).
+int qgemm_int8(const QMatrix *w, const float *x, float *y, int64_t M, int threads);
 
 // decode.c: the pieces of a decode step.
 void attn_prep(const float *qkv, int64_t row_stride, int64_t B, int64_t H, int64_t Hkv, int64_t D, int k_eq_v,
