@@ -86,6 +86,11 @@ def test_quantized_model_tracks_fp32(model_path, llm, precise_llm) -> None:
     assert sum(1 for m in llm.model.modules() if hasattr(m, "qweight")) >= 1 + 18 * 4
 
 
+def _cpu_has_avx512bw() -> bool:
+    with open("/proc/cpuinfo") as f:
+        return any(line.startswith("flags") and "avx512bw" in line.split() for line in f)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8], ids=["bf16", "int8"])
 def test_fast_prefill_tracks_fp32_prefill(model_path, dtype: torch.dtype) -> None:
     """The defaults for prompt products: bfloat16 on CPUs with native bf16, else 8-bit activations for 4-bit
@@ -110,7 +115,10 @@ def test_fast_prefill_tracks_fp32_prefill(model_path, dtype: torch.dtype) -> Non
     agree = (fast.argmax(-1) == exact.argmax(-1)).float().mean().item()
     print(f"{dtype} vs fp32 prefill: max |diff| {diff:.2e}, top-1 agreement {agree:.3f}, NLL {nll(fast):.5f} vs "
           f"{nll(exact):.5f}")
-    assert 0 < diff <= 1.5
+    if dtype == torch.int8 and not _cpu_has_avx512bw():
+        assert diff == 0  # no 8-bit kernel on this CPU: the float32 product, unchanged
+    else:
+        assert 0 < diff <= 1.5
     assert agree >= 0.95
     # The issue's accuracy bar for speed work: mean NLL within 0.5%.
     assert abs(nll(fast) - nll(exact)) <= 0.005 * nll(exact)
@@ -265,11 +273,6 @@ def test_experts_decode_in_c_matches_the_loop_and_is_batch_invariant() -> None:
                        fast)
     shuffled = torch.flip(ids, dims=[1]), torch.flip(weights, dims=[1])
     assert torch.equal(experts(x, shuffled[1], shuffled[0], True), fast)
-
-
-def _cpu_has_avx512bw() -> bool:
-    with open("/proc/cpuinfo") as f:
-        return any(line.startswith("flags") and "avx512bw" in line.split() for line in f)
 
 
 def _int8_reference(x: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
