@@ -69,9 +69,8 @@ def load_gguf_model(
     """Build the model described by a GGUF file and fill it with its weights.
 
     ``quant``: "auto" / "int8" keep quantized GGUF matrices as int8 + per-group scales (float tensors stay
-    float32); "fp32" and "bf16" dequantize everything. With "auto", prompt matmuls run in bfloat16 on a CPU with
-    native bfloat16 (AVX-512 BF16, AMX; about 2.5x faster), elsewhere 4-bit matrices take x rounded to 8 bits
-    (1.5-2x faster; see quant.linear.set_prefill_dtype); "int8" keeps them all in float32.
+    float32); "fp32" and "bf16" dequantize everything. "auto" picks the prompt matmuls' fast_prefill_dtype (see
+    quant.linear.set_prefill_dtype); "int8" keeps them all in float32.
 
     Raises:
         UnsupportedModelError: unknown architecture or tensor type.
