@@ -12,7 +12,7 @@ import gemmakit
 from gemmakit.errors import ModelTooLargeError
 from gemmakit.kernels import loader as kernels_module
 from gemmakit.quant.ggml import QUANTIZED_TYPES, split, split_packed
-from gemmakit.quant.linear import QuantWeight, expand_two_level, pack, set_prefill_dtype
+from gemmakit.quant.linear import QuantWeight, cpu_flags, expand_two_level, pack, set_prefill_dtype
 from test_quant_ggml import random_blocks
 
 
@@ -86,11 +86,6 @@ def test_quantized_model_tracks_fp32(model_path, llm, precise_llm) -> None:
     assert sum(1 for m in llm.model.modules() if hasattr(m, "qweight")) >= 1 + 18 * 4
 
 
-def _cpu_has_avx512bw() -> bool:
-    with open("/proc/cpuinfo") as f:
-        return any(line.startswith("flags") and "avx512bw" in line.split() for line in f)
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8], ids=["bf16", "int8"])
 def test_fast_prefill_tracks_fp32_prefill(model_path, dtype: torch.dtype) -> None:
     """The defaults for prompt products: bfloat16 on CPUs with native bf16, else 8-bit activations for 4-bit
@@ -115,7 +110,7 @@ def test_fast_prefill_tracks_fp32_prefill(model_path, dtype: torch.dtype) -> Non
     agree = (fast.argmax(-1) == exact.argmax(-1)).float().mean().item()
     print(f"{dtype} vs fp32 prefill: max |diff| {diff:.2e}, top-1 agreement {agree:.3f}, NLL {nll(fast):.5f} vs "
           f"{nll(exact):.5f}")
-    if dtype == torch.int8 and not _cpu_has_avx512bw():
+    if dtype == torch.int8 and "avx512bw" not in cpu_flags():
         assert diff == 0  # no 8-bit kernel on this CPU: the float32 product, unchanged
     else:
         assert 0 < diff <= 1.5
@@ -128,7 +123,7 @@ def test_auto_picks_the_fast_prefill_dtype(model_path) -> None:
     from gemmakit.quant.linear import cpu_has_native_bf16
 
     auto = gemmakit.load(model_path)
-    want = torch.bfloat16 if cpu_has_native_bf16() else torch.int8
+    want = torch.bfloat16 if cpu_has_native_bf16() else torch.int8 if "avx512bw" in cpu_flags() else torch.float32
     assert {m.prefill_dtype for m in auto.model.modules() if isinstance(m, QuantWeight)} == {want}
 
 
@@ -284,7 +279,7 @@ def _int8_reference(x: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
     return (q.double() * (amax / 127).double()).view_as(x) @ dense.double().t()
 
 
-@pytest.mark.skipif(not _cpu_has_avx512bw(), reason="the 8-bit prompt kernel is AVX-512 only (float32 elsewhere)")
+@pytest.mark.skipif("avx512bw" not in cpu_flags(), reason="the 8-bit prompt kernel is AVX-512 only (float32 elsewhere)")
 @pytest.mark.parametrize("qtype", [T.Q4_K, T.Q4_1], ids=lambda t: t.name)
 def test_int8_prompt_product_is_exact_for_x_rounded_to_8_bits(qtype: T) -> None:
     """Prompt chunks with 4-bit weights and prefill_dtype int8 (csrc/qgemm.c): the product of x rounded to 8
@@ -301,7 +296,8 @@ def test_int8_prompt_product_is_exact_for_x_rounded_to_8_bits(qtype: T) -> None:
     x = torch.randn(40, K, generator=torch.Generator().manual_seed(2))
     x[3, 64:96] = 0.0  # a group of zeros: step 0, values 0
     out = weight.matmul(x)
-    assert torch.equal(out, weight._prefill_int8(kernels(), x))  # the kernel ran, not the float32 fallback
+    via_kernel = weight._prefill_int8(kernels(), x)
+    assert via_kernel is not None and torch.equal(out, via_kernel)  # the kernel ran, not the float32 fallback
     dense = weight.dequantize()
     ref = _int8_reference(x, dense)
     assert (out.double() - ref).abs().max().item() <= 1e-5 * float(ref.abs().max())

@@ -9,6 +9,7 @@ dequantize the weight to float32 and use PyTorch's matmul.
 from __future__ import annotations
 
 import ctypes
+import functools
 import threading
 
 import torch
@@ -227,7 +228,7 @@ class QuantWeight(nn.Module):
                 return y
         lead = x.shape[:-1]
         flat = x.reshape(-1, K)
-        if self.prefill_dtype == torch.int8 and lib is not None and flat.device.type == "cpu":
+        if self.prefill_dtype == torch.int8 and self.bits == 4 and lib is not None and flat.device.type == "cpu":
             out = self._prefill_int8(lib, flat.float().contiguous())
             if out is not None:
                 return out.view(*lead, -1)
@@ -237,9 +238,9 @@ class QuantWeight(nn.Module):
         return self._prefill_matmul(flat.float().contiguous(), torch.float32).view(*lead, -1)
 
     def _prefill_int8(self, lib, flat: torch.Tensor) -> torch.Tensor | None:  # (M, K) float32 -> (M, N) float32
-        """A prompt chunk's product with x rounded to 8 bits per group (csrc/qgemm.c), or None where the kernel
-        does not take this weight (not 4-bit, or a CPU without AVX-512): the caller then runs the float32 GEMM."""
-        if self.bits != 4 or self.group != 32:
+        """A 4-bit matrix's prompt product with x rounded to 8 bits per group (csrc/qgemm.c), or None where the
+        kernel does not take it (a group other than 32, a build without AVX-512): the caller runs the float32 GEMM."""
+        if self.group != 32:
             return None
         if self._qmatrix is None:
             self._qmatrix = self.qmatrix()
@@ -294,24 +295,32 @@ def _slab(numel: int, dtype: torch.dtype) -> torch.Tensor:
     return buffer[:nbytes].view(dtype)
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 natively (AVX-512 BF16 or AMX), where PyTorch's bf16 GEMM runs about
-    2.5x faster than float32 (measured here: 400+ vs 150-190 GFLOPS at prefill shapes)."""
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags from /proc/cpuinfo (empty where it cannot be read)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
-                    flags = line.split()
-                    return "avx512_bf16" in flags or "amx_bf16" in flags
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return False
+    return frozenset()
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX-512 BF16 or AMX), where PyTorch's bf16 GEMM runs about
+    2.5x faster than float32 (measured here: 400+ vs 150-190 GFLOPS at prefill shapes)."""
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 def fast_prefill_dtype() -> torch.dtype:
     """The prompt products' dtype a quantized model loads with by default: bfloat16 where the CPU multiplies it
-    natively, else int8 (8-bit activations for 4-bit weights; float32 for the others). See set_prefill_dtype."""
-    return torch.bfloat16 if cpu_has_native_bf16() else torch.int8
+    natively, else int8 where csrc/qgemm.c runs (AVX-512 BW: 8-bit activations for 4-bit weights, float32 for the
+    others), else float32. See set_prefill_dtype."""
+    if cpu_has_native_bf16():
+        return torch.bfloat16
+    return torch.int8 if "avx512bw" in cpu_flags() else torch.float32
 
 
 def set_prefill_dtype(model: nn.Module, dtype: torch.dtype) -> None:
@@ -321,7 +330,7 @@ def set_prefill_dtype(model: nn.Module, dtype: torch.dtype) -> None:
     and multiplies it with 4-bit weights in integers (csrc/qgemm.c, AVX-512 CPUs); other weights, and CPUs
     without AVX-512, keep float32. It makes 4-bit prompt products 1.5-2x faster here (no VNNI); on the default
     model (4-bit attention outputs) it moves prompt logits by up to 0.8, top-1 agreement 98.4%, mean NLL +0.15%
-    (tests/test_quant_linear.py::test_int8_prefill_tracks_fp32_prefill).
+    (tests/test_quant_linear.py::test_fast_prefill_tracks_fp32_prefill).
 
     bfloat16 rounds activations and dequantized weights to 8 significant bits before the product (float32
     accumulation). On the default model that moves prompt logits by up to ~0.6 (of |logits| up to ~52) and mean
@@ -406,7 +415,6 @@ class QuantExperts(nn.Module):
             y = self.down[expert].matmul(h.unsqueeze(1) if one_token_rows else h).reshape(len(token), -1)
             out.index_add_(0, token, y * weights[token, slot, None])
         return out
-
 
     def _tables(self) -> tuple | None:
         """The experts' QMatrix arrays for experts_decode (built once), or None without the kernels."""
