@@ -1,13 +1,14 @@
 """What sampling costs: sampled decode against greedy decode, one stream and through the server.
 
     python benchmarks/sampling.py [--model PATH.gguf] [--threads 2] [--rounds 3] [--tokens 128] [--parts one,server]
+                               [--decode-x-bits 16|8]
 
 one: one process per run, greedy and sampled (temperature 0.8 over the full vocabulary: top_k 0, top_p 1)
      alternating, each generating --tokens tokens through the Python API (ignore_eos); decode tok/s excludes the
      first token. Prints medians and the median of the pairs' ratios sampled / greedy.
-server: one `gemmakit serve`; each round runs 1 sampled stream, 16 sampled streams and 16 greedy streams
-     (benchmarks/serve_load.py's clients, --tokens tokens each) and prints the medians and the ratios
-     16 sampled / 1 sampled and 16 sampled / 16 greedy.
+server: one `gemmakit serve` (--decode-x-bits 16 or 8; see gemmakit.quant.linear.set_decode_x_bits); each round
+     runs 1 sampled stream, 16 sampled streams and 16 greedy streams (benchmarks/serve_load.py's clients, --tokens
+     tokens each) and prints the medians and the ratios 16 sampled / 1 sampled and 16 sampled / 16 greedy.
 The reference point is the same engine greedy: sampling should cost next to nothing beside the forward.
 """
 
@@ -94,6 +95,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--parts", default="one,server")
+    ap.add_argument("--decode-x-bits", type=int, default=16, choices=[16, 8], help="the server's (default 16)")
     args = ap.parse_args()
     if args.model is None:
         sys.path.insert(0, str(SRC))

@@ -56,7 +56,8 @@ def server_command(target: str, args: argparse.Namespace, port: int) -> list[str
     if target == "gemmakit":
         return [sys.executable, "-m", "gemmakit.cli", "serve", "--model", args.model, "--port", str(port),
                 "--threads", str(args.threads), "--max-batch", str(args.max_batch), "--max-waiting", "256",
-                "--context-length", str(CONTEXT), "--kv-cache-mib", str(args.kv_cache_mib), "--model-name", "bench"]
+                "--context-length", str(CONTEXT), "--kv-cache-mib", str(args.kv_cache_mib), "--model-name", "bench",
+                "--decode-x-bits", str(getattr(args, "decode_x_bits", 16))]
     if target == "llamacpp":
         return [sys.executable, "-m", "llama_cpp.server", "--model", args.model, "--host", "127.0.0.1", "--port",
                 str(port), "--n_threads", str(args.threads), "--n_ctx", str(CONTEXT), "--model_alias", "bench"]

@@ -249,14 +249,16 @@ def test_gemma4_layer_loop_is_the_python_loop_bitwise(kind, qtypes, tmp_path) ->
     assert torch.equal(fused_path.argmax(-1), plain.argmax(-1))
 
 
-@pytest.mark.parametrize("kind", ["e2b", "31b", "26b"])
+@pytest.mark.parametrize("kind,bits", [("e2b", 16), ("31b", 16), ("26b", 16), ("e2b", 8), ("26b", 8)])
 @torch.inference_mode()
-def test_gemma4_layer_loop_batched_is_alone(kind, tmp_path) -> None:
+def test_gemma4_layer_loop_batched_is_alone(kind, bits, tmp_path) -> None:
     """A sequence through the C loop (the per-piece loop for the experts) gives the same logits, bit for bit,
-    alone or in ragged steps with others."""
+    alone or in ragged steps with others; with 8-bit decode x too."""
+    from gemmakit.quant.linear import set_decode_x_bits
     from test_ragged import ragged_logits
 
     llm, ids = tiny_quantized_gemma4(tmp_path, kind)
+    set_decode_x_bits(llm.model, bits)
     alone = ragged_logits(llm.model, llm.config, {0: [1] * 20}, {0: ids[:20]}, ring_extra=0)
     sequences = {0: ids[:20], 2: ids[3:30], 1: ids[10:19]}
     plans = {0: [1] * 20, 2: [3] + [1] * 24, 1: [0, 0, 2] + [1] * 7}

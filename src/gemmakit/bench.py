@@ -101,7 +101,7 @@ def run_random_bench(name: str, prompt_tokens: int, decode_tokens: int, threads:
 
 def run_bench(path: str | None = None, prompt_tokens: int = 512, decode_tokens: int = 64,
               threads: int | None = None, random_weights: str | None = None,
-              quant: str = "auto") -> dict[str, float | int | str]:
+              quant: str = "auto", decode_x_bits: int = 16) -> dict[str, float | int | str]:
     """Measure one model; returns a flat dict of figures (seconds, tokens per second, MiB)."""
     from . import load
     from .generate import decode_step, prefill
@@ -110,7 +110,7 @@ def run_bench(path: str | None = None, prompt_tokens: int = 512, decode_tokens: 
     if random_weights:
         return run_random_bench(random_weights, prompt_tokens, decode_tokens, threads)
     t0 = time.perf_counter()
-    llm = load(path, threads=threads, quant=quant)
+    llm = load(path, threads=threads, quant=quant, decode_x_bits=decode_x_bits)
     load_s = time.perf_counter() - t0
     ids = bench_prompt_ids(llm, prompt_tokens)
 

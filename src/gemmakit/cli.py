@@ -45,6 +45,9 @@ def _add_model_args(p: argparse.ArgumentParser, context_default: str = "the mode
     p.add_argument("--quant", default="auto", choices=["auto", "int8", "int4", "fp32", "bf16"],
                    help="GGUF weights in memory: auto/int8 keep them quantized (default), fp32/bf16 dequantize; "
                         "a Hugging Face folder: int8/int4 quantize its matrices while loading")
+    p.add_argument("--decode-x-bits", type=int, default=16, choices=[16, 8],
+                   help="bits activations are rounded to in quantized decode products: 16 (default) or 8, "
+                        "llama.cpp's precision, faster for many concurrent sequences on CPUs with AVX-512 VNNI")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -122,7 +125,7 @@ def _load(args: argparse.Namespace):
     quiet = getattr(args, "verbose", False)
     with _spinner("Loading model") if not quiet else nullcontext():
         return load(resolve_model(args.model), context_length=args.context_length, threads=args.threads,
-                    quant=args.quant)
+                    quant=args.quant, decode_x_bits=args.decode_x_bits)
 
 
 def _completion_json(c) -> dict[str, Any]:
@@ -352,7 +355,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     _check_model_args(args)
     result = run_bench(resolve_model(args.model), prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,
-                       threads=args.threads, random_weights=args.random_weights, quant=args.quant)
+                       threads=args.threads, random_weights=args.random_weights, quant=args.quant,
+                       decode_x_bits=args.decode_x_bits)
     if args.json:
         print(json.dumps(result))
     else:

@@ -13,6 +13,7 @@ import torch
 
 from .kv_cache import KVCache
 from .model import Gemma
+from .quant.linear import MAX_KERNEL_ROWS
 from .errors import GemmakitError, InvalidParameterError
 from .sampling import DrawSpec, SamplingParams, TokenHistory, TokenLogprob, pick_tokens, request_seed, token_logprob
 from .structured.constraint import OutputRules
@@ -176,7 +177,15 @@ def prefill(model: Gemma, ids: Sequence[int], cache: KVCache, chunk: int = PREFI
     for start in range(0, tokens.shape[1], chunk):
         piece = tokens[:, start : start + chunk]
         positions = torch.arange(start, start + piece.shape[1]).unsqueeze(0)
-        hidden = model(piece, positions, cache)
+        n = piece.shape[1]
+        if n <= MAX_KERNEL_ROWS and cache.batch_size == 1 and cache.takes_ragged(n):
+            # A short piece goes as one-token rows of one sequence: the form in which the engine reads every
+            # prompt, through the same kernels, so a short prompt gives the engine's numbers bit for bit (8-bit
+            # decode x would turn the float noise between two attention paths into different tokens).
+            hidden = model(piece.view(n, 1), positions.view(n, 1), cache, rows=torch.zeros(n, dtype=torch.long))
+            hidden = hidden.view(1, n, -1)  # (n, 1, E) -> (1, n, E)
+        else:
+            hidden = model(piece, positions, cache)
         if scorer is not None:
             scorer.add(start, hidden[0])
     return model.logits(hidden[0, -1])
@@ -297,7 +306,8 @@ def generate_events(
 ) -> Iterator[StreamEvent]:
     """Generate from ``prompt_ids`` until a stop condition; the caller checked that everything fits."""
     budget = token_budget(len(prompt_ids), params, max_len)
-    cache = KVCache(model.config, 1, len(prompt_ids) + budget, dtype=model.activation_dtype)
+    cache = KVCache(model.config, 1, len(prompt_ids) + budget, dtype=model.activation_dtype,
+                    ring_extra=MAX_KERNEL_ROWS)  # room for a short prompt read as one step (see prefill)
     sampler = SequenceSampler(tokenizer, prompt_ids, params, stop_token_ids, budget, model.config.vocab_size,
                               rules)
     scorer = PromptScorer(model, prompt_ids, params.prompt_logprobs) if params.prompt_logprobs is not None else None

@@ -137,6 +137,7 @@ class KVCache:
     ) -> None:
         self.batch_size = batch_size
         self.max_len = max_len
+        self.ring_extra = ring_extra
         self.rows: torch.Tensor | None = None  # set by begin() for a ragged forward
         self.layers: list[LayerCache | None] = []
         self._slots: dict[int, Slots] = {}
@@ -181,11 +182,16 @@ class KVCache:
             slots.begin(positions, rows)
         return all(slots.empty for slots in self._slots.values())
 
+    def takes_ragged(self, tokens: int) -> bool:
+        """Whether a ragged forward may add ``tokens`` tokens to one row (its rings have the spare slots; see
+        :meth:`begin`)."""
+        return tokens <= self.ring_extra or not any(s.ring for s in self._slots.values())
+
     def narrow(self, start: int, length: int) -> "KVCache":
         """A cache over rows [start, start + length) that shares this one's memory (writes go through): the
         engine prefills one sequence in its own row, and decodes the prefix of rows that hold sequences."""
         view = KVCache.__new__(KVCache)
-        view.batch_size, view.max_len, view.rows = length, self.max_len, None
+        view.batch_size, view.max_len, view.rows, view.ring_extra = length, self.max_len, None, self.ring_extra
         slots = {n: Slots(s.pos[start : start + length], s.ring) for n, s in self._slots.items()}
         view._slots = slots
         view.layers = [

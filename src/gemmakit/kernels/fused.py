@@ -14,6 +14,7 @@ import torch
 
 from .abi import struct
 from .loader import kernels
+from ..quant import linear
 from ..quant.linear import QuantLinear, QuantWeight, _ptr, kernel_rows
 
 SPLIT_SLOTS = 256  # cache slots per split-K range of the decode attention
@@ -216,7 +217,7 @@ def _layer_table(model, cache):
     if model.decode_path not in (None, LAYER_LOOP_PATH):
         return None  # decided at load: some layer needs the Python loop
     cached = getattr(cache, "_fused_layers", None)
-    if cached is not None and cached[0] is model:
+    if cached is not None and cached[0] is model and cached[2] == linear.KERNEL_TABLES_EPOCH:
         return cached[1]
     slot_tables: list = []  # the distinct Slots objects (one per cache size), in the order layers meet them
     entries: list | None = []
@@ -234,7 +235,7 @@ def _layer_table(model, cache):
             break
         entries.append(entry)
     table = ((_Layer * len(entries))(*entries), slot_tables) if entries else None
-    cache._fused_layers = (model, table)
+    cache._fused_layers = (model, table, linear.KERNEL_TABLES_EPOCH)
     return table
 
 

@@ -13,12 +13,13 @@
 
 #include <stdint.h>
 
-#define GEMMAKIT_KERNELS_ABI 7
+#define GEMMAKIT_KERNELS_ABI 8
 
 // -- structs -------------------------------------------------------------------------------------------------
 
 // A packed quantized matrix (see qgemv.c): N outputs from K inputs. flags: bit 0 float16 scales and mins,
-// bit 1 4-bit values, bit 2 two-level scales (K-quants: a float per row and 256 columns times an int8 per group).
+// bit 1 4-bit values, bit 2 two-level scales (K-quants: a float per row and 256 columns times an int8 per group),
+// bit 3 decode products round x to 8 bits instead of 16 (qgemv.c; prompt products ignore it).
 typedef struct {
     const int8_t *q;
     const void *scale;
@@ -107,6 +108,9 @@ typedef struct {
 
 // The GEMMAKIT_KERNELS_ABI this library was built with.
 int64_t gemmakit_kernels_abi(void);
+// What this build does fast: bit 0 = decode products with 8-bit x (flags bit 3) run on VNNI's vpdpbusd (without
+// it they are computed, with the same results, by plain C: for tests, not for speed).
+int64_t gemmakit_kernels_features(void);
 
 // qgemv.c: block-scaled int8 / int4 matmuls, dequantization, GGML block conversion, RMSNorm.
 int qgemv(const int8_t *q, const void *scale, const void *mins, const float *x, float *y, int64_t B, int64_t N,

@@ -159,6 +159,29 @@ static inline __attribute__((always_inline)) void pairs16(const int8_t *qg, int6
     *w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(qg + p * 32 + 32)));
 }
 
+// A group's integer sums (acc, one vector of 16 outputs per row of x) into the float sums: times the weights'
+// scales and x's step, less the weights' mins times x's sum (mb NULL: no mins).
+static inline __attribute__((always_inline)) void scale_group(const int NB, __m512 *accf, const __m512i *acc,
+                                                              const uint8_t *sb, const uint8_t *mb, int mode,
+                                                              int64_t g, int64_t group, const float *xd,
+                                                              const float *xs, int64_t G) {
+    __m512 sc = scale16(sb, mode, g, group);
+    for (int b = 0; b < NB; b++)
+        accf[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[b]), _mm512_mul_ps(sc, _mm512_set1_ps(xd[b * G + g])),
+                                  accf[b]);
+    if (mb) {
+        __m512 mn = scale16(mb, mode, g, group);
+        for (int b = 0; b < NB; b++) accf[b] = _mm512_fnmadd_ps(mn, _mm512_set1_ps(xs[b * G + g]), accf[b]);
+    }
+}
+
+// The first nvalid of each row's 16 outputs to y (rows N apart).
+static inline __attribute__((always_inline)) void store_tile_rows(const int NB, const __m512 *accf, float *y,
+                                                                  int64_t N, int64_t nvalid) {
+    __mmask16 m = nvalid >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nvalid) - 1);
+    for (int b = 0; b < NB; b++) _mm512_mask_storeu_ps(y + b * N, m, accf[b]);
+}
+
 // One block of 16 output rows for NB rows of x.
 
 static inline __attribute__((always_inline)) void tile(
@@ -182,17 +205,9 @@ static inline __attribute__((always_inline)) void tile(
                 dot_pairs(&acc[b], w1, xg + b * K + 2 * p + 2);
             }
         }
-        __m512 sc = scale16(sb, mode, g, group);
-        for (int b = 0; b < NB; b++)
-            accf[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[b]), _mm512_mul_ps(sc, _mm512_set1_ps(xd[b * G + g])),
-                                      accf[b]);
-        if (mb) {
-            __m512 mn = scale16(mb, mode, g, group);
-            for (int b = 0; b < NB; b++) accf[b] = _mm512_fnmadd_ps(mn, _mm512_set1_ps(xs[b * G + g]), accf[b]);
-        }
+        scale_group(NB, accf, acc, sb, mb, mode, g, group, xd, xs, G);
     }
-    __mmask16 m = nvalid >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nvalid) - 1);
-    for (int b = 0; b < NB; b++) _mm512_mask_storeu_ps(y + b * N, m, accf[b]);
+    store_tile_rows(NB, accf, y, N, nvalid);
 }
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define CHUNK 4
@@ -285,22 +300,228 @@ static void tile(const int NB, const int NIB, const int8_t *qb, const uint8_t *s
     }
 }
 #endif
+// ---- decode products with x rounded to 8 bits (flags bit 3) ----
+//
+// With 16-bit x, a batched decode step (16 sequences) is bound by its multiply-adds, not by memory: vpdpwssd does
+// 32 a cycle. Rounded to 8 bits per group (step max|x| / 127, as llama.cpp's Q8 activations), x meets the weights
+// in vpdpbusd, 64 multiply-adds of unsigned by signed bytes summed into 32 bits with no saturation: 4-bit values
+// are unsigned already; int8 values are taken + 128 (their bytes xor 0x80) and each group's sum starts at
+// -128 * (the group's integer sum of x) to cancel that. Every group's dot product is an exact integer, so the
+// result is (x rounded) @ W^T to within float rounding, and a row's result does not depend on its batch. Builds
+// without VNNI compute the same values in plain C (same integers, same float operations in the same order).
+#define QMAX8 127.f
 
-// y (B, N) = x (B, K) @ dequant(q, scale, mins)^T with q, scale, mins packed (see the top of this file).
+// One group of x (16 or 32 values) -> int8 values, the step (max|x| / 127) and the values' integer sum; a NaN or
+// infinity makes the step NaN and the values 0. Bitwise the same on every instruction set.
+static inline void quantize_group8(const float *v, int64_t group, int8_t *q, float *step, int32_t *isum) {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    __m512 a = _mm512_loadu_ps(v), b = group == 32 ? _mm512_loadu_ps(v + 16) : _mm512_setzero_ps();
+    float float_sum;
+    __m512 inv = _mm512_set1_ps(group_stats(a, b, group == 32, QMAX8, step, &float_sum));
+    __m512i ia = _mm512_cvtps_epi32(_mm512_mul_ps(a, inv)), ib = _mm512_cvtps_epi32(_mm512_mul_ps(b, inv));
+    if (isnan(*step)) ia = ib = _mm512_setzero_si512();  // NaN * 0 would convert to INT_MIN
+    if (group != 32) ib = _mm512_setzero_si512();
+    _mm_storeu_si128((__m128i *)q, _mm512_cvtsepi32_epi8(ia));
+    if (group == 32) _mm_storeu_si128((__m128i *)(q + 16), _mm512_cvtsepi32_epi8(ib));
+    *isum = _mm512_reduce_add_epi32(_mm512_add_epi32(ia, ib));
+#else
+    float amax = 0.f;
+    int finite = 1;
+    for (int64_t k = 0; k < group; k++) {
+        amax = fmaxf(amax, fabsf(v[k]));
+        finite &= isfinite(v[k]) != 0;
+    }
+    *step = finite ? amax / QMAX8 : NAN;
+    float inv = finite && amax > 0.f ? QMAX8 / amax : 0.f;
+    int32_t sum = 0;
+    for (int64_t k = 0; k < group; k++) {
+        q[k] = finite ? (int8_t)nearbyintf(v[k] * inv) : 0;
+        sum += q[k];
+    }
+    *isum = sum;
+#endif
+}
+
+// x (B, K) -> xq (B, K) int8, xd (B, G) the steps, xs (B, G) the sums of the rounded values (step * integer sum:
+// the mins multiply it, as in qgemm.c) and xc (B, G) -128 times the integer sums (where the sums of int8 weights
+// + 128 start).
+static void quantize_rows8(const float *x, int64_t B, int64_t K, int64_t group, int8_t *xq, float *xd, float *xs,
+                           int32_t *xc) {
+    int64_t G = K / group;
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t g = 0; g < G; g++) {
+            int64_t i = b * G + g;
+            int32_t isum;
+            quantize_group8(x + b * K + g * group, group, xq + b * K + g * group, xd + i, &isum);
+            xs[i] = xd[i] * (float)isum;
+            xc[i] = -128 * isum;
+        }
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define X8_VNNI 1
+// acc += the sums of 4 products of w's bytes (unsigned) and the 4 bytes at x4 (signed), broadcast. asm for the
+// reason dot_pairs is.
+static inline __attribute__((always_inline)) void dot_quads(__m512i *acc, __m512i w, const int8_t *x4) {
+    __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(*acc) : "v"(w), "m"(*(const int32_t *)x4));
+}
+
+// Quad s (columns 4s .. 4s + 3) of a group's 16 rows as unsigned bytes, row r's 4 columns in order in lane r.
+// 4-bit: one quad's 32 bytes, each 16-bit word (row r: columns 0 | 2 and 1 | 3 as nibbles) widened to 32 bits,
+// nibbles spread to bytes ((v | v << 12) & 0x0F0F0F0F). int8: two pairs' 64 bytes, words interleaved (row r's
+// columns 0, 1 from the first pair, 2, 3 from the second), + 128.
+static inline __attribute__((always_inline)) __m512i quad16(const int8_t *qg, int64_t s, const int NIB) {
+    if (NIB) {
+        __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(qg + s * 32)));
+        return _mm512_ternarylogic_epi32(v, _mm512_slli_epi32(v, 12), _mm512_set1_epi8(15), 0xA8);  // (a | b) & c
+    }
+    const __m512i words = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                           23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    __m512i v = _mm512_permutexvar_epi16(words, _mm512_loadu_si512((const void *)(qg + s * 64)));
+    return _mm512_xor_si512(v, _mm512_set1_epi8((char)0x80));
+}
+
+// One block of 16 output rows for NB rows of 8-bit x (the arithmetic of tile, a quad of columns a step).
+// GROUP is a constant (16 or 32) so that a group's quads unroll: with 8-bit x a group is only 8 multiply-adds a
+// row, and a loop over them spent as long on its own bookkeeping.
+static inline __attribute__((always_inline)) void tile_x8(
+    const int NB, const int NIB, const int GROUP, const int8_t *qb, const uint8_t *sb, const uint8_t *mb, int mode,
+    const int8_t *xq, const float *xd, const float *xs, const int32_t *xc, float *y, int64_t N, int64_t K,
+    int64_t G, int64_t nvalid, const int8_t *pf) {
+    __m512 accf[CHUNK];
+    for (int b = 0; b < NB; b++) accf[b] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < G; g++) {
+        __m512i acc[CHUNK];
+        for (int b = 0; b < NB; b++) acc[b] = NIB ? _mm512_setzero_si512() : _mm512_set1_epi32(xc[b * G + g]);
+        const int8_t *qg = qb + g * GROUP * (NIB ? 8 : 16);
+        const int8_t *xg = xq + g * GROUP;
+        if (NB == 1) {  // one row: two sums in turn, so the multiply-adds do not wait on one another
+            __m512i odd = _mm512_setzero_si512();
+#pragma GCC unroll 8
+            for (int s = 0; s < GROUP / 4; s += 2) {
+                __m512i w0 = quad16(qg, s, NIB), w1 = quad16(qg, s + 1, NIB);
+                prefetch_next(pf, qg - qb, 2 * s, NIB);
+                prefetch_next(pf, qg - qb, 2 * s + 2, NIB);
+                dot_quads(&acc[0], w0, xg + 4 * s);
+                dot_quads(&odd, w1, xg + 4 * s + 4);
+            }
+            acc[0] = _mm512_add_epi32(acc[0], odd);
+        } else {
+#pragma GCC unroll 8
+            for (int s = 0; s < GROUP / 4; s++) {
+                __m512i w = quad16(qg, s, NIB);
+                prefetch_next(pf, qg - qb, 2 * s, NIB);
+                for (int b = 0; b < NB; b++) dot_quads(&acc[b], w, xg + b * K + 4 * s);
+            }
+        }
+        scale_group(NB, accf, acc, sb, mb, mode, g, GROUP, xd, xs, G);
+    }
+    store_tile_rows(NB, accf, y, N, nvalid);
+}
+#else
+#define X8_VNNI 0
+// The same values one row of x and one output at a time.
+static void tile_x8_rows(const int8_t *qb, const uint8_t *sb, const uint8_t *mb, int mode, int nib, const int8_t *xq,
+                         const float *xd, const float *xs, float *y, int64_t G, int64_t group, int64_t nvalid) {
+    for (int64_t j = 0; j < nvalid; j++) {
+        float accf = 0.f;
+        for (int64_t g = 0; g < G; g++) {
+            int32_t acc = 0;
+            for (int64_t k = g * group; k < (g + 1) * group; k++) acc += weight_at(qb, j, k, nib) * (int32_t)xq[k];
+            accf = fmaf((float)acc, block_scale(sb, mode, g, j, group) * xd[g], accf);
+            if (mb) accf = fmaf(-block_scale(mb, mode, g, j, group), xs[g], accf);
+        }
+        y[j] = accf;
+    }
+}
+#endif
+
+// One 16-row block of W (qb, its scales sb and mins mb) for all B rows of 8-bit x.
+static void block_x8(const int8_t *qb, const uint8_t *sb, const uint8_t *mb, int mode, int nib, const int8_t *xq,
+                     const float *xd, const float *xs, const int32_t *xc, float *y, int64_t B, int64_t N, int64_t K,
+                     int64_t group, int64_t nvalid, const int8_t *pf) {
+    const int64_t G = K / group;
+#if X8_VNNI
+    for (int64_t b0 = 0; b0 < B; b0 += CHUNK) {
+        int64_t rows = B - b0 < CHUNK ? B - b0 : CHUNK;
+        const int8_t *x = xq + b0 * K, *p = b0 == 0 ? pf : NULL;
+        const float *d = xd + b0 * G, *s = xs + b0 * G;
+        const int32_t *c = xc + b0 * G;
+        float *yb = y + b0 * N;
+#define TILE8G(n, nb4, grp) tile_x8(n, nb4, grp, qb, sb, mb, mode, x, d, s, c, yb, N, K, G, nvalid, p)
+#define TILE8(n) (nib ? (group == 32 ? TILE8G(n, 1, 32) : TILE8G(n, 1, 16)) \
+                      : (group == 32 ? TILE8G(n, 0, 32) : TILE8G(n, 0, 16)))
+        switch (rows) {
+            case 8: TILE8(8); break;
+            case 7: TILE8(7); break;
+            case 6: TILE8(6); break;
+            case 5: TILE8(5); break;
+            case 4: TILE8(4); break;
+            case 3: TILE8(3); break;
+            case 2: TILE8(2); break;
+            default: TILE8(1); break;
+        }
+#undef TILE8
+#undef TILE8G
+    }
+#else
+    (void)xc, (void)pf;
+    for (int64_t b = 0; b < B; b++)
+        tile_x8_rows(qb, sb, mb, mode, nib, xq + b * K, xd + b * G, xs + b * G, y + b * N, G, group, nvalid);
+#endif
+}
+
+
+// The rows of x for the B rows of 16-bit x (xq, xd, xs from quantize_rows) through one 16-row block of W.
+static void block_x16(const int8_t *qb, const uint8_t *sb, const uint8_t *mb, int mode, int nib, const int16_t *xq,
+                      const float *xd, const float *xs, float *y, int64_t B, int64_t N, int64_t K, int64_t group,
+                      int64_t nvalid, const int8_t *pf) {
+    const int64_t G = K / group;
+    for (int64_t b0 = 0; b0 < B; b0 += CHUNK) {
+        int64_t nb_rows = B - b0 < CHUNK ? B - b0 : CHUNK;
+        const int16_t *xqb = xq + b0 * K;
+        const float *xdb = xd + b0 * G, *xsb = xs + b0 * G;
+        float *yb = y + b0 * N;
+        // Prefetch the next block during the first pass over this one (the later passes find it in cache).
+        const int8_t *pfb = b0 == 0 ? pf : NULL;
+        // Constant row counts and formats, so each tile's accumulators stay in registers.
+#define TILE(n, ...) (nib ? tile(n, 1, __VA_ARGS__) : tile(n, 0, __VA_ARGS__))
+        switch (nb_rows) {
+#if CHUNK >= 8
+            case 8: TILE(8, qb, sb, mb, mode, xqb, xdb, xsb, yb, N, K, G, group, nvalid, pfb); break;
+            case 7: TILE(7, qb, sb, mb, mode, xqb, xdb, xsb, yb, N, K, G, group, nvalid, pfb); break;
+            case 6: TILE(6, qb, sb, mb, mode, xqb, xdb, xsb, yb, N, K, G, group, nvalid, pfb); break;
+            case 5: TILE(5, qb, sb, mb, mode, xqb, xdb, xsb, yb, N, K, G, group, nvalid, pfb); break;
+#endif
+#if CHUNK >= 4
+            case 4: TILE(4, qb, sb, mb, mode, xqb, xdb, xsb, yb, N, K, G, group, nvalid, pfb); break;
+            case 3: TILE(3, qb, sb, mb, mode, xqb, xdb, xsb, yb, N, K, G, group, nvalid, pfb); break;
+            case 2: TILE(2, qb, sb, mb, mode, xqb, xdb, xsb, yb, N, K, G, group, nvalid, pfb); break;
+#endif
+            default: TILE(1, qb, sb, mb, mode, xqb, xdb, xsb, yb, N, K, G, group, nvalid, pfb); break;
+        }
+#undef TILE
+    }
+}
+
+// y (B, N) = x (B, K) @ dequant(q, scale, mins)^T with q, scale, mins packed (see the top of this file), x
+// rounded to 16 bits per group, or to 8 (flags bit 3; see quantize_group8).
 // Any B >= 1 (each block of W is read from memory once and reused from cache for every row of x); group 16
 // or 32; K a multiple of group. Returns nonzero for shapes it does not handle.
 int qgemv(const int8_t *q, const void *scale, const void *mins, const float *x, float *y, int64_t B, int64_t N,
           int64_t K, int64_t group, int flags, int threads) {
-    const int mode = scale_mode(flags), nib = (flags >> 1) & 1;
+    const int mode = scale_mode(flags), nib = (flags >> 1) & 1, x8 = (flags >> 3) & 1;
     if (B < 1 || (group != 16 && group != 32) || K % group || (mode == SCALE_KS && K % KS_COLS)) return 1;
     int64_t G = K / group;
-    int16_t *xq = malloc(sizeof(int16_t) * B * K);
+    void *xq = malloc((x8 ? 1 : sizeof(int16_t)) * B * K);
     float *xd = malloc(sizeof(float) * B * G), *xs = malloc(sizeof(float) * B * G);
-    if (!xq || !xd || !xs) {
-        free(xq), free(xd), free(xs);
+    int32_t *xc = x8 ? malloc(sizeof(int32_t) * B * G) : NULL;
+    if (!xq || !xd || !xs || (x8 && !xc)) {
+        free(xq), free(xd), free(xs), free(xc);
         return 2;
     }
-    quantize_rows(x, B, K, group, xq, xd, xs);
+    if (x8) quantize_rows8(x, B, K, group, xq, xd, xs, xc);
+    else quantize_rows(x, B, K, group, xq, xd, xs);
     int64_t n_blocks = (N + 15) / 16;
     // Dynamic chunks (~8 per thread): when another process or the server's event loop takes a core for a
     // moment, the other threads take over its blocks instead of waiting for it at the end of the loop.
@@ -312,33 +533,11 @@ int qgemv(const int8_t *q, const void *scale, const void *mins, const float *x, 
         const int8_t *qb = q + (nib ? n0 * K / 2 : n0 * K);
         const uint8_t *sb = block_scales(scale, mode, nb, K, group);
         const uint8_t *mb = mins ? block_scales(mins, mode, nb, K, group) : NULL;
-        for (int64_t b0 = 0; b0 < B; b0 += CHUNK) {
-            int64_t nb_rows = B - b0 < CHUNK ? B - b0 : CHUNK;
-            const int16_t *xqb = xq + b0 * K;
-            const float *xdb = xd + b0 * G, *xsb = xs + b0 * G;
-            float *yb = y + b0 * N + n0;
-            // Prefetch the next block during the first pass over this one (the later passes find it in cache).
-            const int8_t *pf = b0 == 0 && nb + 1 < n_blocks ? qb + (nib ? 8 : 16) * K : NULL;
-            // Constant row counts and formats, so each tile's accumulators stay in registers.
-#define TILE(n, ...) (nib ? tile(n, 1, __VA_ARGS__) : tile(n, 0, __VA_ARGS__))
-            switch (nb_rows) {
-#if CHUNK >= 8
-                case 8: TILE(8, qb, sb, mb, mode, xqb, xdb, xsb, yb, N, K, G, group, nvalid, pf); break;
-                case 7: TILE(7, qb, sb, mb, mode, xqb, xdb, xsb, yb, N, K, G, group, nvalid, pf); break;
-                case 6: TILE(6, qb, sb, mb, mode, xqb, xdb, xsb, yb, N, K, G, group, nvalid, pf); break;
-                case 5: TILE(5, qb, sb, mb, mode, xqb, xdb, xsb, yb, N, K, G, group, nvalid, pf); break;
-#endif
-#if CHUNK >= 4
-                case 4: TILE(4, qb, sb, mb, mode, xqb, xdb, xsb, yb, N, K, G, group, nvalid, pf); break;
-                case 3: TILE(3, qb, sb, mb, mode, xqb, xdb, xsb, yb, N, K, G, group, nvalid, pf); break;
-                case 2: TILE(2, qb, sb, mb, mode, xqb, xdb, xsb, yb, N, K, G, group, nvalid, pf); break;
-#endif
-                default: TILE(1, qb, sb, mb, mode, xqb, xdb, xsb, yb, N, K, G, group, nvalid, pf); break;
-            }
-#undef TILE
-        }
+        const int8_t *pf = nb + 1 < n_blocks ? qb + (nib ? 8 : 16) * K : NULL;  // the next block
+        if (x8) block_x8(qb, sb, mb, mode, nib, xq, xd, xs, xc, y + n0, B, N, K, group, nvalid, pf);
+        else block_x16(qb, sb, mb, mode, nib, xq, xd, xs, y + n0, B, N, K, group, nvalid, pf);
     }
-    free(xq), free(xd), free(xs);
+    free(xq), free(xd), free(xs), free(xc);
     return 0;
 }
 
