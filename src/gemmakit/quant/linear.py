@@ -214,8 +214,8 @@ class QuantWeight(nn.Module):
         """x (..., K) -> (..., N) float32 (bfloat16 for bfloat16 x on the bf16 prompt path).
 
         Decode-sized inputs (:func:`kernel_rows`) go through the C kernel, which rounds x to 16 (or 8, see
-        :func:`set_decode_x_bits`) bits per group of ``group`` values (see csrc/qgemv.c); prompt chunks of more rows multiply the dequantized weight with
-        PyTorch in ``prefill_dtype`` (float32 or bfloat16), or, for int8 and 4-bit weights, go through the C kernel
+        :func:`set_decode_x_bits`) bits per group of ``group`` values (see csrc/qgemv.c); prompt chunks of more
+        rows multiply the dequantized weight with PyTorch in ``prefill_dtype`` (float32 or bfloat16), or, for int8 and 4-bit weights, go through the C kernel
         with x rounded to 8 bits per group (see :func:`set_prefill_dtype`).
         """
         lib = kernels()
@@ -358,8 +358,9 @@ def set_decode_x_bits(model: nn.Module, bits: int) -> None:
 
     16, the default, keeps decode products within ~1e-5 of the float product (prompt-token logprobs within ~1e-3
     of float32 weights). 8 rounds each group of x to a step of max|x| / 127, as llama.cpp's Q8 activations do:
-    where :func:`decode_x8_native` (AVX-512 VNNI), a decode step of 16 sequences runs ~1.2-1.4x faster (the
-    server's 16 sampled streams: 386 -> 477 tok/s on a Zen 4) and a lone sequence about as fast as with 16;
+    where :func:`decode_x8_native` (AVX-512 VNNI), a decode step of 16 sequences runs ~1.2x faster (the
+    server's 16 sampled streams: ~370 -> ~420 tok/s on a Zen 4) and a lone sequence no faster (8-10% slower
+    through the server there);
     on the default model it moves decode logits by up to ~2 and logprobs by ~0.03 on average (up to ~0.3),
     mean NLL +0.3% (tests/test_quant_linear.py::test_decode_x8_tracks_x16). Elsewhere 8 gives the same values
     in plain C, slowly: for tests.
