@@ -302,8 +302,8 @@ static void tile(const int NB, const int NIB, const int8_t *qb, const uint8_t *s
 #endif
 // ---- decode products with x rounded to 8 bits (flags bit 3) ----
 //
-// With 16-bit x, a batched decode step (16 sequences) is bound by its multiply-adds, not by memory: vpdpwssd does
-// 32 a cycle. Rounded to 8 bits per group (step max|x| / 127, as llama.cpp's Q8 activations), x meets the weights
+// With 16-bit x, a batched decode step (16 sequences) spends its time on multiply-adds: vpdpwssd does 32 an
+// instruction. Rounded to 8 bits per group (step max|x| / 127, as llama.cpp's Q8 activations), x meets the weights
 // in vpdpbusd, 64 multiply-adds of unsigned by signed bytes summed into 32 bits with no saturation: 4-bit values
 // are unsigned already; int8 values are taken + 128 (their bytes xor 0x80) and each group's sum starts at
 // -128 * (the group's integer sum of x) to cancel that. Every group's dot product is an exact integer, so the
@@ -319,8 +319,7 @@ static inline void quantize_group8(const float *v, int64_t group, int8_t *q, flo
     float float_sum;
     __m512 inv = _mm512_set1_ps(group_stats(a, b, group == 32, QMAX8, step, &float_sum));
     __m512i ia = _mm512_cvtps_epi32(_mm512_mul_ps(a, inv)), ib = _mm512_cvtps_epi32(_mm512_mul_ps(b, inv));
-    if (isnan(*step)) ia = ib = _mm512_setzero_si512();  // NaN * 0 would convert to INT_MIN
-    if (group != 32) ib = _mm512_setzero_si512();
+    if (isnan(*step)) ia = ib = _mm512_setzero_si512();  // NaN * 0 would convert to INT_MIN (b is 0 for group 16)
     _mm_storeu_si128((__m128i *)q, _mm512_cvtsepi32_epi8(ia));
     if (group == 32) _mm_storeu_si128((__m128i *)(q + 16), _mm512_cvtsepi32_epi8(ib));
     *isum = _mm512_reduce_add_epi32(_mm512_add_epi32(ia, ib));
@@ -395,24 +394,11 @@ static inline __attribute__((always_inline)) void tile_x8(
         for (int b = 0; b < NB; b++) acc[b] = NIB ? _mm512_setzero_si512() : _mm512_set1_epi32(xc[b * G + g]);
         const int8_t *qg = qb + g * GROUP * (NIB ? 8 : 16);
         const int8_t *xg = xq + g * GROUP;
-        if (NB == 1) {  // one row: two sums in turn, so the multiply-adds do not wait on one another
-            __m512i odd = _mm512_setzero_si512();
 #pragma GCC unroll 8
-            for (int s = 0; s < GROUP / 4; s += 2) {
-                __m512i w0 = quad16(qg, s, NIB), w1 = quad16(qg, s + 1, NIB);
-                prefetch_next(pf, qg - qb, 2 * s, NIB);
-                prefetch_next(pf, qg - qb, 2 * s + 2, NIB);
-                dot_quads(&acc[0], w0, xg + 4 * s);
-                dot_quads(&odd, w1, xg + 4 * s + 4);
-            }
-            acc[0] = _mm512_add_epi32(acc[0], odd);
-        } else {
-#pragma GCC unroll 8
-            for (int s = 0; s < GROUP / 4; s++) {
-                __m512i w = quad16(qg, s, NIB);
-                prefetch_next(pf, qg - qb, 2 * s, NIB);
-                for (int b = 0; b < NB; b++) dot_quads(&acc[b], w, xg + b * K + 4 * s);
-            }
+        for (int s = 0; s < GROUP / 4; s++) {
+            __m512i w = quad16(qg, s, NIB);
+            prefetch_next(pf, qg - qb, 2 * s, NIB);
+            for (int b = 0; b < NB; b++) dot_quads(&acc[b], w, xg + b * K + 4 * s);
         }
         scale_group(NB, accf, acc, sb, mb, mode, g, GROUP, xd, xs, G);
     }
@@ -471,8 +457,7 @@ static void block_x8(const int8_t *qb, const uint8_t *sb, const uint8_t *mb, int
 #endif
 }
 
-
-// The rows of x for the B rows of 16-bit x (xq, xd, xs from quantize_rows) through one 16-row block of W.
+// One 16-row block of W (qb, its scales sb and mins mb) for all B rows of 16-bit x (from quantize_rows).
 static void block_x16(const int8_t *qb, const uint8_t *sb, const uint8_t *mb, int mode, int nib, const int16_t *xq,
                       const float *xd, const float *xs, float *y, int64_t B, int64_t N, int64_t K, int64_t group,
                       int64_t nvalid, const int8_t *pf) {
