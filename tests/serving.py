@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
 import time
 
+import httpx
 import uvicorn
 
 
@@ -37,3 +39,17 @@ class Server:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+
+def wait_until_up(proc: subprocess.Popen, url: str, timeout: float = 120) -> None:
+    """Wait for a `gemmakit serve` subprocess to answer /health (its stderr in the failure if it exits)."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.time() < deadline, "server did not come up"
+        time.sleep(0.3)

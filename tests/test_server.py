@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from gemmakit.server import create_app
-from serving import Server, free_port
+from serving import Server, free_port, wait_until_up
 
 MODEL = "gemma3-270m"
 
@@ -249,16 +249,7 @@ def test_serve_command(tmp_path) -> None:
                              "--api-keys-file", str(keys), "--model-name", MODEL],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None, proc.stderr.read()
-            assert time.time() < deadline, "server did not come up"
-            time.sleep(0.3)
+        wait_until_up(proc, f"http://127.0.0.1:{port}")
         c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k1", max_retries=0)
         assert c.models.list().data[0].id == MODEL
     finally:

@@ -481,6 +481,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     keys = _read_keys(args)
     _check_model_args(args)
     _check_port_free(args.host, args.port)
+    from .safety import SafetyPolicy
+    from .safety.audit import AuditLog
+
+    # A bad policy file or audit path fails before the model loads.
+    policy = SafetyPolicy.from_file(args.safety) if args.safety else None
+    audit = AuditLog(args.audit_db, args.audit_text, args.audit_retention_days) if args.audit_db else None
     llm = _load(args)
     # Logging starts after the load: its lines never land on the spinner's line.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -488,7 +494,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                      max_waiting=args.max_waiting, context_length=args.context_length,
                      kv_cache_bytes=args.kv_cache_mib * 2**20, log_prompts=args.log_prompts,
                      strict_model_name=args.strict_model_name,
-                     public_docs_and_metrics=args.public_docs_and_metrics, limits=_limits(args))
+                     public_docs_and_metrics=args.public_docs_and_metrics, limits=_limits(args),
+                     safety=policy, audit=audit,
+                     safety_window=args.safety_window)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"Serving {app.state.model_id} at http://{host}:{args.port}/v1 (chat page: http://{host}:{args.port}/)",
           file=sys.stderr, flush=True)
@@ -565,8 +573,60 @@ def _add_serve_parser(sub, parent: argparse.ArgumentParser) -> None:
     serve.add_argument("--shutdown-timeout", type=float, default=30.0,
                        help="on SIGTERM/Ctrl-C, seconds the running requests may take to finish before they are "
                             "ended (default 30); a second signal exits at once")
+    serve.add_argument("--safety", metavar="FILE",
+                       help="safety policy (TOML or YAML): guards on input and output, thresholds, block/redact/flag "
+                            "(see gemmakit.safety.policy); without it only /v1/moderations runs the built-in guards")
+    serve.add_argument("--safety-window", type=int, default=64, metavar="CHARS",
+                       help="characters of a streamed answer the output guards check at a time (default 64)")
+    serve.add_argument("--audit-db", metavar="FILE",
+                       help="keep an audit log in this SQLite file: a row per request (key hash, tokens, safety "
+                            "decisions, latency) and the reports of POST /v1/feedback")
+    serve.add_argument("--audit-text", action="store_true",
+                       help="also keep prompt and answer text in the audit log (default: ids, counts, decisions)")
+    serve.add_argument("--audit-retention-days", type=float, metavar="DAYS",
+                       help="delete audit rows older than this (default: keep them)")
     _add_limit_args(serve)
     serve.set_defaults(func=cmd_serve)
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .safety.audit import AuditLog, summarize
+
+    if not Path(args.db).is_file():
+        raise InvalidParameterError(f"no audit log at {args.db} (gemmakit serve --audit-db writes one)")
+    log = AuditLog(args.db)
+    since = time.time() - args.since_days * 86400 if args.since_days else None
+    rows = list(log.rows(since))
+    log.close()
+    if args.export:
+        with (sys.stdout if args.export == "-" else open(args.export, "w", encoding="utf-8")) as out:
+            for row in rows:
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+        return 0
+    summary = summarize(rows)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(f"{len(rows)} requests" + (f" in the last {args.since_days:g} days" if args.since_days else ""))
+    for day, d in summary["days"].items():
+        flags = ", ".join(f"{c} {n}" for c, n in sorted(d["flags"].items(), key=lambda kv: -kv[1])) or "none"
+        actions = ", ".join(f"{a} {n}" for a, n in sorted(d["actions"].items()))
+        print(f"  {day}: {d['requests']} requests; flags: {flags}; actions: {actions}")
+    r = summary["reports"]
+    cats = ", ".join(f"{c} {n}" for c, n in sorted(r["categories"].items(), key=lambda kv: -kv[1]))
+    print(f"reports: {r['up']} up, {r['down']} down" + (f" ({cats})" if cats else ""))
+    return 0
+
+
+def _add_audit_parser(sub, parent: argparse.ArgumentParser) -> None:
+    audit = sub.add_parser("audit", parents=[parent], help="summarize or export a server's audit log")
+    audit.add_argument("db", help="the SQLite file of gemmakit serve --audit-db")
+    audit.add_argument("--since-days", type=float, help="only the last DAYS days")
+    audit.add_argument("--export", metavar="FILE", help="write the rows (with their reports) as JSONL ('-': stdout)")
+    audit.add_argument("--json", action="store_true", help="the summary as JSON")
+    audit.set_defaults(func=cmd_audit)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -589,6 +649,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(func=cmd_chat)
 
     _add_serve_parser(sub, parent)
+    _add_audit_parser(sub, parent)
 
     bench = sub.add_parser("bench", parents=[parent], help="measure load time, memory, prefill and decode speed")
     _add_model_args(bench)

@@ -17,7 +17,11 @@ from ..engine import Engine
 from ..engine.engine import PREFILL_CHUNK
 from ..errors import InvalidParameterError
 from ..kv_cache import KVCache
+from ..safety import Safety, SafetyPolicy
+from ..safety.audit import AuditLog
+from ..safety.stream import DEFAULT_WINDOW
 from ..structured.vocab import ll_tokenizer
+from .audit import AuditTrail
 from .auth import AuthGate
 from .errors import CatchAll, install_error_handlers
 from .limits import ServerLimits, SizeGate
@@ -51,7 +55,8 @@ def create_app(llm, model_name: str | None = None, api_keys: list[str] | None = 
                max_batch: int = 8, context_length: int | None = None,
                kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES, log_prompts: bool = False,
                strict_model_name: bool = False, public_docs_and_metrics: bool = False,
-               limits: ServerLimits | None = None) -> FastAPI:
+               limits: ServerLimits | None = None, safety: Safety | SafetyPolicy | None = None,
+               safety_window: int = DEFAULT_WINDOW, audit: AuditLog | None = None) -> FastAPI:
     """The FastAPI application serving ``llm`` under the model id ``model_name`` (default: the file's stem).
 
     Args:
@@ -66,7 +71,17 @@ def create_app(llm, model_name: str | None = None, api_keys: list[str] | None = 
             default they need a key like the API; /health and the chat page's files are always open).
         limits: what one request may carry (body and header bytes, messages, stop strings, n, ...); see
             :class:`~gemmakit.server.limits.ServerLimits` for the defaults.
+        safety: the safety policy (or a :class:`~gemmakit.safety.Safety` built from one): guards on input and output
+            and what a flag does. By default no guard runs on generation; ``/v1/moderations`` runs the built-in ones.
+        safety_window: characters of a streamed answer the output guards check at a time (see
+            :mod:`gemmakit.safety.stream`).
+        audit: the audit log: a row per generation and moderation request, written before the response ends, and
+            the reports of ``POST /v1/feedback`` (without it, feedback answers 501).
     """
+    if safety_window < 1:
+        raise InvalidParameterError(f"safety_window is at least 1 character, not {safety_window}")
+    safety = safety if isinstance(safety, Safety) else Safety(safety)
+    safety.warm_up()  # the guards that run on generation load now, not in the first request
     ctx = min(llm.context_length, context_length or DEFAULT_CONTEXT)
     rows = cache_rows(llm, ctx, max_batch, kv_cache_bytes)
     engine = Engine(llm.model, llm.tokenizer, llm.stop_token_ids, ctx, max_batch=rows, max_waiting=max_waiting)
@@ -79,20 +94,25 @@ def create_app(llm, model_name: str | None = None, api_keys: list[str] | None = 
     async def lifespan(_: FastAPI):
         yield
         engine.shutdown()
+        if audit is not None:
+            audit.close()
 
     app = FastAPI(title="gemmakit", description="OpenAI-compatible API for Gemma models", version="0.1.0",
                   lifespan=lifespan)
     app.state.gemmakit = ServerState(llm=llm, engine=engine, metrics=metrics, model_id=model_name or llm.path.stem,
                                      context_length=ctx, keys=[k.encode() for k in (api_keys or []) if k],
                                      log_prompts=log_prompts, strict_model_name=strict_model_name,
-                                     limits=limits or ServerLimits(), max_piece_bytes=max_piece_bytes(llm.tokenizer))
+                                     limits=limits or ServerLimits(), max_piece_bytes=max_piece_bytes(llm.tokenizer),
+                                     safety=safety, safety_window=safety_window, audit=audit)
     app.state.engine = engine
     app.state.model_id = app.state.gemmakit.model_id
     install_error_handlers(app)
     # Outermost first: the request log (sees every answer), the key check (401 from the headers: a client without a
     # key learns nothing, limits included), the size gate (413/431 before a byte of body is read), the catch-all
-    # (a bug is a 500 that keeps the connection). The last added is the outermost.
+    # (a bug is a 500 that keeps the connection), the audit trail (a request's row is committed before its response
+    # ends). The last added is the outermost.
     app.add_middleware(CatchAll)
+    app.add_middleware(AuditTrail, log=audit, model_id=app.state.gemmakit.model_id)
     app.add_middleware(SizeGate, limits=app.state.gemmakit.limits)
     app.add_middleware(AuthGate, keys=app.state.gemmakit.keys, public_docs_and_metrics=public_docs_and_metrics)
     app.add_middleware(RequestLog, metrics=metrics)

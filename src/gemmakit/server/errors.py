@@ -13,6 +13,8 @@ from starlette.exceptions import HTTPException
 
 from ..engine import EngineBusyError, EngineStoppedError, RequestTimeoutError
 from ..errors import ContextLengthError, GemmakitError
+from ..safety import ContentPolicyError
+from ..safety.guard import SafetyUnavailableError
 from .limits import BodyTooLarge, LimitExceededError
 
 logger = logging.getLogger("gemmakit.server")
@@ -67,6 +69,10 @@ async def _gemmakit_error(_: Request, exc: GemmakitError) -> JSONResponse:
         return error_response(503, str(exc), "server_error", code="shutting_down", headers={"Retry-After": "5"})
     if isinstance(exc, RequestTimeoutError):
         return error_response(408, str(exc), "timeout_error", code="request_timeout")
+    if isinstance(exc, SafetyUnavailableError):
+        return error_response(501, str(exc), "server_error", code="safety_unavailable")
+    if isinstance(exc, ContentPolicyError):
+        return error_response(400, str(exc), "invalid_request_error", code="content_policy_violation")
     code = "context_length_exceeded" if isinstance(exc, ContextLengthError) else None
     return error_response(400, str(exc), "invalid_request_error", code=code)
 

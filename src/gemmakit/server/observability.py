@@ -32,6 +32,10 @@ class Metrics:
                               registry=self.registry)
         self.itl = Histogram("gemmakit_inter_token_latency_seconds", "time between tokens", buckets=buckets,
                              registry=self.registry)
+        self.safety_flags = Counter("gemmakit_safety_flags", "texts flagged by the safety guards, by direction and "
+                                    "category", ["direction", "category"], registry=self.registry)
+        self.safety_actions = Counter("gemmakit_safety_actions", "safety actions taken (block, redact, flag), by "
+                                      "direction", ["direction", "action"], registry=self.registry)
         gauges = {
             "gemmakit_running_sequences": ("sequences holding a KV cache row", lambda: engine.running),
             "gemmakit_queue_depth": ("requests waiting for a KV cache row", lambda: engine.waiting),
@@ -41,6 +45,14 @@ class Metrics:
         }
         for name, (doc, value) in gauges.items():
             Gauge(name, doc, registry=self.registry).set_function(value)
+
+    def safety(self, direction: str, flagged: list[str], blocked: list[str], redacted: bool) -> None:
+        """Count one safety decision: its flagged categories and the action it took."""
+        for category in flagged:
+            self.safety_flags.labels(direction, category).inc()
+        if flagged:
+            action = "block" if blocked else "redact" if redacted else "flag"
+            self.safety_actions.labels(direction, action).inc()
 
     async def observe(self, stream: RequestStream, prompt_tokens: int) -> AsyncIterator[StreamEvent]:
         """Pass a request's events through, recording latencies and token counts."""

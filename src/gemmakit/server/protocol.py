@@ -208,3 +208,32 @@ class TokenizeRequest(TextOnly):
 class DetokenizeRequest(BaseModel):
     model: str | None = None
     tokens: list[int]
+
+
+class ModerationTextPart(BaseModel):
+    """One item of a multi-modal moderation input; only text is moderated here."""
+
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text"]
+    text: str
+
+
+class ModerationRequest(TextOnly):
+    """``POST /v1/moderations``: one text, a list of texts, or a list of ``{"type": "text", "text": ...}`` parts."""
+
+    model: str | None = None
+    input: str | list[str] | list[ModerationTextPart]
+
+    def texts(self) -> list[str]:
+        if isinstance(self.input, str):
+            return [self.input]
+        return [item if isinstance(item, str) else item.text for item in self.input]
+
+
+class FeedbackRequest(TextOnly):
+    """``POST /v1/feedback``: a user's report on one answer, by the ``id`` of its response."""
+
+    request_id: str = Field(min_length=1, max_length=128)
+    rating: Literal[1, -1]
+    category: str | None = Field(default=None, max_length=64)
+    comment: str | None = Field(default=None, max_length=4096)

@@ -4,7 +4,7 @@ the steps of a generation request that both endpoints take (auth, model name, qu
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from fastapi import Request
@@ -13,6 +13,9 @@ from starlette.concurrency import run_in_threadpool
 from ..engine import Engine, EngineBusyError, RequestStream, RequestTimeoutError
 from ..errors import ContextLengthError
 from ..generate import Completion, CompletionBuilder
+from ..safety import Safety
+from ..safety.audit import AuditLog
+from ..safety.stream import DEFAULT_WINDOW
 from ..sampling import SamplingParams
 from ..structured import OutputRules
 from ..structured.output import ChatOutputSplitter
@@ -34,6 +37,9 @@ class ServerState:
     log_prompts: bool
     strict_model_name: bool
     limits: ServerLimits
+    safety: Safety = field(default_factory=Safety)  # the policy's guards (by default: /v1/moderations only)
+    audit: AuditLog | None = None  # the audit log (rows per request, user reports), when the server keeps one
+    safety_window: int = DEFAULT_WINDOW  # characters of a streamed answer checked at a time (output guards)
     max_piece_bytes: int = 1  # see max_piece_bytes()
     draining: bool = False  # shutting down: no new generations (lifecycle.GracefulServer)
 

@@ -1,7 +1,7 @@
 """The HTTP routes, one module per concern: the OpenAI endpoints and the service routes around them."""
 
-from . import chat, completions, service
+from . import chat, completions, feedback, moderations, service
 
-ROUTERS = [service.router, chat.router, completions.router]
+ROUTERS = [service.router, chat.router, completions.router, moderations.router, feedback.router]
 
 __all__ = ["ROUTERS"]

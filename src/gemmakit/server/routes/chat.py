@@ -12,7 +12,11 @@ from ...engine import RequestStream
 from ...generate import Completion
 from ...sampling import SamplingParams, TokenLogprob
 from ...structured.plan import OutputPlan
+from ...safety import Redactor
 from ..protocol import ChatCompletionRequest, output_constraint
+from ..audit import audit_note
+from ..safety import (Screened, StreamedAnswer, answer_blocked, keeps_text, refuse_streamed_logprobs,
+                      screen_messages)
 from ..sse import framed, sse, stream_response
 from ..state import (ServerState, check_model, complete, note, off_loop, refuse_hopeless_prompt, server_state,
                      submit, usage)
@@ -54,6 +58,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     check_model(state, body.model)
     state.limits.check_request(body)
     refuse_hopeless_prompt(state, [m["content"] for m in body.messages if isinstance(m.get("content"), str)])
+    refuse_streamed_logprobs(state, body)
+    cid, created = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
+    audit_note(request, id=cid)  # a blocked request has its row too
+    body.messages, screened = await screen_messages(state, request, body.messages)
+    if keeps_text(state):
+        audit_note(request, prompt=body.messages)  # as the model sees them: redacted where the policy says so
     # Rendering and tokenizing grow with the input: a worker thread does them, the event loop keeps serving.
     ids, plan = await off_loop(body.timeout, plan_request, state, body)
     n_prompt = len(ids)
@@ -63,21 +73,28 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     note(request, prompt_tokens=n_prompt, n=body.n, **({"messages": body.messages} if state.log_prompts else {}))
     streams = await submit(state, [(ids, chat_params(state, body, i), plan.rules) for i in range(body.n)],
                            body.timeout)
-    cid, created = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
     if body.stream:
-        return stream_response(chat_sse(state, body, streams, cid, created, n_prompt, request, plan), request)
+        return stream_response(chat_sse(state, body, streams, cid, created, n_prompt, request, plan, screened),
+                               request)
     results = await complete(state, streams, [n_prompt] * body.n, body.logprobs, request, plan.splitter)
     note(request, completion_tokens=sum(c.usage.completion_tokens for c in results))
+    blocked = [await answer_blocked(state, request, "\n".join(filter(None, [c.reasoning, c.text])), screened)
+               for c in results]
     return {"id": cid, "object": "chat.completion", "created": created, "model": state.model_id,
-            "choices": [chat_choice(state, body, i, c) for i, c in enumerate(results)],
+            "choices": [chat_choice(state, body, i, c, screened.redactor, b)
+                        for i, (c, b) in enumerate(zip(results, blocked))],
             "usage": usage(results, n_prompt)}
 
 
-def chat_choice(state: ServerState, body: ChatCompletionRequest, index: int, c: Completion) -> dict[str, Any]:
-    message: dict[str, Any] = {"role": "assistant", "content": c.text}
+def chat_choice(state: ServerState, body: ChatCompletionRequest, index: int, c: Completion, redactor: Redactor,
+                blocked: bool) -> dict[str, Any]:
+    if blocked:  # OpenAI's shape for a filtered answer: no content, finish_reason "content_filter"
+        return {"index": index, "message": {"role": "assistant", "content": None}, "logprobs": None,
+                "finish_reason": "content_filter"}
+    message: dict[str, Any] = {"role": "assistant", "content": redactor.restore(c.text)}
     finish = c.finish_reason
     if c.reasoning:
-        message["reasoning_content"] = c.reasoning
+        message["reasoning_content"] = redactor.restore(c.reasoning)
     if c.tool_calls:
         message["tool_calls"] = c.tool_calls
         finish = "tool_calls" if finish == "stop" else finish  # a call cut off by max_tokens: "length"
@@ -101,7 +118,7 @@ def tool_call_deltas(calls: list[dict[str, Any]], first_index: int) -> list[dict
 
 
 def chat_sse(state: ServerState, body: ChatCompletionRequest, streams: list[RequestStream], cid: str, created: int,
-             prompt_tokens: int, request: Request, plan: OutputPlan) -> AsyncIterator[str]:
+             prompt_tokens: int, request: Request, plan: OutputPlan, screened: Screened) -> AsyncIterator[str]:
     base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": state.model_id}
 
     def chunk(index: int, delta: dict[str, Any], logprobs: Any = None, finish: str | None = None) -> str:
@@ -111,19 +128,27 @@ def chat_sse(state: ServerState, body: ChatCompletionRequest, streams: list[Requ
     async def choice_chunks(index: int, stream: RequestStream, count: dict[str, int]) -> AsyncIterator[str]:
         yield chunk(index, {"role": "assistant", "content": ""})
         splitter, calls = plan.splitter(), 0
+        content, reasoning = StreamedAnswer(state, request, screened), StreamedAnswer(state, request, screened)
         async for ev in state.metrics.observe(stream, prompt_tokens):
             splitter.split(ev)
             count["completion_tokens"] += not ev.stop_token
             logprobs = None
             if body.logprobs and ev.logprob is not None and not ev.stop_token:
                 logprobs = {"content": [logprob_entry(state.llm.tokenizer, ev.logprob, body.top_logprobs or 0)]}
-            if ev.reasoning:
-                yield chunk(index, {"reasoning_content": ev.reasoning})
+            last = ev.finish_reason is not None
+            thought = await reasoning.release(ev.reasoning or "", last)
+            text = await content.release(ev.content or "", last)
+            if content.blocked or reasoning.blocked:  # what was held back is dropped; the stream ends here
+                stream.cancel()
+                yield chunk(index, {}, None, "content_filter")
+                return
+            if thought:
+                yield chunk(index, {"reasoning_content": thought})
             for delta in tool_call_deltas(ev.tool_calls or [], calls):
                 yield chunk(index, {"tool_calls": [delta]})
             calls += len(ev.tool_calls or [])
             finish = "tool_calls" if calls and ev.finish_reason == "stop" else ev.finish_reason
-            if ev.content or logprobs or finish:
-                yield chunk(index, {"content": ev.content} if ev.content else {}, logprobs, finish)
+            if text or logprobs or finish:
+                yield chunk(index, {"content": text} if text else {}, logprobs, finish)
 
     return framed(body, streams, base, prompt_tokens, request, choice_chunks)

@@ -13,7 +13,10 @@ from ...engine import RequestStream
 from ...generate import Completion
 from ...sampling import SamplingParams, TokenLogprob
 from ..errors import APIError
+from ...safety import Redactor
 from ..protocol import CompletionRequest, output_constraint
+from ..audit import audit_note
+from ..safety import Screened, StreamedAnswer, answer_blocked, keeps_text, refuse_streamed_logprobs, screen_prompts
 from ..sse import framed, sse, stream_response
 from ..state import (ServerState, check_model, complete, note, off_loop, refuse_hopeless_prompt, server_state,
                      submit, usage)
@@ -91,7 +94,13 @@ async def completions(body: CompletionRequest, request: Request):
     state = server_state(request)
     check_model(state, body.model)
     state.limits.check_request(body)
+    refuse_streamed_logprobs(state, body)
     cid, created = "cmpl-" + uuid.uuid4().hex, int(time.time())
+    audit_note(request, id=cid)  # a blocked request has its row too
+    prompts, screened = await screen_prompts(state, request, body.prompt_list())
+    body.prompt = prompts if len(prompts) > 1 else prompts[0]
+    if keeps_text(state):
+        audit_note(request, prompt=body.prompt)  # as the model sees it: redacted where the policy says so
     # Tokenizing grows with the input: a worker thread does it, the event loop keeps serving.
     batch = await off_loop(body.timeout, read_prompts, state, body)
     note(request, prompt_tokens=sum(map(len, batch.ids)), n=body.n,
@@ -100,19 +109,25 @@ async def completions(body: CompletionRequest, request: Request):
     jobs = [(batch.ids[k], completion_params(state, body, c), rules) for c, k in enumerate(batch.prompt_of)]
     streams = await submit(state, jobs, body.timeout)
     if body.stream:
-        return stream_response(completion_sse(state, body, streams, cid, created, batch, request), request)
+        return stream_response(completion_sse(state, body, streams, cid, created, batch, request, screened),
+                               request)
     results = await complete(state, streams, [len(batch.ids[k]) for k in batch.prompt_of], body.logprobs is not None,
                              request)
     note(request, completion_tokens=sum(c.usage.completion_tokens for c in results))
+    choices = []
+    for c, result in enumerate(results):
+        if await answer_blocked(state, request, result.text, screened):
+            choices.append({"index": c, "text": "", "logprobs": None, "finish_reason": "content_filter"})
+        else:
+            choices.append(completion_choice(state, body, batch, c, result, screened.redactor))
     return {"id": cid, "object": "text_completion", "created": created, "model": state.model_id,
-            "choices": [completion_choice(state, body, batch, c, result) for c, result in enumerate(results)],
-            "usage": usage(results, sum(map(len, batch.ids)))}
+            "choices": choices, "usage": usage(results, sum(map(len, batch.ids)))}
 
 
 def completion_choice(state: ServerState, body: CompletionRequest, batch: PromptBatch, index: int,
-                      result: Completion) -> dict[str, Any]:
+                      result: Completion, redactor: Redactor) -> dict[str, Any]:
     k = batch.prompt_of[index]
-    text = (batch.texts[k] if body.echo else "") + result.text
+    text = (batch.texts[k] if body.echo else "") + redactor.restore(result.text)
     logprobs = None
     if body.logprobs is not None and result.logprobs is not None:
         table = CompletionLogprobs(state.llm.tokenizer)
@@ -124,7 +139,7 @@ def completion_choice(state: ServerState, body: CompletionRequest, batch: Prompt
 
 
 def completion_sse(state: ServerState, body: CompletionRequest, streams: list[RequestStream], cid: str, created: int,
-                   batch: PromptBatch, request: Request) -> AsyncIterator[str]:
+                   batch: PromptBatch, request: Request, screened: Screened) -> AsyncIterator[str]:
     base = {"id": cid, "object": "text_completion", "created": created, "model": state.model_id}
 
     def chunk(index: int, text: str, logprobs: dict[str, Any] | None, finish: str | None = None) -> str:
@@ -137,6 +152,7 @@ def completion_sse(state: ServerState, body: CompletionRequest, streams: list[Re
         if echo_pending and table is None:
             yield chunk(index, batch.texts[k], None)
             echo_pending = False
+        answer = StreamedAnswer(state, request, screened)
         async for ev in state.metrics.observe(stream, len(batch.ids[k])):
             if echo_pending:  # the prompt's logprobs come with the first generated token
                 yield chunk(index, batch.texts[k], table.add(list(zip(batch.ids[k], ev.prompt_logprobs)),
@@ -146,7 +162,12 @@ def completion_sse(state: ServerState, body: CompletionRequest, streams: list[Re
             logprobs = None
             if table is not None and ev.logprob is not None and not ev.stop_token:
                 logprobs = table.add([(ev.token_id, ev.logprob)])
-            if ev.text or ev.finish_reason or logprobs:
-                yield chunk(index, ev.text, logprobs, ev.finish_reason)
+            text = await answer.release(ev.text, ev.finish_reason is not None)
+            if answer.blocked:  # what was held back is dropped; the stream ends here
+                stream.cancel()
+                yield chunk(index, "", None, "content_filter")
+                return
+            if text or ev.finish_reason or logprobs:
+                yield chunk(index, text, logprobs, ev.finish_reason)
 
     return framed(body, streams, base, sum(map(len, batch.ids)), request, choice_chunks)
