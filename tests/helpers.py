@@ -65,6 +65,7 @@ def write_tiny_gguf(
     seed: int = 0,
     chat_template: str | None = None,
     metadata: dict[str, float | int] | None = None,
+    context: int | None = None,
 ) -> Path:
     """Write a tiny random Gemma 3 GGUF (F32 weights), optionally with tensors dropped, added or misshaped, and
     extra metadata (``{key: value}``: floats as float32, ints as uint32; e.g. another architecture's soft-caps)."""
@@ -78,7 +79,7 @@ def write_tiny_gguf(
     for name, shape in (reshape or {}).items():
         tensors[name] = np.zeros(shape, dtype=np.float32)
     w = GGUFWriter(str(path), arch)
-    w.add_context_length(cfg["ctx"])
+    w.add_context_length(context or cfg["ctx"])
     w.add_embedding_length(cfg["hidden"])
     w.add_block_count(cfg["layers"])
     w.add_feed_forward_length(cfg["ffn"])

@@ -201,6 +201,16 @@ class KVCache:
         ]
         return view
 
+    def copy_row(self, src: int, dst: slice) -> None:
+        """Make rows ``dst`` hold what row ``src`` holds (keys, values, positions): sequences that share a prefix
+        prefill it once (the model guard's policies)."""
+        for c in self.layers:
+            if c is not None:
+                c.k[dst] = c.k[src]
+                c.v[dst] = c.v[src]
+        for slots in self._slots.values():
+            slots.pos[dst] = slots.pos[src]
+
     def reset(self, rows: torch.Tensor | None = None) -> None:
         """Forget the cached tokens of some rows (all rows if None); the memory stays allocated."""
         for slots in self._slots.values():

@@ -25,6 +25,10 @@ A policy file (TOML or YAML; ``gemmakit serve --safety FILE``) reads::
     [classifier.patterns]
     illicit = ["how (to|do i) pick a lock"]
 
+    [model_guard]                    # the "model" guard: a Gemma guard model loaded beside the served one
+    path = "shieldgemma-2b.Q8_0.gguf"
+    style = "shieldgemma"            # or "llamaguard"
+
 Unknown keys, guards, categories and actions are refused with a message naming them.
 """
 
@@ -77,13 +81,10 @@ class DirectionPolicy:
         return [c for c in CATEGORIES if c in scores and scores[c] >= self.threshold(c)]
 
     @classmethod
-    def from_mapping(cls, section: Mapping[str, Any], where: str) -> "DirectionPolicy":
+    def from_mapping(cls, section: Mapping[str, Any], where: str,
+                     known_guards: tuple[str, ...] = BUILTIN_GUARDS) -> "DirectionPolicy":
         _known_keys(section, {"guards", "action", "actions", "thresholds"}, where)
-        guards = tuple(section.get("guards", ()))
-        for g in guards:
-            if g not in BUILTIN_GUARDS:
-                raise SafetyPolicyError(f"{where}.guards: unknown guard {g!r}; the guards are "
-                                        f"{', '.join(BUILTIN_GUARDS)}")
+        guards = _guards(section.get("guards", ()), known_guards, f"{where}.guards")
         actions = {"default": section.get("action", "block"), **dict(section.get("actions", {}))}
         for category, action in actions.items():
             _check(check_category, category, f"{where}.actions")
@@ -98,6 +99,14 @@ class DirectionPolicy:
             if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
                 raise SafetyPolicyError(f"{where}.thresholds: {category} = {value!r}; a threshold is in [0, 1]")
         return cls(guards, {k: float(v) for k, v in thresholds.items()}, actions)
+
+
+def _guards(names: Any, known: tuple[str, ...], where: str) -> tuple[str, ...]:
+    for g in names:
+        if g not in known:
+            hint = " (the model guard needs a [model_guard] section)" if g == "model" else ""
+            raise SafetyPolicyError(f"{where}: unknown guard {g!r}; the guards are {', '.join(known)}{hint}")
+    return tuple(names)
 
 
 def _check(fn, value: str, where: str) -> None:
@@ -118,6 +127,7 @@ class SafetyPolicy:
     output: DirectionPolicy = field(default_factory=DirectionPolicy)
     moderation_guards: tuple[str, ...] = BUILTIN_GUARDS
     classifier: Mapping[str, Any] = field(default_factory=dict)
+    model_guard: Mapping[str, Any] = field(default_factory=dict)  # path, style, policies (see ModelGuard)
 
     @property
     def guards_in_use(self) -> set[str]:
@@ -125,21 +135,28 @@ class SafetyPolicy:
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], where: str = "safety policy") -> "SafetyPolicy":
-        _known_keys(data, {"input", "output", "moderation", "classifier"}, where)
+        _known_keys(data, {"input", "output", "moderation", "classifier", "model_guard"}, where)
+        model_guard = dict(data.get("model_guard", {}))
+        _known_keys(model_guard, {"path", "style", "policies"}, f"{where}: model_guard")
+        if model_guard and "path" not in model_guard:
+            raise SafetyPolicyError(f"{where}: model_guard: give the guard model's path (a GGUF file or HF folder)")
+        for name, item in model_guard.get("policies", {}).items():
+            if not isinstance(item, Mapping) or set(item) != {"category", "text"} or not isinstance(item["text"], str):
+                raise SafetyPolicyError(f"{where}: model_guard.policies.{name}: give a category and a text")
+            _check(check_category, item["category"], f"{where}: model_guard.policies.{name}")
+        known = BUILTIN_GUARDS + (("model",) if model_guard else ())
         moderation = data.get("moderation", {})
         _known_keys(moderation, {"guards"}, f"{where}: moderation")
-        guards = tuple(moderation.get("guards", BUILTIN_GUARDS))
-        for g in guards:
-            if g not in BUILTIN_GUARDS:
-                raise SafetyPolicyError(f"{where}: moderation.guards: unknown guard {g!r}")
+        guards = _guards(moderation.get("guards", BUILTIN_GUARDS), known, f"{where}: moderation.guards")
         classifier = dict(data.get("classifier", {}))
         _known_keys(classifier, {"builtin", "words", "patterns"}, f"{where}: classifier")
         try:  # the lists compile now: a bad category or regular expression is the policy's error
             ClassifierGuard(patterns=classifier.get("patterns"), words=classifier.get("words"))
         except (ValueError, TypeError, AttributeError) as exc:
             raise SafetyPolicyError(f"{where}: classifier: {exc}") from None
-        return cls(DirectionPolicy.from_mapping(data.get("input", {}), f"{where}: input"),
-                   DirectionPolicy.from_mapping(data.get("output", {}), f"{where}: output"), guards, classifier)
+        return cls(DirectionPolicy.from_mapping(data.get("input", {}), f"{where}: input", known),
+                   DirectionPolicy.from_mapping(data.get("output", {}), f"{where}: output", known), guards, classifier,
+                   model_guard)
 
     @classmethod
     def from_file(cls, path: str | Path) -> "SafetyPolicy":

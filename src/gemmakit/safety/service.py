@@ -53,7 +53,9 @@ class Decision:
 class Safety:
     """Applies a policy with the built-in guards (``pii``, ``classifier``), built once and shared by requests."""
 
-    def __init__(self, policy: SafetyPolicy | None = None) -> None:
+    def __init__(self, policy: SafetyPolicy | None = None, guard_llm: Any = None) -> None:
+        """``guard_llm``: the model guard's model, already loaded (by default the policy's ``model_guard.path`` is
+        loaded when the policy has a model guard)."""
         self.policy = policy or SafetyPolicy()
         c = self.policy.classifier
         self.guards: dict[str, Guard] = {
@@ -61,6 +63,19 @@ class Safety:
             "classifier": ClassifierGuard(patterns=c.get("patterns"), words=c.get("words"),
                                           builtin=c.get("builtin", True)),
         }
+        if self.policy.model_guard:
+            self.guards["model"] = self._model_guard(guard_llm)
+
+    def _model_guard(self, llm: Any) -> Guard:
+        from .model_guard import ModelGuard
+
+        m = self.policy.model_guard
+        if llm is None:
+            from ..llm import load
+
+            llm = load(m["path"])
+        policies = {name: (p["category"], p["text"]) for name, p in m.get("policies", {}).items()} or None
+        return ModelGuard(llm, style=m.get("style", "shieldgemma"), policies=policies)
 
     @property
     def screens_input(self) -> bool:
