@@ -69,9 +69,10 @@ def server_command(target: str, args: argparse.Namespace, port: int) -> list[str
             "--cont-batching", "--ctx-size", str(CONTEXT * args.max_batch), "--alias", "bench"]
 
 
-def start(target: str, args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
+def start(target: str, args: argparse.Namespace, extra: list[str] | None = None) -> tuple[subprocess.Popen, str]:
+    """Start a server (``extra``: more command-line arguments) and wait until it answers."""
     port = free_port()
-    cmd = server_command(target, args, port)
+    cmd = server_command(target, args, port) + (extra or [])
     log = tempfile.TemporaryFile(mode="w+")  # a pipe nobody reads would fill up and stall a chatty server
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"

@@ -3,41 +3,21 @@ the policy file, and the streamed-output gate."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from gemmakit.safety import (CATEGORIES, ClassifierGuard, PIIGuard, Redactor, Safety, SafetyPolicy,
                              SafetyPolicyError)
 from gemmakit.safety.stream import OutputGate
 
-# (text, the items that must be found as (kind, exact text)); an empty list: look-alikes that must not match.
-LABELLED_PII = [
-    ("Write to john.doe@example.com today", [("EMAIL", "john.doe@example.com")]),
-    ("cc: a.b-c+tag@mail.example.co.uk, thanks", [("EMAIL", "a.b-c+tag@mail.example.co.uk")]),
-    ("Call me at +1 (415) 555-2671 after six", [("PHONE", "+1 (415) 555-2671")]),
-    ("Our London office: 020 7946 0958", [("PHONE", "020 7946 0958")]),
-    ("Card 4111 1111 1111 1111 expires soon", [("CARD", "4111 1111 1111 1111")]),
-    ("pay with 5500-0000-0000-0004 please", [("CARD", "5500-0000-0000-0004")]),
-    ("IBAN DE89 3704 0044 0532 0130 00 for the rent", [("IBAN", "DE89 3704 0044 0532 0130 00")]),
-    ("GB82WEST12345698765432 is the account", [("IBAN", "GB82WEST12345698765432")]),
-    ("the server at 192.168.10.42 is down", [("IP", "192.168.10.42")]),
-    ("ping 2001:db8:85a3::8a2e:370:7334 now", [("IP", "2001:db8:85a3::8a2e:370:7334")]),
-    ("my SSN is 536-22-8726", [("SSN", "536-22-8726")]),
-    ("export STRIPE=sk_live_4eC39HqLyjWDarjtT1zdp7dc", [("SECRET", "sk_live_4eC39HqLyjWDarjtT1zdp7dc")]),
-    ("token ghp_a1B2a1B2a1B2a1B2a1B2a1B2a1B2a1B2a1B2 leaked",
-     [("SECRET", "ghp_a1B2a1B2a1B2a1B2a1B2a1B2a1B2a1B2a1B2")]),
-    ("AWS key AKIAIOSFODNN7EXAMPLE in the log", [("SECRET", "AKIAIOSFODNN7EXAMPLE")]),
-    ("secret=wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", [("SECRET", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY")]),
-    # look-alikes
-    ("Card 4111 1111 1111 1112 fails the Luhn check", []),
-    ("IBAN DE89 3704 0044 0532 0130 01 has a bad checksum", []),
-    ("The meeting is on 2023-01-15 at 10:30", []),
-    ("Order number 123456789 shipped", []),
-    ("SSN 078-05-1120 is the famous invalid one", []),
-    ("email me at bob@localhost", []),
-    ("see the internationalization_configuration_manager module", []),
-    ("sha256 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08", []),
-    ("the year 1969 and 3.14159 and 1,000,000 people", []),
-]
+# (text, the items that must be found as [kind, exact text]); no items: a look-alike that must not match. The same
+# set gives benchmarks/safety.py's precision and recall.
+LABELLED_PII = [(text, [tuple(item) for item in items]) for text, items in json.loads(
+    (Path(__file__).parent / "data" / "safety_labelled.json").read_text(encoding="utf-8"))["pii"]]
+# What the recognizers are known to miss (the README says so); strict: the day one is found, this fails.
+KNOWN_MISSES = {"reach me at john dot doe at example dot com": "emails written out in words are not recognized"}
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +25,9 @@ def pii() -> PIIGuard:
     return PIIGuard()
 
 
-@pytest.mark.parametrize("text, expected", LABELLED_PII, ids=[t[:30] for t, _ in LABELLED_PII])
+@pytest.mark.parametrize("text, expected", [
+    pytest.param(t, e, id=t[:30], marks=[pytest.mark.xfail(strict=True, reason=KNOWN_MISSES[t])] if t in KNOWN_MISSES
+                 else []) for t, e in LABELLED_PII])
 def test_pii_recognizers_on_labelled_set(pii, text, expected) -> None:
     found = [(s.kind, text[s.start:s.end]) for s in pii.find(text)]
     assert found == expected

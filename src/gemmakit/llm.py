@@ -18,6 +18,8 @@ from .errors import ContextLengthError, InvalidParameterError
 from .generate import Completion, StreamEvent, collect, generate_events, token_budget
 from .model import Gemma
 from .quant.linear import set_decode_x_bits
+from .safety import Safety, SafetyPolicy
+from .safety.apply import guard_completion, guard_events, screen_messages, screen_prompt
 from .sampling import SamplingParams, checkpoint_defaults
 from .tokenizer import HFTokenizer, Tokenizer
 from .weights import load_gguf_model, load_hf_model, release_freed_memory
@@ -130,6 +132,8 @@ class LLM:
         # What a call that sets no sampling argument generates with: gemmakit's defaults (SamplingParams), with
         # the settings the checkpoint recommends in place of them (see sampling.checkpoint_defaults).
         self.sampling_defaults = sampling_defaults or SamplingParams()
+        # The safety policy every call applies unless it passes its own (gemmakit.safety; load(..., safety=)).
+        self.safety: Safety | None = None
         self.stop_token_ids = [config.eos_token_id]
         if tokenizer is not None:
             self.stop_token_ids = [tokenizer.token_id(p) for p in self.chat_format.stop_pieces if tokenizer.has_piece(p)]
@@ -156,6 +160,16 @@ class LLM:
             if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
                 raise InvalidParameterError(f"prompt token {t!r} is not a token id in [0, {vocab})")
         return ids
+
+    def _safety(self, override: Safety | SafetyPolicy | None) -> Safety | None:
+        """The policy a call applies: its own, else the model's (``load(..., safety=)``), else none."""
+        if override is None:
+            return self.safety
+        return override if isinstance(override, Safety) else Safety(override)
+
+    def _prompt_text(self, prompt: Prompt) -> str:
+        """A prompt as text for the guards (token ids are decoded; a redacted one then runs as its text)."""
+        return prompt if isinstance(prompt, str) else self.tokenizer.decode(list(prompt))
 
     def check_fits(self, n_prompt: int, params: SamplingParams, context_length: int | None = None) -> None:
         """Raise ContextLengthError, saying how many tokens were asked and how many fit, when a prompt plus
@@ -222,6 +236,7 @@ class LLM:
         logprobs: int | None | _ModelDefault = MODEL_DEFAULT,
         logit_bias: dict[int, float] | _ModelDefault = MODEL_DEFAULT,
         prompt_logprobs: int | None | _ModelDefault = MODEL_DEFAULT,
+        safety: Safety | SafetyPolicy | None = None,
     ) -> Iterator[StreamEvent]:
         """Generate from a prompt (text, BOS added, or token ids used as given), one :class:`StreamEvent` per token.
 
@@ -237,8 +252,14 @@ class LLM:
         ContextLengthError.
         """
         sampling = self.sampling_params(params, **_sampling_args(locals()))
-        ids = self.prompt_ids(prompt)
-        return self._stream_ids(ids, sampling, self.output_rules(response_format, regex, choice, grammar))
+        safety = self._safety(safety)
+        if safety is None:
+            return self._stream_ids(self.prompt_ids(prompt), sampling,
+                                    self.output_rules(response_format, regex, choice, grammar))
+        prompt, redactor = screen_prompt(safety, self._prompt_text(prompt))
+        events = self._stream_ids(self.prompt_ids(prompt), sampling,
+                                  self.output_rules(response_format, regex, choice, grammar))
+        return guard_events(events, safety, redactor, chat=False)
 
     def output_rules(self, response_format: Any = None, regex: str | None = None, choice: Sequence[str] | None = None,
                      grammar: str | None = None) -> OutputRules | None:
@@ -276,6 +297,7 @@ class LLM:
         logprobs: int | None | _ModelDefault = MODEL_DEFAULT,
         logit_bias: dict[int, float] | _ModelDefault = MODEL_DEFAULT,
         prompt_logprobs: int | None | _ModelDefault = MODEL_DEFAULT,
+        safety: Safety | SafetyPolicy | None = None,
     ) -> Completion | list[Completion]:
         """Complete a prompt, or each prompt of a list.
 
@@ -286,11 +308,18 @@ class LLM:
         """
         sampling = self.sampling_params(params, **_sampling_args(locals()))
         rules = self.output_rules(response_format, regex, choice, grammar)
+        safety = self._safety(safety)
+        prompts = list(prompt) if _is_prompt_batch(prompt) else [prompt]
+        screened = [screen_prompt(safety, self._prompt_text(p)) if safety else (p, None) for p in prompts]
         if _is_prompt_batch(prompt):
-            return [with_parsed(c, _grammar_of(rules)) for c in self._generate_batch(list(prompt), sampling, rules)]
-        ids = self.prompt_ids(prompt)  # type: ignore[arg-type]
-        return with_parsed(collect(self._stream_ids(ids, sampling, rules), len(ids), sampling.logprobs is not None),
-                           _grammar_of(rules))
+            done = self._generate_batch([p for p, _ in screened], sampling, rules)
+        else:
+            ids = self.prompt_ids(screened[0][0])  # type: ignore[arg-type]
+            done = [collect(self._stream_ids(ids, sampling, rules), len(ids), sampling.logprobs is not None)]
+        if safety is not None:
+            done = [guard_completion(safety, c, redactor) for c, (_, redactor) in zip(done, screened)]
+        done = [with_parsed(c, _grammar_of(rules)) for c in done]
+        return done if _is_prompt_batch(prompt) else done[0]
 
     def _generate_batch(self, prompts: list[Prompt], params: SamplingParams,
                         rules: OutputRules | None = None) -> list[Completion]:
@@ -343,6 +372,7 @@ class LLM:
         logprobs: int | None | _ModelDefault = MODEL_DEFAULT,
         logit_bias: dict[int, float] | _ModelDefault = MODEL_DEFAULT,
         prompt_logprobs: int | None | _ModelDefault = MODEL_DEFAULT,
+        safety: Safety | SafetyPolicy | None = None,
     ) -> Completion:
         """Answer the last user message of a conversation (sampling arguments: as :meth:`stream`).
 
@@ -364,10 +394,13 @@ class LLM:
                 applies from the end of the thought channel.
         """
         sampling = self.sampling_params(params, **_sampling_args(locals()))
+        safety = self._safety(safety)
+        messages, redactor = screen_messages(safety, messages) if safety else (messages, None)
         ids, plan = self.plan_chat(messages, tools, tool_choice, parallel_tool_calls, enable_thinking,
                                    max_reasoning_tokens, reasoning_effort, response_format, regex, choice, grammar)
         events = split_chat_events(self._stream_ids(ids, sampling, plan.rules), plan.splitter())
-        return with_parsed(collect(events, len(ids), sampling.logprobs is not None), plan.grammar)
+        done = collect(events, len(ids), sampling.logprobs is not None)
+        return with_parsed(guard_completion(safety, done, redactor) if safety else done, plan.grammar)
 
     def plan_chat(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None,
                   tool_choice: Any = None, parallel_tool_calls: bool = True, enable_thinking: bool = False,
@@ -414,13 +447,17 @@ class LLM:
         logprobs: int | None | _ModelDefault = MODEL_DEFAULT,
         logit_bias: dict[int, float] | _ModelDefault = MODEL_DEFAULT,
         prompt_logprobs: int | None | _ModelDefault = MODEL_DEFAULT,
+        safety: Safety | SafetyPolicy | None = None,
     ) -> Iterator[StreamEvent]:
         """Stream the answer token by token. Each event's ``content``, ``reasoning`` and ``tool_calls`` hold its
         part of the split answer (``text`` is the raw model text). Arguments: as :meth:`chat`."""
         sampling = self.sampling_params(params, **_sampling_args(locals()))
+        safety = self._safety(safety)
+        messages, redactor = screen_messages(safety, messages) if safety else (messages, None)
         ids, plan = self.plan_chat(messages, tools, tool_choice, parallel_tool_calls, enable_thinking,
                                    max_reasoning_tokens, reasoning_effort, response_format, regex, choice, grammar)
-        return split_chat_events(self._stream_ids(ids, sampling, plan.rules), plan.splitter())
+        events = split_chat_events(self._stream_ids(ids, sampling, plan.rules), plan.splitter())
+        return guard_events(events, safety, redactor, chat=True) if safety else events
 
     @torch.inference_mode()
     def logits(self, token_ids: Sequence[int]) -> torch.Tensor:
@@ -462,6 +499,7 @@ def load(
     context_length: int | None = None,
     threads: int | None = None,
     decode_x_bits: int = 16,
+    safety: Safety | SafetyPolicy | str | os.PathLike[str] | None = None,
 ) -> LLM:
     """Load a Gemma model.
 
@@ -481,6 +519,10 @@ def load(
         decode_x_bits: 16 (default) or 8: the bits each group of activations is rounded to in the quantized
             matrices' decode products. 8 is llama.cpp's precision and makes batched decode (a busy server) faster
             on CPUs with AVX-512 VNNI; see :func:`gemmakit.quant.linear.set_decode_x_bits` for its accuracy cost.
+        safety: a safety policy (a :class:`~gemmakit.safety.SafetyPolicy`, a policy file's path, or a built
+            :class:`~gemmakit.safety.Safety`) that generate, stream, chat and chat_stream apply: input guards block
+            (ContentPolicyError) or redact, output guards end the answer with ``finish_reason="content_filter"``.
+            Each call may pass its own ``safety=`` instead.
 
     Raises:
         ModelNotFoundError, NotGGUFError, TruncatedFileError, CorruptFileError, UnsupportedModelError,
@@ -492,6 +534,7 @@ def load(
         torch.set_num_threads(threads)
     if decode_x_bits not in (8, 16):
         raise InvalidParameterError(f"decode_x_bits={decode_x_bits}: 8 or 16")
+    guards = _safety_of(safety)  # a bad policy file fails before the weights load
     if path is not None and Path(path).is_dir():
         if quant not in ("auto", "int8", "int4") or memory_budget is not None:
             raise InvalidParameterError(
@@ -512,7 +555,18 @@ def load(
             raise InvalidParameterError(f"context_length={context_length}: must be in [1, {ctx}] for this model")
         ctx = context_length
     logger.info("loaded %s (%s, %d layers)", file, config.architecture, config.num_hidden_layers)
-    return LLM(model, tokenizer, config, file, ctx, template, SamplingParams(**recommended))
+    llm = LLM(model, tokenizer, config, file, ctx, template, SamplingParams(**recommended))
+    llm.safety = guards
+    return llm
+
+
+def _safety_of(safety: Safety | SafetyPolicy | str | os.PathLike[str] | None) -> Safety | None:
+    if safety is None or isinstance(safety, Safety):
+        return safety
+    policy = safety if isinstance(safety, SafetyPolicy) else SafetyPolicy.from_file(safety)
+    built = Safety(policy)
+    built.warm_up()
+    return built
 
 
 def _load_hf_folder(folder: Path, dtype: str | None, quant: str | None) -> tuple:

@@ -52,11 +52,17 @@ MIN_ENTROPY_BITS = 4.0  # per character; English words and paths sit near 3, ran
 
 @functools.lru_cache(maxsize=1)
 def _presidio_recognizers() -> list:
+    """(recognizer, what a text needs before it is worth running): most text has no '@' and few digits, and the
+    recognizers cost milliseconds each (libphonenumber's matcher runs once per region)."""
     from presidio_analyzer.predefined_recognizers import (CreditCardRecognizer, IbanRecognizer, IpRecognizer,
                                                           PhoneRecognizer, UsSsnRecognizer)
 
-    return [OfflineEmailRecognizer.make(), PhoneRecognizer(), CreditCardRecognizer(), IbanRecognizer(),
-            IpRecognizer(), UsSsnRecognizer()]
+    return [(OfflineEmailRecognizer.make(), lambda text, digits: "@" in text),
+            (PhoneRecognizer(), lambda text, digits: digits >= 5),
+            (CreditCardRecognizer(), lambda text, digits: digits >= 12),
+            (IbanRecognizer(), lambda text, digits: digits >= 8),
+            (IpRecognizer(), lambda text, digits: (digits >= 4 and "." in text) or ":" in text),
+            (UsSsnRecognizer(), lambda text, digits: digits >= 9)]
 
 
 class OfflineEmailRecognizer:
@@ -119,7 +125,10 @@ def find_secrets(text: str) -> list[Span]:
 def find_personal_data(text: str) -> list[Span]:
     """Emails, phones, payment cards, IBANs, IPs and SSNs (presidio's recognizers)."""
     spans = []
-    for recognizer in _presidio_recognizers():
+    digits = sum(c.isdigit() for c in text)
+    for recognizer, worth_running in _presidio_recognizers():
+        if not worth_running(text, digits):
+            continue
         for r in recognizer.analyze(text, recognizer.supported_entities, None):
             kind, least = PRESIDIO_KINDS.get(r.entity_type, (r.entity_type, 0.5))
             if r.score >= least and not (kind == "PHONE" and SSN_SHAPE.fullmatch(text, r.start, r.end)):

@@ -6,7 +6,6 @@ The guards run in worker threads (a check costs milliseconds): the event loop ke
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +13,7 @@ from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
 from ..safety import ContentPolicyError, Decision, Redactor, Role, Safety
+from ..safety.apply import slot_texts, text_slots, with_texts
 from ..safety.pii import StreamRestorer
 from ..safety.stream import OutputGate
 from .audit import audit_answer, audit_decision
@@ -54,35 +54,16 @@ async def screen(state: ServerState, request: Request, texts: list[str], role: R
     return decision
 
 
-def _text_slots(messages: list[dict[str, Any]]) -> list[tuple[int, int | None]]:
-    """Where chat messages hold text: (message, None) for a string content, (message, part) for a text part."""
-    slots: list[tuple[int, int | None]] = []
-    for i, m in enumerate(messages):
-        content = m.get("content")
-        if isinstance(content, str):
-            slots.append((i, None))
-        elif isinstance(content, list):
-            slots += [(i, k) for k, part in enumerate(content) if isinstance(part, dict)
-                      and part.get("type") == "text" and isinstance(part.get("text"), str)]
-    return slots
-
-
 async def screen_messages(state: ServerState, request: Request,
                           messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], Screened]:
     """The chat messages to use (redacted copies where the policy says so) and what the answer needs."""
     safety: Safety = state.safety
     if not safety.screens_input:
         return messages, Screened(Redactor(), safety.checks_output)
-    slots = _text_slots(messages)
-    texts = [messages[i]["content"] if k is None else messages[i]["content"][k]["text"] for i, k in slots]
-    decision = await screen(state, request, texts)
+    slots = text_slots(messages)
+    decision = await screen(state, request, slot_texts(messages, slots))
     if decision.redacted:
-        messages = copy.deepcopy(messages)
-        for (i, k), text in zip(slots, decision.texts):
-            if k is None:
-                messages[i]["content"] = text
-            else:
-                messages[i]["content"][k]["text"] = text
+        messages = with_texts(messages, slots, decision.texts)
     return messages, Screened(decision.redactor, safety.checks_output)
 
 
