@@ -1,6 +1,7 @@
 """What the safety layer costs and how well its built-in guards do.
 
     python benchmarks/safety.py [--model PATH.gguf] [--threads 2] [--rounds 3] [--tokens 128] [--parts quality,speed]
+                                [--window 64]
 
 quality: precision and recall of the built-in guards on the labelled sets below (PII items by kind and exact text;
      the classifier by text: flagged or not, against the label), and the moderation latency of a short text
@@ -9,7 +10,7 @@ speed: two `gemmakit serve` processes of the same model, guards off and guards o
      and output: pii redacted on input and flagged on output, the classifier blocking), measured in turns: each
      round runs 1 and 16 streamed clients (benchmarks/serve_load.py's, --tokens tokens each, greedy) against one,
      then the other. Prints tok/s and TTFT medians and the ratios guards on / guards off. A streamed answer with
-     output guards goes out a checked window (64 characters) at a time, which is most of the added TTFT.
+     output guards goes out a checked window (--window characters) at a time, which is most of the added TTFT.
 """
 
 from __future__ import annotations
@@ -98,7 +99,8 @@ def speed(args: argparse.Namespace) -> None:
     with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
         f.write(POLICY)
     servers = {"off": serve_load.start("gemmakit", args),
-               "on": serve_load.start("gemmakit", args, extra=["--safety", f.name])}
+               "on": serve_load.start("gemmakit", args, extra=["--safety", f.name, "--safety-window",
+                                                               str(args.window)])}
     rows: dict[tuple[str, int], list[dict]] = {}
     try:
         for _, url in servers.values():
@@ -132,6 +134,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--parts", default="quality,speed")
+    ap.add_argument("--window", type=int, default=64, help="the guarded server's --safety-window (characters)")
     args = ap.parse_args()
     if args.model is None:
         from gemmakit import default_model_path
