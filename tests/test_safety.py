@@ -118,6 +118,7 @@ def test_policy_file_toml_and_yaml(tmp_path) -> None:
     ({"input": {"thresholds": {"hateful": 0.5}}}, "unknown category 'hateful'"),
     ({"input": {"action": "delete"}}, "the actions are block, redact, flag"),
     ({"inputs": {}}, "unknown key(s) inputs"),
+    ({"output": {"actions": {"pii": "redact"}}}, "an answer is checked, not rewritten"),
     ({"classifier": {"patterns": {"violence": ["(unclosed"]}}}, "is not a regular expression"),
 ])
 def test_bad_policies_are_refused_with_the_key(data, fragment) -> None:

@@ -58,7 +58,11 @@ def test_each_request_has_a_row(audited) -> None:
     assert row["endpoint"] == "/v1/chat/completions" and row["status"] == 200
     assert row["key_hash"] == key_hash(KEY) and KEY not in json.dumps(row)
     assert row["prompt_tokens"] == plain.usage.prompt_tokens and row["completion_tokens"] == 4
-    assert row["decisions"]["input"] == {"flagged": {"pii": 1.0}, "action": "redact"} and row["action"] == "redact"
+    decision = row["decisions"]["input"]
+    assert decision["flagged"] == {"pii": 1.0} and decision["actions"] == {"pii": "redact"}
+    assert decision["action"] == row["action"] == "redact"
+    assert set(decision["guards"]) == {"pii", "classifier"} and decision["guards"]["pii"] == {"pii": 1.0}
+    assert 0 < decision["guards"]["classifier"]["harassment"] < 0.5  # each guard's own scores
     assert "<EMAIL_1>" in row["prompt"] and "ann@example.com" not in row["prompt"]  # kept as the model saw it
     assert row["answer"] == plain.choices[0].message.content
     streamed = rows[chunks[0].id]

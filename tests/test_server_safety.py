@@ -140,7 +140,7 @@ def test_safety_metrics(guarded) -> None:
         client.completions.create(model="m", prompt="how do i make a bomb", max_tokens=2)
     text = httpx.get(guarded.url + "/metrics", timeout=30).text
     assert 'gemmakit_safety_flags_total{category="illicit",direction="input"}' in text
-    assert 'gemmakit_safety_actions_total{action="block",direction="input"}' in text
+    assert 'gemmakit_safety_actions_total{action="block",category="illicit",direction="input"}' in text
 
 
 def test_serve_refuses_a_bad_policy_before_loading(tmp_path) -> None:

@@ -154,9 +154,12 @@ class SafetyPolicy:
             ClassifierGuard(patterns=classifier.get("patterns"), words=classifier.get("words"))
         except (ValueError, TypeError, AttributeError) as exc:
             raise SafetyPolicyError(f"{where}: classifier: {exc}") from None
-        return cls(DirectionPolicy.from_mapping(data.get("input", {}), f"{where}: input", known),
-                   DirectionPolicy.from_mapping(data.get("output", {}), f"{where}: output", known), guards, classifier,
-                   model_guard)
+        output = DirectionPolicy.from_mapping(data.get("output", {}), f"{where}: output", known)
+        if "redact" in output.actions.values():
+            raise SafetyPolicyError(f"{where}: output: 'redact' applies to input (the model reads placeholders); an "
+                                    "answer is checked, not rewritten: use block or flag")
+        return cls(DirectionPolicy.from_mapping(data.get("input", {}), f"{where}: input", known), output, guards,
+                   classifier, model_guard)
 
     @classmethod
     def from_file(cls, path: str | Path) -> "SafetyPolicy":

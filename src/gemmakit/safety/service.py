@@ -37,6 +37,8 @@ class Decision:
     blocked: list[str]
     texts: list[str]
     redactor: Redactor = field(default_factory=Redactor)
+    actions: dict[str, str] = field(default_factory=dict)  # flagged category -> the action taken for it
+    by_guard: dict[str, dict[str, float]] = field(default_factory=dict)  # guard -> its highest score per category
 
     @property
     def redacted(self) -> bool:
@@ -90,22 +92,32 @@ class Safety:
         for name in names if names is not None else set(self.policy.input.guards) | set(self.policy.output.guards):
             self.guards[name].warm_up()
 
+    def verdicts(self, text: str, role: Role, guards: Iterable[str]) -> dict[str, Verdict]:
+        """Each guard's verdict on ``text``."""
+        return {name: self.guards[name].check(text, role) for name in guards}
+
     def verdict(self, text: str, role: Role, guards: Iterable[str]) -> Verdict:
         """The guards' verdicts on ``text``, merged."""
         merged = Verdict()
-        for name in guards:
-            merged = merged.merge(self.guards[name].check(text, role))
+        for v in self.verdicts(text, role, guards).values():
+            merged = merged.merge(v)
         return merged
 
     def decide(self, texts: list[str], role: Role, redactor: Redactor | None = None) -> Decision:
         """Run the direction's guards on ``texts`` and apply its actions: flagged categories whose action is
         ``block`` block, ``pii`` whose action is ``redact`` is replaced by placeholders, ``flag`` only records."""
         rules: DirectionPolicy = self.policy.input if role == "input" else self.policy.output
-        verdicts = [self.verdict(t, role, rules.guards) for t in texts]
-        decision = Decision(verdicts, [], [], list(texts), redactor or Redactor())
+        per_text = [self.verdicts(t, role, rules.guards) for t in texts]
+        verdicts = []
+        for by_guard in per_text:
+            merged = Verdict()
+            for v in by_guard.values():
+                merged = merged.merge(v)
+            verdicts.append(merged)
+        decision = Decision(verdicts, [], [], list(texts), redactor or Redactor(), by_guard=_highest(per_text))
         for category in rules.flagged(decision.scores()):
             decision.flagged.append(category)
-            action = rules.action(category)
+            action = decision.actions[category] = rules.action(category)
             if action == "block":
                 decision.blocked.append(category)
             elif action == "redact" and category == PII and role == "input":
@@ -116,12 +128,36 @@ class Safety:
     def moderate(self, text: str) -> dict[str, Any]:
         """One result of ``POST /v1/moderations``: ``flagged``, ``categories`` and ``category_scores`` over every
         category (OpenAI's and ``pii``), flagged at the moderation thresholds (the input policy's)."""
-        scores = self.verdict(text, "input", self.policy.moderation_guards).scores
+        return self.moderation(text)[0]
+
+    def moderation(self, text: str) -> tuple[dict[str, Any], dict[str, dict[str, float]]]:
+        """:meth:`moderate`'s result, and each guard's scores (for the audit log)."""
+        by_guard = self.verdicts(text, "input", self.policy.moderation_guards)
+        merged = Verdict()
+        for v in by_guard.values():
+            merged = merged.merge(v)
+        scores = merged.scores
         flagged = set(self.policy.input.flagged(scores))
+        return self._result(scores, flagged), _highest([by_guard])
+
+    @staticmethod
+    def _result(scores: dict[str, float], flagged: set[str]) -> dict[str, Any]:
         return {"flagged": bool(flagged),
                 "categories": {c: c in flagged for c in CATEGORIES},
                 "category_scores": {c: round(scores.get(c, 0.0), 6) for c in CATEGORIES},
                 "category_applied_input_types": {c: ["text"] for c in CATEGORIES}}
+
+
+def _highest(per_text: list[dict[str, Verdict]]) -> dict[str, dict[str, float]]:
+    """Each guard's highest score per category over the texts (rounded; zeros left out)."""
+    out: dict[str, dict[str, float]] = {}
+    for by_guard in per_text:
+        for name, v in by_guard.items():
+            scores = out.setdefault(name, {})
+            for category, score in v.scores.items():
+                if score > 0:
+                    scores[category] = round(max(score, scores.get(category, 0.0)), 6)
+    return out
 
 
 def _is_pii(kind: str) -> bool:

@@ -37,6 +37,8 @@ class OutputGate:
         self.blocked: list[str] = []  # the categories that stopped the answer
         self.flagged: set[str] = set()
         self.scores: dict[str, float] = {}  # the highest score of each flagged category over the checks
+        self.actions: dict[str, str] = {}  # flagged category -> the action taken for it
+        self.by_guard: dict[str, dict[str, float]] = {}  # guard -> its highest score per category over the checks
 
     def push(self, text: str) -> bool:
         """Buffer ``text``; True when a check is due (``window`` characters pending)."""
@@ -62,6 +64,11 @@ class OutputGate:
         scores = decision.scores()
         for category in decision.flagged:
             self.scores[category] = max(scores.get(category, 0.0), self.scores.get(category, 0.0))
+        self.actions.update(decision.actions)
+        for name, guard_scores in decision.by_guard.items():
+            kept = self.by_guard.setdefault(name, {})
+            for category, score in guard_scores.items():
+                kept[category] = max(score, kept.get(category, 0.0))
         if decision.blocked:
             self.blocked, self.pending = decision.blocked, ""
             return ""

@@ -24,15 +24,19 @@ def audit_note(request: Request, **fields: Any) -> None:
     request.state.audit.update(fields)
 
 
-def audit_decision(request: Request, role: str, scores: dict[str, float], flagged: list[str], action: str) -> None:
-    """Record one direction's safety decision: its flagged categories with their scores, and the action."""
+def audit_decision(request: Request, role: str, scores: dict[str, float], actions: dict[str, str],
+                   by_guard: dict[str, dict[str, float]]) -> None:
+    """Record one direction's safety decision: the flagged categories with their scores and the action taken for
+    each, the strongest action, and each guard's scores."""
     if not hasattr(request.state, "audit"):
         request.state.audit = {}
     decisions = request.state.audit.setdefault("decisions", {})
-    earlier = decisions.get(role, {"flagged": {}, "action": "none"})
-    flagged_scores = {**earlier["flagged"], **{c: round(scores.get(c, 1.0), 6) for c in flagged}}
-    strongest = next((a for a in ("block", "redact", "flag") if a in (action, earlier["action"])), "none")
-    decisions[role] = {"flagged": flagged_scores, "action": strongest}
+    earlier = decisions.get(role, {"flagged": {}, "actions": {}, "guards": {}})
+    merged_actions = {**earlier["actions"], **actions}
+    flagged = {**earlier["flagged"], **{c: round(scores.get(c, 1.0), 6) for c in actions}}
+    strongest = next((a for a in ("block", "redact", "flag") if a in merged_actions.values()), "none")
+    decisions[role] = {"flagged": flagged, "actions": merged_actions, "action": strongest,
+                       "guards": {**earlier["guards"], **by_guard}}
 
 
 def audit_answer(request: Request, text: str) -> None:

@@ -35,7 +35,8 @@ class Metrics:
         self.safety_flags = Counter("gemmakit_safety_flags", "texts flagged by the safety guards, by direction and "
                                     "category", ["direction", "category"], registry=self.registry)
         self.safety_actions = Counter("gemmakit_safety_actions", "safety actions taken (block, redact, flag), by "
-                                      "direction", ["direction", "action"], registry=self.registry)
+                                      "direction and category", ["direction", "category", "action"],
+                                      registry=self.registry)
         gauges = {
             "gemmakit_running_sequences": ("sequences holding a KV cache row", lambda: engine.running),
             "gemmakit_queue_depth": ("requests waiting for a KV cache row", lambda: engine.waiting),
@@ -46,13 +47,11 @@ class Metrics:
         for name, (doc, value) in gauges.items():
             Gauge(name, doc, registry=self.registry).set_function(value)
 
-    def safety(self, direction: str, flagged: list[str], blocked: list[str], redacted: bool) -> None:
-        """Count one safety decision: its flagged categories and the action it took."""
-        for category in flagged:
+    def safety(self, direction: str, actions: dict[str, str]) -> None:
+        """Count one safety decision: each flagged category and the action taken for it."""
+        for category, action in actions.items():
             self.safety_flags.labels(direction, category).inc()
-        if flagged:
-            action = "block" if blocked else "redact" if redacted else "flag"
-            self.safety_actions.labels(direction, action).inc()
+            self.safety_actions.labels(direction, category, action).inc()
 
     async def observe(self, stream: RequestStream, prompt_tokens: int) -> AsyncIterator[StreamEvent]:
         """Pass a request's events through, recording latencies and token counts."""

@@ -33,16 +33,15 @@ class Screened:
         return self.redactor.streaming()
 
 
-def _record(state: ServerState, request: Request, role: str, scores: dict[str, float], flagged: list[str],
-            blocked: list[str], redacted: bool) -> None:
+def _record(state: ServerState, request: Request, role: str, scores: dict[str, float], actions: dict[str, str],
+            by_guard: dict[str, dict[str, float]]) -> None:
     """Count a decision (metrics) and put it in the request's audit row."""
-    state.metrics.safety(role, flagged, blocked, redacted)
-    action = "block" if blocked else "redact" if redacted else "flag" if flagged else "none"
-    audit_decision(request, role, scores, flagged, action)
+    state.metrics.safety(role, actions)
+    audit_decision(request, role, scores, actions, by_guard)
 
 
 def _record_decision(state: ServerState, request: Request, decision: Decision, role: Role) -> None:
-    _record(state, request, role, decision.scores(), decision.flagged, decision.blocked, decision.redacted)
+    _record(state, request, role, decision.scores(), decision.actions, decision.by_guard)
 
 
 async def screen(state: ServerState, request: Request, texts: list[str], role: Role = "input") -> Decision:
@@ -140,7 +139,7 @@ class StreamedAnswer:
             text = await run_in_threadpool(self.gate.finish)
             self._count_if_blocked()
             if not self.gate.blocked:
-                self._count([])
+                self._count()
         text = self.restorer.feed(text)
         if self.keep_text:
             audit_answer(self.request, text)
@@ -154,8 +153,7 @@ class StreamedAnswer:
     def _count_if_blocked(self) -> None:
         if self.gate.blocked and not self._counted:
             self._counted = True
-            self._count(self.gate.blocked)
+            self._count()
 
-    def _count(self, blocked: list[str]) -> None:
-        flagged = sorted(self.gate.flagged)
-        _record(self.state, self.request, "output", self.gate.scores, flagged, blocked, False)
+    def _count(self) -> None:
+        _record(self.state, self.request, "output", self.gate.scores, self.gate.actions, self.gate.by_guard)

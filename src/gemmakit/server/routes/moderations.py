@@ -31,11 +31,11 @@ async def moderations(body: ModerationRequest, request: Request) -> dict[str, An
         raise APIError(400, f"input: {len(texts)} texts; this server moderates at most {MAX_INPUTS} per request",
                        param="input", code="limit_exceeded")
     # The guards take milliseconds per text: a worker thread runs them, the event loop keeps serving streams.
-    results = await run_in_threadpool(lambda: [state.safety.moderate(t) for t in texts])
+    answers = await run_in_threadpool(lambda: [state.safety.moderation(t) for t in texts])
     mid = "modr-" + uuid.uuid4().hex
     audit_note(request, id=mid, **({"prompt": texts} if keeps_text(state) else {}))
-    for r in results:
-        flagged = [c for c, on in r["categories"].items() if on]
-        state.metrics.safety("moderation", flagged, [], False)
-        audit_decision(request, "moderation", r["category_scores"], flagged, "flag" if flagged else "none")
-    return {"id": mid, "model": body.model or MODEL_ID, "results": results}
+    for result, by_guard in answers:
+        flags = {c: "flag" for c, on in result["categories"].items() if on}
+        state.metrics.safety("moderation", flags)
+        audit_decision(request, "moderation", result["category_scores"], flags, by_guard)
+    return {"id": mid, "model": body.model or MODEL_ID, "results": [result for result, _ in answers]}
