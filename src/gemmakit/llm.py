@@ -535,17 +535,7 @@ def load(
     if decode_x_bits not in (8, 16):
         raise InvalidParameterError(f"decode_x_bits={decode_x_bits}: 8 or 16")
     guards = _safety_of(safety)  # a bad policy file fails before the weights load
-    if path is not None and Path(path).is_dir():
-        if quant not in ("auto", "int8", "int4") or memory_budget is not None:
-            raise InvalidParameterError(
-                f"{path}: memory_budget= and quant={quant!r} apply to GGUF files; for a Hugging Face folder choose "
-                "dtype=, or quant='int8' / 'int4'")
-        loaded = _load_hf_folder(Path(path), dtype, None if quant == "auto" else quant)
-    else:
-        if dtype is not None:
-            raise InvalidParameterError(f"dtype={dtype!r}: for GGUF files choose the precision with quant=")
-        loaded = _load_gguf(GGUFFile(path) if path is not None else open_bundled_model(), quant, memory_budget)
-    model, config, tokenizer, file, template, recommended = loaded
+    model, config, tokenizer, file, template, recommended = _load_weights(path, dtype, quant, memory_budget)
     set_decode_x_bits(model, decode_x_bits)
     if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
         raise InvalidParameterError(f"{file}: tokenizer has {tokenizer.vocab_size} pieces, model {config.vocab_size}")
@@ -558,6 +548,20 @@ def load(
     llm = LLM(model, tokenizer, config, file, ctx, template, SamplingParams(**recommended))
     llm.safety = guards
     return llm
+
+
+def _load_weights(path: str | os.PathLike[str] | None, dtype: str | None, quant: str,
+                  memory_budget: int | None) -> tuple:
+    """(model, config, tokenizer, path, chat template, recommended sampling) of a HF folder or a GGUF file."""
+    if path is not None and Path(path).is_dir():
+        if quant not in ("auto", "int8", "int4") or memory_budget is not None:
+            raise InvalidParameterError(
+                f"{path}: memory_budget= and quant={quant!r} apply to GGUF files; for a Hugging Face folder choose "
+                "dtype=, or quant='int8' / 'int4'")
+        return _load_hf_folder(Path(path), dtype, None if quant == "auto" else quant)
+    if dtype is not None:
+        raise InvalidParameterError(f"dtype={dtype!r}: for GGUF files choose the precision with quant=")
+    return _load_gguf(GGUFFile(path) if path is not None else open_bundled_model(), quant, memory_budget)
 
 
 def _safety_of(safety: Safety | SafetyPolicy | str | os.PathLike[str] | None) -> Safety | None:

@@ -51,6 +51,18 @@ def cache_rows(llm, ctx: int, max_batch: int, kv_cache_bytes: int) -> int:
     return rows
 
 
+def _add_middleware(app: FastAPI, state: ServerState, public_docs_and_metrics: bool) -> None:
+    """Outermost first: the request log (sees every answer), the key check (401 from the headers: a client without
+    a key learns nothing, limits included), the size gate (413/431 before a byte of body is read), the audit trail
+    (a request's row is committed before its response ends), the catch-all (a bug is a 500 that keeps the
+    connection). The last added is the outermost."""
+    app.add_middleware(CatchAll)
+    app.add_middleware(AuditTrail, log=state.audit, model_id=state.model_id)
+    app.add_middleware(SizeGate, limits=state.limits)
+    app.add_middleware(AuthGate, keys=state.keys, public_docs_and_metrics=public_docs_and_metrics)
+    app.add_middleware(RequestLog, metrics=state.metrics)
+
+
 def create_app(llm, model_name: str | None = None, api_keys: list[str] | None = None, max_waiting: int = 64,
                max_batch: int = 8, context_length: int | None = None,
                kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES, log_prompts: bool = False,
@@ -107,15 +119,7 @@ def create_app(llm, model_name: str | None = None, api_keys: list[str] | None = 
     app.state.engine = engine
     app.state.model_id = app.state.gemmakit.model_id
     install_error_handlers(app)
-    # Outermost first: the request log (sees every answer), the key check (401 from the headers: a client without a
-    # key learns nothing, limits included), the size gate (413/431 before a byte of body is read), the catch-all
-    # (a bug is a 500 that keeps the connection), the audit trail (a request's row is committed before its response
-    # ends). The last added is the outermost.
-    app.add_middleware(CatchAll)
-    app.add_middleware(AuditTrail, log=audit, model_id=app.state.gemmakit.model_id)
-    app.add_middleware(SizeGate, limits=app.state.gemmakit.limits)
-    app.add_middleware(AuthGate, keys=app.state.gemmakit.keys, public_docs_and_metrics=public_docs_and_metrics)
-    app.add_middleware(RequestLog, metrics=metrics)
+    _add_middleware(app, app.state.gemmakit, public_docs_and_metrics)
     for router in ROUTERS:
         app.include_router(router)
     add_chat_page(app)

@@ -114,6 +114,8 @@ class StreamedAnswer:
             if screened.check_output else None
         self.restorer = screened.restorer()
         self.keep_text = keeps_text(state)
+        # Without output guards, redaction or audited text (the default), each token's text goes out as it is.
+        self.passthrough = self.gate is None and not screened.redactor.originals and not self.keep_text
         self._counted = False
 
     @property
@@ -147,6 +149,8 @@ class StreamedAnswer:
 
     async def release(self, text: str, last: bool) -> str:
         """:meth:`feed`, then :meth:`finish` when this is the answer's last piece."""
+        if self.passthrough:
+            return text
         out = await self.feed(text)
         return out + await self.finish() if last else out
 
