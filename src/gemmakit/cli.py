@@ -589,6 +589,35 @@ def _add_serve_parser(sub, parent: argparse.ArgumentParser) -> None:
     serve.set_defaults(func=cmd_serve)
 
 
+def cmd_batch(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .batch import read_input, run_batch
+
+    source, output = Path(args.input), Path(args.output)
+    errors = Path(args.errors) if args.errors else output.with_name(output.stem + ".errors.jsonl")
+    read_input(source)  # a missing file or repeated custom_ids fail before the model loads
+    summary = run_batch(_load(args), source, output, errors, max_batch=args.max_batch,
+                        context_length=args.context_length, kv_cache_bytes=args.kv_cache_mib * 2**20,
+                        show_progress=not args.quiet)
+    print(f"{summary.total} requests: {summary.skipped} done before, {summary.succeeded} answered now, "
+          f"{summary.failed} failed (see {errors})", file=sys.stderr)
+    return 0
+
+
+def _add_batch_parser(sub, parent: argparse.ArgumentParser) -> None:
+    batch = sub.add_parser("batch", parents=[parent], help="answer an OpenAI batch file (JSONL); rerun to resume")
+    batch.add_argument("input", help="JSONL lines {custom_id, method, url, body} (url: /v1/chat/completions or "
+                                     "/v1/completions)")
+    batch.add_argument("--output", "-o", required=True, help="results, appended as each request finishes")
+    batch.add_argument("--errors", help="failed requests and bad lines (default: OUTPUT's name + .errors.jsonl)")
+    _add_model_args(batch, context_default="8192, or the model's maximum if smaller")
+    batch.add_argument("--max-batch", type=int, default=16, help="sequences generating at once (default 16)")
+    batch.add_argument("--kv-cache-mib", type=int, default=1024, help="KV cache memory (default 1024 MiB)")
+    batch.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    batch.set_defaults(func=cmd_batch)
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -650,6 +679,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_serve_parser(sub, parent)
     _add_audit_parser(sub, parent)
+    _add_batch_parser(sub, parent)
 
     bench = sub.add_parser("bench", parents=[parent], help="measure load time, memory, prefill and decode speed")
     _add_model_args(bench)

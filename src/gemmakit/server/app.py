@@ -68,7 +68,8 @@ def create_app(llm, model_name: str | None = None, api_keys: list[str] | None = 
                kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES, log_prompts: bool = False,
                strict_model_name: bool = False, public_docs_and_metrics: bool = False,
                limits: ServerLimits | None = None, safety: Safety | SafetyPolicy | None = None,
-               safety_window: int = DEFAULT_WINDOW, audit: AuditLog | None = None) -> FastAPI:
+               safety_window: int = DEFAULT_WINDOW, audit: AuditLog | None = None,
+               prebuild_grammar_vocab: bool = True) -> FastAPI:
     """The FastAPI application serving ``llm`` under the model id ``model_name`` (default: the file's stem).
 
     Args:
@@ -89,6 +90,8 @@ def create_app(llm, model_name: str | None = None, api_keys: list[str] | None = 
             :mod:`gemmakit.safety.stream`).
         audit: the audit log: a row per generation and moderation request, written before the response ends, and
             the reports of ``POST /v1/feedback`` (without it, feedback answers 501).
+        prebuild_grammar_vocab: build the grammar library's view of the vocabulary now (~5 s for 262k pieces)
+            rather than in the first request with a response_format or tools (a batch job without them skips it).
     """
     if safety_window < 1:
         raise InvalidParameterError(f"safety_window is at least 1 character, not {safety_window}")
@@ -98,9 +101,8 @@ def create_app(llm, model_name: str | None = None, api_keys: list[str] | None = 
     rows = cache_rows(llm, ctx, max_batch, kv_cache_bytes)
     engine = Engine(llm.model, llm.tokenizer, llm.stop_token_ids, ctx, max_batch=rows, max_waiting=max_waiting)
     metrics = Metrics(engine)
-    # The vocabulary as the grammar library sees it, built now (~5 s for 262k pieces, once per model) rather than
-    # during the first request with a response_format or tools.
-    ll_tokenizer(llm.tokenizer)
+    if prebuild_grammar_vocab:
+        ll_tokenizer(llm.tokenizer)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
