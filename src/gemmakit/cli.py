@@ -495,7 +495,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                      kv_cache_bytes=args.kv_cache_mib * 2**20, log_prompts=args.log_prompts,
                      strict_model_name=args.strict_model_name,
                      public_docs_and_metrics=args.public_docs_and_metrics, limits=_limits(args),
-                     safety=policy, audit=audit,
+                     safety=policy, audit=audit, data_dir=args.data_dir,
                      safety_window=args.safety_window)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"Serving {app.state.model_id} at http://{host}:{args.port}/v1 (chat page: http://{host}:{args.port}/)",
@@ -519,6 +519,7 @@ LIMIT_HELP = {
     "max_n": "choices (n) of one request",
     "max_logit_bias": "logit_bias entries of one request",
     "max_tools": "tools of one request",
+    "max_file_bytes": "bytes of one upload to /v1/files (batch input); more is a 413",
 }
 
 
@@ -585,6 +586,9 @@ def _add_serve_parser(sub, parent: argparse.ArgumentParser) -> None:
                        help="also keep prompt and answer text in the audit log (default: ids, counts, decisions)")
     serve.add_argument("--audit-retention-days", type=float, metavar="DAYS",
                        help="delete audit rows older than this (default: keep them)")
+    serve.add_argument("--data-dir", metavar="DIR",
+                       help="keep uploaded files and batch jobs here (SQLite + files): enables /v1/files and "
+                            "/v1/batches; a restarted server resumes its batches")
     _add_limit_args(serve)
     serve.set_defaults(func=cmd_serve)
 

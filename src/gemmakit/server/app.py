@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import logging
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
 
+from ..batch.store import BatchStore
+from ..batch.worker import BatchWorker
 from ..engine import Engine
 from ..engine.engine import PREFILL_CHUNK
 from ..errors import InvalidParameterError
@@ -69,7 +72,7 @@ def create_app(llm, model_name: str | None = None, api_keys: list[str] | None = 
                strict_model_name: bool = False, public_docs_and_metrics: bool = False,
                limits: ServerLimits | None = None, safety: Safety | SafetyPolicy | None = None,
                safety_window: int = DEFAULT_WINDOW, audit: AuditLog | None = None,
-               prebuild_grammar_vocab: bool = True) -> FastAPI:
+               prebuild_grammar_vocab: bool = True, data_dir: str | Path | None = None) -> FastAPI:
     """The FastAPI application serving ``llm`` under the model id ``model_name`` (default: the file's stem).
 
     Args:
@@ -92,6 +95,8 @@ def create_app(llm, model_name: str | None = None, api_keys: list[str] | None = 
             the reports of ``POST /v1/feedback`` (without it, feedback answers 501).
         prebuild_grammar_vocab: build the grammar library's view of the vocabulary now (~5 s for 262k pieces)
             rather than in the first request with a response_format or tools (a batch job without them skips it).
+        data_dir: where ``/v1/files`` and ``/v1/batches`` keep files and jobs (SQLite); batches run at low priority
+            in this server's engine and resume after a restart. Without it those routes answer 501.
     """
     if safety_window < 1:
         raise InvalidParameterError(f"safety_window is at least 1 character, not {safety_window}")
@@ -104,12 +109,20 @@ def create_app(llm, model_name: str | None = None, api_keys: list[str] | None = 
     if prebuild_grammar_vocab:
         ll_tokenizer(llm.tokenizer)
 
+    store = BatchStore(data_dir) if data_dir is not None else None
+
     @asynccontextmanager
-    async def lifespan(_: FastAPI):
+    async def lifespan(app: FastAPI):
+        worker = app.state.gemmakit.batch_worker
+        if worker is not None:
+            worker.start()
         yield
+        if worker is not None:
+            await worker.stop()
         engine.shutdown()
-        if audit is not None:
-            audit.close()
+        for closing in (audit, store):
+            if closing is not None:
+                closing.close()
 
     app = FastAPI(title="gemmakit", description="OpenAI-compatible API for Gemma models", version="0.1.0",
                   lifespan=lifespan)
@@ -117,7 +130,10 @@ def create_app(llm, model_name: str | None = None, api_keys: list[str] | None = 
                                      context_length=ctx, keys=[k.encode() for k in (api_keys or []) if k],
                                      log_prompts=log_prompts, strict_model_name=strict_model_name,
                                      limits=limits or ServerLimits(), max_piece_bytes=max_piece_bytes(llm.tokenizer),
-                                     safety=safety, safety_window=safety_window, audit=audit)
+                                     safety=safety, safety_window=safety_window, audit=audit, batches=store)
+    if store is not None:
+        keys = app.state.gemmakit.keys
+        app.state.gemmakit.batch_worker = BatchWorker(app, store, engine, keys[0] if keys else None)
     app.state.engine = engine
     app.state.model_id = app.state.gemmakit.model_id
     install_error_handlers(app)

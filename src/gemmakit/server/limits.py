@@ -41,6 +41,8 @@ class ServerLimits:
         max_n: choices (``n``) of one request.
         max_logit_bias: ``logit_bias`` entries (OpenAI allows 300).
         max_tools: tool declarations (OpenAI allows 128).
+        max_file_bytes: an upload to ``/v1/files`` (default 200 MiB, OpenAI's batch file limit); it takes the
+            place of ``max_body_bytes`` there.
     """
 
     max_body_bytes: int = 8 << 20
@@ -51,6 +53,7 @@ class ServerLimits:
     max_n: int = 16
     max_logit_bias: int = 300
     max_tools: int = 128
+    max_file_bytes: int = 200 << 20
 
     def check_request(self, body) -> None:
         """The counts of a parsed chat or completion request (APIError 400 naming the field past its limit)."""
@@ -99,7 +102,7 @@ class SizeGate:
             await _answer(send, 431, _error_body(f"request headers of {header_bytes} bytes; at most "
                                                  f"{self.limits.max_header_bytes}", "headers_too_large"))
             return
-        limit = self.limits.max_body_bytes
+        limit = self.limits.max_file_bytes if scope["path"] == "/v1/files" else self.limits.max_body_bytes
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             await _answer(send, 413, _error_body(str(BodyTooLarge(int(declared), limit)), "request_too_large"))

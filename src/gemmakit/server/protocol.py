@@ -237,3 +237,12 @@ class FeedbackRequest(TextOnly):
     rating: Literal[1, -1]
     category: str | None = Field(default=None, max_length=64)
     comment: str | None = Field(default=None, max_length=4096)
+
+
+class BatchCreateRequest(TextOnly):
+    """``POST /v1/batches``."""
+
+    input_file_id: str = Field(min_length=1, max_length=128)
+    endpoint: str
+    completion_window: str = "24h"
+    metadata: dict[str, str] | None = Field(default=None, max_length=16)

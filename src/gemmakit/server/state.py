@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from ..engine import Engine, EngineBusyError, RequestStream, RequestTimeoutError
 from ..errors import ContextLengthError
 from ..generate import Completion, CompletionBuilder
+from ..batch.store import BatchStore
 from ..safety import Safety
 from ..safety.audit import AuditLog
 from ..safety.stream import DEFAULT_WINDOW
@@ -39,6 +40,8 @@ class ServerState:
     limits: ServerLimits
     safety: Safety = field(default_factory=Safety)  # the policy's guards (by default: /v1/moderations only)
     audit: AuditLog | None = None  # the audit log (rows per request, user reports), when the server keeps one
+    batches: BatchStore | None = None  # files and batch jobs (--data-dir); None: the batch API answers 501
+    batch_worker: Any = None  # gemmakit.batch.worker.BatchWorker, running while the server does
     safety_window: int = DEFAULT_WINDOW  # characters of a streamed answer checked at a time (output guards)
     max_piece_bytes: int = 1  # see max_piece_bytes()
     draining: bool = False  # shutting down: no new generations (lifecycle.GracefulServer)
