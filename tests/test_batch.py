@@ -131,3 +131,48 @@ def test_killed_at_random_points_every_request_is_answered_once(llm, tmp_path) -
 
 def _lines_raw(path: Path) -> list[bytes]:
     return path.read_bytes().splitlines() if path.exists() else []
+
+
+def _engine_request(engine, llm, prompt: list[int], tokens: int, priority: int):
+    """Submit straight to an engine (``priority`` 1: batch work)."""
+    return engine.submit(prompt, llm.sampling_params(max_tokens=tokens, temperature=0, ignore_eos=True),
+                         priority=priority)
+
+
+def test_prompt_turns_and_admission_put_interactive_requests_first(llm) -> None:
+    from gemmakit.engine import Engine
+    from gemmakit.engine.engine import _Request
+
+    engine = Engine(llm.model, llm.tokenizer, llm.stop_token_ids, 256, max_batch=3)
+    engine.shutdown()  # the step loop stops: the scheduling methods are driven by hand below
+
+    def request(n: int, priority: int) -> _Request:
+        return _Request(list(range(2, 2 + n)), None, None, priority=priority)
+
+    batch_a, batch_b, interactive = request(300, 1), request(300, 1), request(5, 0)
+    engine._waiting.extend([batch_a, batch_b, interactive])
+    engine._rows = [None, None]
+    engine._admit()
+    assert engine._rows == [interactive, batch_a] and list(engine._waiting) == [batch_b]
+    assert engine._prompt_turns() == [interactive]  # batch prompts wait while it reads its own
+    interactive.prefilled = 5
+    assert engine._prompt_turns() == [batch_a]
+
+
+def test_interactive_requests_are_admitted_before_waiting_batch_work(llm) -> None:
+    from gemmakit.engine import Engine
+
+    engine = Engine(llm.model, llm.tokenizer, llm.stop_token_ids, 256, max_batch=1)
+    try:
+        first = _engine_request(engine, llm, llm.tokenizer.encode("Once", add_bos=True), 24, priority=0)
+        batch = _engine_request(engine, llm, llm.tokenizer.encode("Batch", add_bos=True), 2, priority=1)
+        interactive = _engine_request(engine, llm, llm.tokenizer.encode("Now", add_bos=True), 2, priority=0)
+        list(first)
+        events = iter(interactive)  # one iterator: dropping a stream's iterator cancels its request
+        next(events)
+        # The one row went to the interactive request although the batch request queued before it (in arrival
+        # order the batch request would be running or done by now).
+        assert batch._request.row is None and batch._request.prefilled == 0
+        assert len(list(events)) == 1 and len(list(batch)) == 2
+    finally:
+        engine.shutdown()

@@ -132,7 +132,8 @@ class BatchWorker:
             result: tuple = (None, {"code": "invalid_url", "message": f"{request.custom_id}: url {request.url} is "
                                     f"not this batch's endpoint {batch['endpoint']}"})
         else:
-            r = await client.post(request.url, json=request.body, timeout=None)
+            # "flex": the engine admits interactive requests first and lets them read their prompts alone.
+            r = await client.post(request.url, json={**request.body, "service_tier": "flex"}, timeout=None)
             body = r.json()
             request_id = body.get("id") if r.status_code == 200 else None
             result = ({"status_code": r.status_code, "request_id": request_id, "body": body}, None)

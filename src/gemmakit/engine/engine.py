@@ -36,6 +36,7 @@ from ..structured import MaskBatch, OutputRules
 logger = logging.getLogger(__name__)
 
 PREFILL_CHUNK = 128  # prompt tokens one sequence reads per step (and the spare slots of its sliding-window rings)
+LOW_PRIORITY_SHARE = 8  # low-priority (batch) prompts read at most prefill_budget / this many tokens a step
 MAX_BATCH = 64  # most cache rows
 
 
@@ -66,6 +67,7 @@ class _Request:
     done: bool = False
     timeout: float | None = None
     scorer: PromptScorer | None = None  # prompt logprobs, when asked; handed over with the first event
+    priority: int = 0  # 0: interactive; higher values wait (admission, prompt reading) while lower ones need the turn
 
     @property
     def position(self) -> int:
@@ -177,10 +179,12 @@ class Engine:
         return self.max_batch * self.context_length
 
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams, timeout: float | None = None,
-               loop: asyncio.AbstractEventLoop | None = None, rules: OutputRules | None = None) -> RequestStream:
+               loop: asyncio.AbstractEventLoop | None = None, rules: OutputRules | None = None,
+               priority: int = 0) -> RequestStream:
         """Queue a request (its prompt must fit the context: the caller checks) and return its event stream.
         Pass the running event loop as ``loop`` to read the stream with ``async for``, and ``rules`` to hold the
-        output to a grammar (see :mod:`gemmakit.structured`).
+        output to a grammar (see :mod:`gemmakit.structured`). ``priority`` above 0 (batch work) lets requests of
+        lower priority be admitted first and read their prompts alone; its own decode steps go on meanwhile.
 
         Raises:
             EngineBusyError: ``max_waiting`` requests are already waiting.
@@ -189,7 +193,7 @@ class Engine:
         sampler = SequenceSampler(self.tokenizer, prompt_ids, params, self.stop_token_ids, budget,
                                   self.model.config.vocab_size, rules)
         deadline = time.monotonic() + timeout if timeout is not None else None
-        request = _Request(list(prompt_ids), sampler, deadline, timeout=timeout)
+        request = _Request(list(prompt_ids), sampler, deadline, timeout=timeout, priority=priority)
         if params.prompt_logprobs is not None:
             request.scorer = PromptScorer(self.model, prompt_ids, params.prompt_logprobs)
         if loop is not None:
@@ -241,6 +245,8 @@ class Engine:
             self._rows[request.row] = None
 
     def _admit(self) -> None:
+        if any(r.priority for r in self._waiting):  # the most urgent first, in arrival order within a priority
+            self._waiting = deque(sorted(self._waiting, key=lambda r: r.priority))
         while self._waiting and None in self._rows:
             request = self._waiting.popleft()
             if request.cancelled:
@@ -313,13 +319,16 @@ class Engine:
                 sampled.append((request, len(tokens) - 1))
                 request.feed = []
         self.peak_batch = max(self.peak_batch, len(tokens))
+        turns = self._prompt_turns()
+        # Low-priority prompts read in smaller pieces: an interactive request that arrives meanwhile waits for a
+        # shorter step before its own.
         budget = self.prefill_budget
+        if turns and turns[0].priority > 0:
+            budget //= LOW_PRIORITY_SHARE
         scored: list[tuple[_Request, int, slice]] = []  # prompt pieces to score: first position, their rows
-        for request in self._rows:  # then prompt pieces, lowest row first, while the step's budget lasts
+        for request in turns:  # then prompt pieces, while the step's budget lasts
             if budget <= 0:
                 break
-            if request is None or request.done or request.prefilled >= len(request.prompt):
-                continue
             start = request.prefilled
             piece = request.prompt[start : start + min(self.prefill_chunk, budget)]
             if request.scorer is not None:
@@ -342,6 +351,16 @@ class Engine:
             last = torch.tensor([i for _, i in sampled])
             # (n, 1, E): one-token rows, which the head computes one by one whatever their number (kernel_rows)
             self._accept_all([r for r, _ in sampled], self.model.logits(hidden[last])[:, 0], masks())
+
+    def _prompt_turns(self) -> list[_Request]:
+        """The sequences with prompt left to read, in the order they share a step's prompt budget: lowest row first,
+        and only those of the most urgent priority that has any (a batch's long prompts wait while an interactive
+        request reads its own, so its first token comes as soon as when the server is idle)."""
+        reading = [r for r in self._rows if r is not None and not r.done and r.prefilled < len(r.prompt)]
+        if not reading:
+            return reading
+        urgent = min(r.priority for r in reading)
+        return [r for r in reading if r.priority == urgent]
 
     def _start_masks(self, requests: list[_Request]) -> Callable[[], dict[int, torch.Tensor]]:
         """Start computing the grammar masks of the constrained requests among ``requests``; returns a function

@@ -72,6 +72,13 @@ class SamplingFields(TextOnly):
     logit_bias: dict[int, float] | None = None  # JSON keys are token ids as strings
     # Seconds the request may take; past it the server stops the generation (408, or an error event).
     timeout: float | None = Field(default=None, gt=0)
+    # OpenAI's service tiers: "flex" runs at low priority (batch work: interactive requests go first); the others
+    # run as usual. Nobody can ask to jump the queue.
+    service_tier: Literal["auto", "default", "flex", "priority", "scale"] | None = None
+
+    @property
+    def priority(self) -> int:
+        return 1 if self.service_tier == "flex" else 0
 
     def sampling(self, max_tokens: int | None) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"max_tokens": max_tokens, "ignore_eos": self.ignore_eos}

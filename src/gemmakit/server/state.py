@@ -99,7 +99,7 @@ def note(request: Request, **fields: Any) -> None:
 Job = tuple[list[int], SamplingParams, OutputRules | None]  # prompt ids, sampling, output rules
 
 
-async def submit(state: ServerState, jobs: list[Job], timeout: float | None) -> list[RequestStream]:
+async def submit(state: ServerState, jobs: list[Job], timeout: float | None, priority: int = 0) -> list[RequestStream]:
     """Queue one engine request per choice (prompt ids, sampling, output rules); all or none (a full queue cancels the ones
     already queued). A worker thread does it: setting a request up grows with its input (stop strings). Should
     this handler be cancelled meanwhile, the requests are cancelled as soon as they exist (none is left running
@@ -107,7 +107,7 @@ async def submit(state: ServerState, jobs: list[Job], timeout: float | None) -> 
     if state.draining:
         raise ShuttingDownError("the server is shutting down and takes no new requests; retry on another one")
     loop = asyncio.get_running_loop()
-    queued = loop.run_in_executor(None, _submit_all, state, jobs, timeout, loop)
+    queued = loop.run_in_executor(None, _submit_all, state, jobs, timeout, loop, priority)
     try:
         return await asyncio.shield(queued)
     except asyncio.CancelledError:
@@ -122,13 +122,13 @@ def _cancel_streams(queued: asyncio.Future) -> None:
 
 
 def _submit_all(state: ServerState, jobs: list[Job], timeout: float | None,
-                loop: asyncio.AbstractEventLoop) -> list[RequestStream]:
+                loop: asyncio.AbstractEventLoop, priority: int = 0) -> list[RequestStream]:
     for ids, p, _ in jobs:
         state.llm.check_fits(len(ids), p, state.context_length)
     streams: list[RequestStream] = []
     try:
         for ids, p, rules in jobs:
-            streams.append(state.engine.submit(ids, p, timeout, loop, rules))
+            streams.append(state.engine.submit(ids, p, timeout, loop, rules, priority))
     except EngineBusyError:
         for st in streams:
             st.cancel()

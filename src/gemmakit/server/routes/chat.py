@@ -72,7 +72,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         body.max_tokens = max(state.context_length - n_prompt, 1)
     note(request, prompt_tokens=n_prompt, n=body.n, **({"messages": body.messages} if state.log_prompts else {}))
     streams = await submit(state, [(ids, chat_params(state, body, i), plan.rules) for i in range(body.n)],
-                           body.timeout)
+                           body.timeout, body.priority)
     if body.stream:
         return stream_response(chat_sse(state, body, streams, cid, created, n_prompt, request, plan, screened),
                                request)

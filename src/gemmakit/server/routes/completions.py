@@ -107,7 +107,7 @@ async def completions(body: CompletionRequest, request: Request):
          **({"prompt": batch.texts if len(batch.texts) > 1 else batch.texts[0]} if state.log_prompts else {}))
     rules = await off_loop(body.timeout, state.llm.output_rules, **output_constraint(body))
     jobs = [(batch.ids[k], completion_params(state, body, c), rules) for c, k in enumerate(batch.prompt_of)]
-    streams = await submit(state, jobs, body.timeout)
+    streams = await submit(state, jobs, body.timeout, body.priority)
     if body.stream:
         return stream_response(completion_sse(state, body, streams, cid, created, batch, request, screened),
                                request)
