@@ -495,7 +495,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                      kv_cache_bytes=args.kv_cache_mib * 2**20, log_prompts=args.log_prompts,
                      strict_model_name=args.strict_model_name,
                      public_docs_and_metrics=args.public_docs_and_metrics, limits=_limits(args),
-                     safety=policy, audit=audit, data_dir=args.data_dir,
+                     safety=policy, audit=audit, data_dir=args.data_dir, prefix_cache=not args.no_prefix_cache,
                      safety_window=args.safety_window)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"Serving {app.state.model_id} at http://{host}:{args.port}/v1 (chat page: http://{host}:{args.port}/)",
@@ -586,6 +586,9 @@ def _add_serve_parser(sub, parent: argparse.ArgumentParser) -> None:
                        help="also keep prompt and answer text in the audit log (default: ids, counts, decisions)")
     serve.add_argument("--audit-retention-days", type=float, metavar="DAYS",
                        help="delete audit rows older than this (default: keep them)")
+    serve.add_argument("--no-prefix-cache", action="store_true",
+                       help="read every prompt whole (default: a prompt that starts with tokens a free KV cache row "
+                            "still holds, such as a conversation's earlier turns, reads only the rest)")
     serve.add_argument("--data-dir", metavar="DIR",
                        help="keep uploaded files and batch jobs here (SQLite + files): enables /v1/files and "
                             "/v1/batches; a restarted server resumes its batches")

@@ -201,6 +201,12 @@ class KVCache:
         ]
         return view
 
+    def keep_prefix(self, row: int, length: int) -> None:
+        """Forget row ``row``'s tokens from position ``length`` on, keeping those before (a reused prefix)."""
+        for slots in self._slots.values():
+            held = slots.pos[row]
+            held[held >= length] = -1
+
     def copy_row(self, src: int, dst: slice) -> None:
         """Make rows ``dst`` hold what row ``src`` holds (keys, values, positions): sequences that share a prefix
         prefill it once (the model guard's policies)."""

@@ -36,6 +36,7 @@ from ..structured import MaskBatch, OutputRules
 logger = logging.getLogger(__name__)
 
 PREFILL_CHUNK = 128  # prompt tokens one sequence reads per step (and the spare slots of its sliding-window rings)
+MIN_PREFIX = 16  # cached prompt tokens worth reusing (shorter prefixes are read again)
 LOW_PRIORITY_SHARE = 8  # low-priority (batch) prompts read at most prefill_budget / this many tokens a step
 MAX_BATCH = 64  # most cache rows
 
@@ -68,6 +69,7 @@ class _Request:
     timeout: float | None = None
     scorer: PromptScorer | None = None  # prompt logprobs, when asked; handed over with the first event
     priority: int = 0  # 0: interactive; higher values wait (admission, prompt reading) while lower ones need the turn
+    ran: list[int] = field(default_factory=list)  # generated tokens already run through the model (in the cache)
 
     @property
     def position(self) -> int:
@@ -135,7 +137,8 @@ class Engine:
     """
 
     def __init__(self, model, tokenizer, stop_token_ids: Sequence[int], context_length: int, max_batch: int = 8,
-                 max_waiting: int = 64, prefill_chunk: int = PREFILL_CHUNK, prefill_budget: int = 256) -> None:
+                 max_waiting: int = 64, prefill_chunk: int = PREFILL_CHUNK, prefill_budget: int = 256,
+                 prefix_cache: bool = True) -> None:
         if not 1 <= max_batch <= MAX_BATCH:
             raise InvalidParameterError(f"max_batch={max_batch}: must be in [1, {MAX_BATCH}]")
         if not 1 <= prefill_chunk <= prefill_budget:
@@ -156,6 +159,13 @@ class Engine:
         self.steps = 0
         self.peak_batch = 0  # most sequences decoded in one step so far
         self._masks: MaskBatch | None = None  # made for the first constrained request
+        # Prefix caching: a freed row keeps its tokens' keys and values until the row is taken again; a new prompt
+        # that starts with them reads only the rest (see _pick_row).
+        self.prefix_cache = prefix_cache
+        self._retained: list[list[int] | None] = [None] * max_batch  # token ids whose keys a free row still holds
+        self._freed_at = [0] * max_batch  # when each row was freed (steps): the least recently used goes first
+        self.prefix_stats = {"queries": 0, "hits": 0, "hit_tokens": 0, "evictions": 0}
+        self._ring_slots = min((s.slots for s in self.cache._slots.values() if s.ring), default=None)
         self._thread = threading.Thread(target=self._run, name="gemmakit-engine", daemon=True)
         self._thread.start()
 
@@ -243,6 +253,9 @@ class Engine:
         request.done = True
         if request.row is not None and self._rows[request.row] is request:
             self._rows[request.row] = None
+            if self.prefix_cache:
+                self._retained[request.row] = request.prompt[: request.prefilled] + request.ran
+                self._freed_at[request.row] = self.steps
 
     def _admit(self) -> None:
         if any(r.priority for r in self._waiting):  # the most urgent first, in arrival order within a priority
@@ -251,10 +264,48 @@ class Engine:
             request = self._waiting.popleft()
             if request.cancelled:
                 continue
-            row = self._rows.index(None)  # lowest free row: keeps the decode batch short
-            self.cache.reset(torch.tensor([row]))
+            row, reused = self._pick_row(request)
+            if reused:
+                self.cache.keep_prefix(row, reused)
+                request.prefilled = reused
+                self.prefix_stats["hits"] += 1
+                self.prefix_stats["hit_tokens"] += reused
+            else:
+                self.prefix_stats["evictions"] += bool(self._retained[row] and len(self._retained[row]) >= MIN_PREFIX)
+                self.cache.reset(torch.tensor([row]))
+            self._retained[row] = None
             request.row = row
             self._rows[row] = request
+
+    def _pick_row(self, request: _Request) -> tuple[int, int]:
+        """The free row for ``request`` and how many of its prompt tokens that row already holds: the row whose
+        kept tokens share the longest prefix with the prompt (at least MIN_PREFIX, and always one token short of
+        the whole prompt, whose last position must run to give the next token's logits), else an empty row, else
+        the least recently freed one. A prompt whose logprobs are asked for reads every token."""
+        free = [i for i, r in enumerate(self._rows) if r is None]
+        if self.prefix_cache:
+            self.prefix_stats["queries"] += 1
+        if self.prefix_cache and request.scorer is None:
+            best = max(((self._usable(self._retained[i], request.prompt), i) for i in free), default=(0, 0))
+            if best[0] >= MIN_PREFIX:
+                return best[1], best[0]
+        empty = [i for i in free if not self._retained[i]]
+        return (empty[0] if empty else min(free, key=lambda i: self._freed_at[i])), 0
+
+    def _usable(self, kept: list[int] | None, prompt: list[int]) -> int:
+        """Prompt tokens a row holding ``kept`` can spare reading. A sliding-window ring holds only its last slots:
+        the prefix's last window must still be there, so the old sequence may have gone at most ring_extra
+        tokens past it."""
+        if not kept:
+            return 0
+        n = 0
+        for a, b in zip(kept, prompt[:-1]):
+            if a != b:
+                break
+            n += 1
+        if self._ring_slots is not None and len(kept) > self._ring_slots and len(kept) - n > self.cache.ring_extra:
+            return 0
+        return n
 
     def _drop_finished(self) -> None:
         now = time.monotonic()
@@ -301,6 +352,7 @@ class Engine:
                 if request is not None:
                     self._emit(request, _as_gemmakit_error(exc))
                     self._free(request)
+            self._retained = [None] * self.max_batch  # a step that failed may have written half its keys
         return True
 
     def _step(self) -> None:
@@ -309,6 +361,7 @@ class Engine:
         rows: list[int] = []
         positions: list[int] = []
         sampled: list[tuple[_Request, int]] = []  # sequences that get a token now, with their last token's index
+        fed: list[tuple[_Request, list[int]]] = []  # decode tokens, kept as cached once the forward has run
         for request in self._rows:  # the next token of every decoding sequence
             if request is not None and request.feed and not request.done:
                 # Its last token, after the tokens a grammar forced (a short piece, read like a prompt's)
@@ -317,6 +370,7 @@ class Engine:
                 rows.extend([request.row] * len(request.feed))
                 positions.extend(range(start, start + len(request.feed)))
                 sampled.append((request, len(tokens) - 1))
+                fed.append((request, request.feed))
                 request.feed = []
         self.peak_batch = max(self.peak_batch, len(tokens))
         turns = self._prompt_turns()
@@ -345,6 +399,8 @@ class Engine:
         masks = self._start_masks([r for r, _ in sampled])  # beside the forward, on llguidance's threads
         hidden = self.model(torch.tensor(tokens).unsqueeze(1), torch.tensor(positions).unsqueeze(1), self.cache,
                             rows=torch.tensor(rows))  # (N, 1, E)
+        for request, ran in fed:
+            request.ran.extend(ran)
         for request, start, piece_rows in scored:
             request.scorer.add(start, hidden[piece_rows, 0])
         if sampled:

@@ -72,7 +72,8 @@ def create_app(llm, model_name: str | None = None, api_keys: list[str] | None = 
                strict_model_name: bool = False, public_docs_and_metrics: bool = False,
                limits: ServerLimits | None = None, safety: Safety | SafetyPolicy | None = None,
                safety_window: int = DEFAULT_WINDOW, audit: AuditLog | None = None,
-               prebuild_grammar_vocab: bool = True, data_dir: str | Path | None = None) -> FastAPI:
+               prebuild_grammar_vocab: bool = True, data_dir: str | Path | None = None,
+               prefix_cache: bool = True) -> FastAPI:
     """The FastAPI application serving ``llm`` under the model id ``model_name`` (default: the file's stem).
 
     Args:
@@ -97,6 +98,8 @@ def create_app(llm, model_name: str | None = None, api_keys: list[str] | None = 
             rather than in the first request with a response_format or tools (a batch job without them skips it).
         data_dir: where ``/v1/files`` and ``/v1/batches`` keep files and jobs (SQLite); batches run at low priority
             in this server's engine and resume after a restart. Without it those routes answer 501.
+        prefix_cache: a new prompt that starts with the tokens a free KV cache row still holds (a conversation's
+            earlier turns, a shared instruction) reads only the rest (see gemmakit.engine.Engine).
     """
     if safety_window < 1:
         raise InvalidParameterError(f"safety_window is at least 1 character, not {safety_window}")
@@ -104,7 +107,8 @@ def create_app(llm, model_name: str | None = None, api_keys: list[str] | None = 
     safety.warm_up()  # the guards that run on generation load now, not in the first request
     ctx = min(llm.context_length, context_length or DEFAULT_CONTEXT)
     rows = cache_rows(llm, ctx, max_batch, kv_cache_bytes)
-    engine = Engine(llm.model, llm.tokenizer, llm.stop_token_ids, ctx, max_batch=rows, max_waiting=max_waiting)
+    engine = Engine(llm.model, llm.tokenizer, llm.stop_token_ids, ctx, max_batch=rows, max_waiting=max_waiting,
+                    prefix_cache=prefix_cache)
     metrics = Metrics(engine)
     if prebuild_grammar_vocab:
         ll_tokenizer(llm.tokenizer)

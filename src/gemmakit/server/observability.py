@@ -37,12 +37,19 @@ class Metrics:
         self.safety_actions = Counter("gemmakit_safety_actions", "safety actions taken (block, redact, flag), by "
                                       "direction and category", ["direction", "category", "action"],
                                       registry=self.registry)
+        stats = engine.prefix_stats
         gauges = {
             "gemmakit_running_sequences": ("sequences holding a KV cache row", lambda: engine.running),
             "gemmakit_queue_depth": ("requests waiting for a KV cache row", lambda: engine.waiting),
             "gemmakit_kv_cache_usage_ratio": ("share of the KV cache tokens in use",
                                               lambda: engine.cache_tokens / engine.cache_capacity),
             "gemmakit_kv_cache_rows": ("KV cache rows (most sequences at once)", lambda: engine.max_batch),
+            "gemmakit_prefix_cache_hit_tokens": ("prompt tokens not read again: their keys were cached (total)",
+                                                 lambda: engine.prefix_stats["hit_tokens"]),
+            "gemmakit_prefix_cache_hit_rate": ("share of admitted requests that reused a cached prefix",
+                                               lambda: stats["hits"] / max(stats["queries"], 1)),
+            "gemmakit_prefix_cache_evictions": ("cached prefixes overwritten by another request (total)",
+                                                lambda: engine.prefix_stats["evictions"]),
         }
         for name, (doc, value) in gauges.items():
             Gauge(name, doc, registry=self.registry).set_function(value)
