@@ -4,9 +4,8 @@ interactive request's time to first token.
     python benchmarks/batch.py [--model PATH.gguf] [--threads 2] [--requests 200] [--tokens 32] [--probes 5]
 
 throughput: N requests sharing a ~500-token instruction (different questions after it), answered by
-    `gemmakit batch` (continuous batching, in-process) and by the same requests sent one at a time to
-    `gemmakit serve`; requests/s and generated tok/s of each. (Prefix caching, not built yet, would read the shared
-    instruction once.)
+    `gemmakit batch` (continuous batching, in-process) with the prefix cache and without (--no-prefix-cache), and
+    by the same requests sent one at a time to `gemmakit serve`; requests/s and generated tok/s of each.
 interactive: one `gemmakit serve --data-dir` with --max-batch 8; the time to first token of a streamed interactive
     request (median of --probes), idle, then while a batch of --requests runs through /v1/batches, then idle again.
     Target (issue 16): busy <= 2x idle.
@@ -39,15 +38,21 @@ def batch_lines(n: int, tokens: int) -> list[str]:
             for i in range(n)]
 
 
-def throughput(args: argparse.Namespace, lines: list[str]) -> None:
+def run_batch_cli(args: argparse.Namespace, lines: list[str], extra: list[str]) -> float:
+    """Seconds `gemmakit batch` takes for ``lines`` (loading the model, ~2 s, included)."""
     with tempfile.TemporaryDirectory() as tmp:
         source = Path(tmp) / "in.jsonl"
         source.write_text("\n".join(lines) + "\n")
         start = time.perf_counter()
         subprocess.run([sys.executable, "-m", "gemmakit.cli", "batch", str(source), "-o", str(Path(tmp) / "out.jsonl"),
                         "-q", "--model", args.model, "--threads", str(args.threads), "--max-batch", "16",
-                        "-c", "1024"], check=True, capture_output=True)
-        batch_s = time.perf_counter() - start  # includes loading the model (~2 s)
+                        "-c", "1024", *extra], check=True, capture_output=True)
+        return time.perf_counter() - start
+
+
+def throughput(args: argparse.Namespace, lines: list[str]) -> None:
+    batch_s = run_batch_cli(args, lines, [])
+    uncached_s = run_batch_cli(args, lines, ["--no-prefix-cache"])
     proc, url = serve_load.start("gemmakit", args)
     try:
         start = time.perf_counter()
@@ -58,9 +63,9 @@ def throughput(args: argparse.Namespace, lines: list[str]) -> None:
         proc.terminate()
         proc.wait(timeout=30)
     n, tokens = len(lines), len(lines) * args.tokens
-    print(f"throughput: gemmakit batch {n / batch_s:.2f} req/s ({tokens / batch_s:.0f} tok/s, model load included), "
-          f"one by one through the server {n / serial_s:.2f} req/s ({tokens / serial_s:.0f} tok/s): "
-          f"{serial_s / batch_s:.2f}x", flush=True)
+    print(f"throughput: gemmakit batch {n / batch_s:.2f} req/s ({tokens / batch_s:.0f} tok/s, model load included); "
+          f"without the prefix cache {n / uncached_s:.2f} req/s ({uncached_s / batch_s:.2f}x slower); one by one "
+          f"through the server (cache on) {n / serial_s:.2f} req/s ({serial_s / batch_s:.2f}x slower)", flush=True)
 
 
 def ttft(url: str) -> float:

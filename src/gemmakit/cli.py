@@ -606,7 +606,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     read_input(source)  # a missing file or repeated custom_ids fail before the model loads
     summary = run_batch(_load(args), source, output, errors, max_batch=args.max_batch,
                         context_length=args.context_length, kv_cache_bytes=args.kv_cache_mib * 2**20,
-                        show_progress=not args.quiet)
+                        show_progress=not args.quiet, app_options={"prefix_cache": not args.no_prefix_cache})
     print(f"{summary.total} requests: {summary.skipped} done before, {summary.succeeded} answered now, "
           f"{summary.failed} failed (see {errors})", file=sys.stderr)
     return 0
@@ -622,6 +622,8 @@ def _add_batch_parser(sub, parent: argparse.ArgumentParser) -> None:
     batch.add_argument("--max-batch", type=int, default=16, help="sequences generating at once (default 16)")
     batch.add_argument("--kv-cache-mib", type=int, default=1024, help="KV cache memory (default 1024 MiB)")
     batch.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    batch.add_argument("--no-prefix-cache", action="store_true",
+                       help="read every prompt whole (default: requests that start alike reuse the cached start)")
     batch.set_defaults(func=cmd_batch)
 
 
