@@ -86,3 +86,41 @@ def test_prompt_logprobs_read_the_whole_prompt(llm) -> None:
         assert len(first.prompt_logprobs) == len(prompt) + 1 and cached.prefix_stats["hits"] == 0
     finally:
         cached.shutdown()
+
+
+@pytest.mark.parametrize("arch", ["gemma", "gemma3"], ids=["no-window", "window-8-rings"])
+def test_rings_reuse_only_what_they_still_hold(tmp_path, arch) -> None:
+    """A tiny model whose sliding-window layers (window 8) keep rings of 8 + 128 slots in a 1024-token context: a
+    row whose sequence ran at most 128 tokens past the shared prefix is reused; one that ran further is not (its
+    ring lost the prefix's last window), and both give the tokens of reading the prompt whole."""
+    import random
+
+    import gemmakit
+    from helpers import TINY, write_tiny_gguf
+
+    drop = () if arch == "gemma3" else tuple(
+        f"blk.{i}.{n}.weight" for i in range(TINY["layers"])
+        for n in ("attn_q_norm", "attn_k_norm", "post_attention_norm", "post_ffw_norm"))
+    llm = gemmakit.load(write_tiny_gguf(tmp_path / "tiny.gguf", arch=arch, drop=drop, context=1024))
+    rng = random.Random(0)
+    prefix = [2] + [rng.randrange(7, 270) for _ in range(299)]
+    near = prefix + [rng.randrange(7, 270) for _ in range(100)]  # 100 tokens past the prefix: still held
+    far = prefix + [rng.randrange(7, 270) for _ in range(200)]  # 200 past it: a ring lost the prefix's end
+    follow = prefix + [rng.randrange(7, 270) for _ in range(5)]
+    cached, plain = _engines(llm, 1, context=1024)
+
+    def same(prompt: list[int], n: int) -> int:
+        """Run on both engines, check the tokens agree, and return the prompt tokens the cache spared."""
+        before = cached.prefix_stats["hit_tokens"]
+        assert _run(cached, llm, prompt, n) == _run(plain, llm, prompt, n)
+        return cached.prefix_stats["hit_tokens"] - before
+
+    try:
+        assert same(near, 1) == 0  # nothing cached yet
+        assert same(follow, 8) == 300  # near ran 100 tokens past the prefix: every ring still holds its end
+        assert same(far, 1) == 300  # follow's row: it ran 12 tokens past the prefix
+        # far ran 200 tokens past the prefix: with rings of 8 + 128 slots its last window is gone
+        assert same(follow, 8) == (300 if arch == "gemma" else 0)
+    finally:
+        cached.shutdown()
+        plain.shutdown()
