@@ -124,3 +124,23 @@ def test_rings_reuse_only_what_they_still_hold(tmp_path, arch) -> None:
     finally:
         cached.shutdown()
         plain.shutdown()
+
+
+def test_a_running_sequence_shares_its_prefix(llm) -> None:
+    """A prompt that starts like a sequence still generating copies that row's cached prefix into its own row."""
+    tok = llm.tokenizer
+    long = tok.encode("Chapter one. The village by the river had a mill and a bakery. " * 40, add_bos=True)
+    other = long[:550] + tok.encode(" Meanwhile, in the city", add_bos=False)
+    cached, plain = _engines(llm, 2)
+    try:
+        results = {}
+        for name, engine in (("cached", cached), ("plain", plain)):
+            params = llm.sampling_params(max_tokens=60, temperature=0, ignore_eos=True)
+            running = iter(engine.submit(long, params))
+            first = [next(running).token_id]  # its prompt is in the cache now, and it keeps generating
+            results[name] = (_run(engine, llm, other, 8), first + [e.token_id for e in running])
+        assert results["cached"] == results["plain"]
+        assert cached.prefix_stats["hits"] == 1 and cached.prefix_stats["hit_tokens"] == 550
+    finally:
+        cached.shutdown()
+        plain.shutdown()

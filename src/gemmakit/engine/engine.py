@@ -264,33 +264,47 @@ class Engine:
             request = self._waiting.popleft()
             if request.cancelled:
                 continue
-            row, reused = self._pick_row(request)
+            row, reused, source = self._pick_row(request)
+            if source is not None:  # the prefix is in a running sequence's row: copy it over
+                self._count_eviction(row)
+                self.cache.copy_row(source, slice(row, row + 1))
             if reused:
                 self.cache.keep_prefix(row, reused)
                 request.prefilled = reused
                 self.prefix_stats["hits"] += 1
                 self.prefix_stats["hit_tokens"] += reused
             else:
-                self.prefix_stats["evictions"] += bool(self._retained[row] and len(self._retained[row]) >= MIN_PREFIX)
+                self._count_eviction(row)
                 self.cache.reset(torch.tensor([row]))
             self._retained[row] = None
             request.row = row
             self._rows[row] = request
 
-    def _pick_row(self, request: _Request) -> tuple[int, int]:
-        """The free row for ``request`` and how many of its prompt tokens that row already holds: the row whose
-        kept tokens share the longest prefix with the prompt (at least MIN_PREFIX, and always one token short of
-        the whole prompt, whose last position must run to give the next token's logits), else an empty row, else
-        the least recently freed one. A prompt whose logprobs are asked for reads every token."""
+    def _count_eviction(self, row: int) -> None:
+        kept = self._retained[row]
+        self.prefix_stats["evictions"] += bool(kept and len(kept) >= MIN_PREFIX)
+
+    def _pick_row(self, request: _Request) -> tuple[int, int, int | None]:
+        """The free row for ``request``, how many of its prompt tokens will be there already, and the running row to
+        copy them from (None: the free row holds them itself, or nothing is reused). The longest prefix wins (at
+        least MIN_PREFIX, and always one token short of the whole prompt, whose last position must run to give the
+        next token's logits); a free row that holds it is taken as it is, a running row's is copied into an empty
+        (else the least recently freed) row. A prompt whose logprobs are asked for reads every token."""
         free = [i for i, r in enumerate(self._rows) if r is None]
-        if self.prefix_cache:
-            self.prefix_stats["queries"] += 1
-        if self.prefix_cache and request.scorer is None:
-            best = max(((self._usable(self._retained[i], request.prompt), i) for i in free), default=(0, 0))
-            if best[0] >= MIN_PREFIX:
-                return best[1], best[0]
         empty = [i for i in free if not self._retained[i]]
-        return (empty[0] if empty else min(free, key=lambda i: self._freed_at[i])), 0
+        spare = empty[0] if empty else min(free, key=lambda i: self._freed_at[i])
+        if not self.prefix_cache:
+            return spare, 0, None
+        self.prefix_stats["queries"] += 1
+        if request.scorer is not None:
+            return spare, 0, None
+        kept = [(self._usable(self._retained[i], request.prompt), 1, i) for i in free]
+        kept += [(self._usable(r.prompt[: r.prefilled] + r.ran, request.prompt), 0, i)
+                 for i, r in enumerate(self._rows) if r is not None and not r.done]
+        length, in_free_row, row = max(kept, default=(0, 0, 0))  # on a tie, a free row: nothing to copy
+        if length < MIN_PREFIX:
+            return spare, 0, None
+        return (row, length, None) if in_free_row else (spare, length, row)
 
     def _usable(self, kept: list[int] | None, prompt: list[int]) -> int:
         """Prompt tokens a row holding ``kept`` can spare reading. A sliding-window ring holds only its last slots:
