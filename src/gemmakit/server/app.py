@@ -54,6 +54,21 @@ def cache_rows(llm, ctx: int, max_batch: int, kv_cache_bytes: int) -> int:
     return rows
 
 
+@asynccontextmanager
+async def _lifespan(app: FastAPI):
+    """Start the batch worker (with a data directory); at the end stop it, the engine, and the SQLite files."""
+    state: ServerState = app.state.gemmakit
+    if state.batch_worker is not None:
+        state.batch_worker.start()
+    yield
+    if state.batch_worker is not None:
+        await state.batch_worker.stop()
+    state.engine.shutdown()
+    for closing in (state.audit, state.batches):
+        if closing is not None:
+            closing.close()
+
+
 def _add_middleware(app: FastAPI, state: ServerState, public_docs_and_metrics: bool) -> None:
     """Outermost first: the request log (sees every answer), the key check (401 from the headers: a client without
     a key learns nothing, limits included), the size gate (413/431 before a byte of body is read), the audit trail
@@ -114,22 +129,8 @@ def create_app(llm, model_name: str | None = None, api_keys: list[str] | None = 
         ll_tokenizer(llm.tokenizer)
 
     store = BatchStore(data_dir) if data_dir is not None else None
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        worker = app.state.gemmakit.batch_worker
-        if worker is not None:
-            worker.start()
-        yield
-        if worker is not None:
-            await worker.stop()
-        engine.shutdown()
-        for closing in (audit, store):
-            if closing is not None:
-                closing.close()
-
     app = FastAPI(title="gemmakit", description="OpenAI-compatible API for Gemma models", version="0.1.0",
-                  lifespan=lifespan)
+                  lifespan=_lifespan)
     app.state.gemmakit = ServerState(llm=llm, engine=engine, metrics=metrics, model_id=model_name or llm.path.stem,
                                      context_length=ctx, keys=[k.encode() for k in (api_keys or []) if k],
                                      log_prompts=log_prompts, strict_model_name=strict_model_name,
