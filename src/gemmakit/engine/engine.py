@@ -265,8 +265,9 @@ class Engine:
             if request.cancelled:
                 continue
             row, reused, source = self._pick_row(request)
-            if source is not None:  # the prefix is in a running sequence's row: copy it over
+            if source is not None or not reused:  # what the row kept gives way
                 self._count_eviction(row)
+            if source is not None:  # the prefix is in a running sequence's row: copy it over
                 self.cache.copy_row(source, slice(row, row + 1))
             if reused:
                 self.cache.keep_prefix(row, reused)
@@ -274,13 +275,13 @@ class Engine:
                 self.prefix_stats["hits"] += 1
                 self.prefix_stats["hit_tokens"] += reused
             else:
-                self._count_eviction(row)
                 self.cache.reset(torch.tensor([row]))
             self._retained[row] = None
             request.row = row
             self._rows[row] = request
 
     def _count_eviction(self, row: int) -> None:
+        """Count the prefix a row held (if one worth reusing) as evicted."""
         kept = self._retained[row]
         self.prefix_stats["evictions"] += bool(kept and len(kept) >= MIN_PREFIX)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Iterable, Literal, Protocol
 
 from ..errors import GemmakitError
 from .categories import parent
@@ -45,6 +45,14 @@ class Verdict:
         for category, score in other.scores.items():
             scores[category] = max(score, scores.get(category, 0.0))
         return Verdict(scores, self.spans + other.spans)
+
+    @staticmethod
+    def combined(verdicts: Iterable["Verdict"]) -> "Verdict":
+        """All the verdicts in one (see :meth:`merge`)."""
+        out = Verdict()
+        for v in verdicts:
+            out = out.merge(v)
+        return out
 
     def with_parents(self) -> "Verdict":
         """Each sub-category's score raised into its parent's (OpenAI flags ``harassment`` with

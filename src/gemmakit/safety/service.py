@@ -46,10 +46,7 @@ class Decision:
 
     def scores(self) -> dict[str, float]:
         """The highest score of each category over the texts."""
-        merged = Verdict()
-        for v in self.verdicts:
-            merged = merged.merge(v)
-        return merged.scores
+        return Verdict.combined(self.verdicts).scores
 
 
 class Safety:
@@ -96,24 +93,12 @@ class Safety:
         """Each guard's verdict on ``text``."""
         return {name: self.guards[name].check(text, role) for name in guards}
 
-    def verdict(self, text: str, role: Role, guards: Iterable[str]) -> Verdict:
-        """The guards' verdicts on ``text``, merged."""
-        merged = Verdict()
-        for v in self.verdicts(text, role, guards).values():
-            merged = merged.merge(v)
-        return merged
-
     def decide(self, texts: list[str], role: Role, redactor: Redactor | None = None) -> Decision:
         """Run the direction's guards on ``texts`` and apply its actions: flagged categories whose action is
         ``block`` block, ``pii`` whose action is ``redact`` is replaced by placeholders, ``flag`` only records."""
         rules: DirectionPolicy = self.policy.input if role == "input" else self.policy.output
         per_text = [self.verdicts(t, role, rules.guards) for t in texts]
-        verdicts = []
-        for by_guard in per_text:
-            merged = Verdict()
-            for v in by_guard.values():
-                merged = merged.merge(v)
-            verdicts.append(merged)
+        verdicts = [Verdict.combined(by_guard.values()) for by_guard in per_text]
         decision = Decision(verdicts, [], [], list(texts), redactor or Redactor(), by_guard=_highest(per_text))
         for category in rules.flagged(decision.scores()):
             decision.flagged.append(category)
@@ -133,10 +118,7 @@ class Safety:
     def moderation(self, text: str) -> tuple[dict[str, Any], dict[str, dict[str, float]]]:
         """:meth:`moderate`'s result, and each guard's scores (for the audit log)."""
         by_guard = self.verdicts(text, "input", self.policy.moderation_guards)
-        merged = Verdict()
-        for v in by_guard.values():
-            merged = merged.merge(v)
-        scores = merged.scores
+        scores = Verdict.combined(by_guard.values()).scores
         flagged = set(self.policy.input.flagged(scores))
         return self._result(scores, flagged), _highest([by_guard])
 
