@@ -467,6 +467,21 @@ def _read_keys(args: argparse.Namespace) -> list[str]:
     return keys
 
 
+def _app_options(args: argparse.Namespace, keys: list[str], policy) -> dict[str, Any]:
+    """create_app's arguments from the serve flags (the same for one server and for each Ray replica)."""
+    return dict(model_name=args.model_name, api_keys=keys, max_batch=args.max_batch, max_waiting=args.max_waiting,
+                context_length=args.context_length, kv_cache_bytes=args.kv_cache_mib * 2**20,
+                log_prompts=args.log_prompts, strict_model_name=args.strict_model_name,
+                public_docs_and_metrics=args.public_docs_and_metrics, limits=_limits(args), safety=policy,
+                prefix_cache=not args.no_prefix_cache, safety_window=args.safety_window)
+
+
+def _print_serving(model_id: str, args: argparse.Namespace, extra: str = "") -> None:
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"Serving {model_id} at http://{host}:{args.port}/v1 (chat page: http://{host}:{args.port}/){extra}",
+          file=sys.stderr, flush=True)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
@@ -486,20 +501,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     # A bad policy file or audit path fails before the model loads.
     policy = SafetyPolicy.from_file(args.safety) if args.safety else None
+    if args.ray:
+        return _serve_on_ray(args, keys, policy)
     audit = AuditLog(args.audit_db, args.audit_text, args.audit_retention_days) if args.audit_db else None
     llm = _load(args)
     # Logging starts after the load: its lines never land on the spinner's line.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(llm, model_name=args.model_name, api_keys=keys, max_batch=args.max_batch,
-                     max_waiting=args.max_waiting, context_length=args.context_length,
-                     kv_cache_bytes=args.kv_cache_mib * 2**20, log_prompts=args.log_prompts,
-                     strict_model_name=args.strict_model_name,
-                     public_docs_and_metrics=args.public_docs_and_metrics, limits=_limits(args),
-                     safety=policy, audit=audit, data_dir=args.data_dir, prefix_cache=not args.no_prefix_cache,
-                     safety_window=args.safety_window)
-    host = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"Serving {app.state.model_id} at http://{host}:{args.port}/v1 (chat page: http://{host}:{args.port}/)",
-          file=sys.stderr, flush=True)
+    app = create_app(llm, audit=audit, data_dir=args.data_dir, **_app_options(args, keys, policy))
+    _print_serving(app.state.model_id, args)
     # The engine thread and the event loop share the GIL. When a kernel call returns, the engine waits for the
     # loop to let go of it, by default up to 5 ms (the switch interval) while the loop writes a step's chunks;
     # 1 ms keeps that wait short next to a ~15-60 ms step.
@@ -508,6 +517,48 @@ def cmd_serve(args: argparse.Namespace) -> int:
                             app.state.gemmakit, args.shutdown_timeout)
     server.run()
     return 1 if server.forced else 0
+
+
+def _ray_options(args: argparse.Namespace):
+    from .cluster.launch import RayOptions
+
+    if args.audit_db or args.data_dir:
+        raise InvalidParameterError("--audit-db and --data-dir are not supported with --ray yet: each replica "
+                                    "would keep its own SQLite file")
+    cpus = args.replica_cpus or float(args.threads or max(1, (os.cpu_count() or 1) // args.replicas))
+    options = RayOptions(address=args.ray_address, replicas=args.replicas, min_replicas=args.min_replicas,
+                         max_replicas=args.max_replicas, replica_cpus=cpus, shutdown_timeout=args.shutdown_timeout)
+    options.check()
+    return options
+
+
+def _serve_on_ray(args: argparse.Namespace, keys: list[str], policy) -> int:
+    """gemmakit serve --ray: replicas on Ray Serve, this process their ingress."""
+    import logging
+
+    try:
+        from .cluster.launch import serve_ingress, start, start_ray, stop
+        from .cluster.replica import ReplicaSpec
+    except ImportError as exc:
+        raise InvalidParameterError(f"--ray needs Ray Serve ({exc.name} is missing): "
+                                    "pip install 'gemmakit[ray]'") from None
+    options = _ray_options(args)
+    spec = ReplicaSpec(model=args.model, threads=args.threads or max(1, int(options.replica_cpus)),
+                       load_options=dict(context_length=args.context_length, quant=args.quant,
+                                         decode_x_bits=args.decode_x_bits),
+                       app_options=_app_options(args, keys, policy))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    started_ray = start_ray(args.ray_address)
+    try:
+        with _spinner("Starting replicas"):
+            handle, model_id = start(spec, options, args.max_batch, args.max_waiting)
+        count = f"{options.min_replicas}-{options.max_replicas}" if options.min_replicas else str(options.replicas)
+        _print_serving(model_id, args, f" on {count} Ray Serve replicas")
+        serve_ingress(handle, args.host, args.port, keys, _limits(args), args.public_docs_and_metrics,
+                      args.shutdown_timeout)
+    finally:
+        stop(started_ray)
+    return 0
 
 
 LIMIT_HELP = {
@@ -592,8 +643,24 @@ def _add_serve_parser(sub, parent: argparse.ArgumentParser) -> None:
     serve.add_argument("--data-dir", metavar="DIR",
                        help="keep uploaded files and batch jobs here (SQLite + files): enables /v1/files and "
                             "/v1/batches; a restarted server resumes its batches")
+    _add_ray_args(serve)
     _add_limit_args(serve)
     serve.set_defaults(func=cmd_serve)
+
+
+def _add_ray_args(serve: argparse.ArgumentParser) -> None:
+    g = serve.add_argument_group("Ray Serve (several replicas, one or more machines; pip install 'gemmakit[ray]')")
+    g.add_argument("--ray", action="store_true",
+                   help="serve through replicas on Ray Serve, this process their ingress (same API, keys, limits)")
+    g.add_argument("--ray-address", metavar="ADDR",
+                   help="an existing Ray cluster (what `ray start --head` printed); default: a local Ray instance")
+    g.add_argument("--replicas", type=_positive, default=1, help="replicas, each one engine (default 1)")
+    g.add_argument("--min-replicas", type=_positive, metavar="A",
+                   help="autoscale between A and --max-replicas on requests in flight per replica")
+    g.add_argument("--max-replicas", type=_positive, metavar="B")
+    g.add_argument("--replica-cpus", type=float, metavar="C",
+                   help="CPUs Ray reserves for each replica, and its threads (default: --threads, or the cores "
+                        "shared by the replicas)")
 
 
 def cmd_batch(args: argparse.Namespace) -> int:

@@ -188,6 +188,11 @@ class Engine:
     def cache_capacity(self) -> int:
         return self.max_batch * self.context_length
 
+    @property
+    def alive(self) -> bool:
+        """Whether the engine thread is running and taking requests (a health check's question)."""
+        return self._thread.is_alive() and not self._stopped
+
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams, timeout: float | None = None,
                loop: asyncio.AbstractEventLoop | None = None, rules: OutputRules | None = None,
                priority: int = 0) -> RequestStream:

@@ -25,7 +25,25 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 
 
-class GracefulServer(uvicorn.Server):
+class SignalServer(uvicorn.Server):
+    """A uvicorn server whose signal handling ends in :meth:`handle_exit` and returns: uvicorn re-raises the
+    signal after shutting down, which would kill the process before its own cleanup (a clean stop exits 0, not
+    -15)."""
+
+    @contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
+
+
+class GracefulServer(SignalServer):
     """A uvicorn server that drains the engine before it stops (see the module's docstring)."""
 
     def __init__(self, config: uvicorn.Config, state: ServerState, shutdown_timeout: float) -> None:
@@ -37,19 +55,6 @@ class GracefulServer(uvicorn.Server):
     async def serve(self, sockets=None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().serve(sockets)
-
-    @contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        """uvicorn's, less the re-raising of the signal at the end: a clean drain exits 0, not -15."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        original = {sig: signal.signal(sig, self.handle_exit) for sig in SIGNALS}
-        try:
-            yield
-        finally:
-            for sig, handler in original.items():
-                signal.signal(sig, handler)
 
     def handle_exit(self, sig: int, frame) -> None:
         if self.state.draining:  # the second signal: no more waiting

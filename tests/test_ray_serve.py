@@ -1,0 +1,281 @@
+"""gemmakit serve --ray: two replicas of the default model on a local Ray instance, behind one ingress.
+
+One `gemmakit serve --ray` process for the module (Ray and two replicas take ~30 s to start on 2 cores), driven
+with the official openai client and httpx over loopback; a single in-process server with the same model is the
+reference for answers and errors. The last test stops the ingress and checks that no Ray process survives it.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+pytest.importorskip("ray.serve", reason="needs the ray extra: pip install 'gemmakit[ray]'")
+psutil = pytest.importorskip("psutil")
+
+import gemmakit  # noqa: E402
+from gemmakit.server import create_app  # noqa: E402
+from serving import Server, free_port  # noqa: E402
+
+openai = pytest.importorskip("openai")
+
+KEY = "ray-test-key"
+# Per replica: a burst of requests fills the wait queue before the engine's next step moves any into a row, so
+# each replica takes at least MAX_WAITING of a burst: 32 over both, enough for 20 concurrent requests.
+MAX_BATCH, MAX_WAITING = 4, 16
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+class RayServer:
+    """The `gemmakit serve --ray` subprocess (stderr to a file: Ray logs enough to fill a pipe)."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.log = tempfile.NamedTemporaryFile("w+", suffix=".log")
+        flags = ["--ray", "--replicas", "2", "--replica-cpus", "1", "--api-key", KEY, "--max-batch", str(MAX_BATCH),
+                 "--max-waiting", str(MAX_WAITING), "--shutdown-timeout", "5"]
+        self.proc = subprocess.Popen([sys.executable, "-m", "gemmakit", "serve", "--port", str(self.port), *flags],
+                                     stdout=self.log, stderr=subprocess.STDOUT, text=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read()[-4000:]
+
+    def wait_up(self, timeout: float = 300) -> None:
+        deadline = time.time() + timeout
+        while True:
+            try:
+                if httpx.get(self.url + "/health", timeout=2).json().get("replicas") == 2:
+                    return
+            except (httpx.HTTPError, ValueError):
+                pass
+            assert self.proc.poll() is None, self.output()
+            assert time.time() < deadline, "the Ray server did not come up:\n" + self.output()
+            time.sleep(0.5)
+
+    def descendants(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def replica_processes(self) -> list[psutil.Process]:
+        return [p for p in self.descendants() if "ServeReplica" in " ".join(_cmdline(p))]
+
+    def kill(self) -> None:
+        procs = self.descendants()
+        self.proc.kill()
+        for p in procs:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+
+
+def _cmdline(p: psutil.Process) -> list[str]:
+    try:
+        return p.cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return []
+
+
+@pytest.fixture(scope="module")
+def ray_server():
+    server = RayServer()
+    try:
+        server.wait_up()
+        yield server
+    finally:
+        if server.proc.poll() is None:
+            server.kill()
+
+
+@pytest.fixture(scope="module")
+def single_server(model_path):
+    """The reference: one gemmakit serve app (one thread, as each replica) with the same key and limits."""
+    llm = gemmakit.load(model_path, threads=1)
+    app = create_app(llm, api_keys=[KEY], max_batch=MAX_BATCH, max_waiting=MAX_WAITING,
+                     prebuild_grammar_vocab=False)
+    with Server(app) as server:
+        yield server
+
+
+def _client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def _chat(client: openai.OpenAI, text: str, max_tokens: int = 12):
+    raw = client.chat.completions.with_raw_response.create(
+        model="gemma", messages=[{"role": "user", "content": text}], max_tokens=max_tokens, temperature=0)
+    return raw.headers.get("x-gemmakit-replica"), raw.parse().choices[0].message.content
+
+
+def test_health_reports_the_live_replicas(ray_server):
+    health = httpx.get(ray_server.url + "/health").json()
+    assert health == {"status": "ok", "replicas": 2, "auth": True}
+    assert len(ray_server.replica_processes()) == 2
+
+
+def test_twenty_concurrent_requests_spread_over_both_replicas(ray_server, single_server):
+    client = _client(ray_server.url)
+    prompts = [f"Write one sentence about the number {i}." for i in range(20)]
+    with ThreadPoolExecutor(20) as pool:
+        answers = list(pool.map(lambda p: _chat(client, p), prompts))
+    replicas = [r for r, _ in answers]
+    assert len(set(replicas)) == 2, replicas
+    assert all(text for _, text in answers)
+    # Greedy answers are the model's, whichever replica and however batched: the single server's.
+    reference = _client(single_server.url)
+    for prompt, (_, text) in list(zip(prompts, answers))[:4]:
+        assert _chat(reference, prompt)[1] == text
+
+
+def _stream_text(url: str, messages: list[dict]) -> tuple[str, str]:
+    chunks = []
+    raw = _client(url).chat.completions.with_raw_response.create(
+        model="gemma", messages=messages, max_tokens=24, temperature=0, stream=True)
+    for chunk in raw.parse():
+        if chunk.choices and chunk.choices[0].delta.content:
+            chunks.append(chunk.choices[0].delta.content)
+    return raw.headers.get("x-gemmakit-replica", ""), "".join(chunks)
+
+
+def test_streaming_through_ray_gives_the_single_servers_text(ray_server, single_server):
+    messages = [{"role": "system", "content": "You answer briefly."},
+                {"role": "user", "content": "Name three colours of the rainbow."}]
+    replica, through_ray = _stream_text(ray_server.url, messages)
+    assert replica
+    _, alone = _stream_text(single_server.url, messages)
+    assert through_ray == alone and len(through_ray) > 10
+
+
+def test_a_conversation_stays_on_one_replica(ray_server):
+    opening = [{"role": "user", "content": "Let us talk about lighthouses."}]
+    homes = set()
+    turns = list(opening)
+    for follow_up in ("Why are they tall?", "And who kept them?", "Thank you."):
+        replica, answer = _stream_text(ray_server.url, turns)
+        homes.add(replica)
+        turns += [{"role": "assistant", "content": answer}, {"role": "user", "content": follow_up}]
+    assert len(homes) == 1, homes
+
+
+def _same_error(a: httpx.Response, b: httpx.Response) -> None:
+    assert a.status_code == b.status_code
+    assert a.json() == b.json()
+    assert "error" in a.json() and a.json()["error"]["message"]
+
+
+def test_auth_and_errors_as_the_single_server(ray_server, single_server):
+    cases = [
+        ("POST", "/v1/chat/completions", {}, {"model": "m", "messages": [{"role": "user", "content": "hi"}]}),
+        ("GET", "/metrics", {}, None),
+        ("POST", "/v1/chat/completions", AUTH, {"model": "m", "messages": []}),
+        ("POST", "/v1/chat/completions", AUTH, {"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                                                "max_tokens": -1}),
+        ("POST", "/v1/completions", AUTH, {"model": "m", "prompt": "x" * 10, "max_tokens": 10**9}),
+        ("GET", "/v1/no-such-route", AUTH, None),
+    ]
+    for method, path, headers, body in cases:
+        a = httpx.request(method, ray_server.url + path, headers=headers, json=body, timeout=60)
+        b = httpx.request(method, single_server.url + path, headers=headers, json=body, timeout=60)
+        _same_error(a, b)
+    too_big = httpx.post(ray_server.url + "/v1/completions", headers=AUTH, content=b"x" * (20 * 2**20 + 1))
+    assert too_big.status_code == 413 and too_big.json()["error"]["code"] == "request_too_large"
+    models = httpx.get(ray_server.url + "/v1/models", headers=AUTH).json()
+    assert models == httpx.get(single_server.url + "/v1/models", headers=AUTH).json()
+
+
+def test_metrics_label_every_replica(ray_server):
+    deadline = time.time() + 20
+    while True:
+        text = httpx.get(ray_server.url + "/metrics", headers=AUTH).text
+        served = {line.split('replica="')[1].split('"')[0] for line in text.splitlines()
+                  if line.startswith("gemmakit_generated_tokens_total{")
+                  and float(line.rsplit(" ", 1)[1]) > 0}
+        if len(served) == 2 or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    assert len(served) == 2, text[-3000:]
+    assert "gemmakit_ingress_live_replicas 2.0" in text
+    assert 'gemmakit_ingress_requests_total{path="/{path:path}",status="200"}' in text
+
+
+def _post(url: str, max_tokens: int, topic: int = 0) -> httpx.Response:
+    return httpx.post(url + "/v1/completions", headers=AUTH, timeout=300,
+                      json={"model": "m", "prompt": f"Story {topic}: once upon a time", "max_tokens": max_tokens,
+                            "ignore_eos": True})
+
+
+def _counter(url: str, name: str) -> float:
+    line = next((x for x in httpx.get(url + "/metrics", headers=AUTH).text.splitlines() if x.startswith(name + " ")),
+                f"{name} 0")
+    return float(line.split()[1])
+
+
+def test_every_replica_full_is_a_429_with_retry_after(ray_server):
+    with ThreadPoolExecutor(64) as pool:
+        answers = list(pool.map(lambda topic: _post(ray_server.url, 48, topic), range(64)))
+    codes = [a.status_code for a in answers]
+    refused = [a for a in answers if a.status_code == 429]
+    assert set(codes) <= {200, 429}, codes
+    # A request is refused only after every replica refused it: both queues were full.
+    assert refused and codes.count(200) >= 2 * MAX_WAITING, codes
+    for a in refused:
+        assert int(a.headers["retry-after"]) > 0 and a.json()["error"]["type"]
+    assert {a.headers["x-gemmakit-replica"] for a in answers if a.status_code == 200}.__len__() == 2
+
+
+def test_killing_a_replica_mid_load_loses_no_later_request(ray_server):
+    retries_before = _counter(ray_server.url, "gemmakit_ingress_retries_total")
+    pool = ThreadPoolExecutor(8)
+    in_flight = [pool.submit(_post, ray_server.url, 80, topic) for topic in range(8)]  # on both replicas
+    time.sleep(1.5)
+    victim = ray_server.replica_processes()[0]
+    victim.send_signal(signal.SIGKILL)
+    for future in in_flight:  # each either retried elsewhere (200) or told clearly (503)
+        answer = future.result()
+        assert answer.status_code in (200, 503), answer.text
+        if answer.status_code == 503:
+            assert answer.json()["error"]["message"]
+    later = list(pool.map(lambda topic: _post(ray_server.url, 8, topic), range(10)))
+    pool.shutdown()
+    assert [a.status_code for a in later] == [200] * 10, [a.text for a in later if a.status_code != 200]
+    # The requests the dead replica held (and any routed to it before Serve noticed) were sent again.
+    assert _counter(ray_server.url, "gemmakit_ingress_retries_total") > retries_before
+    deadline = time.time() + 120  # Ray Serve replaces the dead replica
+    while httpx.get(ray_server.url + "/health").json()["replicas"] < 2 or len(ray_server.replica_processes()) < 2:
+        assert time.time() < deadline, "the killed replica was not replaced"
+        time.sleep(1)
+    assert victim.pid not in {p.pid for p in ray_server.replica_processes()}
+
+
+def test_stopping_the_ingress_leaves_no_ray_process(ray_server):
+    ray_processes = ray_server.descendants()
+    assert any("raylet" in " ".join(_cmdline(p)) for p in ray_processes)
+    ray_server.proc.send_signal(signal.SIGTERM)
+    assert ray_server.proc.wait(timeout=120) == 0, ray_server.output()
+    deadline = time.time() + 30
+    while alive := [p for p in ray_processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]:
+        assert time.time() < deadline, [(p.pid, _cmdline(p)) for p in alive]
+        time.sleep(0.5)
+
+
+def test_ray_flags_are_checked_before_anything_starts():
+    for flags, message in ((["--min-replicas", "2"], "go together"),
+                           (["--min-replicas", "3", "--max-replicas", "2"], "min <= max"),
+                           (["--data-dir", "/tmp/x"], "not supported with --ray")):
+        proc = subprocess.run([sys.executable, "-m", "gemmakit", "serve", "--ray", "--port", str(free_port()),
+                               *flags], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
