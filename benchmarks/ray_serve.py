@@ -1,0 +1,107 @@
+"""gemmakit on Ray Serve against one `gemmakit serve`, on this machine's cores.
+
+    python benchmarks/ray_serve.py [--model PATH.gguf] [--rounds 3] [--levels 1,16,64] [--tokens 64]
+
+Three servers, each started, measured and stopped in turn within every round (so a noisy moment hits all alike):
+  single   `gemmakit serve --threads 2`
+  ray 1x2  `gemmakit serve --ray --replicas 1 --replica-cpus 2` (one replica of two threads)
+  ray 2x1  `gemmakit serve --ray --replicas 2 --replica-cpus 1` (two replicas of one thread)
+each with --max-batch 32 per replica. At each client level, N streaming clients (benchmarks/serve_load.py) ask
+--tokens tokens each (at 1 client: three runs of 2x --tokens, their median); per level: aggregate tok/s and TTFT
+p50/p99, medians over rounds. Printed: the Ray path's overhead at one client (ray 1x2 / single: TTFT and tok/s)
+and 2x1 against 1x2 at every level.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import serve_load  # noqa: E402  (benchmarks/ is not a package)
+
+CONFIGS = {  # name: (threads per engine, extra serve flags)
+    "single": (2, []),
+    "ray 1x2": (2, ["--ray", "--replicas", "1", "--replica-cpus", "2"]),
+    "ray 2x1": (1, ["--ray", "--replicas", "2", "--replica-cpus", "1"]),
+}
+
+
+def measure(name: str, args: argparse.Namespace) -> dict[int, dict]:
+    """Start one server, warm it up, run every client level, stop it."""
+    threads, extra = CONFIGS[name]
+    args.threads = threads
+    proc, url = serve_load.start("gemmakit", args, extra)
+    try:
+        serve_load.run_round(url, 4, 8)  # warm-up: every replica's first steps
+        rows = {}
+        for clients in args.levels:
+            if clients == 1:
+                runs = [serve_load.run_round(url, 1, 2 * args.tokens) for _ in range(3)]
+                row = {k: statistics.median(r[k] for r in runs) for k in ("tok_s", "ttft_p50", "ttft_p99")}
+                row["errors"] = sum(r["errors"] for r in runs)
+            else:
+                row = serve_load.run_round(url, clients, args.tokens)
+            if row["errors"]:
+                raise SystemExit(f"{name}, {clients} clients: {row['errors']} errors")
+            rows[clients] = row
+        return rows
+    finally:
+        proc.terminate()
+        proc.wait(timeout=120)
+
+
+def report(results: dict[str, list[dict[int, dict]]], levels: list[int]) -> None:
+    def med(name: str, clients: int, key: str) -> float:
+        return statistics.median(r[clients][key] for r in results[name])
+
+    def pairs(a: str, b: str, clients: int, key: str) -> str:
+        ratios = [x[clients][key] / y[clients][key] for x, y in zip(results[a], results[b])]
+        return f"{statistics.median(ratios):.3f}x (rounds: {', '.join(f'{r:.3f}' for r in ratios)})"
+
+    print("\nmedians over rounds:")
+    print(f"{'server':<9} {'clients':>7} {'tok/s':>8} {'TTFT p50 ms':>12} {'TTFT p99 ms':>12}")
+    for name in results:
+        for clients in levels:
+            print(f"{name:<9} {clients:>7} {med(name, clients, 'tok_s'):>8.1f} "
+                  f"{1000 * med(name, clients, 'ttft_p50'):>12.1f} {1000 * med(name, clients, 'ttft_p99'):>12.1f}")
+    if 1 in levels and "single" in results and "ray 1x2" in results:
+        print(f"\nRay path at 1 client (ray 1x2 / single): TTFT {pairs('ray 1x2', 'single', 1, 'ttft_p50')} "
+              f"(target <= 1.10x), tok/s {pairs('ray 1x2', 'single', 1, 'tok_s')} (target >= 0.95x)")
+    if "ray 1x2" in results and "ray 2x1" in results:
+        for clients in levels:
+            print(f"2x1 / 1x2 at {clients} clients: tok/s {pairs('ray 2x1', 'ray 1x2', clients, 'tok_s')}, "
+                  f"TTFT p50 {pairs('ray 2x1', 'ray 1x2', clients, 'ttft_p50')}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", help="GGUF path (default: the bundled Gemma 3 270M)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--levels", default="1,16,64", help="client counts, comma-separated")
+    ap.add_argument("--tokens", type=int, default=64, help="tokens per client (at 1 client: twice this)")
+    ap.add_argument("--configs", default=",".join(CONFIGS), help="which servers, comma-separated")
+    args = ap.parse_args()
+    if args.model is None:
+        import gemmakit
+
+        args.model = str(gemmakit.default_model_path())
+    args.levels = [int(x) for x in args.levels.split(",")]
+    args.max_batch, args.kv_cache_mib = 32, 1024
+    names = args.configs.split(",")
+    results: dict[str, list[dict[int, dict]]] = {name: [] for name in names}
+    for r in range(args.rounds):
+        for name in names:
+            rows = measure(name, args)
+            results[name].append(rows)
+            print(f"round {r + 1} {name}: " + ", ".join(
+                f"{c} clients {row['tok_s']:.1f} tok/s TTFT p50 {1000 * row['ttft_p50']:.0f} ms"
+                for c, row in rows.items()), flush=True)
+    report(results, args.levels)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
