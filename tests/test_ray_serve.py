@@ -7,6 +7,7 @@ reference for answers and errors. The last test stops the ingress and checks tha
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -237,18 +238,39 @@ def test_every_replica_full_is_a_429_with_retry_after(ray_server):
     assert {a.headers["x-gemmakit-replica"] for a in answers if a.status_code == 200}.__len__() == 2
 
 
+def _stream_events(url: str, max_tokens: int, topic: int) -> list:
+    """A streamed completion's data lines: JSON chunks, then '[DONE]'."""
+    body = {"model": "m", "prompt": f"Tale {topic}: long ago", "max_tokens": max_tokens, "ignore_eos": True,
+            "stream": True}
+    with httpx.stream("POST", url + "/v1/completions", headers=AUTH, json=body, timeout=300) as r:
+        assert r.status_code == 200, r.read()
+        return [line[6:] if line == "data: [DONE]" else json.loads(line[6:]) for line in r.iter_lines()
+                if line.startswith("data: ")]
+
+
+def _check_stream(events: list) -> None:
+    """Whole, or cut by the replica's death: then an error event in OpenAI's shape, and [DONE] all the same."""
+    assert events[-1] == "[DONE]", events[-3:]
+    errors = [e for e in events[:-1] if "error" in e]
+    if errors:
+        assert errors[0]["error"]["code"] == "replica_failed" and events[-2] is errors[0]
+    else:
+        assert events[-2]["choices"][0]["finish_reason"] == "length"
+
+
 def test_killing_a_replica_mid_load_loses_no_later_request(ray_server):
     retries_before = _counter(ray_server.url, "gemmakit_ingress_retries_total")
     pool = ThreadPoolExecutor(8)
-    in_flight = [pool.submit(_post, ray_server.url, 80, topic) for topic in range(8)]  # on both replicas
+    # Different prompts, so both replicas hold some; half plain, half streamed.
+    plain = [pool.submit(_post, ray_server.url, 80, topic) for topic in range(4)]
+    streamed = [pool.submit(_stream_events, ray_server.url, 80, topic) for topic in range(4)]
     time.sleep(1.5)
     victim = ray_server.replica_processes()[0]
     victim.send_signal(signal.SIGKILL)
-    for future in in_flight:  # each either retried elsewhere (200) or told clearly (503)
-        answer = future.result()
-        assert answer.status_code in (200, 503), answer.text
-        if answer.status_code == 503:
-            assert answer.json()["error"]["message"]
+    for future in plain:  # nothing of a plain answer was sent yet: retried elsewhere
+        assert future.result().status_code == 200, future.result().text
+    for future in streamed:
+        _check_stream(future.result())
     later = list(pool.map(lambda topic: _post(ray_server.url, 8, topic), range(10)))
     pool.shutdown()
     assert [a.status_code for a in later] == [200] * 10, [a.text for a in later if a.status_code != 200]

@@ -537,7 +537,7 @@ def _serve_on_ray(args: argparse.Namespace, keys: list[str], policy) -> int:
     import logging
 
     try:
-        from .cluster.launch import serve_ingress, start, start_ray, stop
+        from .cluster.launch import serve_ingress, start, start_ray, stop_after_failed_start
         from .cluster.replica import ReplicaSpec
     except ImportError as exc:
         raise InvalidParameterError(f"--ray needs Ray Serve ({exc.name} is missing): "
@@ -551,13 +551,14 @@ def _serve_on_ray(args: argparse.Namespace, keys: list[str], policy) -> int:
     started_ray = start_ray(args.ray_address)
     try:
         with _spinner("Starting replicas"):
-            handle, model_id = start(spec, options, args.max_batch, args.max_waiting)
-        count = f"{options.min_replicas}-{options.max_replicas}" if options.min_replicas else str(options.replicas)
-        _print_serving(model_id, args, f" on {count} Ray Serve replicas")
-        serve_ingress(handle, args.host, args.port, keys, _limits(args), args.public_docs_and_metrics,
-                      args.shutdown_timeout)
-    finally:
-        stop(started_ray)
+            handle = start(spec, options, args.max_batch, args.max_waiting)
+    except BaseException:
+        stop_after_failed_start(started_ray)
+        raise
+    count = f"{options.min_replicas}-{options.max_replicas}" if options.min_replicas else str(options.replicas)
+    serve_ingress(handle, args.host, args.port, keys, _limits(args), args.public_docs_and_metrics,
+                  args.shutdown_timeout, started_ray, options.min_replicas or options.replicas,
+                  on_ready=lambda model_id: _print_serving(model_id, args, f" on {count} Ray Serve replicas"))
     return 0
 
 

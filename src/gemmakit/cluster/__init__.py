@@ -8,6 +8,13 @@
 Needs the ``ray`` extra: ``pip install "gemmakit[ray]"``.
 """
 
-from .replica import ReplicaSpec
+import os
+
+# The deployment handle's router runs on the event loop that uses the handle (the ingress's), not on a thread of
+# its own: one thread hop less for every streamed chunk. Serve reads this when it is imported, so it is set here,
+# before any module of this package imports ray.serve; the handle must then be first used inside that loop.
+os.environ.setdefault("RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP", "0")
+
+from .replica import ReplicaSpec  # noqa: E402
 
 __all__ = ["ReplicaSpec"]

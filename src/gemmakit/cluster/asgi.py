@@ -2,9 +2,10 @@
 
 The ingress reads a request whole (its size is bounded by the SizeGate) and sends it to a replica as a
 :class:`ForwardedRequest`; the replica runs it through the same FastAPI app ``gemmakit serve`` uses and hands back
-the response as items: a :class:`ResponseHead` (status and headers), then body chunks (bytes). Chunks the app sent
-while the previous one was in transit travel together, so a busy replica does not pay Ray's per-item cost for every
-token of every stream.
+the response as items: one :class:`Opening` (the replica's id, status and headers, the first body bytes: a whole
+plain response, or a stream's first chunk), then the rest of the body in chunks (bytes). Each item crossing Ray
+costs milliseconds, so the opening waits for the first body bytes rather than travelling alone, and chunks the
+app sent while the previous one was in transit travel together.
 """
 
 from __future__ import annotations
@@ -52,6 +53,16 @@ class ResponseHead:
         return next((v for k, v in self.headers if k.lower() == name), None)
 
 
+@dataclass(frozen=True)
+class Opening:
+    """A replica's first item for a request: who answers, the head, the body so far and whether that is all."""
+
+    replica: str
+    head: ResponseHead
+    body: bytes
+    complete: bool
+
+
 def forwardable_headers(headers: list[tuple[bytes, bytes]]) -> tuple[tuple[bytes, bytes], ...]:
     """The request headers a replica sees: the client's, less those about the connection."""
     return tuple((k, v) for k, v in headers if k.lower() not in HOP_BY_HOP)
@@ -67,36 +78,29 @@ async def _call_app(app, request: ForwardedRequest, receive, send, out: asyncio.
         out.put_nowait(None)
 
 
-def _next_items(first: dict, out: asyncio.Queue) -> tuple[list[Any], bool]:
-    """Turn the message ``first`` and the messages already queued behind it into items (a head, then the body
-    chunks joined); the flag says whether the response is complete (or the app ended without completing it)."""
-    items: list[Any] = []
-    body: list[bytes] = []
+def _drain(first: dict, out: asyncio.Queue) -> tuple[ResponseHead | None, bytes, bool]:
+    """The message ``first`` and those already queued behind it, joined: the head if among them, the body bytes,
+    and whether the response is complete (or the app ended without completing it)."""
+    head, body = None, []
     message: dict | None = first
-    done = False
     while True:
         if message is None:  # the app returned
-            done = True
-            break
+            return head, b"".join(body), True
         if message["type"] == "http.response.start":
-            items.append(ResponseHead(message["status"], tuple(message.get("headers", ()))))
+            head = ResponseHead(message["status"], tuple(message.get("headers", ())))
         elif message["type"] == "http.response.body":
             body.append(message.get("body", b""))
             if not message.get("more_body", False):
-                done = True
-                break
+                return head, b"".join(body), True
         if out.empty():
-            break
+            return head, b"".join(body), False
         message = out.get_nowait()
-    if any(body):
-        items.append(b"".join(body))
-    return items, done
 
 
-async def run_request(app, request: ForwardedRequest) -> AsyncIterator[Any]:
-    """Run ``request`` through the ASGI ``app``; yield a :class:`ResponseHead`, then the body in chunks. Closing
-    the iterator early (the client went away) tells the app the client disconnected, which cancels its
-    generation, as a dropped connection does in ``gemmakit serve``."""
+async def run_request(app, request: ForwardedRequest) -> AsyncIterator[tuple[ResponseHead | None, bytes, bool]]:
+    """Run ``request`` through the ASGI ``app``; yield what it sent as (head or None, body bytes, complete), the
+    head in the first. Closing the iterator early (the client went away) tells the app the client disconnected,
+    which cancels its generation, as a dropped connection does in ``gemmakit serve``."""
     out: asyncio.Queue = asyncio.Queue()
     disconnected = asyncio.Event()
     body_sent = False
@@ -114,14 +118,34 @@ async def run_request(app, request: ForwardedRequest) -> AsyncIterator[Any]:
 
     task = asyncio.create_task(_call_app(app, request, receive, send, out))
     try:
-        while (message := await out.get()) is not None:
-            items, done = _next_items(message, out)
-            for item in items:
-                yield item
-            if done:
-                break
+        complete = False
+        while not complete:
+            head, body, complete = _drain(await out.get(), out)
+            yield head, body, complete
     finally:
         disconnected.set()
         if not task.done():
             await asyncio.wait({task}, timeout=CANCEL_GRACE_S)
             task.cancel()
+
+
+async def respond_in_items(app, request: ForwardedRequest, replica: str) -> AsyncIterator[Opening | bytes]:
+    """The items a replica sends back for ``request``: an :class:`Opening` once the head and some body (or the
+    end) are there, then body chunks."""
+    head: ResponseHead | None = None
+    opened = False
+    pending: list[bytes] = []
+    async for part_head, body, complete in run_request(app, request):
+        if opened:
+            if body:
+                yield body
+            continue
+        head = head or part_head
+        pending.append(body)
+        if head is not None and (any(pending) or complete):
+            opened = True
+            yield Opening(replica, head, b"".join(pending), complete)
+    if not opened:  # the app ended without a response (its CatchAll makes this unlikely): a 500 of our shape
+        yield Opening(replica, ResponseHead(500, ((b"content-type", b"application/json"),)),
+                      b'{"error": {"message": "the replica\'s app ended without answering", "type": "server_error", '
+                      b'"param": null, "code": null}}', True)

@@ -9,7 +9,7 @@ view over all replicas can answer:
 - ``/metrics``: its own counters plus every replica's metrics, each sample labelled ``replica``.
 - faults: a request whose replica fails before anything reached the client (a whole plain response, or the first
   chunk of a stream) is retried on another replica; a stream cut later ends with an error event and ``[DONE]``;
-  no replica accepting a request within ``route_timeout`` is a 503.
+  while no replica is live (all died, Serve is starting new ones) requests get a 503 with ``Retry-After``.
 - backpressure: a replica that answers 429 (its queue is full) or 503 (it is shutting down) is skipped for the
   next one; when every live replica said so, its answer (with ``Retry-After``) goes to the client.
 
@@ -21,8 +21,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
@@ -32,13 +34,12 @@ from ..server.errors import CatchAll, error_response, install_error_handlers
 from ..server.limits import ServerLimits, SizeGate
 from ..server.observability import RequestLog
 from ..server.sse import ClosingStreamingResponse, sse
-from .asgi import ForwardedRequest, ResponseHead, forwardable_headers
+from .asgi import ForwardedRequest, Opening, ResponseHead, forwardable_headers
 from .metrics import IngressMetrics, merged_metrics
 from .registry import live_replica_stats
 
 logger = logging.getLogger("gemmakit.cluster")
 
-DEFAULT_ROUTE_TIMEOUT = 30.0  # seconds a request may wait for any replica to accept it
 SKIP_STATUSES = frozenset({429, 503})  # a full or draining replica: try another before answering this
 AFFINITY_CHARS = 2048  # characters of a conversation's opening (or a prompt's start) that pick its replica
 HTTP_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"]
@@ -52,16 +53,11 @@ class ReplicaLost(Exception):
         self.replica = replica
 
 
-class NoReplica(Exception):
-    """No replica accepted the request within the routing timeout."""
-
-
 @dataclass
 class IngressState:
     handle: Any  # ray.serve.handle.DeploymentHandle of the GemmakitReplica deployment
     metrics: IngressMetrics
     keys: list[bytes]
-    route_timeout: float = DEFAULT_ROUTE_TIMEOUT
 
 
 @dataclass
@@ -110,24 +106,22 @@ def is_event_stream(head: ResponseHead) -> bool:
 
 
 async def try_once(state: IngressState, request: ForwardedRequest, key: str | None, avoid: list[str]) -> Attempt:
-    """Send ``request`` to a replica and read its answer up to what the client is first sent.
+    """Send ``request`` to a replica and read its answer up to what the client is first sent: a plain response
+    whole, a stream's head and first chunk.
 
     Raises:
         ReplicaLost: the replica failed before that point (the request may be retried elsewhere).
-        NoReplica: no replica accepted it within the routing timeout.
     """
     stream = state.handle.options(stream=True).forward.remote(request, affinity=key, avoid=tuple(avoid))
     replica = None
     try:
-        replica = await asyncio.wait_for(stream.__anext__(), state.route_timeout)
-        head = await stream.__anext__()
-        if is_event_stream(head):
-            first = await anext(stream, None)
-            return Attempt(replica, head, [first] if first is not None else [], stream)
-        return Attempt(replica, head, [chunk async for chunk in stream])
-    except asyncio.TimeoutError:
-        stream.cancel()
-        raise NoReplica() from None
+        opening: Opening = await anext(stream)
+        replica = opening.replica
+        if opening.complete:
+            return Attempt(replica, opening.head, [opening.body])
+        if is_event_stream(opening.head):
+            return Attempt(replica, opening.head, [opening.body], stream)
+        return Attempt(replica, opening.head, [opening.body] + [chunk async for chunk in stream])
     except (StopAsyncIteration, *ray_failures()) as exc:
         stream.cancel()
         raise ReplicaLost(replica, exc) from exc
@@ -180,6 +174,9 @@ async def forward(request: Request) -> Response:
     tried: list[str] = []
     skipped: Attempt | None = None
     for _ in range(max(3, _live_replicas() + 2)):
+        if live_replica_stats() == {}:  # Serve would hold the request until a new replica is up
+            return error_response(503, "no replica is running (they are being replaced): retry shortly",
+                                  "server_error", code="no_replica", headers={"Retry-After": "5"})
         try:
             attempt = await try_once(state, forwarded, key, tried)
         except ReplicaLost as exc:
@@ -188,9 +185,6 @@ async def forward(request: Request) -> Response:
             logger.warning("%s; retrying on another replica", exc)
             tried += [exc.replica] if exc.replica else []
             continue
-        except NoReplica:
-            return error_response(503, f"no replica accepted the request within {state.route_timeout:.0f} s",
-                                  "server_error", code="no_replica", headers={"Retry-After": "5"})
         if attempt.head.status in SKIP_STATUSES and len(set(tried) | {attempt.replica}) < _live_replicas():
             skipped = attempt
             tried.append(attempt.replica)
@@ -219,14 +213,50 @@ async def metrics(request: Request) -> Response:
     return Response(merged_metrics(state.metrics, stats), media_type=CONTENT_TYPE_LATEST)
 
 
+async def wait_for_replicas(handle, replicas: int, timeout: float = 120.0) -> str:
+    """Ping until this process's router sees ``replicas`` replicas (so /health is right from the first request);
+    return the model id they serve."""
+    deadline = time.monotonic() + timeout
+    while True:
+        answer = await handle.ping.remote()
+        seen = len(live_replica_stats() or {})
+        if seen >= replicas:
+            return answer["model"]
+        if time.monotonic() > deadline:
+            logger.warning("the router sees %d of %d replicas after %.0f s", seen, replicas, timeout)
+            return answer["model"]
+        await asyncio.sleep(0.2)
+
+
+def _lifespan(replicas: int, on_ready: Callable[[str], None] | None,
+              on_stop: Callable[[], Awaitable[None]] | None):
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        handle = app.state.ingress.handle
+        model_id = await wait_for_replicas(handle, replicas)
+        if on_ready is not None:
+            on_ready(model_id)
+        yield
+        # The handle's router lives on this loop: whatever stops Serve must run before the loop closes.
+        if on_stop is not None:
+            await on_stop()
+        else:
+            await handle.shutdown_async()
+
+    return lifespan
+
+
 def create_ingress_app(handle, api_keys: list[str] | None = None, limits: ServerLimits | None = None,
-                       public_docs_and_metrics: bool = False,
-                       route_timeout: float = DEFAULT_ROUTE_TIMEOUT) -> FastAPI:
-    """The ingress FastAPI app over the replicas behind ``handle`` (a DeploymentHandle of GemmakitReplica)."""
-    state = IngressState(handle=handle, metrics=IngressMetrics(), keys=[k.encode() for k in (api_keys or []) if k],
-                         route_timeout=route_timeout)
+                       public_docs_and_metrics: bool = False, replicas: int = 1,
+                       on_ready: Callable[[str], None] | None = None,
+                       on_stop: Callable[[], Awaitable[None]] | None = None) -> FastAPI:
+    """The ingress FastAPI app over the replicas behind ``handle`` (a DeploymentHandle of GemmakitReplica). It
+    starts answering once its router sees ``replicas`` replicas; then ``on_ready`` gets the served model's id.
+    ``on_stop`` runs when the app stops, on its event loop (default: the handle is shut down)."""
+    state = IngressState(handle=handle, metrics=IngressMetrics(), keys=[k.encode() for k in (api_keys or []) if k])
     # The replicas' apps serve /docs and /openapi.json (they describe the API); the ingress has none of its own.
-    app = FastAPI(title="gemmakit (Ray Serve ingress)", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="gemmakit (Ray Serve ingress)", docs_url=None, redoc_url=None, openapi_url=None,
+                  lifespan=_lifespan(replicas, on_ready, on_stop))
     app.state.ingress = state
     install_error_handlers(app)
     app.add_middleware(CatchAll)

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from ..errors import InvalidParameterError
 from .replica import GemmakitReplica, ReplicaSpec
-from .registry import live_replica_stats
 from .router import DEFAULT_IMBALANCE, AffinityRouter
 
 ROUTER_PATH = f"{AffinityRouter.__module__}.{AffinityRouter.__qualname__}"
@@ -26,7 +24,13 @@ APP_NAME = "gemmakit"
 DEPLOYMENT_NAME = "GemmakitReplica"
 LOCAL_OBJECT_STORE_BYTES = 256 * 2**20  # requests and chunks are small; a local instance needs little shared memory
 HEALTH_CHECK_PERIOD_S = 2.0  # how soon Serve notices a replica whose engine stopped
-ROUTING_STATS_PERIOD_S = 1.0  # how often replicas report their metrics and load to the routers
+ROUTING_STATS_PERIOD_S = 2.0  # how often replicas report their metrics and load to the routers
+# Serve settings that cut the work per request and per streamed token (see gemmakit/cluster/__init__.py for the
+# ingress's): user code on the replica's main event loop (one thread hop less for every chunk), and a control
+# loop of Serve's controller that wakes twice a second rather than ten times (on a small machine it competes
+# with the engine for the cores).
+REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+LOCAL_RAY_ENV = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
 @dataclass(frozen=True)
@@ -62,7 +66,7 @@ def deployment_options(options: RayOptions, max_batch: int, max_waiting: int) ->
     opts: dict[str, Any] = {
         "name": DEPLOYMENT_NAME,
         "max_ongoing_requests": max_batch + max_waiting + 8,
-        "ray_actor_options": {"num_cpus": options.replica_cpus},
+        "ray_actor_options": {"num_cpus": options.replica_cpus, "runtime_env": {"env_vars": REPLICA_ENV}},
         "health_check_period_s": HEALTH_CHECK_PERIOD_S,
         "graceful_shutdown_timeout_s": options.shutdown_timeout,
         # By import path, not the class: Serve would ship a class by value, a copy whose module globals (the
@@ -85,67 +89,70 @@ def start_ray(address: str | None) -> bool:
     this process started Ray (and so stops it at the end)."""
     import ray
 
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     common = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": False}
     if address:
         ray.init(address=address, **common)
         return False
+    for name, value in LOCAL_RAY_ENV.items():  # inherited by the processes of the local instance
+        os.environ.setdefault(name, value)
     ray.init(num_cpus=os.cpu_count(), object_store_memory=LOCAL_OBJECT_STORE_BYTES, **common)
     return True
 
 
-def wait_for_router(handle, replicas: int, timeout: float = 60.0) -> dict[str, str]:
-    """Send pings until the ingress's router sees ``replicas`` replicas (so /health is right from the start);
-    return the last replica's answer (its id and model id)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        answer = handle.ping.remote().result(timeout_s=timeout)
-        stats = live_replica_stats()
-        if stats is not None and len(stats) >= replicas:
-            return answer
-        if time.monotonic() > deadline:
-            logger.warning("the router sees %d of %d replicas after %.0f s", len(stats or {}), replicas, timeout)
-            return answer
-        time.sleep(0.2)
-
-
-def start(spec: ReplicaSpec, options: RayOptions, max_batch: int, max_waiting: int) -> tuple[Any, str]:
-    """Deploy the replicas (Ray must be running); once they serve, return the deployment handle and the model id
-    they report."""
+def start(spec: ReplicaSpec, options: RayOptions, max_batch: int, max_waiting: int) -> Any:
+    """Deploy the replicas (Ray must be running) and return the deployment handle once Serve reports them up."""
     from ray import serve
 
     serve.start(proxy_location="Disabled")
     deployment = serve.deployment(GemmakitReplica).options(**deployment_options(options, max_batch, max_waiting))
-    handle = serve.run(deployment.bind(spec), name=APP_NAME, route_prefix=None)
-    answer = wait_for_router(handle, options.min_replicas or options.replicas)
-    return handle, answer["model"]
+    return serve.run(deployment.bind(spec), name=APP_NAME, route_prefix=None)
 
 
 def serve_ingress(handle, host: str, port: int, api_keys: list[str], limits, public_docs_and_metrics: bool,
-                  shutdown_timeout: float) -> None:
-    """Run the ingress on ``host:port`` until SIGTERM or Ctrl-C (then requests in flight get ``shutdown_timeout``
-    seconds to finish)."""
+                  shutdown_timeout: float, started_ray: bool, replicas: int = 1,
+                  on_ready: Callable[[str], None] | None = None) -> None:
+    """Run the ingress on ``host:port`` until SIGTERM or Ctrl-C (requests in flight get ``shutdown_timeout``
+    seconds to finish), then remove the replicas, and stop Ray if this process started it. The ingress answers
+    once its router sees ``replicas`` replicas; ``on_ready`` gets the model id."""
+    import ray
     import uvicorn
 
     from ..server.lifecycle import SignalServer
     from .ingress import create_ingress_app
 
-    app = create_ingress_app(handle, api_keys, limits, public_docs_and_metrics)
+    app = create_ingress_app(handle, api_keys, limits, public_docs_and_metrics, replicas, on_ready,
+                             on_stop=lambda: stop_serve(handle, started_ray))
     config = uvicorn.Config(app, host=host, port=port, log_level="warning",
                             timeout_graceful_shutdown=int(shutdown_timeout))
-    SignalServer(config).run()
+    try:
+        SignalServer(config).run()
+    finally:
+        if started_ray:
+            ray.shutdown()
 
 
-def stop(started_ray: bool) -> None:
-    """Remove the replicas; stop Serve and Ray when this process started them."""
+async def stop_serve(handle, started_ray: bool) -> None:
+    """On the ingress's loop (where the handle's router runs): stop Serve if this process started Ray, else
+    delete just this application from the cluster."""
+    import asyncio
+
+    from ray import serve
+
+    if started_ray:
+        await serve.shutdown_async()
+        return
+    await handle.shutdown_async()
+    await asyncio.to_thread(serve.delete, APP_NAME)
+
+
+def stop_after_failed_start(started_ray: bool) -> None:
+    """Clean up when the replicas never started serving (the ingress never ran)."""
     import ray
     from ray import serve
 
     try:
         if started_ray:
             serve.shutdown()
-        else:
-            serve.delete(APP_NAME)
     finally:
         if started_ray:
             ray.shutdown()

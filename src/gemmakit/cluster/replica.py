@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
-from .asgi import ForwardedRequest, run_request
+from .asgi import ForwardedRequest, Opening, respond_in_items
 
 logger = logging.getLogger(__name__)
 
@@ -51,11 +51,10 @@ class GemmakitReplica:
         logger.info("replica %s serves %s with %d threads", self.replica_id, llm.path, spec.threads)
 
     async def forward(self, request: ForwardedRequest, affinity: str | None = None,
-                      avoid: tuple[str, ...] = ()) -> AsyncIterator[Any]:
-        """This replica's id, then the response: a ResponseHead and body chunks. ``affinity`` and ``avoid`` are
-        read by the router (gemmakit.cluster.router), not here."""
-        yield self.replica_id
-        async for item in run_request(self.app, request):
+                      avoid: tuple[str, ...] = ()) -> AsyncIterator[Opening | bytes]:
+        """The response: an Opening (this replica's id, the head, the first body bytes), then body chunks.
+        ``affinity`` and ``avoid`` are read by the router (gemmakit.cluster.router), not here."""
+        async for item in respond_in_items(self.app, request, self.replica_id):
             yield item
 
     async def ping(self) -> dict[str, str]:
