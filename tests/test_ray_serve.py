@@ -37,12 +37,11 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 class RayServer:
     """The `gemmakit serve --ray` subprocess (stderr to a file: Ray logs enough to fill a pipe)."""
 
-    def __init__(self) -> None:
+    def __init__(self, flags: list[str]) -> None:
         self.port = free_port()
         self.log = tempfile.NamedTemporaryFile("w+", suffix=".log")
-        flags = ["--ray", "--replicas", "2", "--replica-cpus", "1", "--api-key", KEY, "--max-batch", str(MAX_BATCH),
-                 "--max-waiting", str(MAX_WAITING), "--shutdown-timeout", "5"]
-        self.proc = subprocess.Popen([sys.executable, "-m", "gemmakit", "serve", "--port", str(self.port), *flags],
+        self.proc = subprocess.Popen([sys.executable, "-m", "gemmakit", "serve", "--ray", "--port", str(self.port),
+                                      "--shutdown-timeout", "5", *flags],
                                      stdout=self.log, stderr=subprocess.STDOUT, text=True)
 
     @property
@@ -53,11 +52,11 @@ class RayServer:
         self.log.seek(0)
         return self.log.read()[-4000:]
 
-    def wait_up(self, timeout: float = 300) -> None:
+    def wait_up(self, replicas: int = 2, timeout: float = 300) -> None:
         deadline = time.time() + timeout
         while True:
             try:
-                if httpx.get(self.url + "/health", timeout=2).json().get("replicas") == 2:
+                if httpx.get(self.url + "/health", timeout=2).json().get("replicas") == replicas:
                     return
             except (httpx.HTTPError, ValueError):
                 pass
@@ -93,7 +92,8 @@ def _cmdline(p: psutil.Process) -> list[str]:
 
 @pytest.fixture(scope="module")
 def ray_server():
-    server = RayServer()
+    server = RayServer(["--replicas", "2", "--replica-cpus", "1", "--api-key", KEY, "--max-batch", str(MAX_BATCH),
+                        "--max-waiting", str(MAX_WAITING)])
     try:
         server.wait_up()
         yield server
