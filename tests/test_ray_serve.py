@@ -213,6 +213,24 @@ def test_metrics_label_every_replica(ray_server):
     assert 'gemmakit_ingress_requests_total{path="/{path:path}",status="200"}' in text
 
 
+def _cancelled_total(url: str) -> float:
+    text = httpx.get(url + "/metrics", headers=AUTH).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("gemmakit_requests_cancelled_total{"))
+
+
+def test_a_client_that_leaves_cancels_its_generation_on_the_replica(ray_server):
+    before = _cancelled_total(ray_server.url)
+    body = {"model": "m", "prompt": "A very long story:", "max_tokens": 4000, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", ray_server.url + "/v1/completions", headers=AUTH, json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        assert sum(line.startswith("data: ") for _, line in zip(range(8), lines)) >= 3
+    deadline = time.time() + 20  # the replica's metrics reach the ingress every 2 s
+    while _cancelled_total(ray_server.url) <= before:
+        assert time.time() < deadline, "the replica never cancelled the abandoned generation"
+        time.sleep(0.5)
+
+
 def _post(url: str, max_tokens: int, topic: int = 0) -> httpx.Response:
     return httpx.post(url + "/v1/completions", headers=AUTH, timeout=300,
                       json={"model": "m", "prompt": f"Story {topic}: once upon a time", "max_tokens": max_tokens,
