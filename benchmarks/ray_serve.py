@@ -8,13 +8,15 @@ Three servers, each started, measured and stopped in turn within every round (so
   ray 2x1  `gemmakit serve --ray --replicas 2 --replica-cpus 1` (two replicas of one thread)
 each with --max-batch 32 per replica. At each client level, N streaming clients (benchmarks/serve_load.py) ask
 --tokens tokens each (at 1 client: three runs of 2x --tokens, their median); per level: aggregate tok/s and TTFT
-p50/p99, medians over rounds. Printed: the Ray path's overhead at one client (ray 1x2 / single: TTFT and tok/s)
-and 2x1 against 1x2 at every level.
+p50/p99, medians over rounds. Level "1 long": one client whose prompt has --long-prompt-words more words (~1.3
+tokens each), new text each run so that no prefix cache helps. Printed: the Ray path's overhead at one client
+(ray 1x2 / single: TTFT and tok/s) and 2x1 against 1x2 at every level.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 from pathlib import Path
@@ -27,6 +29,23 @@ CONFIGS = {  # name: (threads per engine, extra serve flags)
     "ray 1x2": (2, ["--ray", "--replicas", "1", "--replica-cpus", "2"]),
     "ray 2x1": (1, ["--ray", "--replicas", "2", "--replica-cpus", "1"]),
 }
+FILLER = ("the keeper climbed the stairs at dusk and lit the lamp while the sea rose against the rocks below "
+          "and the ships far out turned toward the light ").split()
+RUN_IDS = itertools.count()
+
+
+def long_prompt(words: int) -> str:
+    """A prompt of ``words`` words whose start differs each call (no prefix cache helps it)."""
+    run = next(RUN_IDS)
+    return f"Log {run}, entry {run * 7919 % 10007}: " + " ".join(itertools.islice(itertools.cycle(FILLER), words))
+
+
+def one_client_runs(url: str, tokens: int, extra_body=None) -> dict:
+    """The median of three one-client runs (``extra_body``: a function giving fields for each run's request)."""
+    runs = [serve_load.run_round(url, 1, tokens, extra_body() if extra_body else None) for _ in range(3)]
+    row = {k: statistics.median(r[k] for r in runs) for k in ("tok_s", "ttft_p50", "ttft_p99")}
+    row["errors"] = sum(r["errors"] for r in runs)
+    return row
 
 
 def measure(name: str, args: argparse.Namespace) -> dict[int, dict]:
@@ -39,9 +58,9 @@ def measure(name: str, args: argparse.Namespace) -> dict[int, dict]:
         rows = {}
         for clients in args.levels:
             if clients == 1:
-                runs = [serve_load.run_round(url, 1, 2 * args.tokens) for _ in range(3)]
-                row = {k: statistics.median(r[k] for r in runs) for k in ("tok_s", "ttft_p50", "ttft_p99")}
-                row["errors"] = sum(r["errors"] for r in runs)
+                row = one_client_runs(url, 2 * args.tokens)
+            elif clients == "1 long":  # serve_load's `sampling` fields go into the request body: a prompt too
+                row = one_client_runs(url, 2 * args.tokens, lambda: {"prompt": long_prompt(args.long_prompt_words)})
             else:
                 row = serve_load.run_round(url, clients, args.tokens)
             if row["errors"]:
@@ -65,14 +84,15 @@ def report(results: dict[str, list[dict[int, dict]]], levels: list[int]) -> None
     print(f"{'server':<9} {'clients':>7} {'tok/s':>8} {'TTFT p50 ms':>12} {'TTFT p99 ms':>12}")
     for name in results:
         for clients in levels:
-            print(f"{name:<9} {clients:>7} {med(name, clients, 'tok_s'):>8.1f} "
+            print(f"{name:<9} {clients!s:>7} {med(name, clients, 'tok_s'):>8.1f} "
                   f"{1000 * med(name, clients, 'ttft_p50'):>12.1f} {1000 * med(name, clients, 'ttft_p99'):>12.1f}")
-    if 1 in levels and "single" in results and "ray 1x2" in results:
-        print(f"\nRay path at 1 client (ray 1x2 / single): TTFT {pairs('ray 1x2', 'single', 1, 'ttft_p50')} "
-              f"(target <= 1.10x), tok/s {pairs('ray 1x2', 'single', 1, 'tok_s')} (target >= 0.95x)")
+    for level in (1, "1 long"):
+        if level in levels and "single" in results and "ray 1x2" in results:
+            print(f"\nRay path at {level} client (ray 1x2 / single): TTFT {pairs('ray 1x2', 'single', level, 'ttft_p50')}"
+                  f" (target <= 1.10x), tok/s {pairs('ray 1x2', 'single', level, 'tok_s')} (target >= 0.95x)")
     if "ray 1x2" in results and "ray 2x1" in results:
         for clients in levels:
-            print(f"2x1 / 1x2 at {clients} clients: tok/s {pairs('ray 2x1', 'ray 1x2', clients, 'tok_s')}, "
+            print(f"2x1 / 1x2 at {clients!s} clients: tok/s {pairs('ray 2x1', 'ray 1x2', clients, 'tok_s')}, "
                   f"TTFT p50 {pairs('ray 2x1', 'ray 1x2', clients, 'ttft_p50')}")
 
 
@@ -80,7 +100,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="GGUF path (default: the bundled Gemma 3 270M)")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--levels", default="1,16,64", help="client counts, comma-separated")
+    ap.add_argument("--levels", default="1,1 long,16,64", help="client counts, comma-separated ('1 long': one "
+                    "client with a long prompt)")
+    ap.add_argument("--long-prompt-words", type=int, default=300)
     ap.add_argument("--tokens", type=int, default=64, help="tokens per client (at 1 client: twice this)")
     ap.add_argument("--configs", default=",".join(CONFIGS), help="which servers, comma-separated")
     args = ap.parse_args()
@@ -88,7 +110,7 @@ def main() -> int:
         import gemmakit
 
         args.model = str(gemmakit.default_model_path())
-    args.levels = [int(x) for x in args.levels.split(",")]
+    args.levels = [x if x == "1 long" else int(x) for x in args.levels.split(",")]
     args.max_batch, args.kv_cache_mib = 32, 1024
     names = args.configs.split(",")
     results: dict[str, list[dict[int, dict]]] = {name: [] for name in names}
@@ -97,7 +119,7 @@ def main() -> int:
             rows = measure(name, args)
             results[name].append(rows)
             print(f"round {r + 1} {name}: " + ", ".join(
-                f"{c} clients {row['tok_s']:.1f} tok/s TTFT p50 {1000 * row['ttft_p50']:.0f} ms"
+                f"{c!s} clients {row['tok_s']:.1f} tok/s TTFT p50 {1000 * row['ttft_p50']:.0f} ms"
                 for c, row in rows.items()), flush=True)
     report(results, args.levels)
     return 0
