@@ -88,8 +88,9 @@ def report(results: dict[str, list[dict[int, dict]]], levels: list[int]) -> None
                   f"{1000 * med(name, clients, 'ttft_p50'):>12.1f} {1000 * med(name, clients, 'ttft_p99'):>12.1f}")
     for level in (1, "1 long"):
         if level in levels and "single" in results and "ray 1x2" in results:
-            print(f"\nRay path at {level} client (ray 1x2 / single): TTFT {pairs('ray 1x2', 'single', level, 'ttft_p50')}"
-                  f" (target <= 1.10x), tok/s {pairs('ray 1x2', 'single', level, 'tok_s')} (target >= 0.95x)")
+            print(f"\nRay path at {level} client (ray 1x2 / single): "
+                  f"TTFT {pairs('ray 1x2', 'single', level, 'ttft_p50')} (target <= 1.10x), "
+                  f"tok/s {pairs('ray 1x2', 'single', level, 'tok_s')} (target >= 0.95x)")
     if "ray 1x2" in results and "ray 2x1" in results:
         for clients in levels:
             print(f"2x1 / 1x2 at {clients!s} clients: tok/s {pairs('ray 2x1', 'ray 1x2', clients, 'tok_s')}, "
