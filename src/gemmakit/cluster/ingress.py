@@ -173,18 +173,22 @@ async def forward(request: Request) -> Response:
     key = affinity_key(forwarded.path, request.headers, body)
     tried: list[str] = []
     skipped: Attempt | None = None
+    lost = False  # the last try's replica failed: this one is a retry
     for _ in range(max(3, _live_replicas() + 2)):
         if live_replica_stats() == {}:  # Serve would hold the request until a new replica is up
             return error_response(503, "no replica is running (they are being replaced): retry shortly",
                                   "server_error", code="no_replica", headers={"Retry-After": "5"})
+        if lost:
+            state.metrics.retries.inc()
         try:
             attempt = await try_once(state, forwarded, key, tried)
         except ReplicaLost as exc:
             state.metrics.failures.inc()
-            state.metrics.retries.inc()
-            logger.warning("%s; retrying on another replica", exc)
+            logger.warning("%s; trying another replica", exc)
             tried += [exc.replica] if exc.replica else []
+            lost = True
             continue
+        lost = False
         if attempt.head.status in SKIP_STATUSES and len(set(tried) | {attempt.replica}) < _live_replicas():
             skipped = attempt
             tried.append(attempt.replica)
