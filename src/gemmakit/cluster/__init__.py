@@ -14,6 +14,12 @@ import os
 # its own: one thread hop less for every streamed chunk. Serve reads this when it is imported, so it is set here,
 # before any module of this package imports ray.serve; the handle must then be first used inside that loop.
 os.environ.setdefault("RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP", "0")
+# `ray start` (2.60) turns token authentication on and writes the token to ~/.ray/auth_token, but a process that
+# connects to it only sends the token when told to: with a token at hand, tell it (else --ray-address fails with
+# "Authentication token is missing or incorrect").
+if "RAY_AUTH_MODE" not in os.environ and (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+                                          or os.path.exists(os.path.expanduser("~/.ray/auth_token"))):
+    os.environ["RAY_AUTH_MODE"] = "token"
 
 from .replica import ReplicaSpec  # noqa: E402
 
