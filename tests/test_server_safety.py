@@ -7,6 +7,7 @@ import json
 import logging
 import subprocess
 import sys
+import time
 
 import httpx
 import openai
@@ -84,11 +85,18 @@ def test_policy_redacts_input(guarded, caplog) -> None:
     echo = client.completions.create(model="m", prompt="Write to ann@example.com or +1 (415) 555-2671 about",
                                      max_tokens=2, echo=True, temperature=0).choices[0].text
     assert echo.startswith("Write to <EMAIL_1> or <PHONE_1> about")  # the prompt the model saw
+    def logged_messages() -> list:
+        logged = [json.loads(r.getMessage()) for r in caplog.records if r.getMessage().startswith("{")]
+        return [line["messages"] for line in logged if "messages" in line]
+
     with caplog.at_level(logging.INFO, logger="gemmakit.server"):
         client.chat.completions.create(model="m", max_tokens=2, messages=[
             {"role": "user", "content": [{"type": "text", "text": "My card is 4111 1111 1111 1111."}]}])
-    logged = [json.loads(r.getMessage()) for r in caplog.records if r.getMessage().startswith("{")]
-    messages = [line["messages"] for line in logged if "messages" in line][-1]
+        # The request's log line is written once its last byte is sent: the client may have the answer first.
+        deadline = time.time() + 10
+        while not logged_messages() and time.time() < deadline:
+            time.sleep(0.02)
+    messages = logged_messages()[-1]
     assert messages[0]["content"][0]["text"] == "My card is <CARD_1>."
     assert "4111" not in caplog.text
 
