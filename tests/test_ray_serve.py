@@ -319,3 +319,6 @@ def test_ray_flags_are_checked_before_anything_starts():
         proc = subprocess.run([sys.executable, "-m", "gemmakit", "serve", "--ray", "--port", str(free_port()),
                                *flags], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    without_ray = subprocess.run([sys.executable, "-m", "gemmakit", "serve", "--replicas", "2", "--port",
+                                  str(free_port())], capture_output=True, text=True, timeout=120)
+    assert without_ray.returncode == 2 and "--replicas: only with --ray" in without_ray.stderr, without_ray.stderr

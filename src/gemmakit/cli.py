@@ -503,6 +503,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     policy = SafetyPolicy.from_file(args.safety) if args.safety else None
     if args.ray:
         return _serve_on_ray(args, keys, policy)
+    ray_only = [flag for flag, value in (("--ray-address", args.ray_address), ("--replicas", args.replicas != 1),
+                                         ("--min-replicas", args.min_replicas), ("--max-replicas", args.max_replicas),
+                                         ("--replica-cpus", args.replica_cpus)) if value]
+    if ray_only:
+        raise InvalidParameterError(f"{', '.join(ray_only)}: only with --ray (replicas on Ray Serve)")
     audit = AuditLog(args.audit_db, args.audit_text, args.audit_retention_days) if args.audit_db else None
     llm = _load(args)
     # Logging starts after the load: its lines never land on the spinner's line.
