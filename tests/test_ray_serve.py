@@ -170,6 +170,11 @@ def test_a_conversation_stays_on_one_replica(ray_server):
         homes.add(replica)
         turns += [{"role": "assistant", "content": answer}, {"role": "user", "content": follow_up}]
     assert len(homes) == 1, homes
+    # An explicit session id pins too: six requests, one replica (by chance alone: 1 in 32).
+    pinned = {httpx.post(ray_server.url + "/v1/completions", headers={**AUTH, "x-session-id": "user-7"},
+                         json={"model": "m", "prompt": f"Line {i}:", "max_tokens": 2}).headers["x-gemmakit-replica"]
+              for i in range(6)}
+    assert len(pinned) == 1, pinned
 
 
 def _same_error(a: httpx.Response, b: httpx.Response) -> None:
@@ -213,20 +218,21 @@ def test_metrics_label_every_replica(ray_server):
     assert 'gemmakit_ingress_requests_total{path="/{path:path}",status="200"}' in text
 
 
-def _cancelled_total(url: str) -> float:
+def _metric_sum(url: str, name: str) -> float:
+    """A metric's value at the ingress, summed over its labels (the replicas', for replica metrics)."""
     text = httpx.get(url + "/metrics", headers=AUTH).text
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("gemmakit_requests_cancelled_total{"))
+               if line.startswith((name + " ", name + "{")))
 
 
 def test_a_client_that_leaves_cancels_its_generation_on_the_replica(ray_server):
-    before = _cancelled_total(ray_server.url)
+    before = _metric_sum(ray_server.url, "gemmakit_requests_cancelled_total")
     body = {"model": "m", "prompt": "A very long story:", "max_tokens": 4000, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", ray_server.url + "/v1/completions", headers=AUTH, json=body, timeout=60) as r:
         lines = r.iter_lines()
         assert sum(line.startswith("data: ") for _, line in zip(range(8), lines)) >= 3
     deadline = time.time() + 20  # the replica's metrics reach the ingress every 2 s
-    while _cancelled_total(ray_server.url) <= before:
+    while _metric_sum(ray_server.url, "gemmakit_requests_cancelled_total") <= before:
         assert time.time() < deadline, "the replica never cancelled the abandoned generation"
         time.sleep(0.5)
 
@@ -235,12 +241,6 @@ def _post(url: str, max_tokens: int, topic: int = 0) -> httpx.Response:
     return httpx.post(url + "/v1/completions", headers=AUTH, timeout=300,
                       json={"model": "m", "prompt": f"Story {topic}: once upon a time", "max_tokens": max_tokens,
                             "ignore_eos": True})
-
-
-def _counter(url: str, name: str) -> float:
-    line = next((x for x in httpx.get(url + "/metrics", headers=AUTH).text.splitlines() if x.startswith(name + " ")),
-                f"{name} 0")
-    return float(line.split()[1])
 
 
 def test_every_replica_full_is_a_429_with_retry_after(ray_server):
@@ -277,7 +277,7 @@ def _check_stream(events: list) -> None:
 
 
 def test_killing_a_replica_mid_load_loses_no_later_request(ray_server):
-    retries_before = _counter(ray_server.url, "gemmakit_ingress_retries_total")
+    retries_before = _metric_sum(ray_server.url, "gemmakit_ingress_retries_total")
     pool = ThreadPoolExecutor(8)
     # Different prompts, so both replicas hold some; half plain, half streamed.
     plain = [pool.submit(_post, ray_server.url, 80, topic) for topic in range(4)]
@@ -293,7 +293,7 @@ def test_killing_a_replica_mid_load_loses_no_later_request(ray_server):
     pool.shutdown()
     assert [a.status_code for a in later] == [200] * 10, [a.text for a in later if a.status_code != 200]
     # The requests the dead replica held (and any routed to it before Serve noticed) were sent again.
-    assert _counter(ray_server.url, "gemmakit_ingress_retries_total") > retries_before
+    assert _metric_sum(ray_server.url, "gemmakit_ingress_retries_total") > retries_before
     deadline = time.time() + 120  # Ray Serve replaces the dead replica
     while httpx.get(ray_server.url + "/health").json()["replicas"] < 2 or len(ray_server.replica_processes()) < 2:
         assert time.time() < deadline, "the killed replica was not replaced"

@@ -36,7 +36,7 @@ from ..server.observability import RequestLog
 from ..server.sse import ClosingStreamingResponse, sse
 from .asgi import ForwardedRequest, Opening, ResponseHead, forwardable_headers
 from .metrics import IngressMetrics, merged_metrics
-from .registry import live_replica_stats
+from .registry import live_replica_count, live_replica_stats
 
 logger = logging.getLogger("gemmakit.cluster")
 
@@ -158,11 +158,6 @@ def respond(attempt: Attempt, metrics: IngressMetrics) -> Response:
     return response
 
 
-def _live_replicas() -> int:
-    stats = live_replica_stats()
-    return len(stats) if stats is not None else 0
-
-
 async def forward(request: Request) -> Response:
     """Every route but /health and /metrics: forwarded to a replica, retried on another while nothing reached the
     client, a full replica skipped for the next one."""
@@ -174,8 +169,9 @@ async def forward(request: Request) -> Response:
     tried: list[str] = []
     skipped: Attempt | None = None
     lost = False  # the last try's replica failed: this one is a retry
-    for _ in range(max(3, _live_replicas() + 2)):
-        if live_replica_stats() == {}:  # Serve would hold the request until a new replica is up
+    for _ in range(max(3, (live_replica_count() or 0) + 2)):
+        live = live_replica_count()
+        if live == 0:  # Serve would hold the request until a new replica is up
             return error_response(503, "no replica is running (they are being replaced): retry shortly",
                                   "server_error", code="no_replica", headers={"Retry-After": "5"})
         if lost:
@@ -189,7 +185,7 @@ async def forward(request: Request) -> Response:
             lost = True
             continue
         lost = False
-        if attempt.head.status in SKIP_STATUSES and len(set(tried) | {attempt.replica}) < _live_replicas():
+        if attempt.head.status in SKIP_STATUSES and len(set(tried) | {attempt.replica}) < (live or 0):
             skipped = attempt
             tried.append(attempt.replica)
             if attempt.rest is not None:
@@ -203,7 +199,7 @@ async def forward(request: Request) -> Response:
 
 
 async def health(request: Request) -> Response:
-    replicas = _live_replicas()
+    replicas = live_replica_count() or 0
     state: IngressState = request.app.state.ingress
     body = {"status": "ok" if replicas else "unavailable", "replicas": replicas, "auth": bool(state.keys)}
     return Response(json.dumps(body), status_code=200 if replicas else 503, media_type="application/json")
@@ -223,7 +219,7 @@ async def wait_for_replicas(handle, replicas: int, timeout: float = 120.0) -> st
     deadline = time.monotonic() + timeout
     while True:
         answer = await handle.ping.remote()
-        seen = len(live_replica_stats() or {})
+        seen = live_replica_count() or 0
         if seen >= replicas:
             return answer["model"]
         if time.monotonic() > deadline:

@@ -17,3 +17,9 @@ def live_replica_stats() -> dict[str, dict[str, Any]] | None:
     exists (it is made with the first request through the deployment handle)."""
     routers = list(ROUTERS)
     return routers[-1].replica_stats() if routers else None
+
+
+def live_replica_count() -> int | None:
+    """How many replicas this process's router sees now; None before a router exists."""
+    routers = list(ROUTERS)
+    return len(routers[-1].curr_replicas) if routers else None
