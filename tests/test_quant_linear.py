@@ -178,7 +178,8 @@ def test_kernel_split_equals_reference_split(qtype: T, monkeypatch) -> None:
                                                (16, False, 2048, 8), (32, True, 2048, 4)])
 def test_kernel_rows_do_not_depend_on_the_batch(group, mins, K, bits) -> None:
     """Bitwise: a row's result is the same alone, in a block of four, or in any batch up to 16 (what keeps
-    greedy output the same whether a request runs alone or batched in the server)."""
+    greedy output the same whether a request runs alone or batched in the server), and in the engine's larger
+    steps of one-token rows, which the kernel takes in tiles of 16 rows (the 40 rows here: 16, 16 and 8)."""
     g = torch.Generator().manual_seed(group + K)
     N = 300
     low, high = (0, 16) if bits == 4 else (-30, 30)
@@ -191,6 +192,13 @@ def test_kernel_rows_do_not_depend_on_the_batch(group, mins, K, bits) -> None:
         assert torch.equal(w.matmul(x[:B]), full[:B])
     assert torch.equal(torch.cat([w.matmul(x[i : i + 1]) for i in range(16)]), full)
     assert torch.equal(w.matmul(x[5:12]), full[5:12])
+    steps = torch.randn(40, 1, K, generator=g)  # one-token rows: the kernel whatever their number
+    batched = w.matmul(steps)
+    assert torch.equal(batched[:16], w.matmul(steps[:16]))
+    assert torch.equal(torch.cat([w.matmul(steps[i : i + 1]) for i in range(40)]), batched)
+    assert torch.equal(w.matmul(steps[9:26]), batched[9:26])
+    ref = (steps[:, 0] @ w.dequantize().T).unsqueeze(1)  # and the values themselves: x rounded to 16 bits
+    assert torch.allclose(batched, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
 
 
 @pytest.mark.parametrize("bits", [8, 4])

@@ -45,6 +45,17 @@
 
 #define QMAX 32767.f
 
+// Rows of 16-bit x a tile multiplies at once. Each 16 x 2 weights converted to 16 bits serve every row of the
+// tile, so 16 rows (16 accumulators) spend half as many conversions per multiply-add as 8 did: the 262144 x 640
+// head of a 16-sequence step went from 16.2 to 14.0 ms on a Zen 4.
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define X16_CHUNK 16
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define X16_CHUNK 4
+#else
+#define X16_CHUNK 1
+#endif
+
 // One group of x (16 or 32 values) -> its 16-bit integers, its step (max|x| / 32767) and its float sum.
 // The sum is taken in one fixed order on every instruction set, so every build gives the same bits: lanes
 // i and i + 16 first (group 32), then halves folded 16 -> 8 -> 4 -> 2 -> 1. A NaN or infinity in the group makes
@@ -106,12 +117,22 @@ static inline void quantize_group(const float *v, int64_t group, int16_t *q, flo
 }
 #endif
 
-// x (B, K) -> xq (B, K) int16, xd (B, G) the step of each group, xs (B, G) the float sum of each group.
-static void quantize_rows(const float *x, int64_t B, int64_t K, int64_t group, int16_t *xq, float *xd, float *xs) {
-    int64_t G = K / group;
-    for (int64_t b = 0; b < B; b++)
-        for (int64_t g = 0; g < G; g++)
-            quantize_group(x + b * K + g * group, group, xq + b * K + g * group, xd + b * G + g, xs + b * G + g);
+// Group g (columns g * group ..) of every row of x (B, K) -> its 16-bit values in xq (B, K), its step in xd (B, G)
+// and its float sum in xs (B, G). xq's rows go in chunks of X16_CHUNK (the rows a tile multiplies at once), each
+// chunk's column pairs interleaved (pair p of the chunk's row b is its pair p * rows + b): a tile then reads all
+// its rows' pairs from one pointer at fixed offsets, where 16 row pointers took more registers than there are (the
+// compiler spilled them inside the multiply-add loop). A row's values are the same whatever the chunk.
+static void quantize_column_group(const float *x, int64_t g, int64_t B, int64_t K, int64_t group, int16_t *xq,
+                                  float *xd, float *xs) {
+    int64_t G = K / group, half = group / 2;
+    for (int64_t r = 0; r < B; r++) {
+        int64_t b0 = r - r % X16_CHUNK, b = r - b0;
+        int64_t rows = B - b0 < X16_CHUNK ? B - b0 : X16_CHUNK;
+        int32_t *chunk = (int32_t *)(xq + b0 * K);
+        int16_t values[32];
+        quantize_group(x + r * K + g * group, group, values, xd + r * G + g, xs + r * G + g);
+        for (int64_t i = 0; i < half; i++) memcpy(chunk + (g * half + i) * rows + b, values + 2 * i, 4);
+    }
 }
 
 // Multiplying a block of 16 rows for the first rows of x, pull in the next block's weights (pf; NULL for none)
@@ -188,21 +209,21 @@ static inline __attribute__((always_inline)) void tile(
     const int NB, const int NIB, const int8_t *qb, const uint8_t *sb, const uint8_t *mb, int mode,
     const int16_t *xq, const float *xd, const float *xs, float *y, int64_t N, int64_t K, int64_t G, int64_t group,
     int64_t nvalid, const int8_t *pf) {
-    __m512 accf[CHUNK];
+    __m512 accf[X16_CHUNK];
     for (int b = 0; b < NB; b++) accf[b] = _mm512_setzero_ps();
     const int64_t pairs = group / 2;
     for (int64_t g = 0; g < G; g++) {
-        __m512i acc[CHUNK];
+        __m512i acc[X16_CHUNK];
         for (int b = 0; b < NB; b++) acc[b] = _mm512_setzero_si512();
         const int8_t *qg = qb + g * pairs * (NIB ? 16 : 32);
-        const int16_t *xg = xq + g * group;
+        const int16_t *xg = xq + g * group * NB;
         for (int64_t p = 0; p < pairs; p += 2) {
             __m512i w0, w1;
             pairs16(qg, p, NIB, &w0, &w1);
             prefetch_next(pf, qg - qb, p, NIB);
             for (int b = 0; b < NB; b++) {
-                dot_pairs(&acc[b], w0, xg + b * K + 2 * p);
-                dot_pairs(&acc[b], w1, xg + b * K + 2 * p + 2);
+                dot_pairs(&acc[b], w0, xg + 2 * (p * NB + b));
+                dot_pairs(&acc[b], w1, xg + 2 * ((p + 1) * NB + b));
             }
         }
         scale_group(NB, accf, acc, sb, mb, mode, g, group, xd, xs, G);
@@ -250,14 +271,14 @@ static inline __attribute__((always_inline)) void tile(
         __m256i acc[CHUNK][2];
         for (int b = 0; b < NB; b++) acc[b][0] = acc[b][1] = _mm256_setzero_si256();
         const int8_t *qg = qb + g * pairs * (NIB ? 16 : 32);
-        const int16_t *xg = xq + g * group;
+        const int16_t *xg = xq + g * group * NB;
         for (int64_t p = 0; p < pairs; p += 2) {
             __m256i w[2][2];
             prefetch_next(pf, qg - qb, p, NIB);
             pairs8(qg, p, NIB, w);
             for (int b = 0; b < NB; b++)
                 for (int i = 0; i < 2; i++) {
-                    __m256i xv = _mm256_set1_epi32(pair_at(xg + b * K + 2 * (p + i)));
+                    __m256i xv = _mm256_set1_epi32(pair_at(xg + 2 * ((p + i) * NB + b)));
                     acc[b][0] = _mm256_add_epi32(acc[b][0], _mm256_madd_epi16(w[0][i], xv));
                     acc[b][1] = _mm256_add_epi32(acc[b][1], _mm256_madd_epi16(w[1][i], xv));
                 }
@@ -341,20 +362,19 @@ static inline void quantize_group8(const float *v, int64_t group, int8_t *q, flo
 #endif
 }
 
-// x (B, K) -> xq (B, K) int8, xd (B, G) the steps, xs (B, G) the sums of the rounded values (step * integer sum:
-// the mins multiply it, as in qgemm.c) and xc (B, G) -128 times the integer sums (where the sums of int8 weights
-// + 128 start).
-static void quantize_rows8(const float *x, int64_t B, int64_t K, int64_t group, int8_t *xq, float *xd, float *xs,
-                           int32_t *xc) {
+// Row b of x (B, K) -> its int8 values in xq (B, K), the steps in xd (B, G), the sums of the rounded values in xs
+// (B, G) (step * integer sum: the mins multiply it, as in qgemm.c) and in xc (B, G) -128 times the integer sums
+// (where the sums of int8 weights + 128 start).
+static void quantize_row8(const float *x, int64_t b, int64_t K, int64_t group, int8_t *xq, float *xd, float *xs,
+                          int32_t *xc) {
     int64_t G = K / group;
-    for (int64_t b = 0; b < B; b++)
-        for (int64_t g = 0; g < G; g++) {
-            int64_t i = b * G + g;
-            int32_t isum;
-            quantize_group8(x + b * K + g * group, group, xq + b * K + g * group, xd + i, &isum);
-            xs[i] = xd[i] * (float)isum;
-            xc[i] = -128 * isum;
-        }
+    for (int64_t g = 0; g < G; g++) {
+        int64_t i = b * G + g;
+        int32_t isum;
+        quantize_group8(x + b * K + g * group, group, xq + b * K + g * group, xd + i, &isum);
+        xs[i] = xd[i] * (float)isum;
+        xc[i] = -128 * isum;
+    }
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
@@ -457,33 +477,33 @@ static void block_x8(const int8_t *qb, const uint8_t *sb, const uint8_t *mb, int
 #endif
 }
 
-// One 16-row block of W (qb, its scales sb and mins mb) for all B rows of 16-bit x (from quantize_rows).
+// One 16-row block of W (qb, its scales sb and mins mb) for all B rows of 16-bit x (from quantize_row).
 static void block_x16(const int8_t *qb, const uint8_t *sb, const uint8_t *mb, int mode, int nib, const int16_t *xq,
                       const float *xd, const float *xs, float *y, int64_t B, int64_t N, int64_t K, int64_t group,
                       int64_t nvalid, const int8_t *pf) {
     const int64_t G = K / group;
-    for (int64_t b0 = 0; b0 < B; b0 += CHUNK) {
-        int64_t nb_rows = B - b0 < CHUNK ? B - b0 : CHUNK;
+    for (int64_t b0 = 0; b0 < B; b0 += X16_CHUNK) {
+        int64_t nb_rows = B - b0 < X16_CHUNK ? B - b0 : X16_CHUNK;
         const int16_t *xqb = xq + b0 * K;
         const float *xdb = xd + b0 * G, *xsb = xs + b0 * G;
         float *yb = y + b0 * N;
         // Prefetch the next block during the first pass over this one (the later passes find it in cache).
         const int8_t *pfb = b0 == 0 ? pf : NULL;
         // Constant row counts and formats, so each tile's accumulators stay in registers.
-#define TILE(n, ...) (nib ? tile(n, 1, __VA_ARGS__) : tile(n, 0, __VA_ARGS__))
+#define TILE(n) case n: \
+    (nib ? tile(n, 1, qb, sb, mb, mode, xqb, xdb, xsb, yb, N, K, G, group, nvalid, pfb) \
+         : tile(n, 0, qb, sb, mb, mode, xqb, xdb, xsb, yb, N, K, G, group, nvalid, pfb)); break;
         switch (nb_rows) {
-#if CHUNK >= 8
-            case 8: TILE(8, qb, sb, mb, mode, xqb, xdb, xsb, yb, N, K, G, group, nvalid, pfb); break;
-            case 7: TILE(7, qb, sb, mb, mode, xqb, xdb, xsb, yb, N, K, G, group, nvalid, pfb); break;
-            case 6: TILE(6, qb, sb, mb, mode, xqb, xdb, xsb, yb, N, K, G, group, nvalid, pfb); break;
-            case 5: TILE(5, qb, sb, mb, mode, xqb, xdb, xsb, yb, N, K, G, group, nvalid, pfb); break;
+#if X16_CHUNK >= 16
+            TILE(16) TILE(15) TILE(14) TILE(13) TILE(12) TILE(11) TILE(10) TILE(9)
 #endif
-#if CHUNK >= 4
-            case 4: TILE(4, qb, sb, mb, mode, xqb, xdb, xsb, yb, N, K, G, group, nvalid, pfb); break;
-            case 3: TILE(3, qb, sb, mb, mode, xqb, xdb, xsb, yb, N, K, G, group, nvalid, pfb); break;
-            case 2: TILE(2, qb, sb, mb, mode, xqb, xdb, xsb, yb, N, K, G, group, nvalid, pfb); break;
+#if X16_CHUNK >= 8
+            TILE(8) TILE(7) TILE(6) TILE(5)
 #endif
-            default: TILE(1, qb, sb, mb, mode, xqb, xdb, xsb, yb, N, K, G, group, nvalid, pfb); break;
+#if X16_CHUNK >= 4
+            TILE(4) TILE(3) TILE(2)
+#endif
+            default: TILE(1)
         }
 #undef TILE
     }
@@ -505,22 +525,35 @@ int qgemv(const int8_t *q, const void *scale, const void *mins, const float *x, 
         free(xq), free(xd), free(xs), free(xc);
         return 2;
     }
-    if (x8) quantize_rows8(x, B, K, group, xq, xd, xs, xc);
-    else quantize_rows(x, B, K, group, xq, xd, xs);
     int64_t n_blocks = (N + 15) / 16;
     // Dynamic chunks (~8 per thread): when another process or the server's event loop takes a core for a
     // moment, the other threads take over its blocks instead of waiting for it at the end of the loop.
     int64_t per = n_blocks / (8 * (int64_t)threads);
     if (per < 1) per = 1;
-    #pragma omp parallel for num_threads(threads) schedule(dynamic, per)
-    for (int64_t nb = 0; nb < n_blocks; nb++) {
-        int64_t n0 = nb * 16, nvalid = N - n0 < 16 ? N - n0 : 16;
-        const int8_t *qb = q + (nib ? n0 * K / 2 : n0 * K);
-        const uint8_t *sb = block_scales(scale, mode, nb, K, group);
-        const uint8_t *mb = mins ? block_scales(mins, mode, nb, K, group) : NULL;
-        const int8_t *pf = nb + 1 < n_blocks ? qb + (nib ? 8 : 16) * K : NULL;  // the next block
-        if (x8) block_x8(qb, sb, mb, mode, nib, xq, xd, xs, xc, y + n0, B, N, K, group, nvalid, pf);
-        else block_x16(qb, sb, mb, mode, nib, xq, xd, xs, y + n0, B, N, K, group, nvalid, pf);
+    // Rounding x in parallel pays for its barrier only when x has many rows. It goes by groups of columns, so
+    // that the threads write to different cache lines of the interleaved xq (by rows, they shared every line and
+    // the smaller matrices of a 16-row step took 25% longer).
+    const int split = B >= 8 && threads > 1;
+    if (!split)
+        for (int64_t g = 0; g < G && !x8; g++) quantize_column_group(x, g, B, K, group, xq, xd, xs);
+    if (x8)
+        for (int64_t b = 0; b < B; b++) quantize_row8(x, b, K, group, xq, xd, xs, xc);
+    #pragma omp parallel num_threads(threads)
+    {
+        if (split && !x8) {
+            #pragma omp for schedule(static)
+            for (int64_t g = 0; g < G; g++) quantize_column_group(x, g, B, K, group, xq, xd, xs);
+        }
+        #pragma omp for schedule(dynamic, per)
+        for (int64_t nb = 0; nb < n_blocks; nb++) {
+            int64_t n0 = nb * 16, nvalid = N - n0 < 16 ? N - n0 : 16;
+            const int8_t *qb = q + (nib ? n0 * K / 2 : n0 * K);
+            const uint8_t *sb = block_scales(scale, mode, nb, K, group);
+            const uint8_t *mb = mins ? block_scales(mins, mode, nb, K, group) : NULL;
+            const int8_t *pf = nb + 1 < n_blocks ? qb + (nib ? 8 : 16) * K : NULL;  // the next block
+            if (x8) block_x8(qb, sb, mb, mode, nib, xq, xd, xs, xc, y + n0, B, N, K, group, nvalid, pf);
+            else block_x16(qb, sb, mb, mode, nib, xq, xd, xs, y + n0, B, N, K, group, nvalid, pf);
+        }
     }
     free(xq), free(xd), free(xs), free(xc);
     return 0;
