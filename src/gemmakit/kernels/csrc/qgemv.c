@@ -128,6 +128,10 @@ static void quantize_column_group(const float *x, int64_t g, int64_t B, int64_t 
     for (int64_t r = 0; r < B; r++) {
         int64_t b0 = r - r % X16_CHUNK, b = r - b0;
         int64_t rows = B - b0 < X16_CHUNK ? B - b0 : X16_CHUNK;
+        if (rows == 1) {  // a chunk of one row is in plain order
+            quantize_group(x + r * K + g * group, group, xq + r * K + g * group, xd + r * G + g, xs + r * G + g);
+            continue;
+        }
         int32_t *chunk = (int32_t *)(xq + b0 * K);
         int16_t values[32];
         quantize_group(x + r * K + g * group, group, values, xd + r * G + g, xs + r * G + g);
@@ -207,7 +211,7 @@ static inline __attribute__((always_inline)) void store_tile_rows(const int NB, 
 
 static inline __attribute__((always_inline)) void tile(
     const int NB, const int NIB, const int8_t *qb, const uint8_t *sb, const uint8_t *mb, int mode,
-    const int16_t *xq, const float *xd, const float *xs, float *y, int64_t N, int64_t K, int64_t G, int64_t group,
+    const int16_t *xq, const float *xd, const float *xs, float *y, int64_t N, int64_t R, int64_t G, int64_t group,
     int64_t nvalid, const int8_t *pf) {
     __m512 accf[X16_CHUNK];
     for (int b = 0; b < NB; b++) accf[b] = _mm512_setzero_ps();
@@ -216,14 +220,15 @@ static inline __attribute__((always_inline)) void tile(
         __m512i acc[X16_CHUNK];
         for (int b = 0; b < NB; b++) acc[b] = _mm512_setzero_si512();
         const int8_t *qg = qb + g * pairs * (NIB ? 16 : 32);
-        const int16_t *xg = xq + g * group * NB;
+        const int16_t *xg = xq + g * group * R;
         for (int64_t p = 0; p < pairs; p += 2) {
             __m512i w0, w1;
             pairs16(qg, p, NIB, &w0, &w1);
             prefetch_next(pf, qg - qb, p, NIB);
+            const int16_t *x0 = xg + 2 * p * R, *x1 = x0 + 2 * R;  // pairs p and p + 1 of the tile's rows
             for (int b = 0; b < NB; b++) {
-                dot_pairs(&acc[b], w0, xg + 2 * (p * NB + b));
-                dot_pairs(&acc[b], w1, xg + 2 * ((p + 1) * NB + b));
+                dot_pairs(&acc[b], w0, x0 + 2 * b);
+                dot_pairs(&acc[b], w1, x1 + 2 * b);
             }
         }
         scale_group(NB, accf, acc, sb, mb, mode, g, group, xd, xs, G);
@@ -262,7 +267,7 @@ static inline __attribute__((always_inline)) void pairs8(const int8_t *qg, int64
 
 static inline __attribute__((always_inline)) void tile(
     const int NB, const int NIB, const int8_t *qb, const uint8_t *sb, const uint8_t *mb, int mode,
-    const int16_t *xq, const float *xd, const float *xs, float *y, int64_t N, int64_t K, int64_t G, int64_t group,
+    const int16_t *xq, const float *xd, const float *xs, float *y, int64_t N, int64_t R, int64_t G, int64_t group,
     int64_t nvalid, const int8_t *pf) {
     __m256 accf[CHUNK][2];
     for (int b = 0; b < NB; b++) accf[b][0] = accf[b][1] = _mm256_setzero_ps();
@@ -271,14 +276,14 @@ static inline __attribute__((always_inline)) void tile(
         __m256i acc[CHUNK][2];
         for (int b = 0; b < NB; b++) acc[b][0] = acc[b][1] = _mm256_setzero_si256();
         const int8_t *qg = qb + g * pairs * (NIB ? 16 : 32);
-        const int16_t *xg = xq + g * group * NB;
+        const int16_t *xg = xq + g * group * R;
         for (int64_t p = 0; p < pairs; p += 2) {
             __m256i w[2][2];
             prefetch_next(pf, qg - qb, p, NIB);
             pairs8(qg, p, NIB, w);
             for (int b = 0; b < NB; b++)
                 for (int i = 0; i < 2; i++) {
-                    __m256i xv = _mm256_set1_epi32(pair_at(xg + 2 * ((p + i) * NB + b)));
+                    __m256i xv = _mm256_set1_epi32(pair_at(xg + 2 * ((p + i) * R + b)));
                     acc[b][0] = _mm256_add_epi32(acc[b][0], _mm256_madd_epi16(w[0][i], xv));
                     acc[b][1] = _mm256_add_epi32(acc[b][1], _mm256_madd_epi16(w[1][i], xv));
                 }
@@ -305,7 +310,7 @@ static inline __attribute__((always_inline)) void tile(
 #else
 #define CHUNK 1
 static void tile(const int NB, const int NIB, const int8_t *qb, const uint8_t *sb, const uint8_t *mb, int mode,
-                 const int16_t *xq, const float *xd, const float *xs, float *y, int64_t N, int64_t K,
+                 const int16_t *xq, const float *xd, const float *xs, float *y, int64_t N, int64_t R,
                  int64_t G, int64_t group, int64_t nvalid, const int8_t *pf) {
     (void)NB, (void)pf;
     for (int64_t j = 0; j < nvalid; j++) {
@@ -313,7 +318,7 @@ static void tile(const int NB, const int NIB, const int8_t *qb, const uint8_t *s
         for (int64_t g = 0; g < G; g++) {
             int32_t acc = 0;
             for (int64_t k = g * group; k < (g + 1) * group; k++)
-                acc += weight_at(qb, j, k, NIB) * (int32_t)xq[k];
+                acc += weight_at(qb, j, k, NIB) * (int32_t)xq[(k >> 1) * 2 * R + (k & 1)];
             accf = fmaf((float)acc, block_scale(sb, mode, g, j, group) * xd[g], accf);
             if (mb) accf = fmaf(-block_scale(mb, mode, g, j, group), xs[g], accf);
         }
@@ -477,35 +482,48 @@ static void block_x8(const int8_t *qb, const uint8_t *sb, const uint8_t *mb, int
 #endif
 }
 
-// One 16-row block of W (qb, its scales sb and mins mb) for all B rows of 16-bit x (from quantize_row).
+// One 16-row block of W (qb, its scales sb and mins mb) for all B rows of 16-bit x (from quantize_column_group):
+// each chunk of X16_CHUNK rows in tiles of 16, 8, 4, 2 and 1 rows (a row's arithmetic is the same in any of them).
+// Five tile sizes, not one per row count: GCC 12 crashed compiling sixteen of them into this function for
+// -march=skylake-avx512.
 static void block_x16(const int8_t *qb, const uint8_t *sb, const uint8_t *mb, int mode, int nib, const int16_t *xq,
                       const float *xd, const float *xs, float *y, int64_t B, int64_t N, int64_t K, int64_t group,
                       int64_t nvalid, const int8_t *pf) {
     const int64_t G = K / group;
     for (int64_t b0 = 0; b0 < B; b0 += X16_CHUNK) {
-        int64_t nb_rows = B - b0 < X16_CHUNK ? B - b0 : X16_CHUNK;
-        const int16_t *xqb = xq + b0 * K;
-        const float *xdb = xd + b0 * G, *xsb = xs + b0 * G;
-        float *yb = y + b0 * N;
-        // Prefetch the next block during the first pass over this one (the later passes find it in cache).
-        const int8_t *pfb = b0 == 0 ? pf : NULL;
-        // Constant row counts and formats, so each tile's accumulators stay in registers.
-#define TILE(n) case n: \
-    (nib ? tile(n, 1, qb, sb, mb, mode, xqb, xdb, xsb, yb, N, K, G, group, nvalid, pfb) \
-         : tile(n, 0, qb, sb, mb, mode, xqb, xdb, xsb, yb, N, K, G, group, nvalid, pfb)); break;
-        switch (nb_rows) {
+        const int64_t rows = B - b0 < X16_CHUNK ? B - b0 : X16_CHUNK;
+        for (int64_t t = 0; t < rows;) {
+            const int64_t left = rows - t, r = b0 + t;
+            const int16_t *xt = xq + b0 * K + 2 * t;  // the tile's first row in its chunk's interleaved pairs
+            const float *xdt = xd + r * G, *xst = xs + r * G;
+            float *yt = y + r * N;
+            // Prefetch the next block during the first pass over this one (the later passes find it in cache).
+            const int8_t *pft = r == 0 ? pf : NULL;
+            // Constant row counts and formats, so each tile's accumulators stay in registers.
+#define TILE(n) if (left >= n) { \
+                (nib ? tile(n, 1, qb, sb, mb, mode, xt, xdt, xst, yt, N, rows, G, group, nvalid, pft) \
+                     : tile(n, 0, qb, sb, mb, mode, xt, xdt, xst, yt, N, rows, G, group, nvalid, pft)); \
+                t += n; \
+                continue; \
+            }
 #if X16_CHUNK >= 16
-            TILE(16) TILE(15) TILE(14) TILE(13) TILE(12) TILE(11) TILE(10) TILE(9)
+            TILE(16)
 #endif
 #if X16_CHUNK >= 8
-            TILE(8) TILE(7) TILE(6) TILE(5)
+            TILE(8)
 #endif
 #if X16_CHUNK >= 4
-            TILE(4) TILE(3) TILE(2)
+            TILE(4)
+            TILE(2)
 #endif
-            default: TILE(1)
-        }
+            if (rows == 1) {  // a lone sequence's step: its stride a constant
+                nib ? tile(1, 1, qb, sb, mb, mode, xt, xdt, xst, yt, N, 1, G, group, nvalid, pft)
+                    : tile(1, 0, qb, sb, mb, mode, xt, xdt, xst, yt, N, 1, G, group, nvalid, pft);
+                break;
+            }
+            TILE(1)
 #undef TILE
+        }
     }
 }
 
