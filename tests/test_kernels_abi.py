@@ -76,6 +76,39 @@ def test_the_kernels_build_for_every_instruction_set_they_have_a_path_for(tmp_pa
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
+THREADS_AFTER = r"""
+import os, sys, threading, torch, gemmakit
+from gemmakit.engine import Engine
+from gemmakit.kernels import release_thread_workers
+count = lambda: len(os.listdir("/proc/self/task"))
+torch.set_num_threads(2)
+base = count()
+torch.zeros(1 << 24).add_(1.0)  # a parallel torch op: this thread gets a worker (torch shares our libgomp)
+with_worker = count()
+release_thread_workers()
+released = count()
+llm = gemmakit.load(sys.argv[1], threads=2)  # parallel packing and a warm-up, then the workers are let go
+loaded = count()
+engine = Engine(llm.model, llm.tokenizer, llm.stop_token_ids, 64, max_batch=2)  # zeroes its cache in parallel
+made = count() - 1  # less the engine's own thread
+engine.shutdown()
+print(base, with_worker, released, loaded, made)
+"""
+
+
+def test_threads_that_are_done_with_parallel_work_keep_no_openmp_workers(model_path) -> None:
+    """libgomp lets a thread's workers spin between parallel regions only while it manages no more threads than
+    there are CPUs: the idle workers of the thread that loaded the model (or made an engine's cache) made the
+    engine's sleep and wake at every region (a lone sequence ~1.3x slower through the server on 2 cores). After
+    load() and Engine(), the calling thread has none left."""
+    proc = subprocess.run([sys.executable, "-c", THREADS_AFTER, str(model_path)], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    base, with_worker, released, loaded, made = map(int, proc.stdout.split()[-5:])
+    assert with_worker == base + 1  # the same runtime: torch's parallel op made this thread one worker
+    assert released == base and loaded == base and made == base
+
+
 def _status_with(lib_path, extra_env=None) -> tuple[dict, str]:
     """kernel_status() and the library in use, in a fresh process with GEMMAKIT_KERNELS_LIB=lib_path (the cache
     is this session's, so the fallback build is the one already there)."""

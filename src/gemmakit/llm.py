@@ -16,6 +16,7 @@ from .chat_template import CheckpointChatFormat, find_checkpoint_template
 from .config import GemmaConfig
 from .errors import ContextLengthError, InvalidParameterError
 from .generate import Completion, StreamEvent, collect, generate_events, token_budget
+from .kernels import release_thread_workers
 from .model import Gemma
 from .quant.linear import set_decode_x_bits
 from .safety import Safety, SafetyPolicy
@@ -547,6 +548,7 @@ def load(
     logger.info("loaded %s (%s, %d layers)", file, config.architecture, config.num_hidden_layers)
     llm = LLM(model, tokenizer, config, file, ctx, template, SamplingParams(**recommended))
     llm.safety = guards
+    release_thread_workers()  # this thread's parallel work is done; decode may run on another (an engine's)
     return llm
 
 

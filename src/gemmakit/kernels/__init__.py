@@ -6,6 +6,6 @@ decode-step kernels for the model. Quantized matmuls (quant/linear.py) and sampl
 library through :func:`kernels`.
 """
 
-from .loader import FALLBACK_NOTE, kernel_status, kernels
+from .loader import FALLBACK_NOTE, kernel_status, kernels, release_thread_workers
 
-__all__ = ["FALLBACK_NOTE", "kernel_status", "kernels"]
+__all__ = ["FALLBACK_NOTE", "kernel_status", "kernels", "release_thread_workers"]

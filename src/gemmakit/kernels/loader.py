@@ -152,3 +152,13 @@ def kernels() -> ctypes.CDLL | None:
         _unavailable(f"no kernels for the {platform.machine()} processor")
         return None
     return _prebuilt() or _built()
+
+
+def release_thread_workers() -> None:
+    """End the calling thread's idle OpenMP workers (csrc/abi.c says why), so that the thread that runs the
+    decode steps keeps workers that spin between its parallel regions instead of sleeping. For a thread that is
+    done with parallel work: the one that loaded a model, the one that made an engine's cache. It gets new
+    workers if it runs parallel work again; nothing happens without the kernels."""
+    lib = kernels()
+    if lib is not None:
+        lib.release_thread_workers()

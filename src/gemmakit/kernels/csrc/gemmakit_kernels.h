@@ -13,7 +13,7 @@
 
 #include <stdint.h>
 
-#define GEMMAKIT_KERNELS_ABI 8
+#define GEMMAKIT_KERNELS_ABI 9
 
 // -- structs -------------------------------------------------------------------------------------------------
 
@@ -111,6 +111,8 @@ int64_t gemmakit_kernels_abi(void);
 // What this build does fast: bit 0 = decode products with 8-bit x (flags bit 3) run on VNNI's vpdpbusd (without
 // it they are computed, with the same results, by plain C: for tests, not for speed).
 int64_t gemmakit_kernels_features(void);
+// Ends the calling thread's idle OpenMP workers (abi.c says why); 0 on success.
+int release_thread_workers(void);
 
 // qgemv.c: block-scaled int8 / int4 matmuls, dequantization, GGML block conversion, RMSNorm.
 int qgemv(const int8_t *q, const void *scale, const void *mins, const float *x, float *y, int64_t B, int64_t N,
