@@ -22,6 +22,7 @@ pytest.importorskip("ray.serve", reason="needs the ray extra: pip install 'gemma
 psutil = pytest.importorskip("psutil")
 
 import gemmakit  # noqa: E402
+from gemmakit.safety.audit import AuditLog, key_hash  # noqa: E402
 from gemmakit.server import create_app  # noqa: E402
 from serving import Server, free_port  # noqa: E402
 
@@ -91,9 +92,14 @@ def _cmdline(p: psutil.Process) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def ray_server():
+def audit_db(tmp_path_factory):
+    return tmp_path_factory.mktemp("ray-audit") / "audit.db"
+
+
+@pytest.fixture(scope="module")
+def ray_server(audit_db):
     server = RayServer(["--replicas", "2", "--replica-cpus", "1", "--api-key", KEY, "--max-batch", str(MAX_BATCH),
-                        "--max-waiting", str(MAX_WAITING)])
+                        "--max-waiting", str(MAX_WAITING), "--audit-db", str(audit_db)])
     try:
         server.wait_up()
         yield server
@@ -276,6 +282,37 @@ def _check_stream(events: list) -> None:
         assert events[-2]["choices"][0]["finish_reason"] == "length"
 
 
+def test_one_audit_log_for_every_replica(ray_server, audit_db):
+    """--audit-db with --ray: every replica's rows land in one file on the ingress's machine (an actor writes it),
+    each committed before its response ended, and a report sent through any replica finds any replica's row."""
+    client = _client(ray_server.url)
+
+    def ask(i: int) -> tuple[str, str]:
+        raw = client.chat.completions.with_raw_response.create(
+            model="gemma", messages=[{"role": "user", "content": f"Name a color, number {i}."}], max_tokens=4,
+            temperature=0)
+        return raw.headers["x-gemmakit-replica"], raw.parse().id
+
+    with ThreadPoolExecutor(8) as pool:
+        served = list(pool.map(ask, range(8)))
+    assert len({replica for replica, _ in served}) == 2, served
+    rows = {row["id"]: row for row in AuditLog(audit_db).rows()}  # read while the writer holds it (WAL)
+    for _, rid in served:
+        assert rows[rid]["status"] == 200 and rows[rid]["endpoint"] == "/v1/chat/completions"
+        assert rows[rid]["key_hash"] == key_hash(KEY) and rows[rid]["completion_tokens"] >= 1
+    answered_by = []
+    for replica, rid in served:
+        report = httpx.post(ray_server.url + "/v1/feedback", headers=AUTH,
+                            json={"request_id": rid, "rating": -1, "category": "wrong"}, timeout=60)
+        assert report.status_code == 200, report.text
+        answered_by.append(report.headers["x-gemmakit-replica"])
+    assert any(by != replica for by, (replica, _) in zip(answered_by, served))  # some report crossed replicas
+    missing = httpx.post(ray_server.url + "/v1/feedback", headers=AUTH, json={"request_id": "nope", "rating": 1})
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "request_not_found"
+    rows = {row["id"]: row for row in AuditLog(audit_db).rows()}
+    assert all(rows[rid]["feedback"][0]["rating"] == -1 for _, rid in served)
+
+
 def test_killing_a_replica_mid_load_loses_no_later_request(ray_server):
     retries_before = _metric_sum(ray_server.url, "gemmakit_ingress_retries_total")
     pool = ThreadPoolExecutor(8)
@@ -315,7 +352,8 @@ def test_stopping_the_ingress_leaves_no_ray_process(ray_server):
 def test_ray_flags_are_checked_before_anything_starts():
     for flags, message in ((["--min-replicas", "2"], "go together"),
                            (["--min-replicas", "3", "--max-replicas", "2"], "min <= max"),
-                           (["--data-dir", "/tmp/x"], "not supported with --ray")):
+                           (["--data-dir", "/tmp/x"], "not supported with --ray"),
+                           (["--audit-db", "/proc/no/audit.db"], "cannot open the audit log")):
         proc = subprocess.run([sys.executable, "-m", "gemmakit", "serve", "--ray", "--port", str(free_port()),
                                *flags], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr

@@ -110,10 +110,11 @@ def start(spec: ReplicaSpec, options: RayOptions, max_batch: int, max_waiting: i
 
 def serve_ingress(handle, host: str, port: int, api_keys: list[str], limits, public_docs_and_metrics: bool,
                   shutdown_timeout: float, started_ray: bool, replicas: int = 1,
-                  on_ready: Callable[[str], None] | None = None) -> None:
+                  on_ready: Callable[[str], None] | None = None, after_stop: Callable[[], None] | None = None) -> None:
     """Run the ingress on ``host:port`` until SIGTERM or Ctrl-C (requests in flight get ``shutdown_timeout``
-    seconds to finish), then remove the replicas, and stop Ray if this process started it. The ingress answers
-    once its router sees ``replicas`` replicas; ``on_ready`` gets the model id."""
+    seconds to finish), then remove the replicas, run ``after_stop`` (e.g. close the shared audit log), and stop
+    Ray if this process started it. The ingress answers once its router sees ``replicas`` replicas; ``on_ready``
+    gets the model id."""
     import ray
     import uvicorn
 
@@ -127,8 +128,12 @@ def serve_ingress(handle, host: str, port: int, api_keys: list[str], limits, pub
     try:
         SignalServer(config).run()
     finally:
-        if started_ray:
-            ray.shutdown()
+        try:
+            if after_stop is not None:
+                after_stop()
+        finally:
+            if started_ray:
+                ray.shutdown()
 
 
 async def stop_serve(handle, started_ray: bool) -> None:
