@@ -55,6 +55,12 @@
 #else
 #define X16_CHUNK 1
 #endif
+// Rows of 8-bit x a tile takes: 16 with VNNI; else the plain C path goes a row at a time (x in plain order).
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define X8_CHUNK 16
+#else
+#define X8_CHUNK 1
+#endif
 
 // One group of x (16 or 32 values) -> its 16-bit integers, its step (max|x| / 32767) and its float sum.
 // The sum is taken in one fixed order on every instruction set, so every build gives the same bits: lanes
@@ -117,25 +123,35 @@ static inline void quantize_group(const float *v, int64_t group, int16_t *q, flo
 }
 #endif
 
-// Group g (columns g * group ..) of every row of x (B, K) -> its 16-bit values in xq (B, K), its step in xd (B, G)
-// and its float sum in xs (B, G). xq's rows go in chunks of X16_CHUNK (the rows a tile multiplies at once), each
-// chunk's column pairs interleaved (pair p of the chunk's row b is its pair p * rows + b): a tile then reads all
-// its rows' pairs from one pointer at fixed offsets, where 16 row pointers took more registers than there are (the
-// compiler spilled them inside the multiply-add loop). A row's values are the same whatever the chunk.
-static void quantize_column_group(const float *x, int64_t g, int64_t B, int64_t K, int64_t group, int16_t *xq,
-                                  float *xd, float *xs) {
-    int64_t G = K / group, half = group / 2;
-    for (int64_t r = 0; r < B; r++) {
-        int64_t b0 = r - r % X16_CHUNK, b = r - b0;
-        int64_t rows = B - b0 < X16_CHUNK ? B - b0 : X16_CHUNK;
-        if (rows == 1) {  // a chunk of one row is in plain order
-            quantize_group(x + r * K + g * group, group, xq + r * K + g * group, xd + r * G + g, xs + r * G + g);
-            continue;
+// x (B, K) -> xq (B, K) int16, xd (B, G) the step of each group, xs (B, G) the float sum of each group.
+static void quantize_rows(const float *x, int64_t B, int64_t K, int64_t group, int16_t *xq, float *xd, float *xs) {
+    int64_t G = K / group;
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t g = 0; g < G; g++)
+            quantize_group(x + b * K + g * group, group, xq + b * K + g * group, xd + b * G + g, xs + b * G + g);
+}
+
+// Rounded x (B rows of P 4-byte units: column pairs of 16-bit x, quads of 8-bit x) -> the layout the tiles read:
+// each chunk of `chunk` rows (the rows a tile takes at most) with its units interleaved, unit p of the chunk's row
+// b at unit p * rows + b. A tile then reaches all its rows' units from one pointer at fixed offsets, where 16 row
+// pointers took more registers than there are (the compiler spilled them inside the multiply-add loop). A full
+// chunk of 16 rows goes one unit of all its rows per gather. A row's values are the same whatever its chunk.
+static void interleave_units(const uint8_t *plain, int64_t B, int64_t P, int64_t chunk, uint8_t *out) {
+    for (int64_t b0 = 0; b0 < B; b0 += chunk) {
+        const int64_t rows = B - b0 < chunk ? B - b0 : chunk;
+        const uint8_t *src = plain + b0 * P * 4;
+        uint8_t *dst = out + b0 * P * 4;
+        int64_t p = 0;
+#if defined(__AVX512F__)
+        if (rows == 16 && P < (1 << 26)) {
+            const __m512i rows_apart = _mm512_mullo_epi32(
+                _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32((int)P));
+            for (; p < P; p++)
+                _mm512_storeu_si512((void *)(dst + p * 64), _mm512_i32gather_epi32(rows_apart, src + p * 4, 4));
         }
-        int32_t *chunk = (int32_t *)(xq + b0 * K);
-        int16_t values[32];
-        quantize_group(x + r * K + g * group, group, values, xd + r * G + g, xs + r * G + g);
-        for (int64_t i = 0; i < half; i++) memcpy(chunk + (g * half + i) * rows + b, values + 2 * i, 4);
+#endif
+        for (; p < P; p++)
+            for (int64_t b = 0; b < rows; b++) memcpy(dst + (p * rows + b) * 4, src + (b * P + p) * 4, 4);
     }
 }
 
@@ -367,19 +383,20 @@ static inline void quantize_group8(const float *v, int64_t group, int8_t *q, flo
 #endif
 }
 
-// Row b of x (B, K) -> its int8 values in xq (B, K), the steps in xd (B, G), the sums of the rounded values in xs
-// (B, G) (step * integer sum: the mins multiply it, as in qgemm.c) and in xc (B, G) -128 times the integer sums
-// (where the sums of int8 weights + 128 start).
-static void quantize_row8(const float *x, int64_t b, int64_t K, int64_t group, int8_t *xq, float *xd, float *xs,
-                          int32_t *xc) {
+// x (B, K) -> xq (B, K) int8, xd (B, G) the steps, xs (B, G) the sums of the rounded values (step * integer sum:
+// the mins multiply it, as in qgemm.c) and xc (B, G) -128 times the integer sums (where the sums of int8 weights
+// + 128 start).
+static void quantize_rows8(const float *x, int64_t B, int64_t K, int64_t group, int8_t *xq, float *xd, float *xs,
+                           int32_t *xc) {
     int64_t G = K / group;
-    for (int64_t g = 0; g < G; g++) {
-        int64_t i = b * G + g;
-        int32_t isum;
-        quantize_group8(x + b * K + g * group, group, xq + b * K + g * group, xd + i, &isum);
-        xs[i] = xd[i] * (float)isum;
-        xc[i] = -128 * isum;
-    }
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t g = 0; g < G; g++) {
+            int64_t i = b * G + g;
+            int32_t isum;
+            quantize_group8(x + b * K + g * group, group, xq + b * K + g * group, xd + i, &isum);
+            xs[i] = xd[i] * (float)isum;
+            xc[i] = -128 * isum;
+        }
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
@@ -410,20 +427,21 @@ static inline __attribute__((always_inline)) __m512i quad16(const int8_t *qg, in
 // row, and a loop over them spent as long on its own bookkeeping.
 static inline __attribute__((always_inline)) void tile_x8(
     const int NB, const int NIB, const int GROUP, const int8_t *qb, const uint8_t *sb, const uint8_t *mb, int mode,
-    const int8_t *xq, const float *xd, const float *xs, const int32_t *xc, float *y, int64_t N, int64_t K,
+    const int8_t *xq, const float *xd, const float *xs, const int32_t *xc, float *y, int64_t N, int64_t R,
     int64_t G, int64_t nvalid, const int8_t *pf) {
-    __m512 accf[CHUNK];
+    __m512 accf[X8_CHUNK];
     for (int b = 0; b < NB; b++) accf[b] = _mm512_setzero_ps();
     for (int64_t g = 0; g < G; g++) {
-        __m512i acc[CHUNK];
+        __m512i acc[X8_CHUNK];
         for (int b = 0; b < NB; b++) acc[b] = NIB ? _mm512_setzero_si512() : _mm512_set1_epi32(xc[b * G + g]);
         const int8_t *qg = qb + g * GROUP * (NIB ? 8 : 16);
-        const int8_t *xg = xq + g * GROUP;
+        const int8_t *xg = xq + g * GROUP * R;  // the group's quads, R rows apart
 #pragma GCC unroll 8
         for (int s = 0; s < GROUP / 4; s++) {
             __m512i w = quad16(qg, s, NIB);
             prefetch_next(pf, qg - qb, 2 * s, NIB);
-            for (int b = 0; b < NB; b++) dot_quads(&acc[b], w, xg + b * K + 4 * s);
+            const int8_t *xquad = xg + 4 * s * R;  // quad s of the tile's rows
+            for (int b = 0; b < NB; b++) dot_quads(&acc[b], w, xquad + 4 * b);
         }
         scale_group(NB, accf, acc, sb, mb, mode, g, GROUP, xd, xs, G);
     }
@@ -453,27 +471,30 @@ static void block_x8(const int8_t *qb, const uint8_t *sb, const uint8_t *mb, int
                      int64_t group, int64_t nvalid, const int8_t *pf) {
     const int64_t G = K / group;
 #if X8_VNNI
-    for (int64_t b0 = 0; b0 < B; b0 += CHUNK) {
-        int64_t rows = B - b0 < CHUNK ? B - b0 : CHUNK;
-        const int8_t *x = xq + b0 * K, *p = b0 == 0 ? pf : NULL;
-        const float *d = xd + b0 * G, *s = xs + b0 * G;
-        const int32_t *c = xc + b0 * G;
-        float *yb = y + b0 * N;
-#define TILE8G(n, nb4, grp) tile_x8(n, nb4, grp, qb, sb, mb, mode, x, d, s, c, yb, N, K, G, nvalid, p)
-#define TILE8(n) (nib ? (group == 32 ? TILE8G(n, 1, 32) : TILE8G(n, 1, 16)) \
-                      : (group == 32 ? TILE8G(n, 0, 32) : TILE8G(n, 0, 16)))
-        switch (rows) {
-            case 8: TILE8(8); break;
-            case 7: TILE8(7); break;
-            case 6: TILE8(6); break;
-            case 5: TILE8(5); break;
-            case 4: TILE8(4); break;
-            case 3: TILE8(3); break;
-            case 2: TILE8(2); break;
-            default: TILE8(1); break;
-        }
+    // As block_x16: each chunk of X8_CHUNK rows in tiles of 16, 8, 4, 2 and 1 rows.
+    for (int64_t b0 = 0; b0 < B; b0 += X8_CHUNK) {
+        const int64_t rows = B - b0 < X8_CHUNK ? B - b0 : X8_CHUNK;
+        for (int64_t t = 0; t < rows;) {
+            const int64_t left = rows - t, r = b0 + t;
+            const int8_t *x = xq + b0 * K + 4 * t, *p = r == 0 ? pf : NULL;
+            const float *d = xd + r * G, *s = xs + r * G;
+            const int32_t *c = xc + r * G;
+            float *yt = y + r * N;
+#define TILE8G(n, nb4, grp) tile_x8(n, nb4, grp, qb, sb, mb, mode, x, d, s, c, yt, N, rows, G, nvalid, p)
+#define TILE8(n) if (left >= n) { \
+                nib ? (group == 32 ? TILE8G(n, 1, 32) : TILE8G(n, 1, 16)) \
+                    : (group == 32 ? TILE8G(n, 0, 32) : TILE8G(n, 0, 16)); \
+                t += n; \
+                continue; \
+            }
+            TILE8(16)
+            TILE8(8)
+            TILE8(4)
+            TILE8(2)
+            TILE8(1)
 #undef TILE8
 #undef TILE8G
+        }
     }
 #else
     (void)xc, (void)pf;
@@ -482,7 +503,7 @@ static void block_x8(const int8_t *qb, const uint8_t *sb, const uint8_t *mb, int
 #endif
 }
 
-// One 16-row block of W (qb, its scales sb and mins mb) for all B rows of 16-bit x (from quantize_column_group):
+// One 16-row block of W (qb, its scales sb and mins mb) for all B rows of 16-bit x (from interleave_units):
 // each chunk of X16_CHUNK rows in tiles of 16, 8, 4, 2 and 1 rows (a row's arithmetic is the same in any of them).
 // Five tile sizes, not one per row count: GCC 12 crashed compiling sixteen of them into this function for
 // -march=skylake-avx512.
@@ -536,44 +557,33 @@ int qgemv(const int8_t *q, const void *scale, const void *mins, const float *x, 
     const int mode = scale_mode(flags), nib = (flags >> 1) & 1, x8 = (flags >> 3) & 1;
     if (B < 1 || (group != 16 && group != 32) || K % group || (mode == SCALE_KS && K % KS_COLS)) return 1;
     int64_t G = K / group;
-    void *xq = malloc((x8 ? 1 : sizeof(int16_t)) * B * K);
+    const int64_t x_bytes = (x8 ? 1 : sizeof(int16_t)) * B * K, chunk = x8 ? X8_CHUNK : X16_CHUNK;
+    void *plain = malloc(x_bytes), *xq = B > 1 && chunk > 1 ? malloc(x_bytes) : plain;  // one row: plain order
     float *xd = malloc(sizeof(float) * B * G), *xs = malloc(sizeof(float) * B * G);
     int32_t *xc = x8 ? malloc(sizeof(int32_t) * B * G) : NULL;
-    if (!xq || !xd || !xs || (x8 && !xc)) {
-        free(xq), free(xd), free(xs), free(xc);
+    if (!plain || !xq || !xd || !xs || (x8 && !xc)) {
+        free(plain), free(xq != plain ? xq : NULL), free(xd), free(xs), free(xc);
         return 2;
     }
+    if (x8) quantize_rows8(x, B, K, group, plain, xd, xs, xc);
+    else quantize_rows(x, B, K, group, plain, xd, xs);
+    if (xq != plain) interleave_units(plain, B, x8 ? K / 4 : K / 2, chunk, xq);
     int64_t n_blocks = (N + 15) / 16;
     // Dynamic chunks (~8 per thread): when another process or the server's event loop takes a core for a
     // moment, the other threads take over its blocks instead of waiting for it at the end of the loop.
     int64_t per = n_blocks / (8 * (int64_t)threads);
     if (per < 1) per = 1;
-    // Rounding x in parallel pays for its barrier only when x has many rows. It goes by groups of columns, so
-    // that the threads write to different cache lines of the interleaved xq (by rows, they shared every line and
-    // the smaller matrices of a 16-row step took 25% longer).
-    const int split = B >= 8 && threads > 1;
-    if (!split)
-        for (int64_t g = 0; g < G && !x8; g++) quantize_column_group(x, g, B, K, group, xq, xd, xs);
-    if (x8)
-        for (int64_t b = 0; b < B; b++) quantize_row8(x, b, K, group, xq, xd, xs, xc);
-    #pragma omp parallel num_threads(threads)
-    {
-        if (split && !x8) {
-            #pragma omp for schedule(static)
-            for (int64_t g = 0; g < G; g++) quantize_column_group(x, g, B, K, group, xq, xd, xs);
-        }
-        #pragma omp for schedule(dynamic, per)
-        for (int64_t nb = 0; nb < n_blocks; nb++) {
-            int64_t n0 = nb * 16, nvalid = N - n0 < 16 ? N - n0 : 16;
-            const int8_t *qb = q + (nib ? n0 * K / 2 : n0 * K);
-            const uint8_t *sb = block_scales(scale, mode, nb, K, group);
-            const uint8_t *mb = mins ? block_scales(mins, mode, nb, K, group) : NULL;
-            const int8_t *pf = nb + 1 < n_blocks ? qb + (nib ? 8 : 16) * K : NULL;  // the next block
-            if (x8) block_x8(qb, sb, mb, mode, nib, xq, xd, xs, xc, y + n0, B, N, K, group, nvalid, pf);
-            else block_x16(qb, sb, mb, mode, nib, xq, xd, xs, y + n0, B, N, K, group, nvalid, pf);
-        }
+    #pragma omp parallel for num_threads(threads) schedule(dynamic, per)
+    for (int64_t nb = 0; nb < n_blocks; nb++) {
+        int64_t n0 = nb * 16, nvalid = N - n0 < 16 ? N - n0 : 16;
+        const int8_t *qb = q + (nib ? n0 * K / 2 : n0 * K);
+        const uint8_t *sb = block_scales(scale, mode, nb, K, group);
+        const uint8_t *mb = mins ? block_scales(mins, mode, nb, K, group) : NULL;
+        const int8_t *pf = nb + 1 < n_blocks ? qb + (nib ? 8 : 16) * K : NULL;  // the next block
+        if (x8) block_x8(qb, sb, mb, mode, nib, xq, xd, xs, xc, y + n0, B, N, K, group, nvalid, pf);
+        else block_x16(qb, sb, mb, mode, nib, xq, xd, xs, y + n0, B, N, K, group, nvalid, pf);
     }
-    free(xq), free(xd), free(xs), free(xc);
+    free(plain), free(xq != plain ? xq : NULL), free(xd), free(xs), free(xc);
     return 0;
 }
 
