@@ -170,7 +170,6 @@ static inline int32_t pair_at(const int16_t *p) {
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-#define CHUNK 8
 #if defined(__AVX512VNNI__) && defined(__GNUC__)
 // acc += w . (the int16 pair at p, broadcast), in place. Written as asm because GCC 12 keeps intrinsic
 // accumulators of an unrolled tile in the wrong registers and copies each one twice per multiply-add; here the
@@ -252,7 +251,6 @@ static inline __attribute__((always_inline)) void tile(
     store_tile_rows(NB, accf, y, N, nvalid);
 }
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#define CHUNK 4
 // Rows 8h .. 8h + 7's scales of group g (bitwise block_scale's values).
 static inline __m256 scale8(const uint8_t *blk, int mode, int64_t g, int64_t group, int h) {
     if (mode == SCALE_KS) {
@@ -285,11 +283,11 @@ static inline __attribute__((always_inline)) void tile(
     const int NB, const int NIB, const int8_t *qb, const uint8_t *sb, const uint8_t *mb, int mode,
     const int16_t *xq, const float *xd, const float *xs, float *y, int64_t N, int64_t R, int64_t G, int64_t group,
     int64_t nvalid, const int8_t *pf) {
-    __m256 accf[CHUNK][2];
+    __m256 accf[X16_CHUNK][2];
     for (int b = 0; b < NB; b++) accf[b][0] = accf[b][1] = _mm256_setzero_ps();
     const int64_t pairs = group / 2;
     for (int64_t g = 0; g < G; g++) {
-        __m256i acc[CHUNK][2];
+        __m256i acc[X16_CHUNK][2];
         for (int b = 0; b < NB; b++) acc[b][0] = acc[b][1] = _mm256_setzero_si256();
         const int8_t *qg = qb + g * pairs * (NIB ? 16 : 32);
         const int16_t *xg = xq + g * group * R;
@@ -324,7 +322,6 @@ static inline __attribute__((always_inline)) void tile(
     }
 }
 #else
-#define CHUNK 1
 static void tile(const int NB, const int NIB, const int8_t *qb, const uint8_t *sb, const uint8_t *mb, int mode,
                  const int16_t *xq, const float *xd, const float *xs, float *y, int64_t N, int64_t R,
                  int64_t G, int64_t group, int64_t nvalid, const int8_t *pf) {
