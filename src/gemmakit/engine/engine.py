@@ -167,8 +167,8 @@ class Engine:
         self._freed_at = [0] * max_batch  # when each row was freed (steps): the least recently used goes first
         self.prefix_stats = {"queries": 0, "hits": 0, "hit_tokens": 0, "evictions": 0}
         self._ring_slots = min((s.slots for s in self.cache._slots.values() if s.ring), default=None)
-        # Zeroing the cache ran in parallel on this thread: its idle workers would make the engine thread's sleep
-        # between parallel regions (see kernels.release_thread_workers).
+        # Zeroing the cache ran in parallel on this thread: its idle workers would make the engine thread's own
+        # workers sleep between parallel regions (see kernels.release_thread_workers).
         release_thread_workers()
         self._thread = threading.Thread(target=self._run, name="gemmakit-engine", daemon=True)
         self._thread.start()
