@@ -293,24 +293,34 @@ def test_one_audit_log_for_every_replica(ray_server, audit_db):
             temperature=0)
         return raw.headers["x-gemmakit-replica"], raw.parse().id
 
-    with ThreadPoolExecutor(8) as pool:
-        served = list(pool.map(ask, range(8)))
+    with ThreadPoolExecutor(8) as pool:  # 16 prompts: both replicas serve some (rendezvous and load)
+        served = list(pool.map(ask, range(16)))
     assert len({replica for replica, _ in served}) == 2, served
-    rows = {row["id"]: row for row in AuditLog(audit_db).rows()}  # read while the writer holds it (WAL)
+    rows = _audit_rows(audit_db)  # read while the writer holds it (WAL)
     for _, rid in served:
         assert rows[rid]["status"] == 200 and rows[rid]["endpoint"] == "/v1/chat/completions"
         assert rows[rid]["key_hash"] == key_hash(KEY) and rows[rid]["completion_tokens"] >= 1
-    answered_by = []
+    # One session id pins every report to one replica, so the other replica's rows are reached across replicas.
+    pinned = {**AUTH, "x-session-id": "audit-reports"}
+    answered_by = set()
     for replica, rid in served:
-        report = httpx.post(ray_server.url + "/v1/feedback", headers=AUTH,
+        report = httpx.post(ray_server.url + "/v1/feedback", headers=pinned,
                             json={"request_id": rid, "rating": -1, "category": "wrong"}, timeout=60)
         assert report.status_code == 200, report.text
-        answered_by.append(report.headers["x-gemmakit-replica"])
-    assert any(by != replica for by, (replica, _) in zip(answered_by, served))  # some report crossed replicas
+        answered_by.add(report.headers["x-gemmakit-replica"])
+    assert len(answered_by) == 1
     missing = httpx.post(ray_server.url + "/v1/feedback", headers=AUTH, json={"request_id": "nope", "rating": 1})
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "request_not_found"
-    rows = {row["id"]: row for row in AuditLog(audit_db).rows()}
+    rows = _audit_rows(audit_db)
     assert all(rows[rid]["feedback"][0]["rating"] == -1 for _, rid in served)
+
+
+def _audit_rows(path) -> dict[str, dict]:
+    log = AuditLog(path)
+    try:
+        return {row["id"]: row for row in log.rows()}
+    finally:
+        log.close()
 
 
 def test_killing_a_replica_mid_load_loses_no_later_request(ray_server):
