@@ -7,10 +7,11 @@ Three servers, each started, measured and stopped in turn within every round (so
   ray 1x2  `gemmakit serve --ray --replicas 1 --replica-cpus 2` (one replica of two threads)
   ray 2x1  `gemmakit serve --ray --replicas 2 --replica-cpus 1` (two replicas of one thread)
 each with --max-batch 32 per replica. At each client level, N streaming clients (benchmarks/serve_load.py) ask
---tokens tokens each (at 1 client: three runs of 2x --tokens, their median); per level: aggregate tok/s and TTFT
-p50/p99, medians over rounds. Level "1 long": one client whose prompt has --long-prompt-words more words (~1.3
-tokens each), new text each run so that no prefix cache helps. Printed: the Ray path's overhead at one client
-(ray 1x2 / single: TTFT and tok/s) and 2x1 against 1x2 at every level.
+--tokens tokens each (at 1 client: tok/s from three runs of 2x --tokens, their median; TTFT from 15 short
+requests); per level: aggregate tok/s and TTFT p50/p99, medians over rounds. Level "1 long": one client whose
+prompt has --long-prompt-words more words (~1.3 tokens each), new text each run so that no prefix cache helps.
+Printed: the Ray path's overhead at one client (ray 1x2 / single: TTFT and tok/s) and 2x1 against 1x2 at every
+level.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ CONFIGS = {  # name: (threads per engine, extra serve flags)
 FILLER = ("the keeper climbed the stairs at dusk and lit the lamp while the sea rose against the rocks below "
           "and the ships far out turned toward the light ").split()
 RUN_IDS = itertools.count()
+TTFT_SAMPLES = 15  # one-client requests whose first tokens give the TTFT figures
 
 
 def long_prompt(words: int) -> str:
@@ -40,12 +42,16 @@ def long_prompt(words: int) -> str:
     return f"Log {run}, entry {run * 7919 % 10007}: " + " ".join(itertools.islice(itertools.cycle(FILLER), words))
 
 
-def one_client_runs(url: str, tokens: int, extra_body=None) -> dict:
-    """The median of three one-client runs (``extra_body``: a function giving fields for each run's request)."""
+def one_client_runs(url: str, tokens: int, extra_body=None, ttft_samples: int = TTFT_SAMPLES) -> dict:
+    """One client: tok/s, the median of three runs of ``tokens`` tokens; TTFT p50/p99 over ``ttft_samples``
+    requests of 4 tokens, one after another (one first token per run would leave TTFT to chance on a noisy
+    machine). ``extra_body``: a function giving fields for each request."""
     runs = [serve_load.run_round(url, 1, tokens, extra_body() if extra_body else None) for _ in range(3)]
-    row = {k: statistics.median(r[k] for r in runs) for k in ("tok_s", "ttft_p50", "ttft_p99")}
-    row["errors"] = sum(r["errors"] for r in runs)
-    return row
+    short = [serve_load.run_round(url, 1, 4, extra_body() if extra_body else None) for _ in range(ttft_samples)]
+    ttfts = sorted(r["ttft_p50"] for r in short)
+    return {"tok_s": statistics.median(r["tok_s"] for r in runs), "ttft_p50": statistics.median(ttfts),
+            "ttft_p99": ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))],
+            "errors": sum(r["errors"] for r in runs + short)}
 
 
 def measure(name: str, args: argparse.Namespace) -> dict[int, dict]:

@@ -243,6 +243,35 @@ def test_a_client_that_leaves_cancels_its_generation_on_the_replica(ray_server):
         time.sleep(0.5)
 
 
+def _metric_by_replica(url: str, name: str) -> dict[str, float]:
+    text = httpx.get(url + "/metrics", headers=AUTH).text
+    return {line.split('replica="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines() if line.startswith(name + "{") and 'replica="' in line}
+
+
+def _wait_for_leases(url: str, expected, what: str) -> dict[str, float]:
+    deadline = time.time() + 20  # the replicas' metrics reach the ingress every 2 s
+    while not expected(leases := _metric_by_replica(url, "gemmakit_ray_leases")):
+        assert time.time() < deadline, f"{what}: {leases}"
+        time.sleep(0.3)
+    return leases
+
+
+def test_a_relayed_stream_holds_a_serve_call_on_its_replica_while_it_lasts(ray_server):
+    """The bytes go over HTTP, but Serve must still count the request (its autoscaling and graceful shutdown
+    read that count): the ingress holds a Serve call pinned to the replica for as long as the stream lasts."""
+    _wait_for_leases(ray_server.url, lambda leases: len(leases) == 2 and not any(leases.values()), "leases left")
+    body = {"model": "m", "prompt": "A very long story:", "max_tokens": 4000, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", ray_server.url + "/v1/completions", headers=AUTH, json=body, timeout=60) as r:
+        replica = r.headers["x-gemmakit-replica"]
+        lines = r.iter_lines()
+        leases = _wait_for_leases(ray_server.url, lambda leases: leases.get(replica) == 1,
+                                  "the streaming request's replica holds no lease")
+        assert sum(leases.values()) == 1, leases  # on that replica only
+        assert sum(line.startswith("data: ") for _, line in zip(range(4), lines)) >= 2
+    _wait_for_leases(ray_server.url, lambda leases: leases.get(replica) == 0, "the lease outlived its stream")
+
+
 def _post(url: str, max_tokens: int, topic: int = 0) -> httpx.Response:
     return httpx.post(url + "/v1/completions", headers=AUTH, timeout=300,
                       json={"model": "m", "prompt": f"Story {topic}: once upon a time", "max_tokens": max_tokens,

@@ -1,8 +1,10 @@
 """gemmakit past one machine: replicas on Ray Serve behind one OpenAI-compatible endpoint.
 
-- :mod:`.replica`: the deployment; each replica is one engine behind ``gemmakit serve``'s own app.
-- :mod:`.router`: the Serve request router (conversation affinity, else the least busy replica).
+- :mod:`.replica`: the deployment; each replica is one engine behind ``gemmakit serve``'s own app, on its own port.
+- :mod:`.router`: which replica serves a request (conversation affinity, else the least busy), and the Serve
+  request router of the leases.
 - :mod:`.ingress`: the endpoint (same routes, auth and limits; health, metrics, retries, backpressure).
+- :mod:`.proxy`: a request relayed to a replica's port over HTTP, and its response back.
 - :mod:`.launch`: Ray and Serve up and down; ``gemmakit serve --ray``.
 
 Needs the ``ray`` extra: ``pip install "gemmakit[ray]"``.
@@ -11,7 +13,7 @@ Needs the ``ray`` extra: ``pip install "gemmakit[ray]"``.
 import os
 
 # The deployment handle's router runs on the event loop that uses the handle (the ingress's), not on a thread of
-# its own: one thread hop less for every streamed chunk. Serve reads this when it is imported, so it is set here,
+# its own: one thread hop less for every call. Serve reads this when it is imported, so it is set here,
 # before any module of this package imports ray.serve; the handle must then be first used inside that loop.
 os.environ.setdefault("RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP", "0")
 # `ray start` (2.60) turns token authentication on and writes the token to ~/.ray/auth_token, but a process that

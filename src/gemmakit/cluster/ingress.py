@@ -1,11 +1,13 @@
 """The ingress: one OpenAI-compatible endpoint in front of gemmakit replicas on Ray Serve.
 
-Every API route of ``gemmakit serve`` is answered by a replica's own copy of that server's app, reached through
-a Ray Serve deployment handle (streams included); the ingress checks keys and sizes first with the same
-middleware, picks nothing itself (the :class:`~gemmakit.cluster.router.AffinityRouter` does) and owns what only a
-view over all replicas can answer:
+Every API route of ``gemmakit serve`` is answered by a replica's own copy of that server's app, on the replica's
+own port: the ingress checks keys and sizes first with the same middleware, picks the replica
+(:func:`~gemmakit.cluster.router.pick_replica`: conversation affinity, else the least busy), relays the request
+over HTTP (:mod:`gemmakit.cluster.proxy`; streams as they come) and holds a Serve lease on the replica meanwhile
+(see :mod:`gemmakit.cluster.replica`). The replicas and their URLs come from the deployment handle's router, which
+Serve keeps up to date. The ingress owns what only a view over all replicas can answer:
 
-- ``/health``: ``{"status", "replicas"}``, the live replicas; 503 while there are none.
+- ``/health``: ``{"status", "replicas"}``, the live replicas it can reach; 503 while there are none.
 - ``/metrics``: its own counters plus every replica's metrics, each sample labelled ``replica``.
 - faults: a request whose replica fails before anything reached the client (a whole plain response, or the first
   chunk of a stream) is retried on another replica; a stream cut later ends with an error event and ``[DONE]``;
@@ -22,10 +24,12 @@ import asyncio
 import json
 import logging
 import time
+from collections import Counter
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable
 
+import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
@@ -34,13 +38,15 @@ from ..server.errors import CatchAll, error_response, install_error_handlers
 from ..server.limits import ServerLimits, SizeGate
 from ..server.observability import RequestLog
 from ..server.sse import ClosingStreamingResponse, sse
-from .asgi import ForwardedRequest, Opening, ResponseHead, forwardable_headers
 from .metrics import IngressMetrics, merged_metrics
-from .registry import live_replica_count, live_replica_stats
+from .proxy import ForwardedRequest, ReplicaResponse, forwardable_headers, replica_client, send
+from .registry import live_replica_stats, reachable_replicas
+from .router import DEFAULT_IMBALANCE, pick_replica
 
 logger = logging.getLogger("gemmakit.cluster")
 
 SKIP_STATUSES = frozenset({429, 503})  # a full or draining replica: try another before answering this
+LEASE_DELAY_S = 0.05  # see Lease
 AFFINITY_CHARS = 2048  # characters of a conversation's opening (or a prompt's start) that pick its replica
 HTTP_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"]
 
@@ -53,11 +59,56 @@ class ReplicaLost(Exception):
         self.replica = replica
 
 
+class NoReachableReplica(Exception):
+    """No replica is live, or none has told the routers its URL yet."""
+
+
 @dataclass
 class IngressState:
     handle: Any  # ray.serve.handle.DeploymentHandle of the GemmakitReplica deployment
     metrics: IngressMetrics
     keys: list[bytes]
+    imbalance: int = DEFAULT_IMBALANCE
+    client: httpx.AsyncClient | None = None  # made on the ingress's event loop, in its lifespan
+    in_flight: Counter = field(default_factory=Counter)  # replica id -> requests this ingress is relaying to it
+    watchers: set = field(default_factory=set)  # the tasks that wait for leases to end (kept from the GC)
+
+
+class Lease:
+    """While the ingress relays a request to a replica: one more request in flight there (for picking), and, once
+    the request has lasted ``LEASE_DELAY_S``, a Serve call held open on the replica (for Serve's own count, which
+    drives autoscaling and graceful shutdown). Opening that call costs both processes milliseconds of CPU; made at
+    once, it delayed the first token by ~6 ms on a 2-core machine, and a request shorter than the delay changes
+    Serve's averaged count by nothing that matters."""
+
+    def __init__(self, state: IngressState, replica: str) -> None:
+        self.state, self.replica = state, replica
+        self.call: Any = None
+        self.ended = False
+        state.in_flight[replica] += 1
+        self.timer = asyncio.get_running_loop().call_later(LEASE_DELAY_S, self._open)
+
+    def _open(self) -> None:
+        self.call = self.state.handle.hold.remote(pin=self.replica)
+        watcher = asyncio.ensure_future(self._watch(self.call))
+        self.state.watchers.add(watcher)
+        watcher.add_done_callback(self.state.watchers.discard)
+
+    @staticmethod
+    async def _watch(call) -> None:
+        try:
+            await call
+        except Exception:  # cancelled at the end (the usual way), or the replica died: nothing to do either way
+            pass
+
+    def end(self) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        self.state.in_flight[self.replica] -= 1
+        self.timer.cancel()
+        if self.call is not None:
+            self.call.cancel()
 
 
 @dataclass
@@ -65,17 +116,14 @@ class Attempt:
     """One try of a request on one replica, read up to the point where the client is answered."""
 
     replica: str
-    head: ResponseHead
-    chunks: list[bytes] = field(default_factory=list)  # the whole body, or a stream's first chunk
-    rest: Any = None  # the rest of an event stream (a DeploymentResponseGenerator); None once complete
+    answer: ReplicaResponse
+    lease: Lease
 
-
-def ray_failures() -> tuple[type[BaseException], ...]:
-    """The exceptions that mean a replica failed, not the request."""
-    from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
-    from ray.serve.exceptions import BackPressureError
-
-    return (RayActorError, ActorUnavailableError, RayTaskError, BackPressureError)
+    async def release(self) -> None:
+        try:
+            await self.answer.close()
+        finally:
+            self.lease.end()
 
 
 def affinity_key(path: str, headers, body: bytes) -> str | None:
@@ -101,41 +149,39 @@ def affinity_key(path: str, headers, body: bytes) -> str | None:
     return "prompt:" + json.dumps(prompt)[:AFFINITY_CHARS] if prompt is not None else None
 
 
-def is_event_stream(head: ResponseHead) -> bool:
-    return (head.header(b"content-type") or b"").startswith(b"text/event-stream")
-
-
 async def try_once(state: IngressState, request: ForwardedRequest, key: str | None, avoid: list[str]) -> Attempt:
     """Send ``request`` to a replica and read its answer up to what the client is first sent: a plain response
     whole, a stream's head and first chunk.
 
     Raises:
+        NoReachableReplica: there is no replica to send it to.
         ReplicaLost: the replica failed before that point (the request may be retried elsewhere).
     """
-    stream = state.handle.options(stream=True).forward.remote(request, affinity=key, avoid=tuple(avoid))
-    replica = None
+    urls = reachable_replicas()
+    replica = pick_replica({r: state.in_flight[r] for r in urls}, key, set(avoid), state.imbalance)
+    if replica is None:
+        raise NoReachableReplica()
+    lease = Lease(state, replica)
     try:
-        opening: Opening = await anext(stream)
-        replica = opening.replica
-        if opening.complete:
-            return Attempt(replica, opening.head, [opening.body])
-        if is_event_stream(opening.head):
-            return Attempt(replica, opening.head, [opening.body], stream)
-        return Attempt(replica, opening.head, [opening.body] + [chunk async for chunk in stream])
-    except (StopAsyncIteration, *ray_failures()) as exc:
-        stream.cancel()
+        answer = await send(state.client, urls[replica], request)
+    except httpx.TransportError as exc:
+        lease.end()
         raise ReplicaLost(replica, exc) from exc
+    except BaseException:
+        lease.end()
+        raise
+    return Attempt(replica, answer, lease)
 
 
 async def relay(attempt: Attempt, metrics: IngressMetrics) -> AsyncIterator[bytes]:
     """The rest of a stream, as it comes; if its replica fails now, an error event and [DONE], as the single
     server ends a stream its engine could not finish."""
     try:
-        for chunk in attempt.chunks:
+        for chunk in attempt.answer.chunks:
             yield chunk
-        async for chunk in attempt.rest:
+        async for chunk in attempt.answer.rest:
             yield chunk
-    except ray_failures() as exc:
+    except httpx.TransportError as exc:
         metrics.failures.inc()
         logger.warning("replica %s failed during a stream: %r", attempt.replica, exc)
         yield sse({"error": {"message": f"the replica serving this stream failed ({type(exc).__name__}); the "
@@ -143,63 +189,62 @@ async def relay(attempt: Attempt, metrics: IngressMetrics) -> AsyncIterator[byte
                              "code": "replica_failed"}}).encode()
         yield b"data: [DONE]\n\n"
     finally:
-        attempt.rest.cancel()
+        await attempt.release()
 
 
-def respond(attempt: Attempt, metrics: IngressMetrics) -> Response:
+async def respond(attempt: Attempt, metrics: IngressMetrics) -> Response:
     """The client's response: the replica's status and headers (and its id), its body whole or streamed."""
-    headers = [(k, v) for k, v in attempt.head.headers if k.lower() not in (b"content-length", b"transfer-encoding")]
-    headers.append((b"x-gemmakit-replica", attempt.replica.encode()))
-    if attempt.rest is None:
-        response = Response(b"".join(attempt.chunks), status_code=attempt.head.status)
+    headers = attempt.answer.head.relayed_headers() + [(b"x-gemmakit-replica", attempt.replica.encode())]
+    if attempt.answer.rest is None:
+        await attempt.release()
+        response = Response(b"".join(attempt.answer.chunks), status_code=attempt.answer.head.status)
     else:
-        response = ClosingStreamingResponse(relay(attempt, metrics), status_code=attempt.head.status)
+        response = ClosingStreamingResponse(relay(attempt, metrics), status_code=attempt.answer.head.status)
     response.raw_headers = [h for h in response.raw_headers if h[0] == b"content-length"] + headers
     return response
 
 
 async def forward(request: Request) -> Response:
-    """Every route but /health and /metrics: forwarded to a replica, retried on another while nothing reached the
+    """Every route but /health and /metrics: relayed to a replica, retried on another while nothing reached the
     client, a full replica skipped for the next one."""
     state: IngressState = request.app.state.ingress
     body = await request.body()
     forwarded = ForwardedRequest(request.method, request.url.path, request.scope.get("query_string", b""),
-                                 forwardable_headers(request.scope["headers"]), body, request.scope.get("client"))
+                                 forwardable_headers(request.scope["headers"]), body)
     key = affinity_key(forwarded.path, request.headers, body)
     tried: list[str] = []
-    skipped: Attempt | None = None
-    lost = False  # the last try's replica failed: this one is a retry
-    for _ in range(max(3, (live_replica_count() or 0) + 2)):
-        live = live_replica_count()
-        if live == 0:  # Serve would hold the request until a new replica is up
-            return error_response(503, "no replica is running (they are being replaced): retry shortly",
-                                  "server_error", code="no_replica", headers={"Retry-After": "5"})
-        if lost:
-            state.metrics.retries.inc()
-        try:
-            attempt = await try_once(state, forwarded, key, tried)
-        except ReplicaLost as exc:
-            state.metrics.failures.inc()
-            logger.warning("%s; trying another replica", exc)
-            tried += [exc.replica] if exc.replica else []
-            lost = True
-            continue
-        lost = False
-        if attempt.head.status in SKIP_STATUSES and len(set(tried) | {attempt.replica}) < (live or 0):
-            skipped = attempt
+    full: Attempt | None = None  # the last replica that answered 429 or 503: its answer if every one does
+    try:
+        for turn in range(max(3, len(reachable_replicas()) + 2)):
+            try:
+                attempt = await try_once(state, forwarded, key, tried)
+            except NoReachableReplica:  # Serve is starting new ones (or they have not reported their URL yet)
+                return error_response(503, "no replica is running (they are being replaced): retry shortly",
+                                      "server_error", code="no_replica", headers={"Retry-After": "5"})
+            except ReplicaLost as exc:
+                state.metrics.failures.inc()
+                state.metrics.retries.inc()
+                logger.warning("%s; trying another replica", exc)
+                tried += [exc.replica] if exc.replica else []
+                continue
             tried.append(attempt.replica)
-            if attempt.rest is not None:
-                attempt.rest.cancel()
-            continue
-        return respond(attempt, state.metrics)
-    if skipped is not None:
-        return respond(skipped, state.metrics)
-    return error_response(503, "every replica tried failed this request; retry later", "server_error",
-                          code="replicas_failed", headers={"Retry-After": "5"})
+            if full is not None:
+                await full.release()
+            full = attempt
+            if attempt.answer.head.status not in SKIP_STATUSES or len(set(tried)) >= len(reachable_replicas()):
+                break
+        if full is None:
+            return error_response(503, "every replica tried failed this request; retry later", "server_error",
+                                  code="replicas_failed", headers={"Retry-After": "5"})
+        answer, full = full, None
+        return await respond(answer, state.metrics)
+    finally:
+        if full is not None:
+            await full.release()
 
 
 async def health(request: Request) -> Response:
-    replicas = live_replica_count() or 0
+    replicas = len(reachable_replicas())
     state: IngressState = request.app.state.ingress
     body = {"status": "ok" if replicas else "unavailable", "replicas": replicas, "auth": bool(state.keys)}
     return Response(json.dumps(body), status_code=200 if replicas else 503, media_type="application/json")
@@ -214,12 +259,12 @@ async def metrics(request: Request) -> Response:
 
 
 async def wait_for_replicas(handle, replicas: int, timeout: float = 120.0) -> str:
-    """Ping until this process's router sees ``replicas`` replicas (so /health is right from the first request);
-    return the model id they serve."""
+    """Ping until this process's router sees ``replicas`` replicas and knows their URLs (so /health is right from
+    the first request); return the model id they serve."""
     deadline = time.monotonic() + timeout
     while True:
         answer = await handle.ping.remote()
-        seen = live_replica_count() or 0
+        seen = len(reachable_replicas())
         if seen >= replicas:
             return answer["model"]
         if time.monotonic() > deadline:
@@ -232,16 +277,20 @@ def _lifespan(replicas: int, on_ready: Callable[[str], None] | None,
               on_stop: Callable[[], Awaitable[None]] | None):
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        handle = app.state.ingress.handle
-        model_id = await wait_for_replicas(handle, replicas)
+        state: IngressState = app.state.ingress
+        model_id = await wait_for_replicas(state.handle, replicas)
+        state.client = replica_client()
         if on_ready is not None:
             on_ready(model_id)
         yield
         # The handle's router lives on this loop: whatever stops Serve must run before the loop closes.
-        if on_stop is not None:
-            await on_stop()
-        else:
-            await handle.shutdown_async()
+        try:
+            if on_stop is not None:
+                await on_stop()
+            else:
+                await state.handle.shutdown_async()
+        finally:
+            await state.client.aclose()
 
     return lifespan
 

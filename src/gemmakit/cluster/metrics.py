@@ -16,7 +16,7 @@ class IngressMetrics:
     def __init__(self) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge
 
-        from .registry import live_replica_count
+        from .registry import reachable_replicas
 
         self.registry = CollectorRegistry()
         self.requests = Counter("gemmakit_ingress_requests", "HTTP requests the ingress answered",
@@ -26,7 +26,7 @@ class IngressMetrics:
         self.failures = Counter("gemmakit_ingress_replica_failures", "requests whose replica failed (died or "
                                 "became unreachable) while serving them", registry=self.registry)
         Gauge("gemmakit_ingress_live_replicas", "replicas the ingress can route to",
-              registry=self.registry).set_function(lambda: live_replica_count() or 0)
+              registry=self.registry).set_function(lambda: len(reachable_replicas()))
 
 
 class _Republished:

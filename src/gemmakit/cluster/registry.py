@@ -1,4 +1,4 @@
-"""The routers of this process, for the ingress to read the replicas they see (count, load, metrics).
+"""The routers of this process, for the ingress to read the replicas they see (URLs, count, load, metrics).
 
 Its own module: Serve ships the router's module to the handle's process by value (cloudpickle), so globals kept
 there would be a copy; this module is imported normally, one per process.
@@ -19,7 +19,7 @@ def live_replica_stats() -> dict[str, dict[str, Any]] | None:
     return routers[-1].replica_stats() if routers else None
 
 
-def live_replica_count() -> int | None:
-    """How many replicas this process's router sees now; None before a router exists."""
-    routers = list(ROUTERS)
-    return len(routers[-1].curr_replicas) if routers else None
+def reachable_replicas() -> dict[str, str]:
+    """The live replicas that have told this process's router their URL (in their routing stats): id -> URL."""
+    stats = live_replica_stats() or {}
+    return {replica: s["url"] for replica, s in stats.items() if s.get("url")}

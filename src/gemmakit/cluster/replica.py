@@ -1,25 +1,68 @@
-"""A Ray Serve replica: one gemmakit engine behind the same FastAPI app as ``gemmakit serve``.
+"""A Ray Serve replica: one gemmakit engine behind the same FastAPI app as ``gemmakit serve``, on its own port.
 
 Each replica loads the model once (from the path or catalog name in its :class:`ReplicaSpec`, resolved on the
-node it runs on), builds the app with :func:`gemmakit.server.create_app` and runs forwarded requests through it
-(:func:`gemmakit.cluster.asgi.run_request`). So a request answered through Ray is answered by exactly the code
-that answers it on one machine: validation, chat templates, continuous batching, errors, 429s, auth.
+node it runs on), builds the app with :func:`gemmakit.server.create_app` and serves it with uvicorn on a port of
+its node, as ``gemmakit serve`` does. So a request answered through Ray is answered by exactly the code that
+answers it on one machine: validation, chat templates, continuous batching, errors, 429s, auth (the replica checks
+the same keys as the ingress).
 
-The replica reports its Prometheus metrics to the routers as Ray Serve routing stats (``record_routing_stats``,
-pulled by Serve's controller every ``request_routing_stats_period_s``): the ingress's ``/metrics`` reads them
-there, with no request to each replica.
+Ray Serve places, health-checks, replaces and autoscales the replicas; the request bytes go straight from the
+ingress to the replica's port over HTTP, as in Serve's own direct-ingress mode. Carrying each streamed token as a
+Ray item cost milliseconds of CPU per token on the cores the engine needs (and ~10 ms more to the first token on
+a 2-core machine). While the ingress relays a request, it holds a lease on the replica (:meth:`GemmakitReplica.hold`,
+a Serve call that lasts as long as the request), so that Serve's count of ongoing requests, which drives its
+autoscaling and its graceful shutdown, stays right.
+
+The replica reports its URL and its Prometheus metrics to the routers as Ray Serve routing stats
+(``record_routing_stats``, pulled every ``request_routing_stats_period_s``): the ingress reads them there.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import socket
 import sys
+import threading
+import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
-
-from .asgi import ForwardedRequest, Opening, respond_in_items
+from typing import Any
 
 logger = logging.getLogger(__name__)
+
+HTTP_START_TIMEOUT_S = 60.0
+
+
+class ReplicaHTTPServer:
+    """The replica's app under uvicorn, in a thread of its own, on ``host`` and a port the OS picks."""
+
+    def __init__(self, app, host: str) -> None:
+        import uvicorn
+
+        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, 0))
+        port = self.sock.getsockname()[1]
+        self.url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        config = uvicorn.Config(app, log_level="warning", timeout_keep_alive=75, timeout_graceful_shutdown=5)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                       name="gemmakit-replica-http", daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + HTTP_START_TIMEOUT_S
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the replica's HTTP server did not start on {self.url}")
+            time.sleep(0.02)
+
+    @property
+    def alive(self) -> bool:
+        return self.thread.is_alive()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop serving; the app's lifespan then stops the engine and closes its files."""
+        self.server.should_exit = True
+        self.thread.join(timeout)
 
 
 @dataclass(frozen=True)
@@ -36,6 +79,7 @@ class GemmakitReplica:
     """The deployment class (see :func:`gemmakit.cluster.launch.deployment`)."""
 
     def __init__(self, spec: ReplicaSpec) -> None:
+        import ray
         from ray import serve
 
         from .. import load
@@ -48,31 +92,48 @@ class GemmakitReplica:
         llm = load(resolve_model(spec.model), threads=spec.threads, **spec.load_options)
         self.app = create_app(llm, **spec.app_options)
         self.engine = self.app.state.engine
-        logger.info("replica %s serves %s with %d threads", self.replica_id, llm.path, spec.threads)
+        self.leases = self._lease_gauge()
+        self.http = ReplicaHTTPServer(self.app, ray.util.get_node_ip_address())
+        logger.info("replica %s serves %s with %d threads at %s", self.replica_id, llm.path, spec.threads,
+                    self.http.url)
 
-    async def forward(self, request: ForwardedRequest, affinity: str | None = None,
-                      avoid: tuple[str, ...] = ()) -> AsyncIterator[Opening | bytes]:
-        """The response: an Opening (this replica's id, the head, the first body bytes), then body chunks.
-        ``affinity`` and ``avoid`` are read by the router (gemmakit.cluster.router), not here."""
-        async for item in respond_in_items(self.app, request, self.replica_id):
-            yield item
+    def _lease_gauge(self):
+        from prometheus_client import Gauge
+
+        return Gauge("gemmakit_ray_leases", "requests relayed to this replica that Ray Serve counts as ongoing "
+                     "(leases the ingress holds)", registry=self.app.state.gemmakit.metrics.registry)
+
+    async def hold(self, pin: str) -> None:
+        """A lease: lasts until the ingress cancels it, when the request it relays to this replica's port ends.
+        ``pin`` (this replica's id) is read by the router (gemmakit.cluster.router), not here."""
+        self.leases.inc()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            self.leases.dec()
 
     async def ping(self) -> dict[str, str]:
-        return {"replica": self.replica_id, "model": self.app.state.model_id}
+        return {"replica": self.replica_id, "model": self.app.state.model_id, "url": self.http.url}
 
     def record_routing_stats(self) -> dict[str, Any]:
-        """What the routers (and through them the ingress's /metrics) know of this replica."""
+        """What the routers (and through them the ingress) know of this replica: where it listens, its load, its
+        metrics."""
         from prometheus_client import generate_latest
 
-        return {"metrics": generate_latest(self.app.state.gemmakit.metrics.registry).decode(),
+        return {"url": self.http.url, "metrics": generate_latest(self.app.state.gemmakit.metrics.registry).decode(),
                 "running": self.engine.running, "waiting": self.engine.waiting}
 
     def check_health(self) -> None:
-        """Serve's periodic health check: a replica whose engine stopped is replaced."""
+        """Serve's periodic health check: a replica whose engine or HTTP server stopped is replaced."""
         if not self.engine.alive:
             raise RuntimeError(f"replica {self.replica_id}: the engine thread is not running")
+        if not self.http.alive:
+            raise RuntimeError(f"replica {self.replica_id}: its HTTP server stopped")
 
     def __del__(self) -> None:
+        http = getattr(self, "http", None)
+        if http is not None:
+            http.stop()
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()

@@ -1,24 +1,25 @@
 """Which replica serves a request: the one that holds its conversation's prefix, unless that one is much busier.
 
-A request carries an affinity key (from the ingress: the conversation's session id, or a hash of its first
-messages or its prompt's first characters). Rendezvous hashing maps a key to one replica, the same one as long as
-that replica lives, so the turns of a conversation land where the earlier turns' KV cache rows still are (the
-engine's prefix cache then skips reading them again); when a replica goes away only its keys move. If the preferred
-replica has more than ``imbalance`` requests more in flight than the least busy one, the request goes to the least
-busy instead: a hot prefix (one system prompt for everyone) must not pile every user onto one replica.
+A request carries an affinity key (from the ingress: the conversation's session id, or its first messages, or its
+prompt's first characters). Rendezvous hashing maps a key to one replica, the same one as long as that replica
+lives, so the turns of a conversation land where the earlier turns' KV cache rows still are (the engine's prefix
+cache then skips reading them again); when a replica goes away only its keys move. If the preferred replica has
+more than ``imbalance`` requests more in flight than the least busy one, the request goes to the least busy
+instead: a hot prefix (one system prompt for everyone) must not pile every user onto one replica. Requests
+without a key go to the least busy replica. ``avoid`` (replica ids) steers a retried request away from the
+replicas that already failed it or were full.
 
-Requests without a key go to the least busy replica. ``avoid`` (replica ids) steers a retried request away from
-the replicas that already failed it or were full.
-
-The router runs inside the process that holds the deployment handle (the ingress); it registers itself in
-:mod:`gemmakit.cluster.registry` so the ingress can read the replicas it sees (their count for ``/health``, their
-routing stats for ``/metrics``).
+The ingress picks with :func:`pick_replica` over the replicas it can reach and the requests it has in flight on
+each. :class:`AffinityRouter` is the Serve request router of the deployment handle, which carries only the
+leases (a lease goes to the replica named by its ``pin``) and pings. It registers itself in
+:mod:`gemmakit.cluster.registry` so the ingress can read the replicas it sees (their URLs, their count for
+``/health``, their routing stats for ``/metrics``).
 """
 
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import Any, Mapping
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
@@ -30,8 +31,22 @@ def rendezvous_score(key: str, replica_id: str) -> int:
     return int.from_bytes(hashlib.blake2b(f"{key}\0{replica_id}".encode(), digest_size=8).digest(), "big")
 
 
+def pick_replica(loads: Mapping[str, int], key: str | None, avoid: set[str] | frozenset[str] = frozenset(),
+                 imbalance: int = DEFAULT_IMBALANCE) -> str | None:
+    """The replica (of ``loads``: id -> requests in flight) for a request with affinity ``key``, not one of
+    ``avoid`` unless every replica is; None when there is no replica."""
+    candidates = [r for r in loads if r not in avoid] or list(loads)
+    if not candidates:
+        return None
+    least_busy = min(candidates, key=lambda r: loads[r])
+    if not key:
+        return least_busy
+    home = max(candidates, key=lambda r: rendezvous_score(key, r))
+    return least_busy if loads[home] - loads[least_busy] > imbalance else home
+
+
 class AffinityRouter(RequestRouter):
-    """Ray Serve request router for gemmakit replicas (see the module's docstring)."""
+    """Ray Serve request router for gemmakit replicas' leases and pings (see the module's docstring)."""
 
     def initialize_state(self, imbalance: int = DEFAULT_IMBALANCE, **_: Any) -> None:
         # Imported here, by absolute name: Serve ships this module by value (see gemmakit.cluster.registry).
@@ -47,21 +62,13 @@ class AffinityRouter(RequestRouter):
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
-        """Ranks of replicas, the first the most preferred: the key's home alone when it is not too busy, then
-        everyone by load (Serve probes a rank's queue lengths and takes its least busy replica)."""
+        """A lease's pinned replica alone (all by load if it is gone); for other calls every replica by load
+        (Serve probes a rank's queue lengths and takes its least busy replica)."""
         kwargs = pending_request.kwargs if pending_request is not None else {}
-        avoid = set(kwargs.get("avoid") or ())
-        candidates = [r for r in candidate_replicas if r.replica_id.unique_id not in avoid] or candidate_replicas
-        by_load = sorted(candidates, key=self._load)
-        key = kwargs.get("affinity")
-        if not key or not by_load:
-            return [by_load]
-        home = max(candidates, key=lambda r: rendezvous_score(key, r.replica_id.unique_id))
-        if self._load(home) - self._load(by_load[0]) > self.imbalance:
-            return [by_load]
-        return [[home], [r for r in by_load if r is not home]]
+        by_load = sorted(candidate_replicas, key=self._load)
+        pinned = [r for r in candidate_replicas if r.replica_id.unique_id == kwargs.get("pin")]
+        return [pinned] if pinned else [by_load]
 
     def replica_stats(self) -> dict[str, dict[str, Any]]:
         """Each live replica's id and its last routing stats (see GemmakitReplica.record_routing_stats)."""
         return {r.replica_id.unique_id: dict(r.routing_stats or {}) for r in self.curr_replicas.values()}
-
