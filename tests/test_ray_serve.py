@@ -97,9 +97,14 @@ def audit_db(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ray_server(audit_db):
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("ray-data")
+
+
+@pytest.fixture(scope="module")
+def ray_server(audit_db, data_dir):
     server = RayServer(["--replicas", "2", "--replica-cpus", "1", "--api-key", KEY, "--max-batch", str(MAX_BATCH),
-                        "--max-waiting", str(MAX_WAITING), "--audit-db", str(audit_db)])
+                        "--max-waiting", str(MAX_WAITING), "--audit-db", str(audit_db), "--data-dir", str(data_dir)])
     try:
         server.wait_up()
         yield server
@@ -352,6 +357,31 @@ def _audit_rows(path) -> dict[str, dict]:
         log.close()
 
 
+def test_a_batch_job_runs_over_the_replicas_and_its_records_stay_with_the_ingress(ray_server, single_server,
+                                                                                   data_dir):
+    client, single = _client(ray_server.url), _client(single_server.url)
+    prompts = [f"Count to {i}." for i in range(6)]
+    lines = [json.dumps({"custom_id": f"c{i}", "method": "POST", "url": "/v1/chat/completions",
+                         "body": {"messages": [{"role": "user", "content": p}], "max_tokens": 6, "temperature": 0}})
+             for i, p in enumerate(prompts)]
+    uploaded = client.files.create(file=("in.jsonl", ("\n".join(lines) + "\n").encode()), purpose="batch")
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                  completion_window="24h")
+    deadline = time.time() + 180
+    while (batch := client.batches.retrieve(batch.id)).status not in ("completed", "failed", "cancelled"):
+        assert time.time() < deadline, f"batch stuck at {batch.status} {batch.request_counts}"
+        time.sleep(0.3)
+    assert batch.status == "completed" and batch.request_counts.completed == 6, batch
+    results = {r["custom_id"]: r for r in map(json.loads, client.files.content(batch.output_file_id).text.splitlines())}
+    for i, prompt in enumerate(prompts):
+        alone = single.chat.completions.create(model="m", messages=[{"role": "user", "content": prompt}],
+                                               max_tokens=6, temperature=0)
+        body = results[f"c{i}"]["response"]["body"]
+        assert body["choices"][0]["message"]["content"] == alone.choices[0].message.content
+    # The ingress keeps the records, in the data directory it was given (not the replicas).
+    assert (data_dir / "batches.db").exists() and (data_dir / "files" / uploaded.id).exists()
+
+
 def test_killing_a_replica_mid_load_loses_no_later_request(ray_server):
     retries_before = _metric_sum(ray_server.url, "gemmakit_ingress_retries_total")
     pool = ThreadPoolExecutor(8)
@@ -391,7 +421,7 @@ def test_stopping_the_ingress_leaves_no_ray_process(ray_server):
 def test_ray_flags_are_checked_before_anything_starts():
     for flags, message in ((["--min-replicas", "2"], "go together"),
                            (["--min-replicas", "3", "--max-replicas", "2"], "min <= max"),
-                           (["--data-dir", "/tmp/x"], "not supported with --ray"),
+                           (["--data-dir", "/proc/no/data"], "cannot use the data directory"),
                            (["--audit-db", "/proc/no/audit.db"], "cannot open the audit log")):
         proc = subprocess.run([sys.executable, "-m", "gemmakit", "serve", "--ray", "--port", str(free_port()),
                                *flags], capture_output=True, text=True, timeout=120)

@@ -527,9 +527,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _ray_options(args: argparse.Namespace):
     from .cluster.launch import RayOptions
 
-    if args.data_dir:
-        raise InvalidParameterError("--data-dir (batch jobs) is not supported with --ray yet: each replica would "
-                                    "keep its own files and batch records")
     cpus = args.replica_cpus or float(args.threads or max(1, (os.cpu_count() or 1) // args.replicas))
     options = RayOptions(address=args.ray_address, replicas=args.replicas, min_replicas=args.min_replicas,
                          max_replicas=args.max_replicas, replica_cpus=cpus, shutdown_timeout=args.shutdown_timeout)
@@ -541,10 +538,12 @@ def _serve_on_ray(args: argparse.Namespace, keys: list[str], policy) -> int:
     """gemmakit serve --ray: replicas on Ray Serve, this process their ingress."""
     import logging
 
+    from .batch.store import BatchStore
     from .safety.audit import AuditLog
 
     try:
         from .cluster.audit import start_audit_writer, stop_audit_writer
+        from .cluster.ingress import IngressOptions
         from .cluster.launch import serve_ingress, start, start_ray, stop_after_failed_start
         from .cluster.replica import ReplicaSpec
     except ImportError as exc:
@@ -553,6 +552,8 @@ def _serve_on_ray(args: argparse.Namespace, keys: list[str], policy) -> int:
     options = _ray_options(args)
     if args.audit_db:  # a bad path fails here, before Ray starts (the writer actor opens it again)
         AuditLog(args.audit_db, args.audit_text, args.audit_retention_days).close()
+    if args.data_dir:  # likewise (the ingress opens it again)
+        BatchStore(args.data_dir).close()
     app_options = _app_options(args, keys, policy)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     started_ray = start_ray(args.ray_address)
@@ -564,15 +565,18 @@ def _serve_on_ray(args: argparse.Namespace, keys: list[str], policy) -> int:
         spec = ReplicaSpec(model=args.model, threads=args.threads or max(1, int(options.replica_cpus)),
                            load_options=dict(context_length=args.context_length, quant=args.quant,
                                              decode_x_bits=args.decode_x_bits),
-                           app_options=app_options)
+                           app_options=app_options, listen_host=None if args.ray_address else "127.0.0.1")
         with _spinner("Starting replicas"):
             handle = start(spec, options, args.max_batch, args.max_waiting)
     except BaseException:
         stop_after_failed_start(started_ray)
         raise
     count = f"{options.min_replicas}-{options.max_replicas}" if options.min_replicas else str(options.replicas)
-    serve_ingress(handle, args.host, args.port, keys, _limits(args), args.public_docs_and_metrics,
-                  args.shutdown_timeout, started_ray, options.min_replicas or options.replicas,
+    ingress = IngressOptions(api_keys=tuple(keys), limits=_limits(args),
+                             public_docs_and_metrics=args.public_docs_and_metrics,
+                             replicas=options.min_replicas or options.replicas, data_dir=args.data_dir,
+                             rows_per_replica=args.max_batch)
+    serve_ingress(handle, args.host, args.port, ingress, args.shutdown_timeout, started_ray,
                   on_ready=lambda model_id: _print_serving(model_id, args, f" on {count} Ray Serve replicas"),
                   after_stop=(lambda: stop_audit_writer(writer)) if writer is not None else None)
     return 0

@@ -12,6 +12,7 @@ Serve keeps up to date. The ingress owns what only a view over all replicas can 
 - faults: a request whose replica fails before anything reached the client (a whole plain response, or the first
   chunk of a stream) is retried on another replica; a stream cut later ends with an error event and ``[DONE]``;
   while no replica is live (all died, Serve is starting new ones) requests get a 503 with ``Retry-After``.
+- batch jobs (with ``data_dir``): ``/v1/files`` and ``/v1/batches`` are kept here (:mod:`gemmakit.cluster.batches`).
 - backpressure: a replica that answers 429 (its queue is full) or 503 (it is shutting down) is skipped for the
   next one; when every live replica said so, its answer (with ``Retry-After``) goes to the client.
 
@@ -24,6 +25,7 @@ import asyncio
 import json
 import logging
 import time
+import uuid
 from collections import Counter
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -38,9 +40,11 @@ from ..server.errors import CatchAll, error_response, install_error_handlers
 from ..server.limits import ServerLimits, SizeGate
 from ..server.observability import RequestLog
 from ..server.sse import ClosingStreamingResponse, sse
+from .batches import IngressBatches, add_batches
 from .metrics import IngressMetrics, merged_metrics
 from .proxy import ForwardedRequest, ReplicaResponse, forwardable_headers, replica_client, send
 from .registry import live_replica_stats, reachable_replicas
+from .replica import LEASE_HEADER
 from .router import DEFAULT_IMBALANCE, pick_replica
 
 logger = logging.getLogger("gemmakit.cluster")
@@ -83,13 +87,14 @@ class Lease:
 
     def __init__(self, state: IngressState, replica: str) -> None:
         self.state, self.replica = state, replica
+        self.id = uuid.uuid4().hex  # sent with the request (LEASE_HEADER): the replica ends the call with it
         self.call: Any = None
         self.ended = False
         state.in_flight[replica] += 1
         self.timer = asyncio.get_running_loop().call_later(LEASE_DELAY_S, self._open)
 
     def _open(self) -> None:
-        self.call = self.state.handle.hold.remote(pin=self.replica)
+        self.call = self.state.handle.hold.remote(pin=self.replica, lease=self.id)
         watcher = asyncio.ensure_future(self._watch(self.call))
         self.state.watchers.add(watcher)
         watcher.add_done_callback(self.state.watchers.discard)
@@ -163,7 +168,7 @@ async def try_once(state: IngressState, request: ForwardedRequest, key: str | No
         raise NoReachableReplica()
     lease = Lease(state, replica)
     try:
-        answer = await send(state.client, urls[replica], request)
+        answer = await send(state.client, urls[replica], request.with_header(LEASE_HEADER, lease.id.encode()))
     except httpx.TransportError as exc:
         lease.end()
         raise ReplicaLost(replica, exc) from exc
@@ -273,46 +278,67 @@ async def wait_for_replicas(handle, replicas: int, timeout: float = 120.0) -> st
         await asyncio.sleep(0.2)
 
 
+@dataclass(frozen=True)
+class IngressOptions:
+    """What the ingress checks and keeps, besides the replicas it fronts."""
+
+    api_keys: tuple[str, ...] = ()
+    limits: ServerLimits = field(default_factory=ServerLimits)
+    public_docs_and_metrics: bool = False
+    replicas: int = 1  # how many replicas it waits for before it answers
+    data_dir: str | None = None  # files and batch jobs (as ``gemmakit serve --data-dir``), kept by the ingress
+    rows_per_replica: int = 8  # --max-batch: what the batch worker assumes of a replica it has no stats of yet
+
+
 def _lifespan(replicas: int, on_ready: Callable[[str], None] | None,
               on_stop: Callable[[], Awaitable[None]] | None):
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         state: IngressState = app.state.ingress
+        batches: IngressBatches | None = getattr(app.state, "gemmakit", None)
         model_id = await wait_for_replicas(state.handle, replicas)
         state.client = replica_client()
+        if batches is not None:
+            batches.batch_worker.start()
         if on_ready is not None:
             on_ready(model_id)
         yield
-        # The handle's router lives on this loop: whatever stops Serve must run before the loop closes.
         try:
+            if batches is not None:
+                await batches.batch_worker.stop()
+            # The handle's router lives on this loop: whatever stops Serve must run before the loop closes.
             if on_stop is not None:
                 await on_stop()
             else:
                 await state.handle.shutdown_async()
         finally:
             await state.client.aclose()
+            if batches is not None:
+                batches.batches.close()
 
     return lifespan
 
 
-def create_ingress_app(handle, api_keys: list[str] | None = None, limits: ServerLimits | None = None,
-                       public_docs_and_metrics: bool = False, replicas: int = 1,
+def create_ingress_app(handle, options: IngressOptions = IngressOptions(),
                        on_ready: Callable[[str], None] | None = None,
                        on_stop: Callable[[], Awaitable[None]] | None = None) -> FastAPI:
     """The ingress FastAPI app over the replicas behind ``handle`` (a DeploymentHandle of GemmakitReplica). It
-    starts answering once its router sees ``replicas`` replicas; then ``on_ready`` gets the served model's id.
-    ``on_stop`` runs when the app stops, on its event loop (default: the handle is shut down)."""
-    state = IngressState(handle=handle, metrics=IngressMetrics(), keys=[k.encode() for k in (api_keys or []) if k])
+    starts answering once its router knows ``options.replicas`` replicas' URLs; then ``on_ready`` gets the served
+    model's id. ``on_stop`` runs when the app stops, on its event loop (default: the handle is shut down)."""
+    keys = [k.encode() for k in options.api_keys if k]
+    state = IngressState(handle=handle, metrics=IngressMetrics(), keys=keys)
     # The replicas' apps serve /docs and /openapi.json (they describe the API); the ingress has none of its own.
     app = FastAPI(title="gemmakit (Ray Serve ingress)", docs_url=None, redoc_url=None, openapi_url=None,
-                  lifespan=_lifespan(replicas, on_ready, on_stop))
+                  lifespan=_lifespan(options.replicas, on_ready, on_stop))
     app.state.ingress = state
     install_error_handlers(app)
     app.add_middleware(CatchAll)
-    app.add_middleware(SizeGate, limits=limits or ServerLimits())
-    app.add_middleware(AuthGate, keys=state.keys, public_docs_and_metrics=public_docs_and_metrics)
+    app.add_middleware(SizeGate, limits=options.limits)
+    app.add_middleware(AuthGate, keys=state.keys, public_docs_and_metrics=options.public_docs_and_metrics)
     app.add_middleware(RequestLog, metrics=state.metrics)
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/metrics", metrics, methods=["GET"])
+    if options.data_dir is not None:  # before the catch-all: these routes are the ingress's own
+        add_batches(app, options.data_dir, keys[0] if keys else None, options.rows_per_replica)
     app.add_api_route("/{path:path}", forward, methods=HTTP_METHODS)
     return app

@@ -108,21 +108,19 @@ def start(spec: ReplicaSpec, options: RayOptions, max_batch: int, max_waiting: i
     return serve.run(deployment.bind(spec), name=APP_NAME, route_prefix=None)
 
 
-def serve_ingress(handle, host: str, port: int, api_keys: list[str], limits, public_docs_and_metrics: bool,
-                  shutdown_timeout: float, started_ray: bool, replicas: int = 1,
+def serve_ingress(handle, host: str, port: int, options, shutdown_timeout: float, started_ray: bool,
                   on_ready: Callable[[str], None] | None = None, after_stop: Callable[[], None] | None = None) -> None:
-    """Run the ingress on ``host:port`` until SIGTERM or Ctrl-C (requests in flight get ``shutdown_timeout``
-    seconds to finish), then remove the replicas, run ``after_stop`` (e.g. close the shared audit log), and stop
-    Ray if this process started it. The ingress answers once its router sees ``replicas`` replicas; ``on_ready``
-    gets the model id."""
+    """Run the ingress (:class:`~gemmakit.cluster.ingress.IngressOptions` ``options``) on ``host:port`` until
+    SIGTERM or Ctrl-C (requests in flight get ``shutdown_timeout`` seconds to finish), then remove the replicas,
+    run ``after_stop`` (e.g. close the shared audit log), and stop Ray if this process started it. The ingress
+    answers once it knows ``options.replicas`` replicas; ``on_ready`` gets the model id."""
     import ray
     import uvicorn
 
     from ..server.lifecycle import SignalServer
     from .ingress import create_ingress_app
 
-    app = create_ingress_app(handle, api_keys, limits, public_docs_and_metrics, replicas, on_ready,
-                             on_stop=lambda: stop_serve(handle, started_ray))
+    app = create_ingress_app(handle, options, on_ready, on_stop=lambda: stop_serve(handle, started_ray))
     config = uvicorn.Config(app, host=host, port=port, log_level="warning",
                             timeout_graceful_shutdown=int(shutdown_timeout))
     try:

@@ -31,6 +31,58 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 HTTP_START_TIMEOUT_S = 60.0
+LEASE_HEADER = b"x-gemmakit-lease"  # names the lease the ingress holds for a relayed request (see hold)
+ENDED_KEPT_S = 300.0  # how long an ended request's lease id is remembered, for a lease call that comes later
+
+
+class LeaseBook:
+    """The relayed requests that ended on this replica's port, by lease id: a lease call (on Serve's event loop)
+    returns when its request ends (on the HTTP server's thread), whichever of the two comes first. So a lease
+    cannot outlive its request, even if the ingress's cancel of the Serve call is lost in a race."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ended: dict[str, float] = {}  # lease id -> when its request ended (no lease call waited yet)
+        self._waiting: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Event]] = {}
+
+    def end(self, lease: str) -> None:
+        """The request relayed under ``lease`` ended (any thread)."""
+        with self._lock:
+            waiter = self._waiting.pop(lease, None)
+            if waiter is None:
+                now = time.monotonic()
+                self._ended[lease] = now
+                for old in [k for k, t in self._ended.items() if now - t > ENDED_KEPT_S]:
+                    del self._ended[old]
+        if waiter is not None:
+            loop, event = waiter
+            loop.call_soon_threadsafe(event.set)
+
+    async def wait(self, lease: str) -> None:
+        """Until the request relayed under ``lease`` ends (at once if it has)."""
+        event = asyncio.Event()
+        with self._lock:
+            if self._ended.pop(lease, None) is not None:
+                return
+            self._waiting[lease] = (asyncio.get_running_loop(), event)
+        try:
+            await event.wait()
+        finally:
+            with self._lock:
+                self._waiting.pop(lease, None)
+
+
+def tracking_leases(app, book: LeaseBook):
+    """``app`` as an ASGI app that tells ``book`` when each request with a lease header ends."""
+    async def tracked(scope, receive, send) -> None:
+        lease = next((v.decode("latin-1") for k, v in scope.get("headers", ()) if k == LEASE_HEADER), None)
+        try:
+            await app(scope, receive, send)
+        finally:
+            if lease is not None:
+                book.end(lease)
+
+    return tracked
 
 
 class ReplicaHTTPServer:
@@ -73,6 +125,9 @@ class ReplicaSpec:
     threads: int  # compute threads of the replica's engine (its share of the node's cores)
     load_options: dict[str, Any] = field(default_factory=dict)  # gemmakit.load's other arguments
     app_options: dict[str, Any] = field(default_factory=dict)  # gemmakit.server.create_app's arguments
+    # The address the replica's port listens on: None, its node's address (reachable by an ingress on another
+    # node); "127.0.0.1" when Ray is a local instance and every replica runs beside the ingress.
+    listen_host: str | None = None
 
 
 class GemmakitReplica:
@@ -92,8 +147,9 @@ class GemmakitReplica:
         llm = load(resolve_model(spec.model), threads=spec.threads, **spec.load_options)
         self.app = create_app(llm, **spec.app_options)
         self.engine = self.app.state.engine
-        self.leases = self._lease_gauge()
-        self.http = ReplicaHTTPServer(self.app, ray.util.get_node_ip_address())
+        self.leases, self.lease_book = self._lease_gauge(), LeaseBook()
+        self.http = ReplicaHTTPServer(tracking_leases(self.app, self.lease_book),
+                                      spec.listen_host or ray.util.get_node_ip_address())
         logger.info("replica %s serves %s with %d threads at %s", self.replica_id, llm.path, spec.threads,
                     self.http.url)
 
@@ -103,12 +159,12 @@ class GemmakitReplica:
         return Gauge("gemmakit_ray_leases", "requests relayed to this replica that Ray Serve counts as ongoing "
                      "(leases the ingress holds)", registry=self.app.state.gemmakit.metrics.registry)
 
-    async def hold(self, pin: str) -> None:
-        """A lease: lasts until the ingress cancels it, when the request it relays to this replica's port ends.
-        ``pin`` (this replica's id) is read by the router (gemmakit.cluster.router), not here."""
+    async def hold(self, pin: str, lease: str) -> None:
+        """A lease: lasts until the request the ingress relays under ``lease`` to this replica's port ends (or the
+        ingress cancels it). ``pin`` (this replica's id) is read by the router (gemmakit.cluster.router)."""
         self.leases.inc()
         try:
-            await asyncio.Event().wait()
+            await self.lease_book.wait(lease)
         finally:
             self.leases.dec()
 
@@ -121,7 +177,7 @@ class GemmakitReplica:
         from prometheus_client import generate_latest
 
         return {"url": self.http.url, "metrics": generate_latest(self.app.state.gemmakit.metrics.registry).decode(),
-                "running": self.engine.running, "waiting": self.engine.waiting}
+                "running": self.engine.running, "waiting": self.engine.waiting, "max_batch": self.engine.max_batch}
 
     def check_health(self) -> None:
         """Serve's periodic health check: a replica whose engine or HTTP server stopped is replaced."""
