@@ -25,11 +25,14 @@ DEPLOYMENT_NAME = "GemmakitReplica"
 LOCAL_OBJECT_STORE_BYTES = 256 * 2**20  # requests and chunks are small; a local instance needs little shared memory
 HEALTH_CHECK_PERIOD_S = 2.0  # how soon Serve notices a replica whose engine stopped
 ROUTING_STATS_PERIOD_S = 2.0  # how often replicas report their metrics and load to the routers
-# Serve settings that cut the work per request and per streamed token (see gemmakit/cluster/__init__.py for the
-# ingress's): user code on the replica's main event loop (one thread hop less for every chunk), and a control
-# loop of Serve's controller that wakes twice a second rather than ten times (on a small machine it competes
-# with the engine for the cores).
-REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+# The replicas' settings: user code on the replica's main event loop (its calls are few now: leases, pings,
+# stats), and the niceness of `gemmakit serve`. Ray starts its workers at nice 15, below everything else on the
+# node, which suits background tasks but not an engine serving users: on 2 cores, every ingress, client or raylet
+# wake-up then preempted the engine's threads (first token 1.17x slower than `gemmakit serve`, paired, and 1.05x
+# at nice 0). Serve's other actors stay at 15.
+REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_worker_niceness": "0"}
+# A local instance's: a control loop of Serve's controller that wakes twice a second rather than ten times (on a
+# small machine it competes with the engine for the cores).
 LOCAL_RAY_ENV = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
