@@ -12,6 +12,14 @@ requests); per level: aggregate tok/s and TTFT p50/p99, medians over rounds. Lev
 prompt has --long-prompt-words more words (~1.3 tokens each), new text each run so that no prefix cache helps.
 Printed: the Ray path's overhead at one client (ray 1x2 / single: TTFT and tok/s) and 2x1 against 1x2 at every
 level.
+
+    python benchmarks/ray_serve.py --paired 60
+
+The one-client overhead alone, paired: `single` and `ray 1x2` both up, one client alternating between them
+(PAIRS pairs of 4-token requests for TTFT, PAIRS / 6 pairs of 2x --tokens tokens for tok/s); the medians of the
+pairs' ratios.
+Each side then meets the same noise from the machine's neighbours, which in the default mode moves whole rounds
+(and Ray's idle processes, ~8% of a core, run during both sides' requests).
 """
 
 from __future__ import annotations
@@ -78,6 +86,31 @@ def measure(name: str, args: argparse.Namespace) -> dict[int, dict]:
         proc.wait(timeout=120)
 
 
+def paired(args: argparse.Namespace, pairs: int) -> None:
+    """The one-client overhead of the Ray path, measured pair by pair (see the module's docstring)."""
+    servers = []
+    try:
+        for name in ("single", "ray 1x2"):
+            args.threads, extra = CONFIGS[name]
+            servers.append(serve_load.start("gemmakit", args, extra))
+        urls = [url for _, url in servers]
+        for url in urls:
+            serve_load.run_round(url, 4, 8)
+        ttft = [[serve_load.run_round(url, 1, 4)["ttft_p50"] for url in urls] for _ in range(pairs)]
+        tok_s = [[serve_load.run_round(url, 1, 2 * args.tokens)["tok_s"] for url in urls]
+                 for _ in range(max(3, pairs // 6))]
+    finally:
+        for proc, _ in servers:
+            proc.terminate()
+            proc.wait(timeout=120)
+    for label, rows, target, scale in (("TTFT ms", ttft, "<= 1.10x", 1000), ("tok/s", tok_s, ">= 0.95x", 1)):
+        ratios = sorted(ray / single for single, ray in rows)
+        print(f"{label}: single {scale * statistics.median(r[0] for r in rows):.1f}, ray 1x2 "
+              f"{scale * statistics.median(r[1] for r in rows):.1f}; ray / single, median of {len(rows)} pairs: "
+              f"{statistics.median(ratios):.3f}x (target {target}; quartiles {ratios[len(ratios) // 4]:.3f}-"
+              f"{ratios[3 * len(ratios) // 4]:.3f})")
+
+
 def report(results: dict[str, list[dict[int, dict]]], levels: list[int]) -> None:
     def med(name: str, clients: int, key: str) -> float:
         return statistics.median(r[clients][key] for r in results[name])
@@ -112,6 +145,8 @@ def main() -> int:
     ap.add_argument("--long-prompt-words", type=int, default=300)
     ap.add_argument("--tokens", type=int, default=64, help="tokens per client (at 1 client: twice this)")
     ap.add_argument("--configs", default=",".join(CONFIGS), help="which servers, comma-separated")
+    ap.add_argument("--paired", type=int, metavar="PAIRS", help="only the one-client overhead, in PAIRS "
+                    "alternating requests (see above)")
     args = ap.parse_args()
     if args.model is None:
         import gemmakit
@@ -119,6 +154,9 @@ def main() -> int:
         args.model = str(gemmakit.default_model_path())
     args.levels = [x if x == "1 long" else int(x) for x in args.levels.split(",")]
     args.max_batch, args.kv_cache_mib = 32, 1024
+    if args.paired:
+        paired(args, args.paired)
+        return 0
     names = args.configs.split(",")
     results: dict[str, list[dict[int, dict]]] = {name: [] for name in names}
     for r in range(args.rounds):

@@ -136,7 +136,10 @@ def _chat(client: openai.OpenAI, text: str, max_tokens: int = 12):
 def test_health_reports_the_live_replicas(ray_server):
     health = httpx.get(ray_server.url + "/health").json()
     assert health == {"status": "ok", "replicas": 2, "auth": True}
-    assert len(ray_server.replica_processes()) == 2
+    replicas = ray_server.replica_processes()
+    assert len(replicas) == 2
+    # The engines run at the ingress's priority, not at the nice 15 Ray gives its workers.
+    assert {p.nice() for p in replicas} == {psutil.Process(ray_server.proc.pid).nice()}
 
 
 def test_twenty_concurrent_requests_spread_over_both_replicas(ray_server, single_server):
@@ -277,10 +280,22 @@ def test_a_relayed_stream_holds_a_serve_call_on_its_replica_while_it_lasts(ray_s
     _wait_for_leases(ray_server.url, lambda leases: leases.get(replica) == 0, "the lease outlived its stream")
 
 
-def _post(url: str, max_tokens: int, topic: int = 0) -> httpx.Response:
-    return httpx.post(url + "/v1/completions", headers=AUTH, timeout=300,
+def _post(url: str, max_tokens: int, topic: int = 0, session: str | None = None) -> httpx.Response:
+    headers = {**AUTH, "x-session-id": session} if session else AUTH
+    return httpx.post(url + "/v1/completions", headers=headers, timeout=300,
                       json={"model": "m", "prompt": f"Story {topic}: once upon a time", "max_tokens": max_tokens,
                             "ignore_eos": True})
+
+
+def _sessions_on_each_replica(url: str, per_replica: int) -> list[str]:
+    """Session ids that pin requests to the replicas, ``per_replica`` of them on each."""
+    homes: dict[str, list[str]] = {}
+    for i in range(64):
+        replica = _post(url, 1, session=f"s{i}").headers["x-gemmakit-replica"]
+        homes.setdefault(replica, []).append(f"s{i}")
+        if len(homes) == 2 and all(len(ids) >= per_replica for ids in homes.values()):
+            return [s for ids in homes.values() for s in ids[:per_replica]]
+    raise AssertionError(f"64 session ids did not cover both replicas: {homes}")
 
 
 def test_every_replica_full_is_a_429_with_retry_after(ray_server):
@@ -385,8 +400,9 @@ def test_a_batch_job_runs_over_the_replicas_and_its_records_stay_with_the_ingres
 def test_killing_a_replica_mid_load_loses_no_later_request(ray_server):
     retries_before = _metric_sum(ray_server.url, "gemmakit_ingress_retries_total")
     pool = ThreadPoolExecutor(8)
-    # Different prompts, so both replicas hold some; half plain, half streamed.
-    plain = [pool.submit(_post, ray_server.url, 80, topic) for topic in range(4)]
+    # Half plain, half streamed; two plain requests pinned to each replica, so the victim holds some.
+    sessions = _sessions_on_each_replica(ray_server.url, 2)
+    plain = [pool.submit(_post, ray_server.url, 80, topic, session) for topic, session in enumerate(sessions)]
     streamed = [pool.submit(_stream_events, ray_server.url, 80, topic) for topic in range(4)]
     time.sleep(1.5)
     victim = ray_server.replica_processes()[0]
@@ -398,7 +414,7 @@ def test_killing_a_replica_mid_load_loses_no_later_request(ray_server):
     later = list(pool.map(lambda topic: _post(ray_server.url, 8, topic), range(10)))
     pool.shutdown()
     assert [a.status_code for a in later] == [200] * 10, [a.text for a in later if a.status_code != 200]
-    # The requests the dead replica held (and any routed to it before Serve noticed) were sent again.
+    # The plain requests the dead replica held (and any routed to it before Serve noticed) were sent again.
     assert _metric_sum(ray_server.url, "gemmakit_ingress_retries_total") > retries_before
     deadline = time.time() + 120  # Ray Serve replaces the dead replica
     while httpx.get(ray_server.url + "/health").json()["replicas"] < 2 or len(ray_server.replica_processes()) < 2:

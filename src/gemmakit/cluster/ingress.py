@@ -178,13 +178,32 @@ async def try_once(state: IngressState, request: ForwardedRequest, key: str | No
     return Attempt(replica, answer, lease)
 
 
+async def whole_events(chunks: AsyncIterator[bytes], first: list[bytes]) -> AsyncIterator[bytes]:
+    """An event stream's bytes cut at event boundaries (a blank line): what a read returned past the last one waits
+    for the next read, so a stream cut short ends between two events, never inside one."""
+    pending = b""
+
+    async def reads() -> AsyncIterator[bytes]:
+        for chunk in first:
+            yield chunk
+        async for chunk in chunks:
+            yield chunk
+
+    async for chunk in reads():
+        pending += chunk
+        end = pending.rfind(b"\n\n")
+        if end >= 0:
+            yield pending[:end + 2]
+            pending = pending[end + 2:]
+    if pending:  # the replica ended its stream without a blank line: pass the rest as it is
+        yield pending
+
+
 async def relay(attempt: Attempt, metrics: IngressMetrics) -> AsyncIterator[bytes]:
     """The rest of a stream, as it comes; if its replica fails now, an error event and [DONE], as the single
     server ends a stream its engine could not finish."""
     try:
-        for chunk in attempt.answer.chunks:
-            yield chunk
-        async for chunk in attempt.answer.rest:
+        async for chunk in whole_events(attempt.answer.rest, attempt.answer.chunks):
             yield chunk
     except httpx.TransportError as exc:
         metrics.failures.inc()
@@ -219,8 +238,11 @@ async def forward(request: Request) -> Response:
     key = affinity_key(forwarded.path, request.headers, body)
     tried: list[str] = []
     full: Attempt | None = None  # the last replica that answered 429 or 503: its answer if every one does
+    lost = False  # the last try's replica failed: this one is a retry
     try:
-        for turn in range(max(3, len(reachable_replicas()) + 2)):
+        for _ in range(max(3, len(reachable_replicas()) + 2)):
+            if lost:
+                state.metrics.retries.inc()
             try:
                 attempt = await try_once(state, forwarded, key, tried)
             except NoReachableReplica:  # Serve is starting new ones (or they have not reported their URL yet)
@@ -228,10 +250,11 @@ async def forward(request: Request) -> Response:
                                       "server_error", code="no_replica", headers={"Retry-After": "5"})
             except ReplicaLost as exc:
                 state.metrics.failures.inc()
-                state.metrics.retries.inc()
                 logger.warning("%s; trying another replica", exc)
                 tried += [exc.replica] if exc.replica else []
+                lost = True
                 continue
+            lost = False
             tried.append(attempt.replica)
             if full is not None:
                 await full.release()

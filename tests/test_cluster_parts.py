@@ -1,4 +1,5 @@
-"""A replica's lease book: a lease call ends when its relayed request ends, whichever of the two comes first."""
+"""Parts of gemmakit serve --ray that need no running Ray: a replica's lease book (a lease call ends when its
+relayed request ends, whichever comes first) and the ingress's cutting of relayed event streams."""
 
 from __future__ import annotations
 
@@ -45,3 +46,20 @@ def test_the_http_app_ends_the_lease_named_in_the_request_even_when_the_app_fail
         await asyncio.wait_for(book.wait("c"), 1.0)
 
     asyncio.run(main())
+
+
+def test_a_relayed_event_stream_is_cut_between_events_only():
+    pytest.importorskip("ray.serve", reason="needs the ray extra: pip install 'gemmakit[ray]'")
+    from gemmakit.cluster.ingress import whole_events
+
+    async def reads():
+        for chunk in (b'data: {"a": ', b'1}\n\ndata: {"b": 2}\n\nda', b"ta: [DONE]\n\n"):
+            yield chunk
+
+    async def collect(first: list[bytes]) -> list[bytes]:
+        return [chunk async for chunk in whole_events(reads(), first)]
+
+    assert asyncio.run(collect([])) == [b'data: {"a": 1}\n\ndata: {"b": 2}\n\n', b"data: [DONE]\n\n"]
+    # The first read (taken before the client is answered) goes through the same cutting.
+    assert asyncio.run(collect([b": opening\n\n"])) == [b": opening\n\n", b'data: {"a": 1}\n\ndata: {"b": 2}\n\n',
+                                                       b"data: [DONE]\n\n"]
