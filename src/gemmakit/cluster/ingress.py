@@ -94,7 +94,11 @@ class Lease:
         self.timer = asyncio.get_running_loop().call_later(LEASE_DELAY_S, self._open)
 
     def _open(self) -> None:
-        self.call = self.state.handle.hold.remote(pin=self.replica, lease=self.id)
+        try:
+            self.call = self.state.handle.hold.remote(pin=self.replica, lease=self.id)
+        except Exception as exc:  # Serve is stopping: the request goes on without its lease
+            logger.warning("no lease on replica %s: %r", self.replica, exc)
+            return
         watcher = asyncio.ensure_future(self._watch(self.call))
         self.state.watchers.add(watcher)
         watcher.add_done_callback(self.state.watchers.discard)
@@ -216,6 +220,21 @@ async def relay(attempt: Attempt, metrics: IngressMetrics) -> AsyncIterator[byte
         await attempt.release()
 
 
+class RelayedStream(ClosingStreamingResponse):
+    """A relayed event stream whose attempt is released however the response ends, even before its body was
+    read (an async generator that never started runs no ``finally``)."""
+
+    def __init__(self, attempt: Attempt, metrics: IngressMetrics) -> None:
+        super().__init__(relay(attempt, metrics), status_code=attempt.answer.head.status)
+        self.attempt = attempt
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.attempt.release()
+
+
 async def respond(attempt: Attempt, metrics: IngressMetrics) -> Response:
     """The client's response: the replica's status and headers (and its id), its body whole or streamed."""
     headers = attempt.answer.head.relayed_headers() + [(b"x-gemmakit-replica", attempt.replica.encode())]
@@ -223,7 +242,7 @@ async def respond(attempt: Attempt, metrics: IngressMetrics) -> Response:
         await attempt.release()
         response = Response(b"".join(attempt.answer.chunks), status_code=attempt.answer.head.status)
     else:
-        response = ClosingStreamingResponse(relay(attempt, metrics), status_code=attempt.answer.head.status)
+        response = RelayedStream(attempt, metrics)
     response.raw_headers = [h for h in response.raw_headers if h[0] == b"content-length"] + headers
     return response
 
