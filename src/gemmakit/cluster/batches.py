@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..batch.store import BatchStore
 from ..batch.worker import BatchWorker
-from .registry import live_replica_stats
+from .registry import reachable_replica_stats
 
 
 class ClusterLoad:
@@ -25,7 +25,7 @@ class ClusterLoad:
         self.rows_per_replica = rows_per_replica
 
     def _stats(self) -> list[dict]:
-        return [s for s in (live_replica_stats() or {}).values() if s.get("url")]
+        return list(reachable_replica_stats().values())
 
     @property
     def max_batch(self) -> int:

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from ..errors import InvalidParameterError
 from .replica import GemmakitReplica, ReplicaSpec
-from .router import DEFAULT_IMBALANCE, AffinityRouter
+from .router import AffinityRouter
 
 ROUTER_PATH = f"{AffinityRouter.__module__}.{AffinityRouter.__qualname__}"
 
@@ -46,7 +46,6 @@ class RayOptions:
     min_replicas: int | None = None
     max_replicas: int | None = None
     replica_cpus: float = 1.0
-    imbalance: int = DEFAULT_IMBALANCE  # see gemmakit.cluster.router
     shutdown_timeout: float = 30.0  # seconds a stopping replica lets its requests finish
 
     def check(self) -> None:
@@ -75,7 +74,6 @@ def deployment_options(options: RayOptions, max_batch: int, max_waiting: int) ->
         # By import path, not the class: Serve would ship a class by value, a copy whose module globals (the
         # router registry the ingress reads) are not the ingress's.
         "request_router_config": RequestRouterConfig(request_router_class=ROUTER_PATH,
-                                                     request_router_kwargs={"imbalance": options.imbalance},
                                                      request_routing_stats_period_s=ROUTING_STATS_PERIOD_S),
     }
     if options.min_replicas is None:

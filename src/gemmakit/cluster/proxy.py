@@ -13,12 +13,13 @@ from typing import Any, AsyncIterator
 
 import httpx
 
+from .replica import LEASE_HEADER
+
 # Headers that describe one connection, not the request or response: never relayed. (Host, length, date and
 # server are the relaying hop's own to set; a lease id is the ingress's own to give, never a client's.)
 HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"upgrade", b"te", b"trailer",
-                        b"proxy-authorization", b"proxy-connection", b"host", b"content-length",
-                        b"x-gemmakit-lease"})
-RESPONSE_OWN = frozenset({b"date", b"server"})
+                        b"proxy-authorization", b"proxy-connection", b"host", b"content-length", LEASE_HEADER})
+NOT_RELAYED_BACK = HOP_BY_HOP | {b"date", b"server"}
 CONNECT_TIMEOUT_S = 10.0  # a replica that does not accept a connection in this long is taken as lost
 MAX_CONNECTIONS = 4096  # to all replicas together; each streaming request holds one for its length
 
@@ -53,7 +54,7 @@ class ResponseHead:
 
     def relayed_headers(self) -> list[tuple[bytes, bytes]]:
         """The headers the client gets (the ingress adds its own framing, date and server)."""
-        return [(k, v) for k, v in self.headers if k.lower() not in HOP_BY_HOP | RESPONSE_OWN]
+        return [(k, v) for k, v in self.headers if k.lower() not in NOT_RELAYED_BACK]
 
 
 @dataclass

@@ -19,7 +19,11 @@ def live_replica_stats() -> dict[str, dict[str, Any]] | None:
     return routers[-1].replica_stats() if routers else None
 
 
+def reachable_replica_stats() -> dict[str, dict[str, Any]]:
+    """The routing stats of the live replicas that have told this process's router their URL."""
+    return {replica: s for replica, s in (live_replica_stats() or {}).items() if s.get("url")}
+
+
 def reachable_replicas() -> dict[str, str]:
     """The live replicas that have told this process's router their URL (in their routing stats): id -> URL."""
-    stats = live_replica_stats() or {}
-    return {replica: s["url"] for replica, s in stats.items() if s.get("url")}
+    return {replica: s["url"] for replica, s in reachable_replica_stats().items()}

@@ -52,8 +52,9 @@ class LeaseBook:
             if waiter is None:
                 now = time.monotonic()
                 self._ended[lease] = now
-                for old in [k for k, t in self._ended.items() if now - t > ENDED_KEPT_S]:
-                    del self._ended[old]
+                # Oldest first (a dict keeps insertion order): forgetting stops at the first id still kept.
+                while now - self._ended[oldest := next(iter(self._ended))] > ENDED_KEPT_S:
+                    del self._ended[oldest]
         if waiter is not None:
             loop, event = waiter
             loop.call_soon_threadsafe(event.set)
@@ -171,7 +172,7 @@ class GemmakitReplica:
             self.leases.dec()
 
     async def ping(self) -> dict[str, str]:
-        return {"replica": self.replica_id, "model": self.app.state.model_id, "url": self.http.url}
+        return {"replica": self.replica_id, "model": self.app.state.model_id}
 
     def record_routing_stats(self) -> dict[str, Any]:
         """What the routers (and through them the ingress) know of this replica: where it listens, its load, its

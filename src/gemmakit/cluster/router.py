@@ -48,11 +48,10 @@ def pick_replica(loads: Mapping[str, int], key: str | None, avoid: set[str] | fr
 class AffinityRouter(RequestRouter):
     """Ray Serve request router for gemmakit replicas' leases and pings (see the module's docstring)."""
 
-    def initialize_state(self, imbalance: int = DEFAULT_IMBALANCE, **_: Any) -> None:
+    def initialize_state(self, **_: Any) -> None:
         # Imported here, by absolute name: Serve ships this module by value (see gemmakit.cluster.registry).
         from gemmakit.cluster import registry
 
-        self.imbalance = imbalance
         registry.ROUTERS.add(self)
 
     def _load(self, replica: RunningReplica) -> int:
