@@ -77,20 +77,27 @@ def test_the_kernels_build_for_every_instruction_set_they_have_a_path_for(tmp_pa
 
 
 THREADS_AFTER = r"""
-import os, sys, threading, torch, gemmakit
+import os, sys, time, torch, gemmakit
 from gemmakit.engine import Engine
 from gemmakit.kernels import release_thread_workers
-count = lambda: len(os.listdir("/proc/self/task"))
+def count(expected, settle=2.0):
+    # pthread_join returns once the kernel clears the thread's id, a moment before the thread leaves
+    # /proc/self/task: on a loaded machine a joined worker can still be listed, so wait for it to go (a worker
+    # that stays, idle or spinning, is still counted when the wait ends).
+    deadline = time.monotonic() + settle
+    while len(os.listdir("/proc/self/task")) > expected and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return len(os.listdir("/proc/self/task"))
 torch.set_num_threads(2)
-base = count()
+base = len(os.listdir("/proc/self/task"))
 torch.zeros(1 << 24).add_(1.0)  # a parallel torch op: this thread gets a worker (torch shares our libgomp)
-with_worker = count()
+with_worker = count(base, settle=0)
 release_thread_workers()
-released = count()
+released = count(base)
 llm = gemmakit.load(sys.argv[1], threads=2)  # parallel packing and a warm-up, then the workers are let go
-loaded = count()
+loaded = count(base)
 engine = Engine(llm.model, llm.tokenizer, llm.stop_token_ids, 64, max_batch=2)  # zeroes its cache in parallel
-made = count() - 1  # less the engine's own thread
+made = count(base + 1) - 1  # less the engine's own thread
 engine.shutdown()
 print(base, with_worker, released, loaded, made)
 """
