@@ -50,7 +50,7 @@ def test_the_http_app_ends_the_lease_named_in_the_request_even_when_the_app_fail
 
 def test_a_relayed_event_stream_is_cut_between_events_only():
     pytest.importorskip("ray.serve", reason="needs the ray extra: pip install 'gemmakit[ray]'")
-    from gemmakit.cluster.ingress import whole_events
+    from gemmakit.cluster.relay import whole_events
 
     async def reads():
         for chunk in (b'data: {"a": ', b'1}\n\ndata: {"b": 2}\n\nda', b"ta: [DONE]\n\n"):

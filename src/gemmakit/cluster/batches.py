@@ -16,6 +16,8 @@ from ..batch.store import BatchStore
 from ..batch.worker import BatchWorker
 from .registry import reachable_replica_stats
 
+BATCH_PATHS = ("/v1/files", "/v1/batches")  # the routes (and those below them) the ingress serves itself
+
 
 class ClusterLoad:
     """The replicas' engines seen as one, from their routing stats (at most ``ROUTING_STATS_PERIOD_S`` old): the
@@ -48,13 +50,14 @@ class IngressBatches:
     batch_worker: BatchWorker
 
 
-def add_batches(app, data_dir: str | Path, key: bytes | None, rows_per_replica: int) -> IngressBatches:
-    """Serve ``/v1/files`` and ``/v1/batches`` from ``app`` (the ingress) with a store in ``data_dir``; the worker
-    (started by the ingress's lifespan) sends with ``key`` when the ingress needs one."""
+def add_batches(api, ingress, data_dir: str | Path, key: bytes | None, rows_per_replica: int) -> IngressBatches:
+    """Serve ``/v1/files`` and ``/v1/batches`` from ``api`` (the ingress's FastAPI app) with a store in
+    ``data_dir``; the worker (started by the ingress's lifespan) sends through ``ingress`` (the whole ingress
+    app), with ``key`` when the ingress needs one."""
     from ..server.routes import batches
 
     store = BatchStore(data_dir)
-    state = IngressBatches(store, BatchWorker(app, store, ClusterLoad(rows_per_replica), key))
-    app.state.gemmakit = state
-    app.include_router(batches.router)
+    state = IngressBatches(store, BatchWorker(ingress, store, ClusterLoad(rows_per_replica), key))
+    api.state.gemmakit = state
+    api.include_router(batches.router)
     return state

@@ -97,7 +97,7 @@ class ReplicaHTTPServer:
         self.sock.bind((host, 0))
         port = self.sock.getsockname()[1]
         self.url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-        # Idle connections stay open longer than the ingress's pool keeps them (httpx: 5 s), so the replica never
+        # Idle connections stay open longer than the ingress's pool keeps them (aiohttp: 15 s), so the replica never
         # closes one that the ingress is about to reuse.
         config = uvicorn.Config(app, log_level="warning", timeout_keep_alive=75, timeout_graceful_shutdown=5)
         self.server = uvicorn.Server(config)
