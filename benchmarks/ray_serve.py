@@ -17,17 +17,23 @@ level.
 
 The one-client overhead alone, paired: `single` and `ray 1x2` both up, one client alternating between them
 (PAIRS pairs of 4-token requests for TTFT, PAIRS / 6 pairs of 2x --tokens tokens for tok/s); the medians of the
-pairs' ratios.
-Each side then meets the same noise from the machine's neighbours, which in the default mode moves whole rounds
-(and Ray's idle processes, ~8% of a core, run during both sides' requests).
+pairs' ratios. Each side then meets the same noise from the machine's neighbours, which in the default mode moves
+whole rounds. While the single server answers, every process of the Ray server is paused (SIGSTOP), as if Ray
+were not there: otherwise Ray's idle processes (~8% of a core) and what a Ray request leaves to do after its end
+would run during the single server's requests and flatter Ray (1.05x TTFT where this gave 1.13x). The Ray server
+then runs RESUME_S alone before its own request (a client's pause between requests), so that what came due while
+it was paused is not charged to that request either.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import os
+import signal
 import statistics
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -42,6 +48,7 @@ FILLER = ("the keeper climbed the stairs at dusk and lit the lamp while the sea 
           "and the ships far out turned toward the light ").split()
 RUN_IDS = itertools.count()
 TTFT_SAMPLES = 15  # one-client requests whose first tokens give the TTFT figures
+RESUME_S = 0.3  # --paired: how long the Ray server runs after its pause before its request (a client's pause)
 
 
 def long_prompt(words: int) -> str:
@@ -86,6 +93,32 @@ def measure(name: str, args: argparse.Namespace) -> dict[int, dict]:
         proc.wait(timeout=120)
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (from /proc: each process's parent)."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            parents.setdefault(ppid, []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo += parents.get(tree[-1], [])
+    return tree
+
+
+def signal_tree(pid: int, sig: int) -> None:
+    for member in process_tree(pid):
+        try:
+            os.kill(member, sig)
+        except ProcessLookupError:
+            pass
+
+
 def paired(args: argparse.Namespace, pairs: int) -> None:
     """The one-client overhead of the Ray path, measured pair by pair (see the module's docstring)."""
     servers = []
@@ -93,14 +126,26 @@ def paired(args: argparse.Namespace, pairs: int) -> None:
         for name in ("single", "ray 1x2"):
             args.threads, extra = CONFIGS[name]
             servers.append(serve_load.start("gemmakit", args, extra))
-        urls = [url for _, url in servers]
-        for url in urls:
+        (_, single), (ray_proc, ray) = servers
+        for url in (single, ray):
             serve_load.run_round(url, 4, 8)
-        ttft = [[serve_load.run_round(url, 1, 4)["ttft_p50"] for url in urls] for _ in range(pairs)]
-        tok_s = [[serve_load.run_round(url, 1, 2 * args.tokens)["tok_s"] for url in urls]
-                 for _ in range(max(3, pairs // 6))]
+
+        def pair(tokens: int, key: str) -> list[float]:
+            # The single server alone, as without Ray: every process of the Ray server paused meanwhile. The Ray
+            # side then pays for all its own work: its idle processes, and what a request leaves for later.
+            signal_tree(ray_proc.pid, signal.SIGSTOP)
+            try:
+                alone = serve_load.run_round(single, 1, tokens)[key]
+            finally:
+                signal_tree(ray_proc.pid, signal.SIGCONT)
+            time.sleep(RESUME_S)  # the timers that came due during the pause fire now, not in the next request
+            return [alone, serve_load.run_round(ray, 1, tokens)[key]]
+
+        ttft = [pair(4, "ttft_p50") for _ in range(pairs)]
+        tok_s = [pair(2 * args.tokens, "tok_s") for _ in range(max(3, pairs // 6))]
     finally:
         for proc, _ in servers:
+            signal_tree(proc.pid, signal.SIGCONT)
             proc.terminate()
             proc.wait(timeout=120)
     for label, rows, target, scale in (("TTFT ms", ttft, "<= 1.10x", 1000), ("tok/s", tok_s, ">= 0.95x", 1)):

@@ -1,5 +1,7 @@
 """gemmakit serve --ray --min-replicas 1 --max-replicas 2: Serve's autoscaler adds a replica under load.
 
+First, a stream holds a lease (a Serve call, which Serve's autoscaler counts) on its replica while it lasts.
+
 One replica to start; clients keep more requests in flight than a replica has rows (the autoscaler's target)
 until /health counts two replicas, and every request is answered meanwhile.
 """
@@ -15,7 +17,7 @@ import pytest
 
 pytest.importorskip("ray.serve", reason="needs the ray extra: pip install 'gemmakit[ray]'")
 
-from test_ray_serve import RayServer  # noqa: E402
+from test_ray_serve import RayServer, check_a_stream_holds_a_lease_while_it_lasts  # noqa: E402
 
 MAX_BATCH = 2  # the autoscaler aims at this many requests in flight per replica
 
@@ -34,6 +36,7 @@ def test_load_adds_a_replica():
     clients = [threading.Thread(target=_keep_busy, args=(server.url, stop, codes, i)) for i in range(8)]
     try:
         server.wait_up(replicas=1)
+        check_a_stream_holds_a_lease_while_it_lasts(server.url, replicas=1)
         for c in clients:
             c.start()
         deadline = time.time() + 150

@@ -265,19 +265,36 @@ def _wait_for_leases(url: str, expected, what: str) -> dict[str, float]:
     return leases
 
 
-def test_a_relayed_stream_holds_a_serve_call_on_its_replica_while_it_lasts(ray_server):
-    """The bytes go over HTTP, but Serve must still count the request (its autoscaling and graceful shutdown
-    read that count): the ingress holds a Serve call pinned to the replica for as long as the stream lasts."""
-    _wait_for_leases(ray_server.url, lambda leases: len(leases) == 2 and not any(leases.values()), "leases left")
+def check_a_stream_holds_a_lease_while_it_lasts(url: str, replicas: int) -> None:
+    """The bytes go over HTTP, but where Serve autoscales it must still count the request: the ingress holds a
+    Serve call pinned to the replica for as long as the stream lasts (test_ray_autoscale runs this)."""
+    _wait_for_leases(url, lambda leases: len(leases) == replicas and not any(leases.values()), "leases left")
     body = {"model": "m", "prompt": "A very long story:", "max_tokens": 4000, "ignore_eos": True, "stream": True}
-    with httpx.stream("POST", ray_server.url + "/v1/completions", headers=AUTH, json=body, timeout=60) as r:
+    with httpx.stream("POST", url + "/v1/completions", headers=AUTH, json=body, timeout=60) as r:
         replica = r.headers["x-gemmakit-replica"]
         lines = r.iter_lines()
-        leases = _wait_for_leases(ray_server.url, lambda leases: leases.get(replica) == 1,
+        leases = _wait_for_leases(url, lambda leases: leases.get(replica) == 1,
                                   "the streaming request's replica holds no lease")
         assert sum(leases.values()) == 1, leases  # on that replica only
         assert sum(line.startswith("data: ") for _, line in zip(range(4), lines)) >= 2
-    _wait_for_leases(ray_server.url, lambda leases: leases.get(replica) == 0, "the lease outlived its stream")
+    _wait_for_leases(url, lambda leases: leases.get(replica) == 0, "the lease outlived its stream")
+
+
+def test_a_fixed_set_of_replicas_takes_no_leases(ray_server):
+    """With --replicas N, Serve never scales nor stops a replica on its own, and a held Serve call costs one
+    client ~7% of its tok/s: the ingress holds none. The replicas' metrics reach the ingress every 2 s; the stream
+    lasts longer than that."""
+    body = {"model": "m", "prompt": "A very long story:", "max_tokens": 4000, "ignore_eos": True, "stream": True}
+    seen = []
+    with httpx.stream("POST", ray_server.url + "/v1/completions", headers=AUTH, json=body, timeout=60) as r:
+        replica = r.headers["x-gemmakit-replica"]
+        deadline = time.time() + 5
+        for _ in r.iter_lines():
+            if time.time() > deadline:
+                break
+            if len(seen) < 20:
+                seen.append(_metric_by_replica(ray_server.url, "gemmakit_ray_leases").get(replica))
+    assert seen and set(seen) == {0.0}, seen
 
 
 def _post(url: str, max_tokens: int, topic: int = 0, session: str | None = None) -> httpx.Response:

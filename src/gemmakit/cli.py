@@ -575,7 +575,7 @@ def _serve_on_ray(args: argparse.Namespace, keys: list[str], policy) -> int:
     ingress = IngressOptions(api_keys=tuple(keys), limits=_limits(args),
                              public_docs_and_metrics=args.public_docs_and_metrics,
                              replicas=options.min_replicas or options.replicas, data_dir=args.data_dir,
-                             rows_per_replica=args.max_batch)
+                             rows_per_replica=args.max_batch, leases=options.min_replicas is not None)
     serve_ingress(handle, args.host, args.port, ingress, args.shutdown_timeout, started_ray,
                   on_ready=lambda model_id: _print_serving(model_id, args, f" on {count} Ray Serve replicas"),
                   after_stop=(lambda: stop_audit_writer(writer)) if writer is not None else None)

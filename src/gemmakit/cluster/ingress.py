@@ -87,6 +87,7 @@ class IngressOptions:
     data_dir: str | None = None  # files and batch jobs (as ``gemmakit serve --data-dir``), kept by the ingress
     rows_per_replica: int = 8  # --max-batch: what the batch worker assumes of a replica it has no stats of yet
     imbalance: int = DEFAULT_IMBALANCE  # see gemmakit.cluster.router.pick_replica
+    leases: bool = True  # Serve calls held for Serve's count of requests: needed when it autoscales (see Lease)
 
 
 def _lifespan(replicas: int, on_ready: Callable[[str], None] | None,
@@ -164,7 +165,8 @@ def create_ingress_app(handle, options: IngressOptions = IngressOptions(),
     starts answering once its router knows ``options.replicas`` replicas' URLs; then ``on_ready`` gets the served
     model's id. ``on_stop`` runs when the app stops, on its event loop (default: the handle is shut down)."""
     keys = [k.encode() for k in options.api_keys if k]
-    state = IngressState(handle=handle, metrics=IngressMetrics(), keys=keys, imbalance=options.imbalance)
+    state = IngressState(handle=handle, metrics=IngressMetrics(), keys=keys, imbalance=options.imbalance,
+                         leases=options.leases)
     # The replicas' apps serve /docs and /openapi.json (they describe the API); the ingress has none of its own.
     api = FastAPI(title="gemmakit (Ray Serve ingress)", docs_url=None, redoc_url=None, openapi_url=None,
                   lifespan=_lifespan(options.replicas, on_ready, on_stop))

@@ -96,7 +96,9 @@ def start_ray(address: str | None) -> bool:
         return False
     for name, value in LOCAL_RAY_ENV.items():  # inherited by the processes of the local instance
         os.environ.setdefault(name, value)
-    ray.init(num_cpus=os.cpu_count(), object_store_memory=LOCAL_OBJECT_STORE_BYTES, **common)
+    # address="local": a new instance even where `ray start` has run on this machine (ray.init() alone would join
+    # the cluster named in /tmp/ray/ray_current_cluster, which outlives a cluster stopped without `ray stop`).
+    ray.init(address="local", num_cpus=os.cpu_count(), object_store_memory=LOCAL_OBJECT_STORE_BYTES, **common)
     return True
 
 
