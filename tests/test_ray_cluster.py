@@ -20,7 +20,7 @@ pytest.importorskip("ray.serve", reason="needs the ray extra: pip install 'gemma
 psutil = pytest.importorskip("psutil")
 
 from serving import free_port  # noqa: E402
-from test_ray_serve import RayServer, _cmdline  # noqa: E402
+from test_ray_serve import RayServer, _cmdline, kill_all  # noqa: E402
 
 RAY = str(Path(sys.executable).with_name("ray"))
 LOCAL_INSTANCE_ADDRESS = """
@@ -67,11 +67,7 @@ class RayHead:
             self.proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-        for p in procs:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
+        kill_all(procs)  # what `ray start` did not stop itself
 
 
 def _replica_listen_addresses(head: RayHead) -> set[str]:

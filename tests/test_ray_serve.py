@@ -77,11 +77,16 @@ class RayServer:
     def kill(self) -> None:
         procs = self.descendants()
         self.proc.kill()
-        for p in procs:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
+        kill_all(procs)
+
+
+def kill_all(procs: list[psutil.Process]) -> None:
+    """Kill what is left of a process tree (its processes listed while its root was alive)."""
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 def _cmdline(p: psutil.Process) -> list[str]:
