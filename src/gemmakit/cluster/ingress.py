@@ -3,8 +3,9 @@
 Every API route of ``gemmakit serve`` is answered by a replica's own copy of that server's app, on the replica's
 own port: the ingress checks keys and sizes first with the same middleware, picks the replica
 (:func:`~gemmakit.cluster.router.pick_replica`: conversation affinity, else the least busy), relays the request
-over HTTP (:mod:`gemmakit.cluster.proxy`; streams as they come) and holds a Serve lease on the replica meanwhile
-(see :mod:`gemmakit.cluster.replica`). The replicas and their URLs come from the deployment handle's router, which
+over HTTP (:mod:`gemmakit.cluster.proxy`, from the plain ASGI path of :mod:`gemmakit.cluster.relay`; streams as
+they come) and, where Serve autoscales, holds a Serve lease on the replica meanwhile (see
+:mod:`gemmakit.cluster.replica`). The replicas and their URLs come from the deployment handle's router, which
 Serve keeps up to date. The ingress owns what only a view over all replicas can answer:
 
 - ``/health``: ``{"status", "replicas"}``, the live replicas it can reach; 503 while there are none.

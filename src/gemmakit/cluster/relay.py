@@ -1,9 +1,9 @@
 """The request path of the ingress: a request relayed to one replica's port and its answer back, as plain ASGI.
 
 The ingress picks the replica (:func:`~gemmakit.cluster.router.pick_replica`: conversation affinity, else the least
-busy), relays the request over HTTP (:mod:`gemmakit.cluster.proxy`; streams as they come) and holds a Serve lease on
-the replica meanwhile (see :mod:`gemmakit.cluster.replica`). A request whose replica fails before anything reached
-the client is retried on another; a replica that answers 429 or 503 is skipped for the next one.
+busy), relays the request over HTTP (:mod:`gemmakit.cluster.proxy`; streams as they come) and, where Serve
+autoscales, holds a Serve lease on the replica meanwhile (see :class:`Lease`). A request whose replica fails before
+anything reached the client is retried on another; a replica that answers 429 or 503 is skipped for the next one.
 
 Plain ASGI rather than a FastAPI route: the route's layers (routing, exception and body-limit middleware, a task
 group per streamed response) cost the ingress ~2 ms of CPU per request on the path of the first token, as much as
@@ -164,8 +164,10 @@ async def try_once(state: IngressState, request: ForwardedRequest, key: str | No
     if replica is None:
         raise NoReachableReplica()
     lease = Lease(state, replica)
+    if state.leases:  # the replica ends the lease's Serve call when this request ends (see replica.LeaseBook)
+        request = request.with_header(LEASE_HEADER, lease.id.encode())
     try:
-        answer = await send(state.client, urls[replica], request.with_header(LEASE_HEADER, lease.id.encode()))
+        answer = await send(state.client, urls[replica], request)
     except TransportError as exc:
         lease.end()
         raise ReplicaLost(replica, exc) from exc

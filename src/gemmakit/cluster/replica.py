@@ -9,9 +9,9 @@ the same keys as the ingress).
 Ray Serve places, health-checks, replaces and autoscales the replicas; the request bytes go straight from the
 ingress to the replica's port over HTTP, as in Serve's own direct-ingress mode. Carrying each streamed token as a
 Ray item cost milliseconds of CPU per token on the cores the engine needs (and ~10 ms more to the first token on
-a 2-core machine). While the ingress relays a request, it holds a lease on the replica (:meth:`GemmakitReplica.hold`,
-a Serve call that lasts as long as the request), so that Serve's count of ongoing requests, which drives its
-autoscaling and its graceful shutdown, stays right.
+a 2-core machine). When Serve autoscales the replicas, the ingress holds a lease on the replica while it relays a
+request (:meth:`GemmakitReplica.hold`, a Serve call that lasts as long as the request), so that Serve's count of
+ongoing requests, which drives its autoscaling and the draining of a replica it removes, stays right.
 
 The replica reports its URL and its Prometheus metrics to the routers as Ray Serve routing stats
 (``record_routing_stats``, pulled every ``request_routing_stats_period_s``): the ingress reads them there.
