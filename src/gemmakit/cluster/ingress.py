@@ -127,12 +127,19 @@ class RelayedRoute:
     path = "/{path:path}"
 
 
+def gates(state: IngressState, options: IngressOptions) -> list[tuple[type, dict]]:
+    """The server's gates, innermost first: errors in OpenAI's shape, sizes, keys, the request log. Both the
+    relay and the ingress's own routes stand behind them."""
+    return [(CatchAll, {}), (SizeGate, {"limits": options.limits}),
+            (AuthGate, {"keys": state.keys, "public_docs_and_metrics": options.public_docs_and_metrics}),
+            (RequestLog, {"metrics": state.metrics})]
+
+
 def gated(app, state: IngressState, options: IngressOptions):
-    """``app`` behind the server's gates, outermost first: the request log, keys, sizes, errors in OpenAI's
-    shape."""
-    app = SizeGate(CatchAll(app), limits=options.limits)
-    app = AuthGate(app, keys=state.keys, public_docs_and_metrics=options.public_docs_and_metrics)
-    return RequestLog(app, metrics=state.metrics)
+    """``app`` behind :func:`gates`."""
+    for gate, kwargs in gates(state, options):
+        app = gate(app, **kwargs)
+    return app
 
 
 class IngressApp:
@@ -173,10 +180,8 @@ def create_ingress_app(handle, options: IngressOptions = IngressOptions(),
                   lifespan=_lifespan(options.replicas, on_ready, on_stop))
     api.state.ingress = state
     install_error_handlers(api)
-    api.add_middleware(CatchAll)
-    api.add_middleware(SizeGate, limits=options.limits)
-    api.add_middleware(AuthGate, keys=state.keys, public_docs_and_metrics=options.public_docs_and_metrics)
-    api.add_middleware(RequestLog, metrics=state.metrics)
+    for gate, kwargs in gates(state, options):  # each added goes outside the ones before, as in gated()
+        api.add_middleware(gate, **kwargs)
     api.add_api_route("/health", health, methods=["GET"])
     api.add_api_route("/metrics", metrics, methods=["GET"])
     own_paths = ("/health", "/metrics") + (BATCH_PATHS if options.data_dir is not None else ())

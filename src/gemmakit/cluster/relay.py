@@ -79,7 +79,8 @@ class Lease:
 
     def __init__(self, state: IngressState, replica: str) -> None:
         self.state, self.replica = state, replica
-        self.id = uuid.uuid4().hex  # sent with the request (LEASE_HEADER): the replica ends the call with it
+        # Sent with the request (LEASE_HEADER): the replica ends the call with it.
+        self.id = uuid.uuid4().hex if state.leases else ""
         self.call: Any = None
         self.ended = False
         state.in_flight[replica] += 1
