@@ -1,51 +1,64 @@
-"""Parts of gemmakit serve --ray that need no running Ray: a replica's lease book (a lease call ends when its
-relayed request ends, whichever comes first) and the ingress's cutting of relayed event streams."""
+"""Parts of gemmakit serve --ray that need no running Ray: the autoscaling policy on the replicas' reported load,
+the deployment's autoscaling options as Serve reads them, and the ingress's cutting of relayed event streams."""
 
 from __future__ import annotations
 
 import asyncio
-import threading
+from types import SimpleNamespace
 
 import pytest
 
-from gemmakit.cluster.replica import LEASE_HEADER, LeaseBook, tracking_leases
+from gemmakit.errors import InvalidParameterError
 
 
-def test_a_lease_whose_request_already_ended_returns_at_once():
-    book = LeaseBook()
-    book.end("a")
-    asyncio.run(asyncio.wait_for(book.wait("a"), 1.0))
-    # Remembered once: a second call under the same id waits again.
-    with pytest.raises(asyncio.TimeoutError):
-        asyncio.run(asyncio.wait_for(book.wait("a"), 0.1))
+def _context(current: int, reported: dict[str, float] | None, target: float = 4.0, wanted: int = 1):
+    from ray.serve.config import AutoscalingConfig
+
+    config = AutoscalingConfig(min_replicas=1, max_replicas=8, target_ongoing_requests=target)
+    metrics = None if reported is None else {"in_flight": reported}
+    return SimpleNamespace(current_num_replicas=current, target_num_replicas=wanted, aggregated_metrics=metrics,
+                           config=config)
 
 
-def test_a_waiting_lease_ends_when_another_thread_ends_its_request():
-    book = LeaseBook()
+def test_the_policy_asks_for_the_replicas_that_the_reported_load_needs():
+    pytest.importorskip("ray.serve", reason="needs the ray extra: pip install 'gemmakit[ray]'")
+    from gemmakit.cluster.autoscale import in_flight_policy
 
-    async def main() -> None:
-        waiting = asyncio.create_task(book.wait("b"))
-        await asyncio.sleep(0.05)
-        assert not waiting.done()
-        threading.Thread(target=book.end, args=("b",)).start()  # the HTTP server's thread
-        await asyncio.wait_for(waiting, 1.0)
+    assert in_flight_policy(_context(2, {"a": 6.0, "b": 5.0}))[0] == pytest.approx(11 / 4)
+    assert in_flight_policy(_context(2, {"a": 1.0, "b": 0.0}))[0] == pytest.approx(0.25)
+    # Replicas that have not reported yet count as idle; so does a deployment none has reported for.
+    assert in_flight_policy(_context(3, {"a": 8.0}))[0] == pytest.approx(2.0)
+    assert in_flight_policy(_context(1, None))[0] == 0.0
+    # Before any replica runs, Serve's own target stands.
+    assert in_flight_policy(_context(0, None, wanted=2))[0] == 2
 
-    asyncio.run(main())
+
+def test_an_autoscaled_deployment_scales_on_the_replicas_reported_load():
+    pytest.importorskip("ray.serve", reason="needs the ray extra: pip install 'gemmakit[ray]'")
+    from ray.serve.config import AutoscalingConfig
+
+    from gemmakit.cluster.autoscale import in_flight_policy
+    from gemmakit.cluster.launch import RayOptions, deployment_options
+
+    options = deployment_options(RayOptions(min_replicas=1, max_replicas=3, downscale_delay=5.0), 4, 16)
+    config = AutoscalingConfig(**options["autoscaling_config"])  # as Serve reads it
+    assert (config.min_replicas, config.max_replicas, config.target_ongoing_requests) == (1, 3, 4)
+    assert config.downscale_delay_s == 5.0
+    policy = config.policy.get_policy()  # what Serve's controller runs (it ships the function by value)
+    assert (policy.__module__, policy.__qualname__) == (in_flight_policy.__module__, in_flight_policy.__qualname__)
+    assert policy(_context(2, {"a": 6.0, "b": 5.0}))[0] == pytest.approx(11 / 4)
+    assert "autoscaling_config" not in deployment_options(RayOptions(replicas=2), 4, 16)
 
 
-def test_the_http_app_ends_the_lease_named_in_the_request_even_when_the_app_fails():
-    book = LeaseBook()
+def test_a_downscale_delay_without_autoscaling_is_refused():
+    pytest.importorskip("ray.serve", reason="needs the ray extra: pip install 'gemmakit[ray]'")
+    from gemmakit.cluster.launch import RayOptions
 
-    async def failing_app(scope, receive, send) -> None:
-        raise RuntimeError("the app broke")
-
-    async def main() -> None:
-        app = tracking_leases(failing_app, book)
-        with pytest.raises(RuntimeError):
-            await app({"type": "http", "headers": [(LEASE_HEADER, b"c")]}, None, None)
-        await asyncio.wait_for(book.wait("c"), 1.0)
-
-    asyncio.run(main())
+    with pytest.raises(InvalidParameterError, match="--downscale-delay"):
+        RayOptions(replicas=2, downscale_delay=30.0).check()
+    with pytest.raises(InvalidParameterError, match="--downscale-delay"):
+        RayOptions(min_replicas=1, max_replicas=2, downscale_delay=-1.0).check()
+    RayOptions(min_replicas=1, max_replicas=2, downscale_delay=0.0).check()
 
 
 def test_a_relayed_event_stream_is_cut_between_events_only():

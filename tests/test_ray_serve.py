@@ -256,52 +256,6 @@ def test_a_client_that_leaves_cancels_its_generation_on_the_replica(ray_server):
         time.sleep(0.5)
 
 
-def _metric_by_replica(url: str, name: str) -> dict[str, float]:
-    text = httpx.get(url + "/metrics", headers=AUTH).text
-    return {line.split('replica="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines() if line.startswith(name + "{") and 'replica="' in line}
-
-
-def _wait_for_leases(url: str, expected, what: str) -> dict[str, float]:
-    deadline = time.time() + 20  # the replicas' metrics reach the ingress every 2 s
-    while not expected(leases := _metric_by_replica(url, "gemmakit_ray_leases")):
-        assert time.time() < deadline, f"{what}: {leases}"
-        time.sleep(0.3)
-    return leases
-
-
-def check_a_stream_holds_a_lease_while_it_lasts(url: str, replicas: int) -> None:
-    """The bytes go over HTTP, but where Serve autoscales it must still count the request: the ingress holds a
-    Serve call pinned to the replica for as long as the stream lasts (test_ray_autoscale runs this)."""
-    _wait_for_leases(url, lambda leases: len(leases) == replicas and not any(leases.values()), "leases left")
-    body = {"model": "m", "prompt": "A very long story:", "max_tokens": 4000, "ignore_eos": True, "stream": True}
-    with httpx.stream("POST", url + "/v1/completions", headers=AUTH, json=body, timeout=60) as r:
-        replica = r.headers["x-gemmakit-replica"]
-        lines = r.iter_lines()
-        leases = _wait_for_leases(url, lambda leases: leases.get(replica) == 1,
-                                  "the streaming request's replica holds no lease")
-        assert sum(leases.values()) == 1, leases  # on that replica only
-        assert sum(line.startswith("data: ") for _, line in zip(range(4), lines)) >= 2
-    _wait_for_leases(url, lambda leases: leases.get(replica) == 0, "the lease outlived its stream")
-
-
-def test_a_fixed_set_of_replicas_takes_no_leases(ray_server):
-    """With --replicas N, Serve never scales nor stops a replica on its own, and a held Serve call costs one
-    client ~7% of its tok/s: the ingress holds none. The replicas' metrics reach the ingress every 2 s; the stream
-    lasts longer than that."""
-    body = {"model": "m", "prompt": "A very long story:", "max_tokens": 4000, "ignore_eos": True, "stream": True}
-    seen = []
-    with httpx.stream("POST", ray_server.url + "/v1/completions", headers=AUTH, json=body, timeout=60) as r:
-        replica = r.headers["x-gemmakit-replica"]
-        deadline = time.time() + 5
-        for _ in r.iter_lines():
-            if time.time() > deadline:
-                break
-            if len(seen) < 20:
-                seen.append(_metric_by_replica(ray_server.url, "gemmakit_ray_leases").get(replica))
-    assert seen and set(seen) == {0.0}, seen
-
-
 def _post(url: str, max_tokens: int, topic: int = 0, session: str | None = None) -> httpx.Response:
     headers = {**AUTH, "x-session-id": session} if session else AUTH
     return httpx.post(url + "/v1/completions", headers=headers, timeout=300,

@@ -505,6 +505,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return _serve_on_ray(args, keys, policy)
     ray_only = [flag for flag, value in (("--ray-address", args.ray_address), ("--replicas", args.replicas != 1),
                                          ("--min-replicas", args.min_replicas), ("--max-replicas", args.max_replicas),
+                                         ("--downscale-delay", args.downscale_delay is not None),
                                          ("--replica-cpus", args.replica_cpus)) if value]
     if ray_only:
         raise InvalidParameterError(f"{', '.join(ray_only)}: only with --ray (replicas on Ray Serve)")
@@ -529,7 +530,8 @@ def _ray_options(args: argparse.Namespace):
 
     cpus = args.replica_cpus or float(args.threads or max(1, (os.cpu_count() or 1) // args.replicas))
     options = RayOptions(address=args.ray_address, replicas=args.replicas, min_replicas=args.min_replicas,
-                         max_replicas=args.max_replicas, replica_cpus=cpus, shutdown_timeout=args.shutdown_timeout)
+                         max_replicas=args.max_replicas, replica_cpus=cpus, shutdown_timeout=args.shutdown_timeout,
+                         downscale_delay=args.downscale_delay)
     options.check()
     return options
 
@@ -575,7 +577,7 @@ def _serve_on_ray(args: argparse.Namespace, keys: list[str], policy) -> int:
     ingress = IngressOptions(api_keys=tuple(keys), limits=_limits(args),
                              public_docs_and_metrics=args.public_docs_and_metrics,
                              replicas=options.min_replicas or options.replicas, data_dir=args.data_dir,
-                             rows_per_replica=args.max_batch, leases=options.min_replicas is not None)
+                             rows_per_replica=args.max_batch)
     serve_ingress(handle, args.host, args.port, ingress, args.shutdown_timeout, started_ray,
                   on_ready=lambda model_id: _print_serving(model_id, args, f" on {count} Ray Serve replicas"),
                   after_stop=(lambda: stop_audit_writer(writer)) if writer is not None else None)
@@ -679,6 +681,8 @@ def _add_ray_args(serve: argparse.ArgumentParser) -> None:
     g.add_argument("--min-replicas", type=_positive, metavar="A",
                    help="autoscale between A and --max-replicas on requests in flight per replica")
     g.add_argument("--max-replicas", type=_positive, metavar="B")
+    g.add_argument("--downscale-delay", type=float, metavar="S",
+                   help="seconds of low load before the autoscaler removes a replica (default 120)")
     g.add_argument("--replica-cpus", type=float, metavar="C",
                    help="CPUs Ray reserves for each replica, and its threads (default: --threads, or the cores "
                         "shared by the replicas)")

@@ -2,9 +2,10 @@
 
 - :mod:`.replica`: the deployment; each replica is one engine behind ``gemmakit serve``'s own app, on its own port.
 - :mod:`.router`: which replica serves a request (conversation affinity, else the least busy), and the Serve
-  request router of the leases.
+  request router that tells the ingress the live replicas.
+- :mod:`.autoscale`: Serve's autoscaling policy, on the load the replicas report.
 - :mod:`.ingress`: the endpoint (same routes, auth and limits; health, metrics, retries, backpressure).
-- :mod:`.proxy`: a request relayed to a replica's port over HTTP, and its response back.
+- :mod:`.relay`, :mod:`.proxy`: a request relayed to a replica's port over HTTP, and its response back.
 - :mod:`.launch`: Ray and Serve up and down; ``gemmakit serve --ray``.
 
 Needs the ``ray`` extra: ``pip install "gemmakit[ray]"``.

@@ -4,8 +4,7 @@ Every API route of ``gemmakit serve`` is answered by a replica's own copy of tha
 own port: the ingress checks keys and sizes first with the same middleware, picks the replica
 (:func:`~gemmakit.cluster.router.pick_replica`: conversation affinity, else the least busy), relays the request
 over HTTP (:mod:`gemmakit.cluster.proxy`, from the plain ASGI path of :mod:`gemmakit.cluster.relay`; streams as
-they come) and, where Serve autoscales, holds a Serve lease on the replica meanwhile (see
-:mod:`gemmakit.cluster.replica`). The replicas and their URLs come from the deployment handle's router, which
+they come). The replicas and their URLs come from the deployment handle's router, which
 Serve keeps up to date. The ingress owns what only a view over all replicas can answer:
 
 - ``/health``: ``{"status", "replicas"}``, the live replicas it can reach; 503 while there are none.
@@ -88,7 +87,6 @@ class IngressOptions:
     data_dir: str | None = None  # files and batch jobs (as ``gemmakit serve --data-dir``), kept by the ingress
     rows_per_replica: int = 8  # --max-batch: what the batch worker assumes of a replica it has no stats of yet
     imbalance: int = DEFAULT_IMBALANCE  # see gemmakit.cluster.router.pick_replica
-    leases: bool = True  # Serve calls held for Serve's count of requests: needed when it autoscales (see Lease)
 
 
 def _lifespan(replicas: int, on_ready: Callable[[str], None] | None,
@@ -173,8 +171,7 @@ def create_ingress_app(handle, options: IngressOptions = IngressOptions(),
     starts answering once its router knows ``options.replicas`` replicas' URLs; then ``on_ready`` gets the served
     model's id. ``on_stop`` runs when the app stops, on its event loop (default: the handle is shut down)."""
     keys = [k.encode() for k in options.api_keys if k]
-    state = IngressState(handle=handle, metrics=IngressMetrics(), keys=keys, imbalance=options.imbalance,
-                         leases=options.leases)
+    state = IngressState(handle=handle, metrics=IngressMetrics(), keys=keys, imbalance=options.imbalance)
     # The replicas' apps serve /docs and /openapi.json (they describe the API); the ingress has none of its own.
     api = FastAPI(title="gemmakit (Ray Serve ingress)", docs_url=None, redoc_url=None, openapi_url=None,
                   lifespan=_lifespan(options.replicas, on_ready, on_stop))

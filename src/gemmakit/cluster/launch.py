@@ -7,13 +7,15 @@ server, one hop in front of the replicas.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..errors import InvalidParameterError
-from .replica import GemmakitReplica, ReplicaSpec
+from .autoscale import POLICY_PATH
+from .replica import DRAIN_MARGIN_S, GemmakitReplica, ReplicaSpec
 from .router import AffinityRouter
 
 ROUTER_PATH = f"{AffinityRouter.__module__}.{AffinityRouter.__qualname__}"
@@ -25,12 +27,18 @@ DEPLOYMENT_NAME = "GemmakitReplica"
 LOCAL_OBJECT_STORE_BYTES = 256 * 2**20  # requests and chunks are small; a local instance needs little shared memory
 HEALTH_CHECK_PERIOD_S = 2.0  # how soon Serve notices a replica whose engine stopped
 ROUTING_STATS_PERIOD_S = 2.0  # how often replicas report their metrics and load to the routers
-# The replicas' settings: user code on the replica's main event loop (its calls are few now: leases, pings,
-# stats), and the niceness of `gemmakit serve`. Ray starts its workers at nice 15, below everything else on the
-# node, which suits background tasks but not an engine serving users: on 2 cores, every ingress, client or raylet
+# The replicas' settings: user code on the replica's main event loop (its calls are few: pings, stats), their
+# load reported to Serve's autoscaler every 2 s rather than 10 (see LOOK_BACK_S), and the niceness of
+# `gemmakit serve`. Ray starts its workers at nice 15, below everything else on the node, which suits background tasks but not an engine serving users: on 2 cores, every ingress, client or raylet
 # wake-up then preempted the engine's threads (first token 1.17x slower than `gemmakit serve`, paired, and 1.05x
 # at nice 0). Serve's other actors stay at 15.
-REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_worker_niceness": "0"}
+REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_worker_niceness": "0",
+               "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "2"}
+# The window over which Serve's autoscaler averages the replicas' load (its default: 30 s). A generation lasts
+# seconds, not milliseconds: 15 s of load is a trend, and a new replica takes that long to load anyway.
+LOOK_BACK_S = 15.0
+UPSCALE_DELAY_S = 10.0
+DOWNSCALE_DELAY_S = 120.0  # the default: a replica takes a while to load, so it is not dropped at the first lull
 # A local instance's: a control loop of Serve's controller that wakes twice a second rather than ten times (on a
 # small machine it competes with the engine for the cores).
 LOCAL_RAY_ENV = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5", "RAY_USAGE_STATS_ENABLED": "0"}
@@ -47,10 +55,14 @@ class RayOptions:
     max_replicas: int | None = None
     replica_cpus: float = 1.0
     shutdown_timeout: float = 30.0  # seconds a stopping replica lets its requests finish
+    downscale_delay: float | None = None  # seconds of low load before the autoscaler removes one (None: default)
 
     def check(self) -> None:
         if self.replicas < 1:
             raise InvalidParameterError(f"--replicas {self.replicas}: at least 1")
+        if self.downscale_delay is not None and (self.downscale_delay < 0 or self.min_replicas is None):
+            raise InvalidParameterError(f"--downscale-delay {self.downscale_delay}: needs --min-replicas and "
+                                        "--max-replicas (it applies to autoscaling), and must not be negative")
         if self.replica_cpus <= 0:
             raise InvalidParameterError(f"--replica-cpus {self.replica_cpus}: must be positive")
         if (self.min_replicas is None) != (self.max_replicas is None):
@@ -70,7 +82,10 @@ def deployment_options(options: RayOptions, max_batch: int, max_waiting: int) ->
         "max_ongoing_requests": max_batch + max_waiting + 8,
         "ray_actor_options": {"num_cpus": options.replica_cpus, "runtime_env": {"env_vars": REPLICA_ENV}},
         "health_check_period_s": HEALTH_CHECK_PERIOD_S,
+        # A removed replica drains its own HTTP requests (see GemmakitReplica.__del__); Serve's drain loop, which
+        # waits for Serve calls, has none to wait for.
         "graceful_shutdown_timeout_s": options.shutdown_timeout,
+        "graceful_shutdown_wait_loop_s": 0.5,
         # By import path, not the class: Serve would ship a class by value, a copy whose module globals (the
         # router registry the ingress reads) are not the ingress's.
         "request_router_config": RequestRouterConfig(request_router_class=ROUTER_PATH,
@@ -78,10 +93,12 @@ def deployment_options(options: RayOptions, max_batch: int, max_waiting: int) ->
     }
     if options.min_replicas is None:
         opts["num_replicas"] = options.replicas
-    else:  # Serve's autoscaler, on requests in flight per replica: about a replica's rows each
+    else:  # Serve's autoscaler, on the requests the replicas report in flight: about a replica's rows each
+        downscale_delay = DOWNSCALE_DELAY_S if options.downscale_delay is None else options.downscale_delay
         opts["autoscaling_config"] = {"min_replicas": options.min_replicas, "max_replicas": options.max_replicas,
-                                      "target_ongoing_requests": max_batch, "upscale_delay_s": 10.0,
-                                      "downscale_delay_s": 120.0}
+                                      "target_ongoing_requests": max_batch, "look_back_period_s": LOOK_BACK_S,
+                                      "upscale_delay_s": UPSCALE_DELAY_S, "downscale_delay_s": downscale_delay,
+                                      "policy": {"policy_function": POLICY_PATH}}
     return opts
 
 
@@ -107,6 +124,7 @@ def start(spec: ReplicaSpec, options: RayOptions, max_batch: int, max_waiting: i
     from ray import serve
 
     serve.start(proxy_location="Disabled")
+    spec = dataclasses.replace(spec, drain_timeout=max(1.0, options.shutdown_timeout - DRAIN_MARGIN_S))
     deployment = serve.deployment(GemmakitReplica).options(**deployment_options(options, max_batch, max_waiting))
     return serve.run(deployment.bind(spec), name=APP_NAME, route_prefix=None)
 

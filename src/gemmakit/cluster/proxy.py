@@ -8,17 +8,15 @@ replica can be replaced by another; after it, the rest of the stream is relayed 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import AsyncIterator
 
 import aiohttp
 
-from .replica import LEASE_HEADER
-
 # Headers that describe one connection, not the request or response: never relayed. (Host, length, date and
-# server are the relaying hop's own to set; a lease id is the ingress's own to give, never a client's.)
+# server are the relaying hop's own to set.)
 HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"upgrade", b"te", b"trailer",
-                        b"proxy-authorization", b"proxy-connection", b"host", b"content-length", LEASE_HEADER})
+                        b"proxy-authorization", b"proxy-connection", b"host", b"content-length"})
 NOT_RELAYED_BACK = HOP_BY_HOP | {b"date", b"server"}
 CONNECT_TIMEOUT_S = 10.0  # a replica that does not accept a connection in this long is taken as lost
 MAX_CONNECTIONS = 4096  # to all replicas together; each streaming request holds one for its length
@@ -37,9 +35,6 @@ class ForwardedRequest:
     query_string: bytes
     headers: tuple[tuple[bytes, bytes], ...]
     body: bytes
-
-    def with_header(self, name: bytes, value: bytes) -> "ForwardedRequest":
-        return replace(self, headers=self.headers + ((name, value),))
 
     def target(self, base_url: str) -> str:
         query = b"?" + self.query_string if self.query_string else b""

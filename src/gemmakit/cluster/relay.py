@@ -1,8 +1,8 @@
 """The request path of the ingress: a request relayed to one replica's port and its answer back, as plain ASGI.
 
 The ingress picks the replica (:func:`~gemmakit.cluster.router.pick_replica`: conversation affinity, else the least
-busy), relays the request over HTTP (:mod:`gemmakit.cluster.proxy`; streams as they come) and, where Serve
-autoscales, holds a Serve lease on the replica meanwhile (see :class:`Lease`). A request whose replica fails before
+busy), relays the request over HTTP (:mod:`gemmakit.cluster.proxy`; streams as they come), counting it in flight on
+that replica meanwhile (see :class:`InFlight`). A request whose replica fails before
 anything reached the client is retried on another; a replica that answers 429 or 503 is skipped for the next one.
 
 Plain ASGI rather than a FastAPI route: the route's layers (routing, exception and body-limit middleware, a task
@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
@@ -28,13 +27,11 @@ from ..server.sse import sse
 from .metrics import IngressMetrics
 from .proxy import ForwardedRequest, ReplicaResponse, TransportError, forwardable_headers, send
 from .registry import reachable_replicas
-from .replica import LEASE_HEADER
 from .router import DEFAULT_IMBALANCE, pick_replica
 
 logger = logging.getLogger("gemmakit.cluster")
 
 SKIP_STATUSES = frozenset({429, 503})  # a full or draining replica: try another before answering this
-LEASE_DELAY_S = 0.05  # see Lease
 AFFINITY_CHARS = 2048  # characters of a conversation's opening (or a prompt's start) that pick its replica
 
 
@@ -60,58 +57,28 @@ class IngressState:
     metrics: IngressMetrics
     keys: list[bytes]
     imbalance: int = DEFAULT_IMBALANCE
-    leases: bool = True  # hold Serve calls while relaying (see Lease)
     client: aiohttp.ClientSession | None = None  # made on the ingress's event loop, in its lifespan
     in_flight: Counter = field(default_factory=Counter)  # replica id -> requests this ingress is relaying to it
-    watchers: set = field(default_factory=set)  # the tasks that wait for leases to end (kept from the GC)
 
 
-class Lease:
-    """While the ingress relays a request to a replica: one more request in flight there (for picking), and, with
-    ``state.leases``, once the request has lasted ``LEASE_DELAY_S``, a Serve call held open on the replica (for
-    Serve's own count, which drives its autoscaling and the draining of a replica it stops).
+class InFlight:
+    """A request the ingress relays to a replica, counted in ``state.in_flight`` (what picks the least busy
+    replica) until it ends.
 
-    A held call is dear: opening it delayed the first token by ~6 ms on a 2-core machine (hence the delay: a
-    request shorter than it changes Serve's averaged count by little), and with it one client's tok/s fell to 0.90x
-    of one server's, against 0.975x without. So the ingress holds them only where Serve needs the count: when it
-    autoscales the replicas. A fixed set of replicas is stopped only when the ingress stops, after the ingress has
-    drained its own requests."""
+    Serve does not count it: the replica reports its own load to Serve's autoscaler (see
+    :mod:`gemmakit.cluster.autoscale`). Holding a Serve call per request for Serve's count (a "lease", as the
+    ingress once did) delayed one client's first token by ~6 ms on a 2-core machine and cut its tok/s to 0.90x of
+    one server's, against 0.975x without."""
 
     def __init__(self, state: IngressState, replica: str) -> None:
         self.state, self.replica = state, replica
-        # Sent with the request (LEASE_HEADER): the replica ends the call with it.
-        self.id = uuid.uuid4().hex if state.leases else ""
-        self.call: Any = None
         self.ended = False
         state.in_flight[replica] += 1
-        self.timer = asyncio.get_running_loop().call_later(LEASE_DELAY_S, self._open) if state.leases else None
-
-    def _open(self) -> None:
-        try:
-            self.call = self.state.handle.hold.remote(pin=self.replica, lease=self.id)
-        except Exception as exc:  # Serve is stopping: the request goes on without its lease
-            logger.warning("no lease on replica %s: %r", self.replica, exc)
-            return
-        watcher = asyncio.ensure_future(self._watch(self.call))
-        self.state.watchers.add(watcher)
-        watcher.add_done_callback(self.state.watchers.discard)
-
-    @staticmethod
-    async def _watch(call) -> None:
-        try:
-            await call
-        except Exception:  # cancelled at the end (the usual way), or the replica died: nothing to do either way
-            pass
 
     def end(self) -> None:
-        if self.ended:
-            return
-        self.ended = True
-        self.state.in_flight[self.replica] -= 1
-        if self.timer is not None:
-            self.timer.cancel()
-        if self.call is not None:
-            self.call.cancel()
+        if not self.ended:
+            self.ended = True
+            self.state.in_flight[self.replica] -= 1
 
 
 @dataclass
@@ -120,13 +87,13 @@ class Attempt:
 
     replica: str
     answer: ReplicaResponse
-    lease: Lease
+    counted: InFlight
 
     async def release(self) -> None:
         try:
             await self.answer.close()
         finally:
-            self.lease.end()
+            self.counted.end()
 
 
 def affinity_key(path: str, headers, body: bytes) -> str | None:
@@ -164,18 +131,16 @@ async def try_once(state: IngressState, request: ForwardedRequest, key: str | No
     replica = pick_replica({r: state.in_flight[r] for r in urls}, key, set(avoid), state.imbalance)
     if replica is None:
         raise NoReachableReplica()
-    lease = Lease(state, replica)
-    if state.leases:  # the replica ends the lease's Serve call when this request ends (see replica.LeaseBook)
-        request = request.with_header(LEASE_HEADER, lease.id.encode())
+    counted = InFlight(state, replica)
     try:
         answer = await send(state.client, urls[replica], request)
     except TransportError as exc:
-        lease.end()
+        counted.end()
         raise ReplicaLost(replica, exc) from exc
     except BaseException:
-        lease.end()
+        counted.end()
         raise
-    return Attempt(replica, answer, lease)
+    return Attempt(replica, answer, counted)
 
 
 async def whole_events(chunks: AsyncIterator[bytes], first: list[bytes]) -> AsyncIterator[bytes]:
@@ -229,7 +194,7 @@ async def _client_gone(receive) -> None:
 
 async def stream_to_client(attempt: Attempt, metrics: IngressMetrics, receive, send) -> None:
     """Relay the rest of a stream until it ends or the client leaves; either way the replica's connection is
-    released (closed mid-stream, which cancels the generation there) and the lease ended."""
+    released (closed mid-stream, which cancels the generation there) and the request no longer counted."""
     pump = asyncio.ensure_future(_pump(attempt, metrics, send))
     gone = asyncio.ensure_future(_client_gone(receive))
     try:

@@ -9,9 +9,14 @@ the same keys as the ingress).
 Ray Serve places, health-checks, replaces and autoscales the replicas; the request bytes go straight from the
 ingress to the replica's port over HTTP, as in Serve's own direct-ingress mode. Carrying each streamed token as a
 Ray item cost milliseconds of CPU per token on the cores the engine needs (and ~10 ms more to the first token on
-a 2-core machine). When Serve autoscales the replicas, the ingress holds a lease on the replica while it relays a
-request (:meth:`GemmakitReplica.hold`, a Serve call that lasts as long as the request), so that Serve's count of
-ongoing requests, which drives its autoscaling and the draining of a replica it removes, stays right.
+a 2-core machine). So Serve does not see the requests: what it needs of them, the replica tells it.
+
+- Load, for the autoscaler: ``record_autoscaling_stats`` reports the requests in the engine (running and
+  waiting), which :func:`gemmakit.cluster.autoscale.in_flight_policy` turns into a number of replicas.
+- Draining, when Serve removes a replica: its destructor stops the HTTP server gracefully (no new connections;
+  the requests in flight finish, within the deployment's ``graceful_shutdown_timeout_s``) before the engine
+  stops. The ingress meanwhile sends new requests elsewhere (Serve has dropped the replica from the routers, and a
+  refused connection is retried on another replica).
 
 The replica reports its URL and its Prometheus metrics to the routers as Ray Serve routing stats
 (``record_routing_stats``, pulled every ``request_routing_stats_period_s``): the ingress reads them there.
@@ -19,7 +24,6 @@ The replica reports its URL and its Prometheus metrics to the routers as Ray Ser
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import socket
 import sys
@@ -31,65 +35,15 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 HTTP_START_TIMEOUT_S = 60.0
-LEASE_HEADER = b"x-gemmakit-lease"  # names the lease the ingress holds for a relayed request (see hold)
-ENDED_KEPT_S = 300.0  # how long an ended request's lease id is remembered, for a lease call that comes later
-
-
-class LeaseBook:
-    """The relayed requests that ended on this replica's port, by lease id: a lease call (on Serve's event loop)
-    returns when its request ends (on the HTTP server's thread), whichever of the two comes first. So a lease
-    cannot outlive its request, even if the ingress's cancel of the Serve call is lost in a race."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._ended: dict[str, float] = {}  # lease id -> when its request ended (no lease call waited yet)
-        self._waiting: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Event]] = {}
-
-    def end(self, lease: str) -> None:
-        """The request relayed under ``lease`` ended (any thread)."""
-        with self._lock:
-            waiter = self._waiting.pop(lease, None)
-            if waiter is None:
-                now = time.monotonic()
-                self._ended[lease] = now
-                # Oldest first (a dict keeps insertion order): forgetting stops at the first id still kept.
-                while now - self._ended[oldest := next(iter(self._ended))] > ENDED_KEPT_S:
-                    del self._ended[oldest]
-        if waiter is not None:
-            loop, event = waiter
-            loop.call_soon_threadsafe(event.set)
-
-    async def wait(self, lease: str) -> None:
-        """Until the request relayed under ``lease`` ends (at once if it has)."""
-        event = asyncio.Event()
-        with self._lock:
-            if self._ended.pop(lease, None) is not None:
-                return
-            self._waiting[lease] = (asyncio.get_running_loop(), event)
-        try:
-            await event.wait()
-        finally:
-            with self._lock:
-                self._waiting.pop(lease, None)
-
-
-def tracking_leases(app, book: LeaseBook):
-    """``app`` as an ASGI app that tells ``book`` when each request with a lease header ends."""
-    async def tracked(scope, receive, send) -> None:
-        lease = next((v.decode("latin-1") for k, v in scope.get("headers", ()) if k == LEASE_HEADER), None)
-        try:
-            await app(scope, receive, send)
-        finally:
-            if lease is not None:
-                book.end(lease)
-
-    return tracked
+IN_FLIGHT_METRIC = "in_flight"  # the autoscaling stat: requests running or waiting in the replica's engine
+DRAIN_MARGIN_S = 2.0  # of the deployment's graceful shutdown time: Serve's own drain loop, the engine's stop
 
 
 class ReplicaHTTPServer:
-    """The replica's app under uvicorn, in a thread of its own, on ``host`` and a port the OS picks."""
+    """The replica's app under uvicorn, in a thread of its own, on ``host`` and a port the OS picks; stopped, it
+    lets the requests in flight finish for up to ``drain_timeout`` seconds."""
 
-    def __init__(self, app, host: str) -> None:
+    def __init__(self, app, host: str, drain_timeout: float) -> None:
         import uvicorn
 
         self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
@@ -99,7 +53,9 @@ class ReplicaHTTPServer:
         self.url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
         # Idle connections stay open longer than the ingress's pool keeps them (aiohttp: 15 s), so the replica never
         # closes one that the ingress is about to reuse.
-        config = uvicorn.Config(app, log_level="warning", timeout_keep_alive=75, timeout_graceful_shutdown=5)
+        config = uvicorn.Config(app, log_level="warning", timeout_keep_alive=75,
+                                timeout_graceful_shutdown=max(1, int(drain_timeout)))
+        self.drain_timeout = drain_timeout
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                        name="gemmakit-replica-http", daemon=True)
@@ -114,10 +70,11 @@ class ReplicaHTTPServer:
     def alive(self) -> bool:
         return self.thread.is_alive()
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop serving; the app's lifespan then stops the engine and closes its files."""
+    def stop(self) -> None:
+        """Stop serving: no new connections, idle ones closed, the requests in flight finished (or cut after the
+        drain timeout); the app's lifespan then stops the engine and closes its files."""
         self.server.should_exit = True
-        self.thread.join(timeout)
+        self.thread.join(self.drain_timeout + 5.0)
 
 
 @dataclass(frozen=True)
@@ -131,6 +88,9 @@ class ReplicaSpec:
     # The address the replica's port listens on: None, its node's address (reachable by an ingress on another
     # node); "127.0.0.1" when Ray is a local instance and every replica runs beside the ingress.
     listen_host: str | None = None
+    # Seconds a replica that Serve removes gives its requests to finish (the deployment's graceful shutdown time,
+    # less DRAIN_MARGIN_S).
+    drain_timeout: float = 28.0
 
 
 class GemmakitReplica:
@@ -150,26 +110,10 @@ class GemmakitReplica:
         llm = load(resolve_model(spec.model), threads=spec.threads, **spec.load_options)
         self.app = create_app(llm, **spec.app_options)
         self.engine = self.app.state.engine
-        self.leases, self.lease_book = self._lease_gauge(), LeaseBook()
-        self.http = ReplicaHTTPServer(tracking_leases(self.app, self.lease_book),
-                                      spec.listen_host or ray.util.get_node_ip_address())
+        self.http = ReplicaHTTPServer(self.app, spec.listen_host or ray.util.get_node_ip_address(),
+                                      spec.drain_timeout)
         logger.info("replica %s serves %s with %d threads at %s", self.replica_id, llm.path, spec.threads,
                     self.http.url)
-
-    def _lease_gauge(self):
-        from prometheus_client import Gauge
-
-        return Gauge("gemmakit_ray_leases", "requests relayed to this replica that Ray Serve counts as ongoing "
-                     "(leases the ingress holds)", registry=self.app.state.gemmakit.metrics.registry)
-
-    async def hold(self, pin: str, lease: str) -> None:
-        """A lease: lasts until the request the ingress relays under ``lease`` to this replica's port ends (or the
-        ingress cancels it). ``pin`` (this replica's id) is read by the router (gemmakit.cluster.router)."""
-        self.leases.inc()
-        try:
-            await self.lease_book.wait(lease)
-        finally:
-            self.leases.dec()
 
     async def ping(self) -> dict[str, str]:
         return {"replica": self.replica_id, "model": self.app.state.model_id}
@@ -182,6 +126,11 @@ class GemmakitReplica:
         return {"url": self.http.url, "metrics": generate_latest(self.app.state.gemmakit.metrics.registry).decode(),
                 "running": self.engine.running, "waiting": self.engine.waiting, "max_batch": self.engine.max_batch}
 
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's autoscaler's view of this replica's load (see gemmakit.cluster.autoscale): requests running or
+        waiting in its engine. Serve itself sees none of them (they come over HTTP, not as Serve calls)."""
+        return {IN_FLIGHT_METRIC: float(self.engine.running + self.engine.waiting)}
+
     def check_health(self) -> None:
         """Serve's periodic health check: a replica whose engine or HTTP server stopped is replaced."""
         if not self.engine.alive:
@@ -190,6 +139,8 @@ class GemmakitReplica:
             raise RuntimeError(f"replica {self.replica_id}: its HTTP server stopped")
 
     def __del__(self) -> None:
+        """Serve removes this replica (downscaling, or the application stops): drain the HTTP server (blocking
+        Serve's call, which is what holds the replica up meanwhile), then stop the engine."""
         http = getattr(self, "http", None)
         if http is not None:
             http.stop()

@@ -10,8 +10,8 @@ without a key go to the least busy replica. ``avoid`` (replica ids) steers a ret
 replicas that already failed it or were full.
 
 The ingress picks with :func:`pick_replica` over the replicas it can reach and the requests it has in flight on
-each. :class:`AffinityRouter` is the Serve request router of the deployment handle, which carries only the
-leases (a lease goes to the replica named by its ``pin``) and pings. It registers itself in
+each. :class:`AffinityRouter` is the Serve request router of the deployment handle, which carries only pings (the
+requests themselves go over HTTP). It registers itself in
 :mod:`gemmakit.cluster.registry` so the ingress can read the replicas it sees (their URLs, their count for
 ``/health``, their routing stats for ``/metrics``).
 """
@@ -46,7 +46,7 @@ def pick_replica(loads: Mapping[str, int], key: str | None, avoid: set[str] | fr
 
 
 class AffinityRouter(RequestRouter):
-    """Ray Serve request router for gemmakit replicas' leases and pings (see the module's docstring)."""
+    """Ray Serve request router for gemmakit replicas' pings (see the module's docstring)."""
 
     def initialize_state(self, **_: Any) -> None:
         # Imported here, by absolute name: Serve ships this module by value (see gemmakit.cluster.registry).
@@ -61,12 +61,8 @@ class AffinityRouter(RequestRouter):
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
-        """A lease's pinned replica alone (all by load if it is gone); for other calls every replica by load
-        (Serve probes a rank's queue lengths and takes its least busy replica)."""
-        kwargs = pending_request.kwargs if pending_request is not None else {}
-        by_load = sorted(candidate_replicas, key=self._load)
-        pinned = [r for r in candidate_replicas if r.replica_id.unique_id == kwargs.get("pin")]
-        return [pinned] if pinned else [by_load]
+        """Every replica, by load (Serve probes a rank's queue lengths and takes its least busy replica)."""
+        return [sorted(candidate_replicas, key=self._load)]
 
     def replica_stats(self) -> dict[str, dict[str, Any]]:
         """Each live replica's id and its last routing stats (see GemmakitReplica.record_routing_stats)."""
