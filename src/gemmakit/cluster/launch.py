@@ -29,9 +29,10 @@ HEALTH_CHECK_PERIOD_S = 2.0  # how soon Serve notices a replica whose engine sto
 ROUTING_STATS_PERIOD_S = 2.0  # how often replicas report their metrics and load to the routers
 # The replicas' settings: user code on the replica's main event loop (its calls are few: pings, stats), their
 # load reported to Serve's autoscaler every 2 s rather than 10 (see LOOK_BACK_S), and the niceness of
-# `gemmakit serve`. Ray starts its workers at nice 15, below everything else on the node, which suits background tasks but not an engine serving users: on 2 cores, every ingress, client or raylet
-# wake-up then preempted the engine's threads (first token 1.17x slower than `gemmakit serve`, paired, and 1.05x
-# at nice 0). Serve's other actors stay at 15.
+# `gemmakit serve`. Ray starts its workers at nice 15, below everything else on the node, which suits background
+# tasks but not an engine serving users: on 2 cores, every ingress, client or raylet wake-up then preempted the
+# engine's threads (first token 1.17x slower than `gemmakit serve`, paired, and 1.05x at nice 0). Serve's other
+# actors stay at 15.
 REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_worker_niceness": "0",
                "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "2"}
 # The window over which Serve's autoscaler averages the replicas' load (its default: 30 s). A generation lasts
