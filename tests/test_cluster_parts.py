@@ -76,3 +76,40 @@ def test_a_relayed_event_stream_is_cut_between_events_only():
     # The first read (taken before the client is answered) goes through the same cutting.
     assert asyncio.run(collect([b": opening\n\n"])) == [b": opening\n\n", b'data: {"a": 1}\n\ndata: {"b": 2}\n\n',
                                                        b"data: [DONE]\n\n"]
+
+
+async def _cookie_setter(scope, receive, send) -> None:
+    """An upstream that sets a cookie and echoes the Cookie header it was sent."""
+    if scope["type"] != "http":  # lifespan
+        message = await receive()
+        await send({"type": message["type"] + ".complete"})
+        return
+    cookie = dict(scope["headers"]).get(b"cookie", b"")
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"text/plain"), (b"set-cookie", b"session=client-a; Path=/")]})
+    await send({"type": "http.response.body", "body": cookie})
+
+
+def test_the_relay_never_carries_one_clients_cookie_to_another():
+    pytest.importorskip("ray.serve", reason="needs the ray extra: pip install 'gemmakit[ray]'")
+    from serving import Server
+
+    from gemmakit.cluster.proxy import ForwardedRequest, replica_client, send
+
+    async def two_clients(url: str) -> list[tuple[bytes, bytes | None]]:
+        client = replica_client()  # the ingress's pool, shared by all its clients
+        try:
+            answers = []
+            for _ in range(2):
+                answer = await send(client, url, ForwardedRequest("GET", "/", b"", (), b""))
+                answers.append((b"".join(answer.chunks), answer.head.header(b"set-cookie")))
+                await answer.close()
+            return answers
+        finally:
+            await client.close()
+
+    with Server(_cookie_setter) as upstream:
+        # By name: aiohttp's default jar refuses cookies from an IP address, not from a named host.
+        (first, set_cookie), (second, _) = asyncio.run(two_clients(f"http://localhost:{upstream.port}"))
+    assert set_cookie == b"session=client-a; Path=/"  # relayed to the client it was meant for
+    assert (first, second) == (b"", b"")  # and never sent on with the next client's request

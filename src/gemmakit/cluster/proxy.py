@@ -86,8 +86,12 @@ def is_event_stream(head: ResponseHead) -> bool:
 def replica_client() -> aiohttp.ClientSession:
     """The ingress's connection pool to the replicas (on the running event loop). No read timeout: the engine
     bounds a request's length. aiohttp rather than httpx: relaying one request cost the ingress ~3.7 ms more CPU
-    with httpx (its pure-Python HTTP parser), most of it on the path of the first token."""
+    with httpx (its pure-Python HTTP parser), most of it on the path of the first token. No cookie jar: the pool
+    is shared by every client, and a cookie one client's response set must not ride along with another's
+    request (the Set-Cookie header itself is relayed to the client it was meant for). aiohttp's default jar
+    ignores cookies from IP addresses, which is how replicas are reached today, but not from a named host."""
     return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=MAX_CONNECTIONS),
+                                 cookie_jar=aiohttp.DummyCookieJar(),
                                  timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S),
                                  auto_decompress=False, skip_auto_headers=NOT_ADDED)
 
