@@ -5,7 +5,8 @@ Requests reach the replicas over HTTP, so Serve counts none of them: the replica
 (gemmakit.cluster.autoscale). One replica to start; clients keep more requests in flight than a replica has rows
 (the autoscaler's target) until /health counts two replicas, and every request is answered meanwhile. Then two long
 streams run, one on each replica, and the load stops: the autoscaler wants one replica again and removes one of
-the two while its stream runs. Both streams must end as they would have anyway, every token and [DONE].
+the two while its stream runs. Both streams must end as they would have anyway, every token and [DONE], and new
+requests meanwhile go to the replica that stays.
 """
 
 from __future__ import annotations
@@ -86,6 +87,12 @@ def _check_whole(stream: LongStream) -> None:
     assert stream.events[-2]["choices"][0]["finish_reason"] == "length"
 
 
+def _short_request(url: str) -> str:
+    r = httpx.post(url + "/v1/completions", timeout=60, json={"model": "m", "prompt": "Hi", "max_tokens": 4})
+    assert r.status_code == 200, r.text
+    return r.headers["x-gemmakit-replica"]
+
+
 def _scale_up(server: RayServer) -> None:
     stop, codes = threading.Event(), []
     clients = [threading.Thread(target=_keep_busy, args=(server.url, stop, codes, i)) for i in range(8)]
@@ -117,6 +124,10 @@ def test_load_adds_a_replica_and_a_removed_replica_finishes_its_streams():
             assert time.time() < deadline, "the autoscaler kept both replicas for 120 s:\n" + server.output()
             assert not any(s.finished for s in streams), "a stream ended before a replica was removed"
             time.sleep(0.5)
+        # While the removed replica drains its stream, new requests go to the one left.
+        served_by = {_short_request(server.url) for _ in range(4)}
+        assert len(served_by) == 1 and served_by <= {s.replica for s in streams}, served_by
+        assert not any(s.finished for s in streams), "the streams ended before the replica drained them"
         for stream in streams:
             stream.reader.join(timeout=240)
             _check_whole(stream)

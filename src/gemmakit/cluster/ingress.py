@@ -8,7 +8,8 @@ they come). The replicas and their URLs come from the deployment handle's router
 Serve keeps up to date. The ingress owns what only a view over all replicas can answer:
 
 - ``/health``: ``{"status", "replicas"}``, the live replicas it can reach; 503 while there are none.
-- ``/metrics``: its own counters plus every replica's metrics, each sample labelled ``replica``.
+- ``/metrics``: its own counters plus every replica's metrics (read from the replicas when scraped), each sample
+  labelled ``replica``.
 - faults: a request whose replica fails before anything reached the client (a whole plain response, or the first
   chunk of a stream) is retried on another replica; a stream cut later ends with an error event and ``[DONE]``;
   while no replica is live (all died, Serve is starting new ones) requests get a 503 with ``Retry-After``.
@@ -37,9 +38,9 @@ from ..server.errors import CatchAll, install_error_handlers
 from ..server.limits import ServerLimits, SizeGate
 from ..server.observability import RequestLog
 from .batches import BATCH_PATHS, IngressBatches, add_batches
-from .metrics import IngressMetrics, merged_metrics
+from .metrics import IngressMetrics, merged_metrics, scrape_replicas
 from .proxy import replica_client
-from .registry import live_replica_stats, reachable_replicas
+from .registry import reachable_replicas
 from .relay import IngressState, forward
 from .router import DEFAULT_IMBALANCE
 
@@ -57,8 +58,8 @@ async def metrics(request: Request) -> Response:
     from prometheus_client import CONTENT_TYPE_LATEST
 
     state: IngressState = request.app.state.ingress
-    stats = live_replica_stats() or {}
-    return Response(merged_metrics(state.metrics, stats), media_type=CONTENT_TYPE_LATEST)
+    texts = await scrape_replicas(state.client, reachable_replicas(), state.keys[0] if state.keys else None)
+    return Response(merged_metrics(state.metrics, texts), media_type=CONTENT_TYPE_LATEST)
 
 
 async def wait_for_replicas(handle, replicas: int, timeout: float = 120.0) -> str:

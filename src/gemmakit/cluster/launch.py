@@ -26,7 +26,7 @@ APP_NAME = "gemmakit"
 DEPLOYMENT_NAME = "GemmakitReplica"
 LOCAL_OBJECT_STORE_BYTES = 256 * 2**20  # requests and chunks are small; a local instance needs little shared memory
 HEALTH_CHECK_PERIOD_S = 2.0  # how soon Serve notices a replica whose engine stopped
-ROUTING_STATS_PERIOD_S = 2.0  # how often replicas report their metrics and load to the routers
+ROUTING_STATS_PERIOD_S = 2.0  # how often replicas report their URL and load to the routers
 # The replicas' settings: user code on the replica's main event loop (its calls are few: pings, stats), their
 # load reported to Serve's autoscaler every 2 s rather than 10 (see LOOK_BACK_S), and the niceness of
 # `gemmakit serve`. Ray starts its workers at nice 15, below everything else on the node, which suits background

@@ -1,4 +1,4 @@
-"""The routers of this process, for the ingress to read the replicas they see (URLs, count, load, metrics).
+"""The routers of this process, for the ingress to read the replicas they see (URLs, count, load).
 
 Its own module: Serve ships the router's module to the handle's process by value (cloudpickle), so globals kept
 there would be a copy; this module is imported normally, one per process.

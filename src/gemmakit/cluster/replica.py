@@ -18,8 +18,9 @@ a 2-core machine). So Serve does not see the requests: what it needs of them, th
   stops. The ingress meanwhile sends new requests elsewhere (Serve has dropped the replica from the routers, and a
   refused connection is retried on another replica).
 
-The replica reports its URL and its Prometheus metrics to the routers as Ray Serve routing stats
-(``record_routing_stats``, pulled every ``request_routing_stats_period_s``): the ingress reads them there.
+The replica reports its URL and its load to the routers as Ray Serve routing stats (``record_routing_stats``,
+pulled every ``request_routing_stats_period_s``): the ingress reads them there, and reads the replica's metrics
+from its port when ``/metrics`` is scraped.
 """
 
 from __future__ import annotations
@@ -119,12 +120,9 @@ class GemmakitReplica:
         return {"replica": self.replica_id, "model": self.app.state.model_id}
 
     def record_routing_stats(self) -> dict[str, Any]:
-        """What the routers (and through them the ingress) know of this replica: where it listens, its load, its
-        metrics."""
-        from prometheus_client import generate_latest
-
-        return {"url": self.http.url, "metrics": generate_latest(self.app.state.gemmakit.metrics.registry).decode(),
-                "running": self.engine.running, "waiting": self.engine.waiting, "max_batch": self.engine.max_batch}
+        """What the routers (and through them the ingress) know of this replica: where it listens, its load."""
+        return {"url": self.http.url, "running": self.engine.running, "waiting": self.engine.waiting,
+                "max_batch": self.engine.max_batch}
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve's autoscaler's view of this replica's load (see gemmakit.cluster.autoscale): requests running or
