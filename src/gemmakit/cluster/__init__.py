@@ -17,6 +17,9 @@ import os
 # its own: one thread hop less for every call. Serve reads this when it is imported, so it is set here,
 # before any module of this package imports ray.serve; the handle must then be first used inside that loop.
 os.environ.setdefault("RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP", "0")
+# Serve's request metrics recorded as they come rather than flushed by a task every 100 ms: the handle carries
+# pings only (requests go over HTTP), so the flush woke the ingress ten times a second for nothing.
+os.environ.setdefault("RAY_SERVE_METRICS_EXPORT_INTERVAL_MS", "0")
 # `ray start` (2.60) turns token authentication on and writes the token to ~/.ray/auth_token, but a process that
 # connects to it only sends the token when told to: with a token at hand, tell it (else --ray-address fails with
 # "Authentication token is missing or incorrect").

@@ -28,21 +28,26 @@ LOCAL_OBJECT_STORE_BYTES = 256 * 2**20  # requests and chunks are small; a local
 HEALTH_CHECK_PERIOD_S = 2.0  # how soon Serve notices a replica whose engine stopped
 ROUTING_STATS_PERIOD_S = 2.0  # how often replicas report their URL and load to the routers
 # The replicas' settings: user code on the replica's main event loop (its calls are few: pings, stats), their
-# load reported to Serve's autoscaler every 2 s rather than 10 (see LOOK_BACK_S), and the niceness of
+# load reported to Serve's autoscaler every 2 s rather than 10 (see LOOK_BACK_S), Serve's own request metrics
+# recorded as they come rather than flushed every 100 ms (requests come over HTTP, so Serve's have nothing to
+# record: the flush was a wake-up ten times a second for nothing; see also gemmakit.cluster), and the niceness of
 # `gemmakit serve`. Ray starts its workers at nice 15, below everything else on the node, which suits background
 # tasks but not an engine serving users: on 2 cores, every ingress, client or raylet wake-up then preempted the
 # engine's threads (first token 1.17x slower than `gemmakit serve`, paired, and 1.05x at nice 0). Serve's other
 # actors stay at 15.
 REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_worker_niceness": "0",
-               "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "2"}
+               "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "2", "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "0"}
 # The window over which Serve's autoscaler averages the replicas' load (its default: 30 s). A generation lasts
 # seconds, not milliseconds: 15 s of load is a trend, and a new replica takes that long to load anyway.
 LOOK_BACK_S = 15.0
 UPSCALE_DELAY_S = 10.0
 DOWNSCALE_DELAY_S = 120.0  # the default: a replica takes a while to load, so it is not dropped at the first lull
 # A local instance's: a control loop of Serve's controller that wakes twice a second rather than ten times (on a
-# small machine it competes with the engine for the cores).
-LOCAL_RAY_ENV = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5", "RAY_USAGE_STATS_ENABLED": "0"}
+# small machine it competes with the engine for the cores), and a log monitor that looks for new log files every
+# 5 s rather than globbing the log folder every 0.1 s (it forwards worker logs to a driver, and log_to_driver is
+# off). Measured idle, one replica: ~8.5% of a core before these and the metrics flush (REPLICA_ENV), 6-7% after.
+LOCAL_RAY_ENV = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5", "RAY_USAGE_STATS_ENABLED": "0",
+                 "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0", "LOG_NAME_UPDATE_INTERVAL_S": "5"}
 
 
 @dataclass(frozen=True)
