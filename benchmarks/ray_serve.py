@@ -13,16 +13,17 @@ prompt has --long-prompt-words more words (~1.3 tokens each), new text each run 
 Printed: the Ray path's overhead at one client (ray 1x2 / single: TTFT and tok/s) and 2x1 against 1x2 at every
 level.
 
-    python benchmarks/ray_serve.py --paired 60
+    python benchmarks/ray_serve.py --paired 60 [--direct]
 
 The one-client overhead alone, paired: `single` and `ray 1x2` both up, one client alternating between them
 (PAIRS pairs of 4-token requests for TTFT, PAIRS / 6 pairs of 2x --tokens tokens for tok/s); the medians of the
 pairs' ratios. Each side then meets the same noise from the machine's neighbours, which in the default mode moves
 whole rounds. While the single server answers, every process of the Ray server is paused (SIGSTOP), as if Ray
-were not there: otherwise Ray's idle processes (~8% of a core) and what a Ray request leaves to do after its end
+were not there: otherwise Ray's idle processes (6-9% of a core) and what a Ray request leaves to do after its end
 would run during the single server's requests and flatter Ray (1.05x TTFT where this gave 1.13x). The Ray server
 then runs RESUME_S alone before its own request (a client's pause between requests), so that what came due while
-it was paused is not charged to that request either.
+it was paused is not charged to that request either. `--direct` adds the Ray replica's own port to each TTFT pair
+(a triple, then): the replica under Ray against the single server, and the ingress's relay against the replica.
 """
 
 from __future__ import annotations
@@ -119,18 +120,40 @@ def signal_tree(pid: int, sig: int) -> None:
             pass
 
 
+def replica_url(ray_pid: int) -> str:
+    """The HTTP port of the Ray server's (one) replica: a port its replica process listens on that answers
+    /v1/models (from `ss -ltnp`; the replica's other ports are Ray's)."""
+    import subprocess
+
+    import httpx
+
+    replicas = {pid for pid in process_tree(ray_pid) if b"ServeReplica" in Path(f"/proc/{pid}/cmdline").read_bytes()}
+    for line in subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout.splitlines():
+        if any(f"pid={pid}," in line for pid in replicas):
+            url = "http://127.0.0.1:" + line.split()[3].rsplit(":", 1)[1]
+            try:
+                if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
+                    return url
+            except httpx.HTTPError:
+                pass
+    raise SystemExit("--direct: found no HTTP port of the Ray replica")
+
+
 def paired(args: argparse.Namespace, pairs: int) -> None:
-    """The one-client overhead of the Ray path, measured pair by pair (see the module's docstring)."""
+    """The one-client overhead of the Ray path, measured pair by pair (see the module's docstring); with
+    ``args.direct`` each TTFT pair also asks the replica's own port, which splits the overhead between the replica
+    under Ray and the ingress's relay."""
     servers = []
     try:
         for name in ("single", "ray 1x2"):
             args.threads, extra = CONFIGS[name]
             servers.append(serve_load.start("gemmakit", args, extra))
         (_, single), (ray_proc, ray) = servers
-        for url in (single, ray):
+        ray_urls = [replica_url(ray_proc.pid), ray] if args.direct else [ray]
+        for url in (single, *ray_urls):
             serve_load.run_round(url, 4, 8)
 
-        def pair(tokens: int, key: str) -> list[float]:
+        def pair(tokens: int, key: str, urls: list[str]) -> list[float]:
             # The single server alone, as without Ray: every process of the Ray server paused meanwhile. The Ray
             # side then pays for all its own work: its idle processes, and what a request leaves for later.
             signal_tree(ray_proc.pid, signal.SIGSTOP)
@@ -138,22 +161,35 @@ def paired(args: argparse.Namespace, pairs: int) -> None:
                 alone = serve_load.run_round(single, 1, tokens)[key]
             finally:
                 signal_tree(ray_proc.pid, signal.SIGCONT)
-            time.sleep(RESUME_S)  # the timers that came due during the pause fire now, not in the next request
-            return [alone, serve_load.run_round(ray, 1, tokens)[key]]
+            row = [alone]
+            for url in urls:
+                time.sleep(RESUME_S)  # the timers that came due during the pause fire now, not in the next request
+                row.append(serve_load.run_round(url, 1, tokens)[key])
+            return row
 
-        ttft = [pair(4, "ttft_p50") for _ in range(pairs)]
-        tok_s = [pair(2 * args.tokens, "tok_s") for _ in range(max(3, pairs // 6))]
+        ttft = [pair(4, "ttft_p50", ray_urls) for _ in range(pairs)]
+        tok_s = [pair(2 * args.tokens, "tok_s", [ray]) for _ in range(max(3, pairs // 6))]
     finally:
         for proc, _ in servers:
             signal_tree(proc.pid, signal.SIGCONT)
             proc.terminate()
             proc.wait(timeout=120)
-    for label, rows, target, scale in (("TTFT ms", ttft, "<= 1.10x", 1000), ("tok/s", tok_s, ">= 0.95x", 1)):
-        ratios = sorted(ray / single for single, ray in rows)
-        print(f"{label}: single {scale * statistics.median(r[0] for r in rows):.1f}, ray 1x2 "
-              f"{scale * statistics.median(r[1] for r in rows):.1f}; ray / single, median of {len(rows)} pairs: "
-              f"{statistics.median(ratios):.3f}x (target {target}; quartiles {ratios[len(ratios) // 4]:.3f}-"
-              f"{ratios[3 * len(ratios) // 4]:.3f})")
+    print_pairs("TTFT ms", [[r[0], r[-1]] for r in ttft], "<= 1.10x", 1000)
+    print_pairs("tok/s", tok_s, ">= 0.95x", 1)
+    if args.direct:
+        for label, a, b in (("replica port / single", 0, 1), ("ingress / replica port", 1, 2)):
+            ratios = sorted(r[b] / r[a] for r in ttft)
+            print(f"TTFT {label}: median of {len(ttft)} {statistics.median(ratios):.3f}x "
+                  f"(medians {1000 * statistics.median(r[a] for r in ttft):.1f} and "
+                  f"{1000 * statistics.median(r[b] for r in ttft):.1f} ms)")
+
+
+def print_pairs(label: str, rows: list[list[float]], target: str, scale: float) -> None:
+    ratios = sorted(ray / single for single, ray in rows)
+    print(f"{label}: single {scale * statistics.median(r[0] for r in rows):.1f}, ray 1x2 "
+          f"{scale * statistics.median(r[1] for r in rows):.1f}; ray / single, median of {len(rows)} pairs: "
+          f"{statistics.median(ratios):.3f}x (target {target}; quartiles {ratios[len(ratios) // 4]:.3f}-"
+          f"{ratios[3 * len(ratios) // 4]:.3f})")
 
 
 def report(results: dict[str, list[dict[int, dict]]], levels: list[int]) -> None:
@@ -192,6 +228,8 @@ def main() -> int:
     ap.add_argument("--configs", default=",".join(CONFIGS), help="which servers, comma-separated")
     ap.add_argument("--paired", type=int, metavar="PAIRS", help="only the one-client overhead, in PAIRS "
                     "alternating requests (see above)")
+    ap.add_argument("--direct", action="store_true", help="with --paired: also the Ray replica's own port (the "
+                    "replica under Ray against the ingress's relay; Linux, needs `ss`)")
     args = ap.parse_args()
     if args.model is None:
         import gemmakit
