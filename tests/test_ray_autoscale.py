@@ -50,6 +50,7 @@ class LongStream:
         self.replica = self.response.headers["x-gemmakit-replica"]
         self.events: list[dict] = []
         self.done = False
+        self.failure: httpx.HTTPError | None = None  # the connection broke (or the test closed it: cancel)
         self.reader = threading.Thread(target=self._read)
         self.reader.start()
 
@@ -60,6 +61,8 @@ class LongStream:
                     self.done = True
                 elif line.startswith("data: "):
                     self.events.append(json.loads(line[6:]))
+        except httpx.HTTPError as exc:
+            self.failure = exc
         finally:
             self.response.close()
             self.client.close()
@@ -68,6 +71,10 @@ class LongStream:
     def finished(self) -> bool:
         return not self.reader.is_alive()
 
+    def cancel(self) -> None:
+        self.response.close()  # the ingress then cancels the generation on its replica
+        self.reader.join(timeout=30)
+
 
 def _a_stream_on_each_replica(url: str) -> list[LongStream]:
     streams = [LongStream(url, 0)]
@@ -75,13 +82,13 @@ def _a_stream_on_each_replica(url: str) -> list[LongStream]:
         stream = LongStream(url, topic)
         if stream.replica != streams[0].replica:
             return streams + [stream]
-        stream.response.close()  # the same replica: the ingress cancels it there
-        stream.reader.join(timeout=30)
+        stream.cancel()  # the same replica
     raise AssertionError("40 streams all went to one replica")
 
 
 def _check_whole(stream: LongStream) -> None:
-    assert stream.done, f"the stream on {stream.replica} ended without [DONE]: {stream.events[-2:]}"
+    assert stream.done, (f"the stream on {stream.replica} ended without [DONE] ({stream.failure!r}): "
+                         f"{stream.events[-2:]}")
     assert not [e for e in stream.events if "error" in e], stream.events[-2:]
     assert stream.events[-1]["usage"]["completion_tokens"] == STREAM_TOKENS
     assert stream.events[-2]["choices"][0]["finish_reason"] == "length"
@@ -135,6 +142,6 @@ def test_load_adds_a_replica_and_a_removed_replica_finishes_its_streams():
         assert server.proc.wait(timeout=120) == 0, server.output()
     finally:
         for stream in streams:
-            stream.response.close()
+            stream.cancel()
         if server.proc.poll() is None:
             server.kill()
