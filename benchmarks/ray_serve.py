@@ -22,7 +22,13 @@ whole rounds. While the single server answers, every process of the Ray server i
 were not there: otherwise Ray's idle processes (6-9% of a core) and what a Ray request leaves to do after its end
 would run during the single server's requests and flatter Ray (1.05x TTFT where this gave 1.13x). The Ray server
 then runs RESUME_S alone before its own request (a client's pause between requests), so that what came due while
-it was paused is not charged to that request either. `--direct` adds the Ray replica's own port to each TTFT pair
+it was paused is not charged to that request either.
+
+The clients stand in for clients on other machines, whose CPU the servers' engines do not hold: their threads ask
+for the scheduler's shortest slice (gemmakit.server.latency; Linux 6.12+), so that a client that is sent a token
+runs at once rather than after an engine thread's slice (on 2 cores, half of the first tokens were read ~3 ms
+late, on both servers alike: noise, and a common delay that made the Ray path's ratio look smaller).
+`--client-default-slice` measures as before. `--direct` adds the Ray replica's own port to each TTFT pair
 (a triple, then): the replica under Ray against the single server, and the ingress's relay against the replica.
 """
 
@@ -230,6 +236,8 @@ def main() -> int:
                     "alternating requests (see above)")
     ap.add_argument("--direct", action="store_true", help="with --paired: also the Ray replica's own port (the "
                     "replica under Ray against the ingress's relay; Linux, needs `ss`)")
+    ap.add_argument("--client-default-slice", action="store_true", help="leave the clients' threads the "
+                    "scheduler's default slice (they then wait for the servers' engine threads)")
     args = ap.parse_args()
     if args.model is None:
         import gemmakit
@@ -237,6 +245,10 @@ def main() -> int:
         args.model = str(gemmakit.default_model_path())
     args.levels = [x if x == "1 long" else int(x) for x in args.levels.split(",")]
     args.max_batch, args.kv_cache_mib = 32, 1024
+    if not args.client_default_slice:
+        from gemmakit.server.latency import prefer_short_slice
+
+        prefer_short_slice()  # this process's client threads (made later) inherit it: see the module's docstring
     if args.paired:
         paired(args, args.paired)
         return 0

@@ -1,9 +1,11 @@
 """Parts of gemmakit serve --ray that need no running Ray: the autoscaling policy on the replicas' reported load,
-the deployment's autoscaling options as Serve reads them, and the ingress's cutting of relayed event streams."""
+the deployment's autoscaling options as Serve reads them, and the ingress's relay (event streams cut between
+events, a stream moved to another replica, cookies) in front of stand-in replicas."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -69,13 +71,109 @@ def test_a_relayed_event_stream_is_cut_between_events_only():
         for chunk in (b'data: {"a": ', b'1}\n\ndata: {"b": 2}\n\nda', b"ta: [DONE]\n\n"):
             yield chunk
 
-    async def collect(first: list[bytes]) -> list[bytes]:
-        return [chunk async for chunk in whole_events(reads(), first)]
+    async def collect() -> list[bytes]:
+        return [chunk async for chunk in whole_events(reads())]
 
-    assert asyncio.run(collect([])) == [b'data: {"a": 1}\n\ndata: {"b": 2}\n\n', b"data: [DONE]\n\n"]
-    # The first read (taken before the client is answered) goes through the same cutting.
-    assert asyncio.run(collect([b": opening\n\n"])) == [b": opening\n\n", b'data: {"a": 1}\n\ndata: {"b": 2}\n\n',
-                                                       b"data: [DONE]\n\n"]
+    assert asyncio.run(collect()) == [b'data: {"a": 1}\n\ndata: {"b": 2}\n\n', b"data: [DONE]\n\n"]
+
+
+def _upstream(events: list[bytes], then_fail: bool):
+    """A replica's stand-in: an event stream's head at once, then ``events``; then it ends the stream, or (with
+    ``then_fail``) drops the connection mid-stream, as a replica that dies does."""
+
+    async def app(scope, receive, send) -> None:
+        if scope["type"] != "http":  # lifespan
+            message = await receive()
+            await send({"type": message["type"] + ".complete"})
+            return
+        await receive()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")]})
+        for event in events:
+            await send({"type": "http.response.body", "body": event, "more_body": True})
+        if then_fail:
+            raise RuntimeError("the replica died")  # uvicorn closes the connection: the chunked body is cut
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    return app
+
+
+class _Replicas:
+    """A router stand-in (gemmakit.cluster.registry reads the replicas' URLs from it), in place while in use."""
+
+    def __init__(self, urls: dict[str, str]) -> None:
+        self.urls = urls
+
+    def replica_stats(self) -> dict[str, dict]:
+        return {replica: {"url": url} for replica, url in self.urls.items()}
+
+    def __enter__(self) -> "_Replicas":
+        from gemmakit.cluster import registry
+
+        self.saved = list(registry.ROUTERS)
+        registry.ROUTERS.clear()
+        registry.ROUTERS.add(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        from gemmakit.cluster import registry
+
+        registry.ROUTERS.clear()
+        for router in self.saved:
+            registry.ROUTERS.add(router)
+
+
+def _relay_alone():
+    """The ingress's relay (behind the server's gates), without Ray: it reads the replicas from the registry."""
+    from gemmakit.cluster.ingress import IngressOptions, gated
+    from gemmakit.cluster.metrics import IngressMetrics
+    from gemmakit.cluster.proxy import replica_client
+    from gemmakit.cluster.relay import IngressState, forward
+
+    state = IngressState(handle=None, metrics=IngressMetrics(), keys=[])
+
+    async def relay(scope, receive, send) -> None:
+        if scope["type"] == "http":
+            await forward(state, scope, receive, send)
+            return
+        while (await receive())["type"] != "lifespan.shutdown":  # the pool lives on the server's loop
+            state.client = replica_client()
+            await send({"type": "lifespan.startup.complete"})
+        await state.client.close()
+        await send({"type": "lifespan.shutdown.complete"})
+
+    return state, gated(relay, state, IngressOptions())
+
+
+def test_a_stream_whose_replica_dies_before_its_first_event_continues_on_another():
+    """The head of a stream reaches the client at once (as from the single server); the events come from the
+    replica that gives them: one that fails before its first event is replaced, one that fails later ends the
+    stream with an error event."""
+    pytest.importorskip("ray.serve", reason="needs the ray extra: pip install 'gemmakit[ray]'")
+    import httpx
+    from serving import Server
+
+    events = [b'data: {"n": 1}\n\n', b'data: {"n": 2}\n\n', b"data: [DONE]\n\n"]
+    state, relay = _relay_alone()
+    with Server(_upstream([], then_fail=True)) as dying, Server(_upstream(events, then_fail=False)) as healthy, \
+            Server(_upstream(events[:1], then_fail=True)) as cut, Server(relay) as ingress:
+        # No affinity key on this path: the least busy replica, the first listed when none is busy.
+        with _Replicas({"dying": dying.url, "healthy": healthy.url}):
+            answer = httpx.post(ingress.url + "/stream", json={})
+        with _Replicas({"cut": cut.url, "healthy": healthy.url}):
+            cut_answer = httpx.post(ingress.url + "/stream", json={})
+        with _Replicas({"dying": dying.url}):
+            alone = httpx.post(ingress.url + "/stream", json={})
+    assert answer.status_code == 200 and answer.headers["x-gemmakit-replica"] == "dying"
+    assert answer.content == b": retried on replica healthy\n\n" + b"".join(events)
+    # Sent again: the first stream once; the lone replica's twice, in vain (3 sends in all for one replica).
+    assert state.metrics.retries._value.get() == 1 + 2
+    # An event reached the client before its replica failed: too late for another replica.
+    assert cut_answer.content.startswith(events[0] + b'data: {"error": ')
+    for failed in (cut_answer, alone):
+        error = json.loads(failed.text.split("\n\n")[-3].removeprefix("data: "))["error"]
+        assert error["code"] == "replica_failed" and failed.text.endswith("data: [DONE]\n\n")
+    assert sum(state.in_flight.values()) == 0  # every try's count ended
 
 
 async def _cookie_setter(scope, receive, send) -> None:

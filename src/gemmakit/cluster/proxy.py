@@ -1,9 +1,8 @@
 """One HTTP request relayed from the ingress to a replica's port, and its response back.
 
 The ingress reads a request whole (its size is bounded by the SizeGate), sends it to the replica's own uvicorn
-server with the client's headers (less those about the connection), and reads the response up to the point where
-the client is first answered: a plain response whole, an event stream's head and first chunk. Until then a failed
-replica can be replaced by another; after it, the rest of the stream is relayed as it comes.
+server with the client's headers (less those about the connection), and reads the response's head (a plain
+response: whole). The ingress then answers the client, and relays an event stream's body as it comes.
 """
 
 from __future__ import annotations
@@ -58,11 +57,11 @@ class ResponseHead:
 
 @dataclass
 class ReplicaResponse:
-    """A replica's answer, read up to where the client is first answered (see the module's docstring)."""
+    """A replica's answer: its head, and its body whole or (an event stream) to be read as it comes."""
 
     head: ResponseHead
-    chunks: list[bytes]  # the whole body, or an event stream's first chunk
-    rest: AsyncIterator[bytes] | None  # the rest of an event stream; None once complete
+    chunks: list[bytes]  # a plain response's whole body (an event stream: none yet)
+    rest: AsyncIterator[bytes] | None  # an event stream's body, as it comes; None for a plain response
     response: aiohttp.ClientResponse
 
     async def close(self) -> None:
@@ -102,7 +101,7 @@ async def _chunks(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
 
 
 async def send(client: aiohttp.ClientSession, base_url: str, request: ForwardedRequest) -> ReplicaResponse:
-    """Send ``request`` to the replica at ``base_url``; read its response up to the client's first answer.
+    """Send ``request`` to the replica at ``base_url``; read its response's head (a plain response: whole).
 
     Raises:
         TransportError: the replica could not be reached, or failed before that point.
@@ -111,13 +110,9 @@ async def send(client: aiohttp.ClientSession, base_url: str, request: ForwardedR
     response = await client.request(request.method, request.target(base_url), headers=headers, data=request.body)
     try:
         head = ResponseHead(response.status, tuple(response.raw_headers))
-        if not is_event_stream(head):
-            return ReplicaResponse(head, [await response.read()], None, response)
-        body = _chunks(response)
-        first = await anext(body, None)
-        if first is None:
-            return ReplicaResponse(head, [], None, response)
-        return ReplicaResponse(head, [first], body, response)
+        if is_event_stream(head):
+            return ReplicaResponse(head, [], _chunks(response), response)
+        return ReplicaResponse(head, [await response.read()], None, response)
     except BaseException:
         response.close()
         raise

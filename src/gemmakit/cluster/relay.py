@@ -2,8 +2,10 @@
 
 The ingress picks the replica (:func:`~gemmakit.cluster.router.pick_replica`: conversation affinity, else the least
 busy), relays the request over HTTP (:mod:`gemmakit.cluster.proxy`; streams as they come), counting it in flight on
-that replica meanwhile (see :class:`InFlight`). A request whose replica fails before
-anything reached the client is retried on another; a replica that answers 429 or 503 is skipped for the next one.
+that replica meanwhile (see :class:`InFlight`). A request whose replica fails before any of its answer reached the
+client is retried on another (a stream's head goes to the client as it comes, so a stream is also retried while
+the client has none of its events; see :class:`StreamRelay`); a replica that answers 429 or 503 is skipped for the
+next one.
 
 Plain ASGI rather than a FastAPI route: the route's layers (routing, exception and body-limit middleware, a task
 group per streamed response) cost the ingress ~2 ms of CPU per request on the path of the first token, as much as
@@ -42,8 +44,8 @@ class ClientDisconnected(Exception):
 class ReplicaLost(Exception):
     """The replica handling a request failed (died, unreachable) before the client saw anything."""
 
-    def __init__(self, replica: str | None, cause: BaseException) -> None:
-        super().__init__(f"replica {replica or '(unknown)'} failed: {cause!r}")
+    def __init__(self, replica: str, cause: BaseException) -> None:
+        super().__init__(f"replica {replica} failed: {cause!r}")
         self.replica = replica
 
 
@@ -83,7 +85,7 @@ class InFlight:
 
 @dataclass
 class Attempt:
-    """One try of a request on one replica, read up to the point where the client is answered."""
+    """One try of a request on one replica: its answer's head (a plain answer: whole)."""
 
     replica: str
     answer: ReplicaResponse
@@ -120,8 +122,7 @@ def affinity_key(path: str, headers, body: bytes) -> str | None:
 
 
 async def try_once(state: IngressState, request: ForwardedRequest, key: str | None, avoid: list[str]) -> Attempt:
-    """Send ``request`` to a replica and read its answer up to what the client is first sent: a plain response
-    whole, a stream's head and first chunk.
+    """Send ``request`` to a replica and read its answer's head (a plain answer: whole).
 
     Raises:
         NoReachableReplica: there is no replica to send it to.
@@ -143,18 +144,78 @@ async def try_once(state: IngressState, request: ForwardedRequest, key: str | No
     return Attempt(replica, answer, counted)
 
 
-async def whole_events(chunks: AsyncIterator[bytes], first: list[bytes]) -> AsyncIterator[bytes]:
+class AllReplicasFailed(Exception):
+    """Every replica tried for a request failed before answering it."""
+
+
+@dataclass
+class RelayedRequest:
+    """One client request on its way to a replica: the replicas tried so far, and the choice of the next."""
+
+    state: IngressState
+    request: ForwardedRequest
+    key: str | None  # its affinity key (see affinity_key)
+    tried: list[str] = field(default_factory=list)  # the replicas sent it so far, in order (with repeats)
+
+    def tries_left(self) -> int:
+        """The sends this request has left: a few more than there are replicas, over its whole life (a stream
+        moved to another replica counts its first tries), so that a failing replica is never tried forever."""
+        return max(3, len(reachable_replicas()) + 2) - len(self.tried)
+
+    async def answer(self, retry: bool = False) -> Attempt:
+        """The first answer that is not a full replica's (429, 503), trying replicas in turn; if every live one is
+        full, the last one's answer. ``retry``: the request was sent before, to a replica that failed.
+
+        Raises:
+            NoReachableReplica: no replica is live (Serve is starting new ones).
+            AllReplicasFailed: every replica tried failed before answering.
+        """
+        full: Attempt | None = None  # the last replica that answered 429 or 503: its answer if every one does
+        try:
+            while self.tries_left() > 0:
+                if retry:
+                    self.state.metrics.retries.inc()
+                try:
+                    attempt = await try_once(self.state, self.request, self.key, self.tried)
+                except ReplicaLost as exc:
+                    self.state.metrics.failures.inc()
+                    logger.warning("%s; trying another replica", exc)
+                    self.tried.append(exc.replica)
+                    retry = True
+                    continue
+                retry = False
+                self.tried.append(attempt.replica)
+                if full is not None:
+                    await full.release()
+                full = attempt
+                if attempt.answer.head.status not in SKIP_STATUSES or len(set(self.tried)) >= len(reachable_replicas()):
+                    break
+            if full is None:
+                raise AllReplicasFailed()
+            answer, full = full, None
+            return answer
+        finally:
+            if full is not None:
+                await full.release()
+
+    async def stream_elsewhere(self) -> Attempt | None:
+        """After the stream's replica failed before its first event: the same request's event stream from another
+        replica, or None when none gives one (none live, all failed or full)."""
+        try:
+            attempt = await self.answer(retry=True)
+        except (NoReachableReplica, AllReplicasFailed):
+            return None
+        if attempt.answer.head.status == 200 and attempt.answer.rest is not None:
+            return attempt
+        await attempt.release()
+        return None
+
+
+async def whole_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     """An event stream's bytes cut at event boundaries (a blank line): what a read returned past the last one waits
     for the next read, so a stream cut short ends between two events, never inside one."""
     pending = b""
-
-    async def reads() -> AsyncIterator[bytes]:
-        for chunk in first:
-            yield chunk
-        async for chunk in chunks:
-            yield chunk
-
-    async for chunk in reads():
+    async for chunk in chunks:
         pending += chunk
         end = pending.rfind(b"\n\n")
         if end >= 0:
@@ -164,23 +225,47 @@ async def whole_events(chunks: AsyncIterator[bytes], first: list[bytes]) -> Asyn
         yield pending
 
 
-async def relay(attempt: Attempt, metrics: IngressMetrics) -> AsyncIterator[bytes]:
-    """The rest of a stream, as it comes; if its replica fails now, an error event and [DONE], as the single
-    server ends a stream its engine could not finish."""
-    try:
-        async for chunk in whole_events(attempt.answer.rest, attempt.answer.chunks):
-            yield chunk
-    except TransportError as exc:
-        metrics.failures.inc()
-        logger.warning("replica %s failed during a stream: %r", attempt.replica, exc)
-        yield sse({"error": {"message": f"the replica serving this stream failed ({type(exc).__name__}); the "
-                             "answer is incomplete", "type": "server_error", "param": None,
-                             "code": "replica_failed"}}).encode()
-        yield b"data: [DONE]\n\n"
+class StreamRelay:
+    """The events of a stream whose head the client has: relayed as they come from the replica. If the replica
+    fails before its first event, the request goes to another replica, whose events continue the stream (an SSE
+    comment names it: the response's header named the first); if it fails later, or no other replica takes it,
+    the stream ends with an error event and [DONE], as the single server ends a stream its engine could not
+    finish."""
+
+    def __init__(self, relayed: RelayedRequest, attempt: Attempt) -> None:
+        self.relayed, self.attempt = relayed, attempt
+
+    async def events(self) -> AsyncIterator[bytes]:
+        metrics = self.relayed.state.metrics
+        started = False  # an event of this request reached the client: too late to ask another replica
+        while True:
+            try:
+                async for chunk in whole_events(self.attempt.answer.rest):
+                    started = True
+                    yield chunk
+                return
+            except TransportError as exc:
+                metrics.failures.inc()
+                logger.warning("replica %s failed during a stream: %r", self.attempt.replica, exc)
+                elsewhere = None if started else await self.relayed.stream_elsewhere()
+                if elsewhere is None:
+                    yield REPLICA_FAILED_EVENT
+                    yield b"data: [DONE]\n\n"
+                    return
+                failed, self.attempt = self.attempt, elsewhere
+                await failed.release()
+                yield f": retried on replica {elsewhere.replica}\n\n".encode()
+
+    async def release(self) -> None:
+        await self.attempt.release()
 
 
-async def _pump(attempt: Attempt, metrics: IngressMetrics, send) -> None:
-    async for chunk in relay(attempt, metrics):
+REPLICA_FAILED_EVENT = sse({"error": {"message": "the replica serving this stream failed; the answer is incomplete",
+                                      "type": "server_error", "param": None, "code": "replica_failed"}}).encode()
+
+
+async def _pump(stream: StreamRelay, send) -> None:
+    async for chunk in stream.events():
         await send({"type": "http.response.body", "body": chunk, "more_body": True})
     await send({"type": "http.response.body", "body": b"", "more_body": False})
 
@@ -192,10 +277,10 @@ async def _client_gone(receive) -> None:
         pass
 
 
-async def stream_to_client(attempt: Attempt, metrics: IngressMetrics, receive, send) -> None:
-    """Relay the rest of a stream until it ends or the client leaves; either way the replica's connection is
+async def stream_to_client(stream: StreamRelay, receive, send) -> None:
+    """Relay a stream's events until it ends or the client leaves; either way the replica's connection is
     released (closed mid-stream, which cancels the generation there) and the request no longer counted."""
-    pump = asyncio.ensure_future(_pump(attempt, metrics, send))
+    pump = asyncio.ensure_future(_pump(stream, send))
     gone = asyncio.ensure_future(_client_gone(receive))
     try:
         await asyncio.wait((pump, gone), return_when=asyncio.FIRST_COMPLETED)
@@ -203,13 +288,15 @@ async def stream_to_client(attempt: Attempt, metrics: IngressMetrics, receive, s
         pump.cancel()
         gone.cancel()
         await asyncio.gather(pump, gone, return_exceptions=True)
-        await attempt.release()
+        await stream.release()
     if not pump.cancelled() and pump.exception() is not None:
         raise pump.exception()
 
 
-async def respond(attempt: Attempt, metrics: IngressMetrics, receive, send) -> None:
-    """The client's response: the replica's status and headers (and its id), its body whole or streamed."""
+async def respond(relayed: RelayedRequest, attempt: Attempt, receive, send) -> None:
+    """The client's response: the replica's status and headers (and its id), its body whole or streamed. A
+    stream's head goes to the client as soon as the replica sends it (before the first token), as the single
+    server sends it: the client is ready for the first token when it comes."""
     answer = attempt.answer
     headers = answer.head.relayed_headers() + [(b"x-gemmakit-replica", attempt.replica.encode())]
     if answer.rest is None:
@@ -219,12 +306,13 @@ async def respond(attempt: Attempt, metrics: IngressMetrics, receive, send) -> N
         await send({"type": "http.response.start", "status": answer.head.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
         return
+    stream = StreamRelay(relayed, attempt)
     try:
         await send({"type": "http.response.start", "status": answer.head.status, "headers": headers})
     except BaseException:
-        await attempt.release()
+        await stream.release()
         raise
-    await stream_to_client(attempt, metrics, receive, send)
+    await stream_to_client(stream, receive, send)
 
 
 async def read_body(receive) -> bytes:
@@ -240,48 +328,23 @@ async def read_body(receive) -> bytes:
 
 
 async def forward(state: IngressState, scope, receive, send) -> None:
-    """An ASGI request for a replica: relayed to one, retried on another while nothing reached the client, a full
-    replica skipped for the next one."""
+    """An ASGI request for a replica: relayed to one, retried on another while none of its answer reached the
+    client, a full replica skipped for the next one."""
     try:
         body = await read_body(receive)
     except ClientDisconnected:
         return
     forwarded = ForwardedRequest(scope["method"], scope["path"], scope.get("query_string", b""),
                                  forwardable_headers(scope["headers"]), body)
-    key = affinity_key(forwarded.path, Headers(scope=scope), body)
-    tried: list[str] = []
-    full: Attempt | None = None  # the last replica that answered 429 or 503: its answer if every one does
-    lost = False  # the last try's replica failed: this one is a retry
+    relayed = RelayedRequest(state, forwarded, affinity_key(forwarded.path, Headers(scope=scope), body))
     try:
-        for _ in range(max(3, len(reachable_replicas()) + 2)):
-            if lost:
-                state.metrics.retries.inc()
-            try:
-                attempt = await try_once(state, forwarded, key, tried)
-            except NoReachableReplica:  # Serve is starting new ones (or they have not reported their URL yet)
-                await error_response(503, "no replica is running (they are being replaced): retry shortly",
-                                     "server_error", code="no_replica", headers={"Retry-After": "5"})(
-                    scope, receive, send)
-                return
-            except ReplicaLost as exc:
-                state.metrics.failures.inc()
-                logger.warning("%s; trying another replica", exc)
-                tried += [exc.replica] if exc.replica else []
-                lost = True
-                continue
-            lost = False
-            tried.append(attempt.replica)
-            if full is not None:
-                await full.release()
-            full = attempt
-            if attempt.answer.head.status not in SKIP_STATUSES or len(set(tried)) >= len(reachable_replicas()):
-                break
-        if full is None:
-            await error_response(503, "every replica tried failed this request; retry later", "server_error",
-                                 code="replicas_failed", headers={"Retry-After": "5"})(scope, receive, send)
-            return
-        answer, full = full, None
-        await respond(answer, state.metrics, receive, send)
-    finally:
-        if full is not None:
-            await full.release()
+        attempt = await relayed.answer()
+    except NoReachableReplica:  # Serve is starting new ones (or they have not reported their URL yet)
+        await error_response(503, "no replica is running (they are being replaced): retry shortly", "server_error",
+                             code="no_replica", headers={"Retry-After": "5"})(scope, receive, send)
+        return
+    except AllReplicasFailed:
+        await error_response(503, "every replica tried failed this request; retry later", "server_error",
+                             code="replicas_failed", headers={"Retry-After": "5"})(scope, receive, send)
+        return
+    await respond(relayed, attempt, receive, send)
