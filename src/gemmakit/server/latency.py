@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import platform
+import re
 import sys
 
 logger = logging.getLogger("gemmakit.server")
@@ -34,9 +35,17 @@ class SchedAttr(ctypes.Structure):
                 ("sched_util_max", ctypes.c_uint32)]
 
 
-def thread_slice_ns() -> int | None:
-    """The calling thread's scheduler slice in nanoseconds, or None where it cannot be read."""
-    attr = _get_attr()
+def slices_take_effect() -> bool:
+    """Whether this system sets a thread's slice when asked: Linux 6.12 or later, on a machine listed here."""
+    version = re.match(r"(\d+)\.(\d+)", platform.release())
+    return (sys.platform.startswith("linux") and platform.machine() in SYSCALLS and version is not None
+            and (int(version[1]), int(version[2])) >= (6, 12))
+
+
+def thread_slice_ns(thread_id: int = 0) -> int | None:
+    """A thread's scheduler slice in nanoseconds (``thread_id``: its ``threading.Thread.native_id``; 0, the
+    calling thread), or None where it cannot be read."""
+    attr = _get_attr(thread_id)
     return None if attr is None else int(attr.sched_runtime)
 
 
@@ -60,12 +69,12 @@ def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
 
 
-def _get_attr() -> SchedAttr | None:
+def _get_attr(thread_id: int = 0) -> SchedAttr | None:
     if not sys.platform.startswith("linux") or platform.machine() not in SYSCALLS:
         return None
     attr = SchedAttr()
     getattr_nr = SYSCALLS[platform.machine()][1]
-    if _libc().syscall(ctypes.c_long(getattr_nr), 0, ctypes.byref(attr), ctypes.c_uint(ctypes.sizeof(attr)),
+    if _libc().syscall(ctypes.c_long(getattr_nr), ctypes.c_int(thread_id), ctypes.byref(attr), ctypes.c_uint(ctypes.sizeof(attr)),
                        ctypes.c_uint(0)) != 0:
         return None
     attr.size = ctypes.sizeof(SchedAttr)
