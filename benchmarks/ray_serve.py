@@ -36,7 +36,9 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
+import random
 import signal
 import statistics
 import sys
@@ -175,6 +177,8 @@ def paired(args: argparse.Namespace, pairs: int) -> None:
 
         ttft = [pair(4, "ttft_p50", ray_urls) for _ in range(pairs)]
         tok_s = [pair(2 * args.tokens, "tok_s", [ray]) for _ in range(max(3, pairs // 6))]
+        if args.dump:
+            Path(args.dump).write_text(json.dumps({"ttft": ttft, "tok_s": tok_s}))
     finally:
         for proc, _ in servers:
             signal_tree(proc.pid, signal.SIGCONT)
@@ -190,12 +194,20 @@ def paired(args: argparse.Namespace, pairs: int) -> None:
                   f"{1000 * statistics.median(r[b] for r in ttft):.1f} ms)")
 
 
+def median_interval(values: list[float], resamples: int = 2000) -> tuple[float, float]:
+    """A 90% bootstrap interval of the median of ``values``: how far another run's median may land."""
+    rng = random.Random(0)
+    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
+    return medians[resamples // 20], medians[-resamples // 20]
+
+
 def print_pairs(label: str, rows: list[list[float]], target: str, scale: float) -> None:
     ratios = sorted(ray / single for single, ray in rows)
+    low, high = median_interval(ratios)
     print(f"{label}: single {scale * statistics.median(r[0] for r in rows):.1f}, ray 1x2 "
           f"{scale * statistics.median(r[1] for r in rows):.1f}; ray / single, median of {len(rows)} pairs: "
-          f"{statistics.median(ratios):.3f}x (target {target}; quartiles {ratios[len(ratios) // 4]:.3f}-"
-          f"{ratios[3 * len(ratios) // 4]:.3f})")
+          f"{statistics.median(ratios):.3f}x (target {target}; 90% interval {low:.3f}-{high:.3f}; quartiles "
+          f"{ratios[len(ratios) // 4]:.3f}-{ratios[3 * len(ratios) // 4]:.3f})")
 
 
 def report(results: dict[str, list[dict[int, dict]]], levels: list[int]) -> None:
@@ -236,6 +248,7 @@ def main() -> int:
                     "alternating requests (see above)")
     ap.add_argument("--direct", action="store_true", help="with --paired: also the Ray replica's own port (the "
                     "replica under Ray against the ingress's relay; Linux, needs `ss`)")
+    ap.add_argument("--dump", metavar="FILE", help="with --paired: write every pair's figures to FILE (JSON)")
     ap.add_argument("--client-default-slice", action="store_true", help="leave the clients' threads the "
                     "scheduler's default slice (they then wait for the servers' engine threads)")
     args = ap.parse_args()
