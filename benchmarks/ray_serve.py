@@ -30,6 +30,8 @@ runs at once rather than after an engine thread's slice (on 2 cores, half of the
 late, on both servers alike: noise, and a common delay that made the Ray path's ratio look smaller).
 `--client-default-slice` measures as before. `--direct` adds the Ray replica's own port to each TTFT pair
 (a triple, then): the replica under Ray against the single server, and the ingress's relay against the replica.
+`--engine-threads 1`: engines of one thread on each side (on 2 cores, Ray's own processes then have a core that
+the engine does not need, as on a node whose replicas leave a core free).
 """
 
 from __future__ import annotations
@@ -155,6 +157,9 @@ def paired(args: argparse.Namespace, pairs: int) -> None:
     try:
         for name in ("single", "ray 1x2"):
             args.threads, extra = CONFIGS[name]
+            if args.engine_threads:  # one engine of that many threads on each side
+                args.threads = args.engine_threads
+                extra = [str(args.engine_threads) if flag == "2" else flag for flag in extra]
             servers.append(serve_load.start("gemmakit", args, extra))
         (_, single), (ray_proc, ray) = servers
         ray_urls = [replica_url(ray_proc.pid), ray] if args.direct else [ray]
@@ -184,6 +189,7 @@ def paired(args: argparse.Namespace, pairs: int) -> None:
             signal_tree(proc.pid, signal.SIGCONT)
             proc.terminate()
             proc.wait(timeout=120)
+    print(f"engines of {args.threads} threads: `gemmakit serve` against one Ray replica")
     print_pairs("TTFT ms", [[r[0], r[-1]] for r in ttft], "<= 1.10x", 1000)
     print_pairs("tok/s", tok_s, ">= 0.95x", 1)
     if args.direct:
@@ -204,7 +210,7 @@ def median_interval(values: list[float], resamples: int = 2000) -> tuple[float, 
 def print_pairs(label: str, rows: list[list[float]], target: str, scale: float) -> None:
     ratios = sorted(ray / single for single, ray in rows)
     low, high = median_interval(ratios)
-    print(f"{label}: single {scale * statistics.median(r[0] for r in rows):.1f}, ray 1x2 "
+    print(f"{label}: single {scale * statistics.median(r[0] for r in rows):.1f}, ray "
           f"{scale * statistics.median(r[1] for r in rows):.1f}; ray / single, median of {len(rows)} pairs: "
           f"{statistics.median(ratios):.3f}x (target {target}; 90% interval {low:.3f}-{high:.3f}; quartiles "
           f"{ratios[len(ratios) // 4]:.3f}-{ratios[3 * len(ratios) // 4]:.3f})")
@@ -248,6 +254,9 @@ def main() -> int:
                     "alternating requests (see above)")
     ap.add_argument("--direct", action="store_true", help="with --paired: also the Ray replica's own port (the "
                     "replica under Ray against the ingress's relay; Linux, needs `ss`)")
+    ap.add_argument("--engine-threads", type=int, metavar="T", help="with --paired: engines of T threads (one "
+                    "server with T, one replica of T) rather than 2; with 1 on 2 cores, the rest of each server has a "
+                    "core of its own")
     ap.add_argument("--dump", metavar="FILE", help="with --paired: write every pair's figures to FILE (JSON)")
     ap.add_argument("--client-default-slice", action="store_true", help="leave the clients' threads the "
                     "scheduler's default slice (they then wait for the servers' engine threads)")
