@@ -30,7 +30,8 @@ runs at once rather than after an engine thread's slice (on 2 cores, half of the
 late, on both servers alike: noise, and a common delay that made the Ray path's ratio look smaller).
 `--client-default-slice` measures as before. `--direct` adds the Ray replica's own port to each TTFT pair
 (a triple, then): the replica under Ray against the single server, and the ingress's relay against the replica.
-`--engine-threads 1`: engines of one thread on each side (on 2 cores, Ray's own processes then have a core that
+`--idle S`: the Ray server's CPU with no request, per process, over S seconds (where the one-client overhead
+comes from when the engine holds every core). `--engine-threads 1`: engines of one thread on each side (on 2 cores, Ray's own processes then have a core that
 the engine does not need, as on a node whose replicas leave a core free).
 """
 
@@ -207,6 +208,49 @@ def median_interval(values: list[float], resamples: int = 2000) -> tuple[float, 
     return medians[resamples // 20], medians[-resamples // 20]
 
 
+def thread_cpu(pids: list[int]) -> dict[tuple[int, int], tuple[str, int]]:
+    """CPU ticks so far of every thread of ``pids``: (pid, tid) -> (the process's name, user + system ticks)."""
+    ticks = {}
+    for pid in pids:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+            # A Python process by its script (or module): the ingress is `-m gemmakit.cli`
+            name = next((a for a in argv[1:] if a.endswith(".py")), argv[argv.index("-m") + 1] if "-m" in argv
+                        else argv[0]) if argv[0].endswith(("python", "python3")) else argv[0]
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+                ticks[(pid, int(tid))] = (Path(name).name[:40], int(fields[11]) + int(fields[12]))
+        except (OSError, IndexError, ValueError):  # gone meanwhile
+            continue
+    return ticks
+
+
+def idle(args: argparse.Namespace, seconds: float) -> None:
+    """What the Ray server (one replica of 2 threads) does with no request: each of its processes' CPU, in % of a
+    core, over ``seconds`` (after a warm-up and 15 s of quiet)."""
+    args.threads, extra = CONFIGS["ray 1x2"]
+    proc, url = serve_load.start("gemmakit", args, extra)
+    try:
+        serve_load.run_round(url, 2, 8)
+        time.sleep(15)
+        before = thread_cpu(process_tree(proc.pid))
+        time.sleep(seconds)
+        after = thread_cpu(process_tree(proc.pid))
+    finally:
+        signal_tree(proc.pid, signal.SIGCONT)
+        proc.terminate()
+        proc.wait(timeout=120)
+    per_second = os.sysconf("SC_CLK_TCK") * seconds / 100  # ticks per % of a core
+    used: dict[str, float] = {}
+    for key, (name, ticks) in after.items():
+        label = f"{name} (pid {key[0]})"
+        used[label] = used.get(label, 0.0) + (ticks - before.get(key, (name, 0))[1]) / per_second
+    print(f"idle for {seconds:.0f} s: {sum(used.values()):.1f}% of a core in all")
+    for label, share in sorted(used.items(), key=lambda item: -item[1]):
+        if share >= 0.05:
+            print(f"  {share:5.2f}%  {label}")
+
+
 def print_pairs(label: str, rows: list[list[float]], target: str, scale: float) -> None:
     ratios = sorted(ray / single for single, ray in rows)
     low, high = median_interval(ratios)
@@ -257,6 +301,8 @@ def main() -> int:
     ap.add_argument("--engine-threads", type=int, metavar="T", help="with --paired: engines of T threads (one "
                     "server with T, one replica of T) rather than 2; with 1 on 2 cores, the rest of each server has a "
                     "core of its own")
+    ap.add_argument("--idle", type=float, metavar="S", help="only the Ray server's CPU while idle, per process, "
+                    "over S seconds (Linux)")
     ap.add_argument("--dump", metavar="FILE", help="with --paired: write every pair's figures to FILE (JSON)")
     ap.add_argument("--client-default-slice", action="store_true", help="leave the clients' threads the "
                     "scheduler's default slice (they then wait for the servers' engine threads)")
@@ -271,6 +317,9 @@ def main() -> int:
         from gemmakit.server.latency import prefer_short_slice
 
         prefer_short_slice()  # this process's client threads (made later) inherit it: see the module's docstring
+    if args.idle:
+        idle(args, args.idle)
+        return 0
     if args.paired:
         paired(args, args.paired)
         return 0
