@@ -225,6 +225,10 @@ async def whole_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         yield pending
 
 
+REPLICA_FAILED_EVENT = sse({"error": {"message": "the replica serving this stream failed; the answer is incomplete",
+                                      "type": "server_error", "param": None, "code": "replica_failed"}}).encode()
+
+
 class StreamRelay:
     """The events of a stream whose head the client has: relayed as they come from the replica. If the replica
     fails before its first event, the request goes to another replica, whose events continue the stream (an SSE
@@ -258,10 +262,6 @@ class StreamRelay:
 
     async def release(self) -> None:
         await self.attempt.release()
-
-
-REPLICA_FAILED_EVENT = sse({"error": {"message": "the replica serving this stream failed; the answer is incomplete",
-                                      "type": "server_error", "param": None, "code": "replica_failed"}}).encode()
 
 
 async def _pump(stream: StreamRelay, send) -> None:
