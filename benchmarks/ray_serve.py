@@ -27,12 +27,14 @@ it was paused is not charged to that request either.
 The clients stand in for clients on other machines, whose CPU the servers' engines do not hold: their threads ask
 for the scheduler's shortest slice (gemmakit.server.latency; Linux 6.12+), so that a client that is sent a token
 runs at once rather than after an engine thread's slice (on 2 cores, half of the first tokens were read ~3 ms
-late, on both servers alike: noise, and a common delay that made the Ray path's ratio look smaller).
-`--client-default-slice` measures as before. `--direct` adds the Ray replica's own port to each TTFT pair
-(a triple, then): the replica under Ray against the single server, and the ingress's relay against the replica.
-`--idle S`: the Ray server's CPU with no request, per process, over S seconds (where the one-client overhead
-comes from when the engine holds every core). `--engine-threads 1`: engines of one thread on each side (on 2 cores, Ray's own processes then have a core that
-the engine does not need, as on a node whose replicas leave a core free).
+late, on both servers alike: noise, and a common delay that made the Ray path's ratio look smaller). The servers
+do not inherit it (see start_server): their processes run as when started from a shell, the event loops with the
+short slice they ask for, the engines' threads and Ray's processes with the default one. `--client-default-slice`
+measures as before. `--direct` adds the Ray replica's own port to each TTFT pair (a triple, then): the replica
+under Ray against the single server, and the ingress's relay against the replica. `--idle S`: the Ray server's
+CPU with no request, per process, over S seconds (where the one-client overhead comes from when the engine holds
+every core). `--engine-threads 1`: engines of one thread on each side (on 2 cores, Ray's own processes then have a
+core that the engine does not need, as on a node whose replicas leave a core free).
 """
 
 from __future__ import annotations
@@ -63,6 +65,21 @@ TTFT_SAMPLES = 15  # one-client requests whose first tokens give the TTFT figure
 RESUME_S = 0.3  # --paired: how long the Ray server runs after its pause before its request (a client's pause)
 
 
+def start_server(args: argparse.Namespace, extra: list[str]):
+    """``gemmakit serve`` with ``extra`` flags (serve_load.start), its processes with the scheduler's default slice:
+    a server's threads do not inherit the short slice this process's client threads ask for (its event loops ask
+    for their own, as they do when started from a shell)."""
+    if args.client_default_slice:
+        return serve_load.start("gemmakit", args, extra)
+    from gemmakit.server.latency import prefer_short_slice
+
+    prefer_short_slice(0)  # 0: the default slice, which the server's processes inherit from this thread
+    try:
+        return serve_load.start("gemmakit", args, extra)
+    finally:
+        prefer_short_slice()
+
+
 def long_prompt(words: int) -> str:
     """A prompt of ``words`` words whose start differs each call (no prefix cache helps it)."""
     run = next(RUN_IDS)
@@ -85,7 +102,7 @@ def measure(name: str, args: argparse.Namespace) -> dict[int, dict]:
     """Start one server, warm it up, run every client level, stop it."""
     threads, extra = CONFIGS[name]
     args.threads = threads
-    proc, url = serve_load.start("gemmakit", args, extra)
+    proc, url = start_server(args, extra)
     try:
         serve_load.run_round(url, 4, 8)  # warm-up: every replica's first steps
         rows = {}
@@ -161,7 +178,7 @@ def paired(args: argparse.Namespace, pairs: int) -> None:
             if args.engine_threads:  # one engine of that many threads on each side
                 args.threads = args.engine_threads
                 extra = [str(args.engine_threads) if flag == "2" else flag for flag in extra]
-            servers.append(serve_load.start("gemmakit", args, extra))
+            servers.append(start_server(args, extra))
         (_, single), (ray_proc, ray) = servers
         ray_urls = [replica_url(ray_proc.pid), ray] if args.direct else [ray]
         for url in (single, *ray_urls):
@@ -229,7 +246,7 @@ def idle(args: argparse.Namespace, seconds: float) -> None:
     """What the Ray server (one replica of 2 threads) does with no request: each of its processes' CPU, in % of a
     core, over ``seconds`` (after a warm-up and 15 s of quiet)."""
     args.threads, extra = CONFIGS["ray 1x2"]
-    proc, url = serve_load.start("gemmakit", args, extra)
+    proc, url = start_server(args, extra)
     try:
         serve_load.run_round(url, 2, 8)
         time.sleep(15)
@@ -316,7 +333,7 @@ def main() -> int:
     if not args.client_default_slice:
         from gemmakit.server.latency import prefer_short_slice
 
-        prefer_short_slice()  # this process's client threads (made later) inherit it: see the module's docstring
+        prefer_short_slice()  # this process's client threads (made later) inherit it; its servers do not
     if args.idle:
         idle(args, args.idle)
         return 0

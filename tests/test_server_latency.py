@@ -1,5 +1,6 @@
 """The event loop's short scheduler slice (gemmakit.server.latency): asked for the calling thread only, inherited
-by the threads it starts, niceness kept; and the server's loop asks for it when it starts serving."""
+by the threads it starts, niceness kept, undone by asking for 0; and the server's loop asks for it when it starts
+serving."""
 
 from __future__ import annotations
 
@@ -35,14 +36,16 @@ def test_the_slice_is_the_asking_threads_and_its_children():
     def ask():
         os.nice(1)  # a thread's own niceness (Linux: per thread) must survive the request
         taken = prefer_short_slice()
-        return taken, thread_slice_ns(), os.nice(0), _in_thread(thread_slice_ns)
+        asked = thread_slice_ns(), os.nice(0), _in_thread(thread_slice_ns)
+        return taken, *asked, prefer_short_slice(0), thread_slice_ns()
 
-    taken, own, nice, child = _in_thread(ask)
+    taken, own, nice, child, reset, after_reset = _in_thread(ask)
     assert taken is True and nice == os.nice(0) + 1
     assert thread_slice_ns() == main_slice  # the thread that did not ask keeps its slice
     if slices_take_effect():
         assert own == child == LOOP_SLICE_NS
         assert main_slice != LOOP_SLICE_NS
+        assert reset is True and after_reset == main_slice  # 0: the default slice again
 
 
 def test_the_servers_loop_has_the_short_slice_and_its_engine_thread_does_not(llm):

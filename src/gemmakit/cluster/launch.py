@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from ..errors import InvalidParameterError
 from .autoscale import POLICY_PATH
-from .replica import DRAIN_MARGIN_S, GemmakitReplica, ReplicaSpec
+from .replica import SHUTDOWN_TIMEOUT_S, GemmakitReplica, ReplicaSpec, drain_timeout_for
 from .router import AffinityRouter
 
 ROUTER_PATH = f"{AffinityRouter.__module__}.{AffinityRouter.__qualname__}"
@@ -60,7 +60,7 @@ class RayOptions:
     min_replicas: int | None = None
     max_replicas: int | None = None
     replica_cpus: float = 1.0
-    shutdown_timeout: float = 30.0  # seconds a stopping replica lets its requests finish
+    shutdown_timeout: float = SHUTDOWN_TIMEOUT_S  # seconds a stopping replica lets its requests finish
     downscale_delay: float | None = None  # seconds of low load before the autoscaler removes one (None: default)
 
     def check(self) -> None:
@@ -130,7 +130,7 @@ def start(spec: ReplicaSpec, options: RayOptions, max_batch: int, max_waiting: i
     from ray import serve
 
     serve.start(proxy_location="Disabled")
-    spec = dataclasses.replace(spec, drain_timeout=max(1.0, options.shutdown_timeout - DRAIN_MARGIN_S))
+    spec = dataclasses.replace(spec, drain_timeout=drain_timeout_for(options.shutdown_timeout))
     deployment = serve.deployment(GemmakitReplica).options(**deployment_options(options, max_batch, max_waiting))
     return serve.run(deployment.bind(spec), name=APP_NAME, route_prefix=None)
 

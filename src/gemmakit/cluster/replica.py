@@ -38,6 +38,13 @@ logger = logging.getLogger(__name__)
 HTTP_START_TIMEOUT_S = 60.0
 IN_FLIGHT_METRIC = "in_flight"  # the autoscaling stat: requests running or waiting in the replica's engine
 DRAIN_MARGIN_S = 2.0  # of the deployment's graceful shutdown time: Serve's own drain loop, the engine's stop
+SHUTDOWN_TIMEOUT_S = 30.0  # the deployment's graceful shutdown time unless told (--shutdown-timeout)
+
+
+def drain_timeout_for(shutdown_timeout: float) -> float:
+    """Seconds a replica that Serve removes gives its HTTP requests to finish, of the deployment's graceful
+    shutdown time ``shutdown_timeout`` (the rest: Serve's own drain loop, the engine's stop)."""
+    return max(1.0, shutdown_timeout - DRAIN_MARGIN_S)
 
 
 class ReplicaHTTPServer:
@@ -89,9 +96,8 @@ class ReplicaSpec:
     # The address the replica's port listens on: None, its node's address (reachable by an ingress on another
     # node); "127.0.0.1" when Ray is a local instance and every replica runs beside the ingress.
     listen_host: str | None = None
-    # Seconds a replica that Serve removes gives its requests to finish (the deployment's graceful shutdown time,
-    # less DRAIN_MARGIN_S).
-    drain_timeout: float = 28.0
+    # Seconds a replica that Serve removes gives its requests to finish (see drain_timeout_for).
+    drain_timeout: float = drain_timeout_for(SHUTDOWN_TIMEOUT_S)
 
 
 class GemmakitReplica:

@@ -50,9 +50,10 @@ def thread_slice_ns(thread_id: int = 0) -> int | None:
 
 
 def prefer_short_slice(slice_ns: int = LOOP_SLICE_NS) -> bool:
-    """Ask for a ``slice_ns`` scheduler slice for the calling thread (threads it starts later inherit it);
-    its policy, niceness and the rest stay as they are. True if the kernel took the request (kernels before 6.12
-    take it and ignore it); False where it cannot be asked (not Linux, another machine, a real-time thread)."""
+    """Ask for a ``slice_ns`` scheduler slice for the calling thread (threads and processes it starts later inherit
+    it; 0 asks for the kernel's default again); its policy, niceness and the rest stay as they are. True if the
+    kernel took the request (kernels before 6.12 take it and ignore it); False where it cannot be asked (not Linux,
+    another machine, a real-time thread)."""
     attr = _get_attr()
     if attr is None or attr.sched_policy not in FAIR_POLICIES:
         return False
@@ -74,8 +75,8 @@ def _get_attr(thread_id: int = 0) -> SchedAttr | None:
         return None
     attr = SchedAttr()
     getattr_nr = SYSCALLS[platform.machine()][1]
-    if _libc().syscall(ctypes.c_long(getattr_nr), ctypes.c_int(thread_id), ctypes.byref(attr), ctypes.c_uint(ctypes.sizeof(attr)),
-                       ctypes.c_uint(0)) != 0:
+    if _libc().syscall(ctypes.c_long(getattr_nr), ctypes.c_int(thread_id), ctypes.byref(attr),
+                       ctypes.c_uint(ctypes.sizeof(attr)), ctypes.c_uint(0)) != 0:
         return None
     attr.size = ctypes.sizeof(SchedAttr)
     return attr
