@@ -225,8 +225,8 @@ def median_interval(values: list[float], resamples: int = 2000) -> tuple[float, 
     return medians[resamples // 20], medians[-resamples // 20]
 
 
-def thread_cpu(pids: list[int]) -> dict[tuple[int, int], tuple[str, int]]:
-    """CPU ticks so far of every thread of ``pids``: (pid, tid) -> (the process's name, user + system ticks)."""
+def process_cpu(pids: list[int]) -> dict[int, tuple[str, int]]:
+    """CPU ticks so far of each of ``pids`` (its threads', those that ended included): pid -> (name, user + system)."""
     ticks = {}
     for pid in pids:
         try:
@@ -234,9 +234,8 @@ def thread_cpu(pids: list[int]) -> dict[tuple[int, int], tuple[str, int]]:
             # A Python process by its script (or module): the ingress is `-m gemmakit.cli`
             name = next((a for a in argv[1:] if a.endswith(".py")), argv[argv.index("-m") + 1] if "-m" in argv
                         else argv[0]) if argv[0].endswith(("python", "python3")) else argv[0]
-            for tid in os.listdir(f"/proc/{pid}/task"):
-                fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
-                ticks[(pid, int(tid))] = (Path(name).name[:40], int(fields[11]) + int(fields[12]))
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks[pid] = (Path(name).name[:40], int(fields[11]) + int(fields[12]))
         except (OSError, IndexError, ValueError):  # gone meanwhile
             continue
     return ticks
@@ -250,18 +249,15 @@ def idle(args: argparse.Namespace, seconds: float) -> None:
     try:
         serve_load.run_round(url, 2, 8)
         time.sleep(15)
-        before = thread_cpu(process_tree(proc.pid))
+        before = process_cpu(process_tree(proc.pid))
         time.sleep(seconds)
-        after = thread_cpu(process_tree(proc.pid))
+        after = process_cpu(process_tree(proc.pid))
     finally:
-        signal_tree(proc.pid, signal.SIGCONT)
         proc.terminate()
         proc.wait(timeout=120)
     per_second = os.sysconf("SC_CLK_TCK") * seconds / 100  # ticks per % of a core
-    used: dict[str, float] = {}
-    for key, (name, ticks) in after.items():
-        label = f"{name} (pid {key[0]})"
-        used[label] = used.get(label, 0.0) + (ticks - before.get(key, (name, 0))[1]) / per_second
+    used = {f"{name} (pid {pid})": (ticks - before.get(pid, (name, 0))[1]) / per_second
+            for pid, (name, ticks) in after.items()}
     print(f"idle for {seconds:.0f} s: {sum(used.values()):.1f}% of a core in all")
     for label, share in sorted(used.items(), key=lambda item: -item[1]):
         if share >= 0.05:
