@@ -25,16 +25,15 @@ then runs RESUME_S alone before its own request (a client's pause between reques
 it was paused is not charged to that request either.
 
 The clients stand in for clients on other machines, whose CPU the servers' engines do not hold: their threads ask
-for the scheduler's shortest slice (gemmakit.server.latency; Linux 6.12+), so that a client that is sent a token
-runs at once rather than after an engine thread's slice (on 2 cores, half of the first tokens were read ~3 ms
-late, on both servers alike: noise, and a common delay that made the Ray path's ratio look smaller). The servers
-do not inherit it (see start_server): their processes run as when started from a shell, the event loops with the
-short slice they ask for, the engines' threads and Ray's processes with the default one. `--client-default-slice`
-measures as before. `--direct` adds the Ray replica's own port to each TTFT pair (a triple, then): the replica
-under Ray against the single server, and the ingress's relay against the replica. `--idle S`: the Ray server's
-CPU with no request, per process, over S seconds (where the one-client overhead comes from when the engine holds
-every core). `--engine-threads 1`: engines of one thread on each side (on 2 cores, Ray's own processes then have a
-core that the engine does not need, as on a node whose replicas leave a core free).
+for the scheduler's shortest slice (sched_slice.py; Linux 6.12+), so that a client that is sent a token runs at once
+rather than after an engine thread's slice (on 2 cores, half of the first tokens were read ~3 ms late, on both
+servers alike: noise, and a common delay that made the Ray path's ratio look smaller). The servers do not inherit it
+(see start_server): their processes run as when started from a shell, with the default one. `--client-default-slice`
+measures as before. `--direct` adds the Ray replica's own port to each TTFT pair (a triple, then): the replica under
+Ray against the single server, and the ingress's relay against the replica. `--idle S`: the Ray server's CPU with no
+request, per process, over S seconds (where the one-client overhead comes from when the engine holds every core).
+`--engine-threads 1`: engines of one thread on each side (on 2 cores, Ray's own processes then have a core that the
+engine does not need, as on a node whose replicas leave a core free).
 """
 
 from __future__ import annotations
@@ -52,6 +51,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import serve_load  # noqa: E402  (benchmarks/ is not a package)
+from sched_slice import prefer_short_slice  # noqa: E402
 
 CONFIGS = {  # name: (threads per engine, extra serve flags)
     "single": (2, []),
@@ -67,12 +67,9 @@ RESUME_S = 0.3  # --paired: how long the Ray server runs after its pause before 
 
 def start_server(args: argparse.Namespace, extra: list[str]):
     """``gemmakit serve`` with ``extra`` flags (serve_load.start), its processes with the scheduler's default slice:
-    a server's threads do not inherit the short slice this process's client threads ask for (its event loops ask
-    for their own, as they do when started from a shell)."""
+    a server's threads do not inherit the short slice this process's client threads ask for."""
     if args.client_default_slice:
         return serve_load.start("gemmakit", args, extra)
-    from gemmakit.server.latency import prefer_short_slice
-
     prefer_short_slice(0)  # 0: the default slice, which the server's processes inherit from this thread
     try:
         return serve_load.start("gemmakit", args, extra)
@@ -327,8 +324,6 @@ def main() -> int:
     args.levels = [x if x == "1 long" else int(x) for x in args.levels.split(",")]
     args.max_batch, args.kv_cache_mib = 32, 1024
     if not args.client_default_slice:
-        from gemmakit.server.latency import prefer_short_slice
-
         prefer_short_slice()  # this process's client threads (made later) inherit it; its servers do not
     if args.idle:
         idle(args, args.idle)

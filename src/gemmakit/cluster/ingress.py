@@ -35,7 +35,6 @@ from fastapi.responses import Response
 
 from ..server.auth import AuthGate
 from ..server.errors import CatchAll, install_error_handlers
-from ..server.latency import prefer_short_slice
 from ..server.limits import ServerLimits, SizeGate
 from ..server.observability import RequestLog
 from .batches import BATCH_PATHS, IngressBatches, add_batches
@@ -97,7 +96,6 @@ def _lifespan(replicas: int, on_ready: Callable[[str], None] | None,
     async def lifespan(app: FastAPI):
         state: IngressState = app.state.ingress
         batches: IngressBatches | None = getattr(app.state, "gemmakit", None)
-        prefer_short_slice()  # a relayed token waits for no engine thread's slice (see gemmakit.server.latency)
         model_id = await wait_for_replicas(state.handle, replicas)
         state.client = replica_client()
         if batches is not None:

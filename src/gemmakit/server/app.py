@@ -27,7 +27,6 @@ from ..structured.vocab import ll_tokenizer
 from .audit import AuditTrail
 from .auth import AuthGate
 from .errors import CatchAll, install_error_handlers
-from .latency import prefer_short_slice
 from .limits import ServerLimits, SizeGate
 from .observability import Metrics, RequestLog
 from .routes import ROUTERS
@@ -59,7 +58,6 @@ def cache_rows(llm, ctx: int, max_batch: int, kv_cache_bytes: int) -> int:
 async def _lifespan(app: FastAPI):
     """Start the batch worker (with a data directory); at the end stop it, the engine, and the SQLite files."""
     state: ServerState = app.state.gemmakit
-    prefer_short_slice()  # this loop's thread (the engine's started already): see gemmakit.server.latency
     if state.batch_worker is not None:
         state.batch_worker.start()
     yield
