@@ -58,12 +58,13 @@ def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
 
 
-def _get_attr(thread_id: int = 0) -> SchedAttr | None:
+def _get_attr() -> SchedAttr | None:
+    """The calling thread's scheduling attributes, or None where they cannot be read."""
     if not sys.platform.startswith("linux") or platform.machine() not in SYSCALLS:
         return None
     attr = SchedAttr()
     getattr_nr = SYSCALLS[platform.machine()][1]
-    if _libc().syscall(ctypes.c_long(getattr_nr), ctypes.c_int(thread_id), ctypes.byref(attr),
+    if _libc().syscall(ctypes.c_long(getattr_nr), ctypes.c_int(0), ctypes.byref(attr),
                        ctypes.c_uint(ctypes.sizeof(attr)), ctypes.c_uint(0)) != 0:
         return None
     attr.size = ctypes.sizeof(SchedAttr)

@@ -81,6 +81,14 @@ def _add_middleware(app: FastAPI, state: ServerState, public_docs_and_metrics: b
     app.add_middleware(RequestLog, metrics=state.metrics)
 
 
+def _engine_for(llm, ctx: int, max_batch: int, kv_cache_bytes: int, max_waiting: int, prefix_cache: bool) -> Engine:
+    """The continuous-batching engine over ``llm``: sequences of ``ctx`` tokens, as many rows of them (up to
+    ``max_batch``) as ``kv_cache_bytes`` holds."""
+    rows = cache_rows(llm, ctx, max_batch, kv_cache_bytes)
+    return Engine(llm.model, llm.tokenizer, llm.stop_token_ids, ctx, max_batch=rows, max_waiting=max_waiting,
+                  prefix_cache=prefix_cache)
+
+
 def create_app(llm, model_name: str | None = None, api_keys: list[str] | None = None, max_waiting: int = 64,
                max_batch: int = 8, context_length: int | None = None,
                kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES, log_prompts: bool = False,
@@ -121,9 +129,7 @@ def create_app(llm, model_name: str | None = None, api_keys: list[str] | None = 
     safety = safety if isinstance(safety, Safety) else Safety(safety)
     safety.warm_up()  # the guards that run on generation load now, not in the first request
     ctx = min(llm.context_length, context_length or DEFAULT_CONTEXT)
-    rows = cache_rows(llm, ctx, max_batch, kv_cache_bytes)
-    engine = Engine(llm.model, llm.tokenizer, llm.stop_token_ids, ctx, max_batch=rows, max_waiting=max_waiting,
-                    prefix_cache=prefix_cache)
+    engine = _engine_for(llm, ctx, max_batch, kv_cache_bytes, max_waiting, prefix_cache)
     metrics = Metrics(engine)
     if prebuild_grammar_vocab:
         ll_tokenizer(llm.tokenizer)
