@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -145,6 +146,16 @@ def test_health_reports_the_live_replicas(ray_server):
     assert len(replicas) == 2
     # The engines run at the ingress's priority, not at the nice 15 Ray gives its workers.
     assert {p.nice() for p in replicas} == {psutil.Process(ray_server.proc.pid).nice()}
+
+
+def test_the_local_instance_runs_without_the_helpers_nobody_reads(ray_server):
+    """The autoscaler's monitor, the log monitor and the dashboard's API server are stopped (see LOCAL_IDLE_HELPERS);
+    the processes that serve are there."""
+    scripts = {Path(arg).name for p in ray_server.descendants() for arg in _cmdline(p)[:3] if arg.endswith(".py")}
+    assert not scripts & {"monitor.py", "log_monitor.py", "dashboard.py"}, scripts
+    names = " ".join(" ".join(_cmdline(p)) for p in ray_server.descendants())
+    for needed in ("gcs_server", "raylet", "ServeController", "ServeReplica"):
+        assert needed in names
 
 
 def test_twenty_concurrent_requests_spread_over_both_replicas(ray_server, single_server):
