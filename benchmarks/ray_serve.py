@@ -30,8 +30,9 @@ rather than after an engine thread's slice (on 2 cores, half of the first tokens
 servers alike: noise, and a common delay that made the Ray path's ratio look smaller). The servers do not inherit it
 (see start_server): their processes run as when started from a shell, with the default one. `--client-default-slice`
 measures as before. `--direct` adds the Ray replica's own port to each TTFT pair (a triple, then): the replica under
-Ray against the single server, and the ingress's relay against the replica. `--idle S`: the Ray server's CPU with no
-request, per process, over S seconds (where the one-client overhead comes from when the engine holds every core).
+Ray against the single server, and the ingress's relay against the replica. `--idle S`: the Ray server's CPU and
+wake-ups with no request, per process, over S seconds (where the one-client overhead comes from when the engine holds
+every core).
 `--engine-threads 1`: engines of one thread on each side (on 2 cores, Ray's own processes then have a core that the
 engine does not need, as on a node whose replicas leave a core free).
 """
@@ -222,25 +223,31 @@ def median_interval(values: list[float], resamples: int = 2000) -> tuple[float, 
     return medians[resamples // 20], medians[-resamples // 20]
 
 
-def process_cpu(pids: list[int]) -> dict[int, tuple[str, int]]:
-    """CPU ticks so far of each of ``pids`` (its threads', those that ended included): pid -> (name, user + system)."""
-    ticks = {}
+def process_cpu(pids: list[int]) -> dict[int, tuple[str, int, int]]:
+    """CPU so far of each of ``pids``: pid -> (name, nanoseconds on a CPU, wake-ups). Both are the sums over its
+    live threads' schedstat and context switches: exact where /proc/PID/stat's ticks are sampled (Ray's threads
+    wake hundreds of times a second for tens of microseconds, which 10 ms ticks catch or miss at random)."""
+    usage = {}
     for pid in pids:
         try:
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
             # A Python process by its script (or module): the ingress is `-m gemmakit.cli`
             name = next((a for a in argv[1:] if a.endswith(".py")), argv[argv.index("-m") + 1] if "-m" in argv
                         else argv[0]) if argv[0].endswith(("python", "python3")) else argv[0]
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            ticks[pid] = (Path(name).name[:40], int(fields[11]) + int(fields[12]))
-        except (OSError, IndexError, ValueError):  # gone meanwhile
+            ns = wakeups = 0
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                ns += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
+                status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+                wakeups += int(status.split("voluntary_ctxt_switches:")[1].split()[0])
+            usage[pid] = (Path(name).name[:40], ns, wakeups)
+        except (OSError, IndexError, ValueError):  # gone meanwhile (the process, or one of its threads)
             continue
-    return ticks
+    return usage
 
 
 def idle(args: argparse.Namespace, seconds: float) -> None:
     """What the Ray server (one replica of 2 threads) does with no request: each of its processes' CPU, in % of a
-    core, over ``seconds`` (after a warm-up and 15 s of quiet)."""
+    core, and wake-ups a second, over ``seconds`` (after a warm-up and 15 s of quiet)."""
     args.threads, extra = CONFIGS["ray 1x2"]
     proc, url = start_server(args, extra)
     try:
@@ -252,13 +259,13 @@ def idle(args: argparse.Namespace, seconds: float) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=120)
-    per_second = os.sysconf("SC_CLK_TCK") * seconds / 100  # ticks per % of a core
-    used = {f"{name} (pid {pid})": (ticks - before.get(pid, (name, 0))[1]) / per_second
-            for pid, (name, ticks) in after.items()}
-    print(f"idle for {seconds:.0f} s: {sum(used.values()):.1f}% of a core in all")
-    for label, share in sorted(used.items(), key=lambda item: -item[1]):
+    used = {f"{name} (pid {pid})": ((ns - before[pid][1]) / seconds / 1e7, (wakeups - before[pid][2]) / seconds)
+            for pid, (name, ns, wakeups) in after.items() if pid in before}
+    print(f"idle for {seconds:.0f} s: {sum(u[0] for u in used.values()):.2f}% of a core in all, "
+          f"{sum(u[1] for u in used.values()):.0f} wake-ups a second")
+    for label, (share, wakeups) in sorted(used.items(), key=lambda item: -item[1][0]):
         if share >= 0.05:
-            print(f"  {share:5.2f}%  {label}")
+            print(f"  {share:5.2f}%  {wakeups:6.1f}/s  {label}")
 
 
 def print_pairs(label: str, rows: list[list[float]], target: str, scale: float) -> None:
