@@ -238,7 +238,7 @@ def process_cpu(pids: list[int]) -> dict[int, tuple[str, int, int]]:
             for tid in os.listdir(f"/proc/{pid}/task"):
                 ns += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
                 status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
-                wakeups += int(status.split("voluntary_ctxt_switches:")[1].split()[0])
+                wakeups += int(status.split("\nvoluntary_ctxt_switches:")[1].split()[0])  # not nonvoluntary_
             usage[pid] = (Path(name).name[:40], ns, wakeups)
         except (OSError, IndexError, ValueError):  # gone meanwhile (the process, or one of its threads)
             continue
