@@ -11,7 +11,10 @@ each with --max-batch 32 per replica. At each client level, N streaming clients 
 requests); per level: aggregate tok/s and TTFT p50/p99, medians over rounds. Level "1 long": one client whose
 prompt has --long-prompt-words more words (~1.3 tokens each), new text each run so that no prefix cache helps.
 Printed: the Ray path's overhead at one client (ray 1x2 / single: TTFT and tok/s) and 2x1 against 1x2 at every
-level.
+level. That overhead is a rough figure here: it compares servers measured minutes apart, and a shared machine's
+speed drifts by more than the targets over minutes (one process, requests one after another: 57 to 79 tok/s within
+half an hour). Two starts of the *same* server one after the other gave, round by round, 0.74-1.13x in TTFT and
+0.89-1.07x in tok/s (8 rounds). The paired mode below is what can tell a 5% overhead.
 
     python benchmarks/ray_serve.py --paired 60 [--direct]
 
@@ -22,7 +25,10 @@ whole rounds. While the single server answers, every process of the Ray server i
 were not there: otherwise Ray's idle processes (6-9% of a core) and what a Ray request leaves to do after its end
 would run during the single server's requests and flatter Ray (1.05x TTFT where this gave 1.13x). The Ray server
 then runs RESUME_S alone before its own request (a client's pause between requests), so that what came due while
-it was paused is not charged to that request either.
+it was paused is not charged to that request either. `--control` adds a third server, a second `gemmakit serve`
+paused and resumed as the Ray server is (each row asks the single server, then the other two in random order):
+control / single is what the design gives for no overhead (its own bias and spread), ray / control the overhead
+with that bias taken out.
 
 The clients stand in for clients on other machines, whose CPU the servers' engines do not hold: their threads ask
 for the scheduler's shortest slice (sched_slice.py; Linux 6.12+), so that a client that is sent a token runs at once
@@ -48,7 +54,9 @@ import signal
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import serve_load  # noqa: E402  (benchmarks/ is not a package)
@@ -165,55 +173,88 @@ def replica_url(ray_pid: int) -> str:
     raise SystemExit("--direct: found no HTTP port of the Ray replica")
 
 
+@dataclass
+class Side:
+    """One server of a paired run, and the URLs of it that the client asks in turn."""
+
+    name: str  # "single", "control" or "ray" (with --direct, its replica's port is a side of its own, "replica")
+    proc: Any
+    url: str
+
+
+def start_sides(args: argparse.Namespace, sides: list[Side]) -> None:
+    """Start the servers of a paired run into ``sides`` (so that the caller can stop those started if one fails),
+    warmed up: the single server first (never paused), then those that are paused while another answers: with
+    ``args.control`` a second single server, and the Ray server (with ``args.direct`` twice: its replica's own port,
+    then its ingress)."""
+    names = ["single"] + (["control"] if args.control else []) + ["ray"]
+    for name in names:
+        args.threads, extra = CONFIGS["ray 1x2" if name == "ray" else "single"]
+        if args.engine_threads:  # one engine of that many threads on each side
+            args.threads = args.engine_threads
+            extra = [str(args.engine_threads) if flag == "2" else flag for flag in extra]
+        proc, url = start_server(args, extra)
+        if name == "ray" and args.direct:
+            sides.append(Side("replica", proc, replica_url(proc.pid)))
+        sides.append(Side(name, proc, url))
+    for side in sides:
+        serve_load.run_round(side.url, 4, 8)
+
+
+def ask_alone(sides: list[Side], side: Side, tokens: int, key: str) -> float:
+    """One request of ``tokens`` tokens to ``side``, every other pausable server paused meanwhile (SIGSTOP), as if
+    it were not there. A pausable side then runs RESUME_S before its request: the timers that came due during its
+    pause fire then, not in its request. So each side pays for all its own work: its idle processes, and what a
+    request leaves for later."""
+    for other in sides[1:]:
+        if other.proc is not side.proc:
+            signal_tree(other.proc.pid, signal.SIGSTOP)
+    if side is not sides[0]:
+        signal_tree(side.proc.pid, signal.SIGCONT)
+        time.sleep(RESUME_S)
+    return serve_load.run_round(side.url, 1, tokens)[key]
+
+
 def paired(args: argparse.Namespace, pairs: int) -> None:
-    """The one-client overhead of the Ray path, measured pair by pair (see the module's docstring); with
-    ``args.direct`` each TTFT pair also asks the replica's own port, which splits the overhead between the replica
-    under Ray and the ingress's relay."""
-    servers = []
+    """The one-client overhead of the Ray path, measured request by request (see the module's docstring): each
+    row asks the single server, then the other servers in random order (``--direct``: the replica's port just
+    before the ingress), so that with ``--control`` neither of those two always comes last."""
+    order = random.Random(1)
+    sides: list[Side] = []
     try:
-        for name in ("single", "ray 1x2"):
-            args.threads, extra = CONFIGS[name]
-            if args.engine_threads:  # one engine of that many threads on each side
-                args.threads = args.engine_threads
-                extra = [str(args.engine_threads) if flag == "2" else flag for flag in extra]
-            servers.append(start_server(args, extra))
-        (_, single), (ray_proc, ray) = servers
-        ray_urls = [replica_url(ray_proc.pid), ray] if args.direct else [ray]
-        for url in (single, *ray_urls):
-            serve_load.run_round(url, 4, 8)
+        start_sides(args, sides)
 
-        def pair(tokens: int, key: str, urls: list[str]) -> list[float]:
-            # The single server alone, as without Ray: every process of the Ray server paused meanwhile. The Ray
-            # side then pays for all its own work: its idle processes, and what a request leaves for later.
-            signal_tree(ray_proc.pid, signal.SIGSTOP)
-            try:
-                alone = serve_load.run_round(single, 1, tokens)[key]
-            finally:
-                signal_tree(ray_proc.pid, signal.SIGCONT)
-            row = [alone]
-            for url in urls:
-                time.sleep(RESUME_S)  # the timers that came due during the pause fire now, not in the next request
-                row.append(serve_load.run_round(url, 1, tokens)[key])
-            return row
+        def row(tokens: int, key: str, names: set[str]) -> dict[str, float]:
+            groups = [[s for s in sides[1:] if s.proc is proc and s.name in names]
+                      for proc in dict.fromkeys(s.proc for s in sides[1:])]
+            order.shuffle(groups)
+            return {s.name: ask_alone(sides, s, tokens, key) for s in [sides[0]] + [s for g in groups for s in g]}
 
-        ttft = [pair(4, "ttft_p50", ray_urls) for _ in range(pairs)]
-        tok_s = [pair(2 * args.tokens, "tok_s", [ray]) for _ in range(max(3, pairs // 6))]
+        ttft = [row(4, "ttft_p50", {s.name for s in sides}) for _ in range(pairs)]
+        tok_s = [row(2 * args.tokens, "tok_s", {"control", "ray"}) for _ in range(max(3, pairs // 6))]
         if args.dump:
             Path(args.dump).write_text(json.dumps({"ttft": ttft, "tok_s": tok_s}))
     finally:
-        for proc, _ in servers:
-            signal_tree(proc.pid, signal.SIGCONT)
+        for side in sides:
+            signal_tree(side.proc.pid, signal.SIGCONT)
+        for proc in dict.fromkeys(side.proc for side in sides):
             proc.terminate()
             proc.wait(timeout=120)
-    print(f"engines of {args.threads} threads: `gemmakit serve` against one Ray replica")
-    print_pairs("TTFT ms", [[r[0], r[-1]] for r in ttft], "<= 1.10x", 1000)
-    print_pairs("tok/s", tok_s, ">= 0.95x", 1)
+    report_paired(args, ttft, tok_s)
+
+
+def report_paired(args: argparse.Namespace, ttft: list[dict[str, float]], tok_s: list[dict[str, float]]) -> None:
+    print(f"engines of {args.threads} threads: `gemmakit serve` against one Ray replica"
+          + (" and a second `gemmakit serve` paused and resumed as Ray is (control)" if args.control else ""))
+    print_pairs("TTFT ms", ttft, "single", "ray", "<= 1.10x", 1000)
+    print_pairs("tok/s", tok_s, "single", "ray", ">= 0.95x", 1)
+    if args.control:  # what the design gives for no overhead, and the Ray side against that
+        for label, rows, scale in (("TTFT ms", ttft, 1000), ("tok/s", tok_s, 1)):
+            print_pairs(label, rows, "single", "control", "1.00x", scale)
+            print_pairs(label, rows, "control", "ray", "as ray / single", scale)
     if args.direct:
-        for label, a, b in (("replica port / single", 0, 1), ("ingress / replica port", 1, 2)):
-            ratios = sorted(r[b] / r[a] for r in ttft)
-            print(f"TTFT {label}: median of {len(ttft)} {statistics.median(ratios):.3f}x "
-                  f"(medians {1000 * statistics.median(r[a] for r in ttft):.1f} and "
-                  f"{1000 * statistics.median(r[b] for r in ttft):.1f} ms)")
+        print_pairs("TTFT ms", ttft, "single", "replica", "", 1000)
+        print_pairs("TTFT ms", ttft, "replica", "ray", "", 1000)
 
 
 def median_interval(values: list[float], resamples: int = 2000) -> tuple[float, float]:
@@ -268,13 +309,14 @@ def idle(args: argparse.Namespace, seconds: float) -> None:
             print(f"  {share:5.2f}%  {wakeups:6.1f}/s  {label}")
 
 
-def print_pairs(label: str, rows: list[list[float]], target: str, scale: float) -> None:
-    ratios = sorted(ray / single for single, ray in rows)
+def print_pairs(label: str, rows: list[dict[str, float]], base: str, other: str, target: str, scale: float) -> None:
+    """The median over ``rows`` of other / base, with its 90% interval and quartiles."""
+    ratios = sorted(r[other] / r[base] for r in rows)
     low, high = median_interval(ratios)
-    print(f"{label}: single {scale * statistics.median(r[0] for r in rows):.1f}, ray "
-          f"{scale * statistics.median(r[1] for r in rows):.1f}; ray / single, median of {len(rows)} pairs: "
-          f"{statistics.median(ratios):.3f}x (target {target}; 90% interval {low:.3f}-{high:.3f}; quartiles "
-          f"{ratios[len(ratios) // 4]:.3f}-{ratios[3 * len(ratios) // 4]:.3f})")
+    print(f"{label}: {base} {scale * statistics.median(r[base] for r in rows):.1f}, {other} "
+          f"{scale * statistics.median(r[other] for r in rows):.1f}; {other} / {base}, median of {len(rows)}: "
+          f"{statistics.median(ratios):.3f}x ({f'target {target}; ' if target else ''}90% interval "
+          f"{low:.3f}-{high:.3f}; quartiles {ratios[len(ratios) // 4]:.3f}-{ratios[3 * len(ratios) // 4]:.3f})")
 
 
 def report(results: dict[str, list[dict[int, dict]]], levels: list[int]) -> None:
@@ -315,6 +357,8 @@ def main() -> int:
                     "alternating requests (see above)")
     ap.add_argument("--direct", action="store_true", help="with --paired: also the Ray replica's own port (the "
                     "replica under Ray against the ingress's relay; Linux, needs `ss`)")
+    ap.add_argument("--control", action="store_true", help="with --paired: also a second `gemmakit serve`, paused "
+                    "and resumed as the Ray server is: what the design itself gives for no overhead")
     ap.add_argument("--engine-threads", type=int, metavar="T", help="with --paired: engines of T threads (one "
                     "server with T, one replica of T) rather than 2; with 1 on 2 cores, the rest of each server has a "
                     "core of its own")
@@ -324,6 +368,8 @@ def main() -> int:
     ap.add_argument("--client-default-slice", action="store_true", help="leave the clients' threads the "
                     "scheduler's default slice (they then wait for the servers' engine threads)")
     args = ap.parse_args()
+    if args.control and not args.paired:
+        ap.error("--control goes with --paired")
     if args.model is None:
         import gemmakit
 
