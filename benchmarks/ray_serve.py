@@ -175,7 +175,8 @@ def replica_url(ray_pid: int) -> str:
 
 @dataclass
 class Side:
-    """One server of a paired run, and the URLs of it that the client asks in turn."""
+    """One server of a paired run as the client asks it (the Ray server with --direct is two sides: its replica's
+    port and its ingress, one process)."""
 
     name: str  # "single", "control" or "ray" (with --direct, its replica's port is a side of its own, "replica")
     proc: Any
@@ -223,12 +224,12 @@ def paired(args: argparse.Namespace, pairs: int) -> None:
     sides: list[Side] = []
     try:
         start_sides(args, sides)
+        by_server = [[s for s in sides[1:] if s.proc is proc] for proc in dict.fromkeys(s.proc for s in sides[1:])]
 
         def row(tokens: int, key: str, names: set[str]) -> dict[str, float]:
-            groups = [[s for s in sides[1:] if s.proc is proc and s.name in names]
-                      for proc in dict.fromkeys(s.proc for s in sides[1:])]
-            order.shuffle(groups)
-            return {s.name: ask_alone(sides, s, tokens, key) for s in [sides[0]] + [s for g in groups for s in g]}
+            servers = order.sample(by_server, len(by_server))  # a server's sides stay together, in their order
+            asked = [sides[0]] + [s for server in servers for s in server if s.name in names]
+            return {s.name: ask_alone(sides, s, tokens, key) for s in asked}
 
         ttft = [row(4, "ttft_p50", {s.name for s in sides}) for _ in range(pairs)]
         tok_s = [row(2 * args.tokens, "tok_s", {"control", "ray"}) for _ in range(max(3, pairs // 6))]
